@@ -1,0 +1,178 @@
+"""Tiny randomly initialised upstream encoders in the released file formats.
+
+Built with fairseq's and open_clip's own classes, so that tests and a CPU demo exercise exactly
+the loading code used for hubert_large_ll60k.pt and open_clip ViT-L/14 weights.
+"""
+
+import json
+import os
+import tempfile
+from typing import Tuple
+
+import torch
+
+TINY_HUBERT_LAYERS = 3
+TINY_HUBERT_DIM = 64
+TINY_CLIP_MODEL_NAME = "cmd-tiny-ViT-16"
+
+# Same 320x downsampling as HuBERT (16 kHz -> 50 Hz frames), with few channels.
+_TINY_CONV_LAYERS = "[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2"
+
+
+def _atomic_torch_save(obj, path: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp_path)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def make_tiny_hubert(path: str, seed: int = 0, normalize: bool = True) -> str:
+    """Write a tiny HuBERT checkpoint in the layout of hubert_large_ll60k.pt; returns path.
+
+    {"args": None, "cfg": plain dict of the full fairseq config, "model": state dict,
+     "task_state": {"dictionaries": [Dictionary]}, "optimizer_history": [...], "extra_state": {...}}
+    The task's data/label_dir point at a temporary directory that is deleted afterwards, as the
+    released checkpoints point at the authors' cluster paths.
+    """
+    from omegaconf import OmegaConf
+
+    from fairseq import tasks
+    from fairseq.criterions.hubert_criterion import HubertCriterionConfig
+    from fairseq.dataclass.configs import FairseqConfig
+    from fairseq.models.hubert.hubert import HubertConfig
+    from fairseq.optim.adam import FairseqAdamConfig
+    from fairseq.optim.lr_scheduler.polynomial_decay_schedule import (
+        PolynomialDecayLRScheduleConfig,
+    )
+    from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory(prefix="tiny_hubert_labels_") as label_dir:
+        with open(os.path.join(label_dir, "dict.km.txt"), "w") as f:
+            for unit in range(20):
+                f.write(f"{unit} 1\n")
+
+        task_cfg = HubertPretrainingConfig(
+            data=label_dir,
+            labels=["km"],
+            label_dir=label_dir,
+            label_rate=50.0,
+            sample_rate=16000,
+            normalize=normalize,
+            max_sample_size=250000,
+            min_sample_size=32000,
+            pad_audio=False,
+            random_crop=True,
+        )
+        task_cfg._name = "hubert_pretraining"
+        model_cfg = HubertConfig(
+            extractor_mode="layer_norm",
+            encoder_layers=TINY_HUBERT_LAYERS,
+            encoder_embed_dim=TINY_HUBERT_DIM,
+            encoder_ffn_embed_dim=128,
+            encoder_attention_heads=4,
+            final_dim=32,
+            layer_norm_first=True,
+            conv_feature_layers=_TINY_CONV_LAYERS,
+            conv_bias=True,
+            conv_pos=16,
+            conv_pos_groups=4,
+            encoder_layerdrop=0.1,
+            dropout=0.1,
+            attention_dropout=0.1,
+            feature_grad_mult=1.0,
+            untie_final_proj=True,
+        )
+        model_cfg._name = "hubert"
+        criterion_cfg = HubertCriterionConfig(pred_masked_weight=1.0, pred_nomask_weight=0.0)
+        criterion_cfg._name = "hubert"
+        optimizer_cfg = FairseqAdamConfig(adam_betas="(0.9,0.98)", adam_eps=1e-6, weight_decay=0.01)
+        optimizer_cfg._name = "adam"
+        lr_cfg = PolynomialDecayLRScheduleConfig(warmup_updates=32000)
+        lr_cfg._name = "polynomial_decay"
+
+        cfg = OmegaConf.structured(
+            FairseqConfig(
+                model=model_cfg,
+                task=task_cfg,
+                criterion=criterion_cfg,
+                optimizer=optimizer_cfg,
+                lr_scheduler=lr_cfg,
+            )
+        )
+        task = tasks.setup_task(cfg.task)
+        task.dictionaries  # the state factory reads dict.km.txt here
+        model = task.build_model(cfg.model)
+
+        state = {
+            "args": None,
+            "cfg": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+            "model": model.state_dict(),
+            "task_state": task.state_dict(),
+            "optimizer_history": [
+                {
+                    "criterion_name": "HubertCriterion",
+                    "optimizer_name": "FairseqAdam",
+                    "lr_scheduler_state": {"best": None},
+                    "num_updates": 0,
+                }
+            ],
+            "extra_state": {"metrics": {}, "previous_training_time": 0.0},
+        }
+        _atomic_torch_save(state, path)
+    return path
+
+
+def tiny_clip_config() -> dict:
+    """open_clip model config of a tiny CLIP: 64 px images, 16 px patches -> 16 patch tokens."""
+    return {
+        "embed_dim": 32,
+        "quick_gelu": True,
+        "vision_cfg": {
+            "image_size": 64,
+            "patch_size": 16,
+            "width": 64,
+            "layers": 2,
+            "head_width": 32,
+            "mlp_ratio": 2.0,
+        },
+        "text_cfg": {
+            "context_length": 16,
+            "vocab_size": 64,
+            "width": 32,
+            "heads": 2,
+            "layers": 1,
+        },
+    }
+
+
+def make_tiny_clip(out_dir: str, seed: int = 0) -> Tuple[str, str, str]:
+    """Write a tiny open_clip model config JSON and its weights (torch.save of the state dict).
+
+    Returns (model_name, model_config_path, weights_path) such that
+    ClipImageUpstream(model_name, pretrained=weights_path, model_config=model_config_path) loads it.
+    """
+    import open_clip
+
+    from cmd_plugin.models.clip_upstream import register_model_config
+
+    os.makedirs(out_dir, exist_ok=True)
+    config_path = os.path.join(os.path.abspath(out_dir), f"{TINY_CLIP_MODEL_NAME}.json")
+    tmp_config = config_path + ".tmp"
+    with open(tmp_config, "w") as f:
+        json.dump(tiny_clip_config(), f, indent=2)
+    os.replace(tmp_config, config_path)
+    register_model_config(config_path)
+
+    torch.manual_seed(seed)
+    model = open_clip.create_model(TINY_CLIP_MODEL_NAME, pretrained=None)
+    weights_path = os.path.join(os.path.abspath(out_dir), "open_clip_pytorch_model.bin")
+    _atomic_torch_save(model.state_dict(), weights_path)
+    return TINY_CLIP_MODEL_NAME, config_path, weights_path

@@ -60,7 +60,8 @@ def _check_inputs(speech_emb, image_emb, image_ids, chunk_size):
             raise TypeError(f"{name} must be floating point, got {emb.dtype}")
         if emb.shape[0] == 0:
             raise ValueError(f"{name} is empty (shape {tuple(emb.shape)})")
-        if not bool(torch.isfinite(emb).all()):
+        # One cheap reduction first; the elementwise check only runs when the sum is not finite.
+        if not bool(torch.isfinite(emb.sum())) and not bool(torch.isfinite(emb).all()):
             raise ValueError(f"{name} contains NaN or inf")
     if speech_emb.shape[1] != image_emb.shape[1]:
         raise ValueError(

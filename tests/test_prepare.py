@@ -462,3 +462,13 @@ def test_scripts_run_from_another_directory_with_relative_paths(flickr_corpus, c
         m = read_manifest(str(tmp_path / "out" / corpus), "valid")
         assert os.path.isabs(m.audio_root) and os.path.isabs(m.image_root)
         assert os.path.isfile(m.audio_path(0)) and os.path.isfile(m.image_path(m.image_paths[0]))
+
+
+def test_write_manifest_failing_mid_file_leaves_no_temporary(tmp_path):
+    from cmd_plugin.data.manifest import SpeechImageManifest, write_manifest
+
+    bad = SpeechImageManifest(audio_root="/a", audio_paths=["x.wav"], num_samples=[16000], image_root="/i",
+                              image_paths=["x.jpg"], speakers=[None])  # not a string: fails while writing .spk
+    with pytest.raises(TypeError):
+        write_manifest(str(tmp_path), "train", bad)
+    assert os.listdir(tmp_path) == []

@@ -129,9 +129,14 @@ def read_manifest(data_dir: str, split: str) -> SpeechImageManifest:
 
 def _atomic_write(path: str, lines: List[str]) -> str:
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for line in lines:
-            f.write(line + "\n")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(line + "\n")
+    except BaseException:  # the caller only knows about temporaries that were completed
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return tmp
 
 

@@ -1,0 +1,12 @@
+"""cmd_plugin: Cross-Modal Denoising speech-image retrieval as a fairseq --user-dir plugin.
+
+Imported by fairseq (``common.user_dir``), the package registers the task ``speech_image``,
+the model ``cmd_speech_image`` and the criterion ``cmd_contrastive``. Without fairseq loaded
+(data preparation, recall), importing ``cmd_plugin.data`` or ``cmd_plugin.recall`` stays light:
+registration then happens when a fairseq-facing module is imported.
+"""
+
+import sys
+
+if "fairseq" in sys.modules:
+    from . import criterions, models, tasks  # noqa: F401  (registration side effects)

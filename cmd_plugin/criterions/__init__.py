@@ -1,0 +1,1 @@
+from . import cmd_contrastive  # noqa: F401

@@ -1,0 +1,144 @@
+"""Criterion ``cmd_contrastive``: L = L_sic + alpha * L_cmd over the global batch.
+
+* L_sic: symmetric multi-positive InfoNCE between S_cls and I_cls (paper Eq. 3-5).
+* L_cmd: patches of every image are noised (a share replaced by other images' patches), the
+  fusion encoder reconstructs F' with speech as the query, and F' is contrasted with speech
+  (Eq. 6). ``cmd_pairs=all`` scores every speech i against image j's reconstruction made with
+  query i (B x B reconstructions); ``paired`` reconstructs image j with its own caption only.
+
+Losses are sums over the global batch; ``sample_size`` is the local batch size, so fairseq's
+(sum of worker gradients) / (total sample size) is the gradient of the global mean loss.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from fairseq import metrics
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from omegaconf import II
+from torch.func import functional_call
+
+from ..distributed import data_parallel_group_and_size, gather_with_local_grad, replicated_param
+from ..losses import in_batch_accuracy, symmetric_infonce
+from ..noise import apply_patch_noise, draw_patch_noise
+
+
+@dataclass
+class CmdContrastiveConfig(FairseqDataclass):
+    cmd_weight: float = field(default=1.0, metadata={"help": "alpha: weight of the CMD loss (0 = contrastive only)"})
+    patch_noise_ratio: float = field(
+        default=0.3, metadata={"help": "share of each image's patches replaced by other images' patches"}
+    )
+    cmd_pairs: ChoiceEnum(["all", "paired"]) = field(
+        default="all",
+        metadata={"help": "all: reconstruct every image with every speech as query (B^2 fusions); "
+                  "paired: only with its own caption (B fusions, cheaper)"},
+    )
+    global_batch_negatives: bool = field(
+        default=True, metadata={"help": "gather features from all data-parallel workers for negatives"}
+    )
+    noise_seed: int = field(default=II("common.seed"), metadata={"help": "seed of the patch noise"})
+
+
+@register_criterion("cmd_contrastive", dataclass=CmdContrastiveConfig)
+class CmdContrastiveCriterion(FairseqCriterion):
+    def __init__(self, cfg: CmdContrastiveConfig, task):
+        super().__init__(task)
+        self.cfg = cfg
+        self.update_num = 0
+
+    def set_update_num(self, update_num: int) -> None:
+        """The noise of update u is drawn from seed (noise_seed, u): equal on every worker."""
+        self.update_num = update_num
+
+    def forward(self, model, sample, reduce=True):
+        out = model(**sample["net_input"])
+        speech, image, patches = out["speech"], out["image"], out["patches"]
+        image_ids = sample["image_ids"].to(speech.device)
+        local_bsz = speech.size(0)
+
+        group, world = data_parallel_group_and_size() if self.cfg.global_batch_negatives else (None, 1)
+        if world > 1:
+            speech, image, image_ids = (gather_with_local_grad(t, group) for t in (speech, image, image_ids))
+            if self.cfg.cmd_weight > 0 and model.training:
+                patches = gather_with_local_grad(patches, group)
+        global_bsz = speech.size(0)
+
+        logit_scale = replicated_param(model.clamped_logit_scale(), world)
+        scores = speech.float() @ image.float().t()
+        sic, sic_s2i, sic_i2s = symmetric_infonce(scores, image_ids, image_ids, logit_scale)
+        loss = sic
+        logging_output = {}
+        if self.cfg.cmd_weight > 0 and model.training:
+            cmd, cmd_scores = self._cmd_loss(model, speech, patches, image_ids, logit_scale, world)
+            loss = loss + self.cfg.cmd_weight * cmd
+            logging_output["cmd_loss"] = cmd.item()
+            logging_output["cmd_correct"] = in_batch_accuracy(cmd_scores, image_ids, image_ids)
+
+        # every worker computed the global sums: log this worker's share so that fairseq's
+        # sum over workers gives the global sums once
+        share = local_bsz / global_bsz
+        logging_output.update(
+            {
+                "loss": loss.item() * share,
+                "sic_loss": sic.item() * share,
+                "sic_s2i_loss": sic_s2i.item() * share,
+                "sic_i2s_loss": sic_i2s.item() * share,
+                "s2i_correct": in_batch_accuracy(scores, image_ids, image_ids) * share,
+                "i2s_correct": in_batch_accuracy(scores.t(), image_ids, image_ids) * share,
+                "temperature": 1.0 / logit_scale.item(),
+                "ntokens": sample["ntokens"],
+                "nsentences": local_bsz,
+                "sample_size": local_bsz,
+            }
+        )
+        if "cmd_loss" in logging_output:
+            logging_output["cmd_loss"] *= share
+            logging_output["cmd_correct"] *= share
+        if not model.training:
+            # validation retrieval runs on the whole split: hand the embeddings to the task
+            logging_output["_embeddings"] = {
+                "split": sample["split"],
+                "ids": sample["id"].cpu(),
+                "image_ids": sample["image_ids"].cpu(),
+                "speech": out["speech"].detach().half().cpu(),
+                "image": out["image"].detach().half().cpu(),
+            }
+        return loss, local_bsz, logging_output
+
+    def _cmd_loss(self, model, speech, patches, image_ids, logit_scale, world):
+        generator = torch.Generator().manual_seed(self.cfg.noise_seed * 1_000_003 + self.update_num)
+        positions, sources = draw_patch_noise(image_ids, patches.size(1), self.cfg.patch_noise_ratio, generator)
+        noisy = apply_patch_noise(patches, positions, sources)
+        params = {name: replicated_param(p, world) for name, p in model.fusion.named_parameters()}
+        all_pairs = self.cfg.cmd_pairs == "all"
+        recon = functional_call(model.fusion, params, (speech, noisy), {"all_pairs": all_pairs})
+        recon = F.normalize(recon.float(), dim=-1)
+        if all_pairs:  # (B, B, E): recon[i, j] = image j reconstructed with speech i as the query
+            cmd_scores = torch.einsum("ie,ije->ij", speech.float(), recon)
+        else:  # (B, E): image j reconstructed with its own caption
+            cmd_scores = speech.float() @ recon.t()
+        cmd, _, _ = symmetric_infonce(cmd_scores, image_ids, image_ids, logit_scale)
+        return cmd, cmd_scores
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        total = sum(log.get("sample_size", 0) for log in logging_outputs)
+        if total == 0:
+            return
+        for key in ("loss", "sic_loss", "sic_s2i_loss", "sic_i2s_loss", "cmd_loss"):
+            if any(key in log for log in logging_outputs):
+                metrics.log_scalar(key, sum(log.get(key, 0) for log in logging_outputs) / total, total, round=4)
+        for key in ("s2i_correct", "i2s_correct", "cmd_correct"):
+            if any(key in log for log in logging_outputs):
+                acc = 100.0 * sum(log.get(key, 0) for log in logging_outputs) / total
+                metrics.log_scalar(key.replace("correct", "acc"), acc, total, round=2)
+        temps = [log["temperature"] for log in logging_outputs if "temperature" in log]
+        metrics.log_scalar("temperature", sum(temps) / len(temps), 0, round=4)
+        metrics.log_scalar("nsentences", sum(log.get("nsentences", 0) for log in logging_outputs), round=0)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return False

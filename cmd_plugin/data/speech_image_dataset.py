@@ -1,0 +1,126 @@
+"""Paired (spoken caption, image) dataset on fairseq's raw-audio dataset.
+
+Audio follows fairseq's wav2vec/HuBERT conventions (``RawAudioDataset``: padded batches with a
+padding mask, batches formed by ``batch_by_size`` over length-ordered indices). Waveforms are
+returned raw: the model applies the HuBERT checkpoint's own ``normalize`` setting, so the
+dataset cannot disagree with the upstream it feeds.
+
+Images are de-duplicated within a batch (captions of one image share one encoded image):
+``net_input["image_index"]`` maps each utterance to its row of the batch's images.
+"""
+
+import logging
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import soundfile as sf
+import torch
+from fairseq.data.audio.raw_audio_dataset import RawAudioDataset
+from PIL import Image
+
+from .manifest import ManifestError, SpeechImageManifest
+
+logger = logging.getLogger(__name__)
+
+
+class PixelImages:
+    """Images read from disk and preprocessed with the image encoder's own transform."""
+
+    def __init__(self, manifest: SpeechImageManifest, transform: Callable):
+        self.manifest = manifest
+        self.transform = transform
+
+    def __call__(self, relative_paths: List[str]) -> Dict[str, torch.Tensor]:
+        pixels = []
+        for rel in relative_paths:
+            path = self.manifest.image_path(rel)
+            try:
+                with Image.open(path) as im:
+                    pixels.append(self.transform(im.convert("RGB")))
+            except (OSError, ValueError) as e:
+                raise ManifestError(f"{path}: cannot read image ({e})") from e
+        return {"images": torch.stack(pixels)}
+
+
+class SpeechImageDataset(RawAudioDataset):
+    def __init__(
+        self,
+        manifest: SpeechImageManifest,
+        split: str,
+        images: Callable[[List[str]], Dict[str, torch.Tensor]],
+        sample_rate: int = 16000,
+        min_sample_size: int = 0,
+        max_sample_size: Optional[int] = None,
+        shuffle: bool = True,
+        num_length_buckets: int = 0,
+    ):
+        """
+        Args:
+            manifest: the split's utterances and images (``cmd_plugin.data.manifest``).
+            split: split name, carried in each batch (validation gathers per split).
+            images: maps a list of relative image paths to a dict of batched tensors
+                (pixels, or cached features).
+            min_sample_size / max_sample_size: utterances outside [min, max] samples are
+                dropped, with their images (parallel data stays aligned). Captions are never
+                cropped: cropping would cut words the image must be matched to.
+            num_length_buckets: 0 orders utterances by exact length; N > 0 groups them in N
+                length quantiles and shuffles within each, so batches of similar length still
+                change composition (and negatives) from epoch to epoch.
+        """
+        super().__init__(sample_rate=sample_rate, shuffle=shuffle, pad=True, normalize=False)
+        self.manifest = manifest
+        self.split = split
+        self.images = images
+        self.num_length_buckets = num_length_buckets
+        sizes = np.asarray(manifest.num_samples, dtype=np.int64)
+        upper = max_sample_size if max_sample_size is not None else np.iinfo(np.int64).max
+        keep = (sizes >= min_sample_size) & (sizes <= upper)
+        self.kept = np.nonzero(keep)[0]
+        if len(self.kept) == 0:
+            raise ManifestError(
+                f"split {split!r}: no utterance within [{min_sample_size}, {upper}] samples"
+            )
+        if len(self.kept) < len(sizes):
+            logger.info(f"{split}: dropped {len(sizes) - len(self.kept)} utterances outside the size limits")
+        self.sizes = sizes[self.kept]
+        self.image_ids = manifest.image_ids[self.kept]
+        self.image_paths = manifest.unique_images
+
+    def __getitem__(self, index: int):
+        row = int(self.kept[index])
+        path = self.manifest.audio_path(row)
+        try:
+            wav, sr = sf.read(path, dtype="float32", always_2d=True)
+        except RuntimeError as e:
+            raise ManifestError(f"{path}: cannot read audio ({e})") from e
+        if sr != self.sample_rate or wav.shape[1] != 1:
+            raise ManifestError(
+                f"{path}: expected {self.sample_rate} Hz mono, got {sr} Hz with {wav.shape[1]} channels"
+            )
+        return {"id": index, "source": torch.from_numpy(wav[:, 0]), "image_id": int(self.image_ids[index])}
+
+    def ordered_indices(self):
+        if not self.shuffle:
+            return np.arange(len(self))
+        order = np.random.permutation(len(self))
+        if self.num_length_buckets > 0:
+            edges = np.quantile(self.sizes, np.linspace(0, 1, self.num_length_buckets + 1)[1:-1])
+            keys = np.searchsorted(edges, self.sizes, side="right")
+        else:
+            keys = self.sizes
+        # primary key: length (bucket); ties broken by the random permutation
+        return np.lexsort((order, keys))[::-1]
+
+    def collater(self, samples):
+        batch = super().collater(samples)
+        if not batch:
+            return batch
+        image_ids = torch.tensor([s["image_id"] for s in samples if s["source"] is not None])
+        unique_ids, image_index = torch.unique(image_ids, return_inverse=True)
+        batch["net_input"].update(self.images([self.image_paths[i] for i in unique_ids.tolist()]))
+        batch["net_input"]["image_index"] = image_index
+        batch["image_ids"] = image_ids
+        batch["split"] = self.split
+        batch["nsentences"] = len(image_ids)
+        batch["ntokens"] = int((~batch["net_input"]["padding_mask"]).sum())
+        return batch

@@ -1,0 +1,1 @@
+from . import cmd_speech_image  # noqa: F401

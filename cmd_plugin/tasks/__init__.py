@@ -1,0 +1,1 @@
+from . import speech_image  # noqa: F401

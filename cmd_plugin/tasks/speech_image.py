@@ -1,0 +1,159 @@
+"""Task ``speech_image``: spoken captions paired with images, scored by retrieval.
+
+Reads splits written in the format of ``manifests/README.md``. Validation gathers the
+embeddings of the WHOLE split (from every worker, through fairseq's logging outputs) and logs
+recall: ``s2i_r{1,5,10}``, ``i2s_r{1,5,10}`` and ``mean_r{1,5,10}`` (x100), so that
+``checkpoint.best_checkpoint_metric=mean_r1`` can select checkpoints.
+"""
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import open_clip
+import torch
+from fairseq import metrics
+from fairseq.dataclass import FairseqDataclass
+from fairseq.tasks import FairseqTask, register_task
+from omegaconf import II, MISSING
+from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+from ..data.manifest import ManifestError, read_manifest
+from ..data.speech_image_dataset import PixelImages, SpeechImageDataset
+from ..recall import retrieval_recall
+
+logger = logging.getLogger(__name__)
+
+RECALL_KS = (1, 5, 10)
+RECALL_KEYS = [f"{d}_r{k}" for d in ("s2i", "i2s", "mean") for k in RECALL_KS]
+
+
+@dataclass
+class SpeechImageConfig(FairseqDataclass):
+    data: str = field(default=MISSING, metadata={"help": "manifest directory ({split}.tsv, {split}.img, ...)"})
+    image_model: str = field(
+        default=II("model.image_model"), metadata={"help": "open_clip model whose eval transform preprocesses images"}
+    )
+    image_model_config: str = field(
+        default=II("model.image_model_config"), metadata={"help": "open_clip model JSON for a custom image_model"}
+    )
+    sample_rate: int = field(default=16000, metadata={"help": "audio sample rate; files must match it"})
+    min_sample_size: int = field(default=1600, metadata={"help": "drop utterances shorter than this (samples)"})
+    max_sample_size: int = field(
+        default=480000, metadata={"help": "drop utterances longer than this (samples); captions are never cropped"}
+    )
+    num_length_buckets: int = field(
+        default=0,
+        metadata={"help": "0: batch by exact length order; N>0: shuffle within N length quantiles each epoch"},
+    )
+
+
+def image_transform(model_name: str, model_config: str = ""):
+    """open_clip's eval transform for ``model_name``, as ``create_model_and_transforms`` builds it
+    for a local weights file (model config's preprocess_cfg over open_clip defaults), without
+    building the model."""
+    if model_config:
+        open_clip.add_model_config(model_config)
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model {model_name!r} (give model.image_model_config for a custom one)")
+    preprocess = merge_preprocess_dict(PreprocessCfg(), cfg.get("preprocess_cfg", {}))
+    preprocess["size"] = cfg["vision_cfg"]["image_size"]
+    return image_transform_v2(PreprocessCfg(**preprocess), is_train=False)
+
+
+@register_task("speech_image", dataclass=SpeechImageConfig)
+class SpeechImageTask(FairseqTask):
+    cfg: SpeechImageConfig
+
+    def __init__(self, cfg: SpeechImageConfig):
+        super().__init__(cfg)
+        self._transform = None
+        self._valid_embeddings: Dict[str, Dict[int, tuple]] = {}
+        self._valid_recall: Dict[str, Dict[str, float]] = {}
+
+    @classmethod
+    def setup_task(cls, cfg: SpeechImageConfig, **kwargs):
+        if not os.path.isdir(cfg.data):
+            raise ManifestError(f"task.data={cfg.data}: not a directory of manifests")
+        return cls(cfg)
+
+    @property
+    def transform(self):
+        if self._transform is None:
+            self._transform = image_transform(self.cfg.image_model, self.cfg.image_model_config)
+        return self._transform
+
+    def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs):
+        manifest = read_manifest(self.cfg.data, split)
+        self.datasets[split] = SpeechImageDataset(
+            manifest,
+            split,
+            images=PixelImages(manifest, self.transform),
+            sample_rate=self.cfg.sample_rate,
+            min_sample_size=self.cfg.min_sample_size,
+            max_sample_size=self.cfg.max_sample_size,
+            shuffle=split.startswith("train"),
+            num_length_buckets=self.cfg.num_length_buckets,
+        )
+        logger.info(f"{split}: {len(self.datasets[split])} utterances, {len(manifest.unique_images)} images")
+
+    def max_positions(self):
+        return None
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        if hasattr(criterion, "set_update_num"):
+            criterion.set_update_num(update_num)
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
+    # ---- whole-split retrieval at validation ----
+    def begin_valid_epoch(self, epoch, model):
+        self._valid_embeddings.clear()
+        self._valid_recall.clear()
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        super().reduce_metrics(logging_outputs, criterion)
+        splits = set()
+        for log in logging_outputs:
+            emb = log.get("_embeddings")
+            if emb is None:
+                continue
+            store = self._valid_embeddings.setdefault(emb["split"], {})
+            for i, sample_id in enumerate(emb["ids"].tolist()):
+                store[sample_id] = (int(emb["image_ids"][i]), emb["speech"][i], emb["image"][i])
+            splits.add(emb["split"])
+        for split in splits:
+            for key in RECALL_KEYS:
+                metrics.log_derived(key, lambda meters, s=split, k=key: self._split_recall(s).get(k, math.nan))
+
+    def _split_recall(self, split: str) -> Dict[str, float]:
+        """Recall on the whole split once all its utterances were seen; {} before that."""
+        if split in self._valid_recall:
+            return self._valid_recall[split]
+        store = self._valid_embeddings.get(split, {})
+        dataset = self.datasets.get(split)
+        if dataset is None or len(store) < len(dataset):
+            return {}
+        ids = sorted(store)
+        image_ids = torch.tensor([store[i][0] for i in ids])
+        speech = torch.stack([store[i][1] for i in ids]).float()
+        unique_ids, image_index = torch.unique(image_ids, return_inverse=True)
+        first = {}
+        for row, img in enumerate(image_ids.tolist()):
+            first.setdefault(img, row)
+        images = torch.stack([store[ids[first[i]]][2] for i in unique_ids.tolist()]).float()
+        result = retrieval_recall(speech, images, image_index, ks=RECALL_KS)
+        self._valid_recall[split] = {k: float(result[k]) for k in RECALL_KEYS}
+        logger.info(f"{split}: whole-split recall on {len(ids)} utterances x {len(unique_ids)} images: "
+                    + ", ".join(f"{k}={v:.1f}" for k, v in self._valid_recall[split].items()))
+        return self._valid_recall[split]
+
+    @property
+    def source_dictionary(self):
+        return None
+
+    @property
+    def target_dictionary(self):
+        return None

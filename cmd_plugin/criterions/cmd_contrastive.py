@@ -90,6 +90,7 @@ class CmdContrastiveCriterion(FairseqCriterion):
                 "i2s_correct": in_batch_accuracy(scores.t(), image_ids, image_ids) * share,
                 "temperature": 1.0 / logit_scale.item(),
                 "ntokens": sample["ntokens"],
+                "padded_samples": int(sample["net_input"]["padding_mask"].sum()),
                 "nsentences": local_bsz,
                 "sample_size": local_bsz,
             }
@@ -135,6 +136,11 @@ class CmdContrastiveCriterion(FairseqCriterion):
             if any(key in log for log in logging_outputs):
                 acc = 100.0 * sum(log.get(key, 0) for log in logging_outputs) / total
                 metrics.log_scalar(key.replace("correct", "acc"), acc, total, round=2)
+        padded = sum(log.get("padded_samples", 0) for log in logging_outputs)
+        real = sum(log.get("ntokens", 0) for log in logging_outputs)
+        if padded + real > 0:
+            # share of the audio batch that is padding: what length-ordered batching saves
+            metrics.log_scalar("pad_pct", 100.0 * padded / (padded + real), padded + real, round=2)
         temps = [log["temperature"] for log in logging_outputs if "temperature" in log]
         metrics.log_scalar("temperature", sum(temps) / len(temps), 0, round=4)
         metrics.log_scalar("nsentences", sum(log.get("nsentences", 0) for log in logging_outputs), round=0)

@@ -146,6 +146,9 @@ class HubertUpstream(nn.Module):
         if freeze:
             self.model.requires_grad_(False)
             self.model.eval()
+        else:
+            # the layer-weighted sum needs every layer's state: no layer-drop when fine-tuning
+            self.model.encoder.layerdrop = 0.0
 
     def train(self, mode: bool = True):
         super().train(mode)

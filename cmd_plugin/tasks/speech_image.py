@@ -103,6 +103,13 @@ class SpeechImageTask(FairseqTask):
     def max_positions(self):
         return None
 
+    def get_batch_iterator(self, dataset, *args, **kwargs):
+        # fairseq's batch_by_size drops a final remainder smaller than
+        # required_batch_size_multiple; recall must see every utterance of a scored split
+        if isinstance(dataset, SpeechImageDataset) and not dataset.shuffle:
+            kwargs["required_batch_size_multiple"] = 1
+        return super().get_batch_iterator(dataset, *args, **kwargs)
+
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         if hasattr(criterion, "set_update_num"):
             criterion.set_update_num(update_num)

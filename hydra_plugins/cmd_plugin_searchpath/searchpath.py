@@ -2,8 +2,10 @@
 
 fairseq-hydra-train's primary config is named ``config`` and fairseq ships its own
 ``fairseq/config/config.yaml``, which hydra finds before anything added by ``--config-dir``.
-This plugin moves the ``--config-dir`` entry to the front of the search path, so the user's
-``config.yaml`` wins (hydra's supported way to change the search path).
+Hydra adds the ``--config-dir`` entry after search-path plugins ran, behind the app's own
+config directory; so this plugin reads ``--config-dir`` with hydra's own argument parser and
+puts that directory first, for fairseq's entry point only (hydra's supported way to change
+the search path).
 
 It also registers the OmegaConf resolver ``${cmd_plugin_dir:}``, the directory of the installed
 ``cmd_plugin`` package, so configs can set ``common.user_dir`` from any working directory.
@@ -11,6 +13,7 @@ It also registers the OmegaConf resolver ``${cmd_plugin_dir:}``, the directory o
 
 import importlib.util
 import os
+import sys
 
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
@@ -28,11 +31,25 @@ if not OmegaConf.has_resolver("cmd_plugin_dir"):
     OmegaConf.register_new_resolver("cmd_plugin_dir", cmd_plugin_dir)
 
 
+def _command_line_config_dir():
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(sys.argv[1:])
+    return args.config_dir
+
+
 class ConfigDirFirstSearchPathPlugin(SearchPathPlugin):
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-        entries = search_path.get_path()
-        user_dirs = [e for e in entries if e.provider == "command-line"]
-        for entry in user_dirs:
-            entries.remove(entry)
-        for entry in reversed(user_dirs):
-            entries.insert(0, entry)
+        is_fairseq = any(
+            e.provider == "main" and e.path.rstrip("/").endswith(os.path.join("fairseq", "config"))
+            for e in search_path.get_path()
+        )
+        config_dir = _command_line_config_dir() if is_fairseq else None
+        if config_dir:
+            search_path.get_path().insert(0, _element("cmd_plugin", f"file://{os.path.abspath(config_dir)}"))
+
+
+def _element(provider: str, path: str):
+    from hydra.core.config_search_path import SearchPathElement
+
+    return SearchPathElement(provider, path)

@@ -33,8 +33,61 @@ def _atomic_torch_save(obj, path: str) -> None:
         raise
 
 
-def make_tiny_hubert(path: str, seed: int = 0, normalize: bool = True) -> str:
-    """Write a tiny HuBERT checkpoint in the layout of hubert_large_ll60k.pt; returns path.
+# Released HuBERT model configs (fairseq examples/hubert/config/pretrain/*.yaml); the
+# fields not named keep HubertConfig's defaults, which those configs also keep.
+_HUBERT_RELEASE_CONFIGS = {
+    "large": dict(
+        model=dict(
+            extractor_mode="layer_norm",
+            encoder_layers=24,
+            encoder_embed_dim=1024,
+            encoder_ffn_embed_dim=4096,
+            encoder_attention_heads=16,
+            final_dim=768,
+            layer_norm_first=True,
+            conv_feature_layers="[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2",
+            conv_bias=False,
+            encoder_layerdrop=0.0,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            feature_grad_mult=1.0,
+            untie_final_proj=True,
+        ),
+        normalize=True,
+        num_units=500,
+    ),
+    "base": dict(
+        model=dict(
+            extractor_mode="default",
+            encoder_layers=12,
+            encoder_embed_dim=768,
+            encoder_ffn_embed_dim=3072,
+            encoder_attention_heads=12,
+            final_dim=256,
+            layer_norm_first=False,
+            conv_feature_layers="[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2",
+            conv_bias=False,
+            encoder_layerdrop=0.05,
+            dropout=0.1,
+            attention_dropout=0.1,
+            activation_dropout=0.0,
+            dropout_input=0.1,
+            dropout_features=0.1,
+            feature_grad_mult=0.1,
+            untie_final_proj=False,
+        ),
+        normalize=False,
+        num_units=500,
+    ),
+}
+
+
+def _write_hubert_checkpoint(
+    path: str, model_kwargs: dict, seed: int, normalize: bool, num_units: int, label_dir_prefix: str = "hubert_labels_"
+) -> str:
+    """Build a randomly initialised HubertModel with fairseq's own task and model classes from
+    ``model_kwargs`` (HubertConfig fields) and save it in the layout of the released checkpoints:
 
     {"args": None, "cfg": plain dict of the full fairseq config, "model": state dict,
      "task_state": {"dictionaries": [Dictionary]}, "optimizer_history": [...], "extra_state": {...}}
@@ -54,9 +107,9 @@ def make_tiny_hubert(path: str, seed: int = 0, normalize: bool = True) -> str:
     from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
 
     torch.manual_seed(seed)
-    with tempfile.TemporaryDirectory(prefix="tiny_hubert_labels_") as label_dir:
+    with tempfile.TemporaryDirectory(prefix=label_dir_prefix) as label_dir:
         with open(os.path.join(label_dir, "dict.km.txt"), "w") as f:
-            for unit in range(20):
+            for unit in range(num_units):
                 f.write(f"{unit} 1\n")
 
         task_cfg = HubertPretrainingConfig(
@@ -72,24 +125,7 @@ def make_tiny_hubert(path: str, seed: int = 0, normalize: bool = True) -> str:
             random_crop=True,
         )
         task_cfg._name = "hubert_pretraining"
-        model_cfg = HubertConfig(
-            extractor_mode="layer_norm",
-            encoder_layers=TINY_HUBERT_LAYERS,
-            encoder_embed_dim=TINY_HUBERT_DIM,
-            encoder_ffn_embed_dim=128,
-            encoder_attention_heads=4,
-            final_dim=32,
-            layer_norm_first=True,
-            conv_feature_layers=_TINY_CONV_LAYERS,
-            conv_bias=True,
-            conv_pos=16,
-            conv_pos_groups=4,
-            encoder_layerdrop=0.1,
-            dropout=0.1,
-            attention_dropout=0.1,
-            feature_grad_mult=1.0,
-            untie_final_proj=True,
-        )
+        model_cfg = HubertConfig(**model_kwargs)
         model_cfg._name = "hubert"
         criterion_cfg = HubertCriterionConfig(pred_masked_weight=1.0, pred_nomask_weight=0.0)
         criterion_cfg._name = "hubert"
@@ -126,8 +162,54 @@ def make_tiny_hubert(path: str, seed: int = 0, normalize: bool = True) -> str:
             ],
             "extra_state": {"metrics": {}, "previous_training_time": 0.0},
         }
+        del model
         _atomic_torch_save(state, path)
     return path
+
+
+def make_tiny_hubert(path: str, seed: int = 0, normalize: bool = True) -> str:
+    """Write a tiny HuBERT checkpoint in the layout of hubert_large_ll60k.pt; returns path.
+
+    Large's layout (layer_norm extractor, layer_norm_first) with 3 layers of width 64.
+    """
+    model_kwargs = dict(
+        extractor_mode="layer_norm",
+        encoder_layers=TINY_HUBERT_LAYERS,
+        encoder_embed_dim=TINY_HUBERT_DIM,
+        encoder_ffn_embed_dim=128,
+        encoder_attention_heads=4,
+        final_dim=32,
+        layer_norm_first=True,
+        conv_feature_layers=_TINY_CONV_LAYERS,
+        conv_bias=True,
+        conv_pos=16,
+        conv_pos_groups=4,
+        encoder_layerdrop=0.1,
+        dropout=0.1,
+        attention_dropout=0.1,
+        feature_grad_mult=1.0,
+        untie_final_proj=True,
+    )
+    return _write_hubert_checkpoint(
+        path, model_kwargs, seed=seed, normalize=normalize, num_units=20, label_dir_prefix="tiny_hubert_labels_"
+    )
+
+
+def make_hubert_checkpoint(path: str, size: str = "large", seed: int = 0) -> str:
+    """Write a RANDOM-weight HuBERT checkpoint with the released architecture; returns path.
+
+    size="large": hubert_large_ll60k.pt's config (24 layers, 1024 wide, FFN 4096, 16 heads,
+    final_dim 768, layer_norm extractor, layer_norm_first, task normalize=True), ~317M weights,
+    a ~1.3 GB file. size="base": hubert_base_ls960.pt's (12 layers, 768, default extractor,
+    normalize=False). For memory and speed measurements of the real architecture; never for
+    anything that needs trained weights.
+    """
+    if size not in _HUBERT_RELEASE_CONFIGS:
+        raise ValueError(f"size must be one of {sorted(_HUBERT_RELEASE_CONFIGS)}, got {size!r}")
+    spec = _HUBERT_RELEASE_CONFIGS[size]
+    return _write_hubert_checkpoint(
+        path, dict(spec["model"]), seed=seed, normalize=spec["normalize"], num_units=spec["num_units"]
+    )
 
 
 def tiny_clip_config() -> dict:

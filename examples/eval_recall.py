@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""Score a trained cmd_speech_image checkpoint on a manifest split: speech<->image R@1/5/10.
+
+    python examples/eval_recall.py --checkpoint checkpoints/checkpoint_best.pt \\
+        --data manifests/flickr8k --split test --device cuda --output-json test_recall.json
+
+Every utterance is encoded once (S_cls; the fusion encoder is not used) in length-ordered
+batches and every distinct image once (I_cls). Speech->image: a hit at K when the paired image
+is in the top K images; image->speech: a hit when ANY of the image's captions is in the top K
+utterances; Mean is the average of the two; figures are x100 with one decimal, printed in the
+column layout of the paper's Table 2 with a chance row.
+
+Tie rule: an item whose similarity ties the correct one's counts as ranked ABOVE it (ties never
+flatter the model).
+
+Zero-shot scoring is just another --data: a model trained on one corpus scores another's
+manifest. --hubert-path / --image-pretrained / --image-model-config re-point the frozen
+upstreams' files when they moved since training. --save-embeddings keeps the embeddings;
+--from-embeddings scores such a file without loading any model.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # run from any directory without installing the package
+    sys.path.insert(0, REPO_ROOT)
+
+from cmd_plugin.evaluate import (  # noqa: E402
+    RECALL_KS,
+    TIE_RULE,
+    UPSTREAM_FILE_FIELDS,
+    EvaluationError,
+    chance_for,
+    encode_split,
+    load_cmd_checkpoint,
+    load_embeddings,
+    results_record,
+    save_embeddings,
+    score_embeddings,
+    write_json,
+)
+from cmd_plugin.recall import format_recall_rows  # noqa: E402
+
+logger = logging.getLogger("eval_recall")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=TIE_RULE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", help="trained cmd_speech_image checkpoint (fairseq trainer format)")
+    parser.add_argument("--data", help="manifest directory to score ({split}.tsv, {split}.img); may be "
+                        "another corpus than the training one (zero-shot)")
+    parser.add_argument("--split", default="test", help="split to score (default: test)")
+    parser.add_argument("--hubert-path", help="new location of the HuBERT checkpoint named by the checkpoint")
+    parser.add_argument("--image-pretrained", help="new location of the image encoder weights")
+    parser.add_argument("--image-model-config", help="new location of the open_clip model JSON")
+    parser.add_argument("--batch-size", type=int, default=32, help="utterances / images per batch (default: 32)")
+    parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default: 0)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--fp16", action="store_true", help="encode under float16 autocast (CUDA only)")
+    parser.add_argument("--chunk-size", type=int, default=4096,
+                        help="utterances per block of the score matrix (bounds memory; default: 4096)")
+    parser.add_argument("--output-json", help="write every figure, counts and provenance here (atomically)")
+    parser.add_argument("--save-embeddings", help="write speech/image embeddings, image ids and paths here")
+    parser.add_argument("--from-embeddings", help="score a --save-embeddings file; loads no model")
+    parser.add_argument("--label", help="row label of the table (default: the checkpoint's file name)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def run(args) -> dict:
+    if args.batch_size < 1 or args.chunk_size < 1:
+        raise EvaluationError("--batch-size and --chunk-size must be positive")
+    if args.from_embeddings:
+        emb = load_embeddings(args.from_embeddings)
+        checkpoint = emb.meta.get("checkpoint")
+        data, split = emb.meta.get("data"), emb.meta.get("split")
+    else:
+        if not args.checkpoint or not args.data:
+            raise EvaluationError("--checkpoint and --data are required (unless --from-embeddings)")
+        checkpoint, data, split = os.path.abspath(args.checkpoint), os.path.abspath(args.data), args.split
+        model, task = load_cmd_checkpoint(
+            checkpoint, data=data, hubert_path=args.hubert_path,
+            image_pretrained=args.image_pretrained, image_model_config=args.image_model_config,
+        )
+        emb = encode_split(
+            model, task, split, batch_size=args.batch_size, device=args.device, fp16=args.fp16,
+            num_workers=args.num_workers, progress=not args.no_progress,
+        )
+        emb.meta["checkpoint"] = checkpoint
+        emb.meta["upstreams"] = {k: getattr(model.cfg, k, None) for k in ("image_model",) + UPSTREAM_FILE_FIELDS}
+        if args.save_embeddings:
+            save_embeddings(emb, args.save_embeddings)
+            logger.info(f"embeddings written to {args.save_embeddings}")
+
+    results = score_embeddings(emb, ks=RECALL_KS, chunk_size=args.chunk_size)
+    chance, captions = chance_for(results)
+    label = args.label or (os.path.basename(checkpoint) if checkpoint else "model")
+    print(f"{split} of {data}: {results['num_s2i_queries']} utterances, {results['num_images']} images")
+    print(format_recall_rows([(label, results), (f"chance ({captions} captions/image)", chance)], ks=RECALL_KS))
+    dropped = emb.meta.get("num_utterances_dropped") or 0
+    if dropped:
+        print(f"warning: {dropped} utterances outside the task's size limits were not scored", file=sys.stderr)
+    record = results_record(
+        results, chance, captions, emb,
+        checkpoint=checkpoint, data=data, split=split, upstreams=emb.meta.get("upstreams"),
+        from_embeddings=os.path.abspath(args.from_embeddings) if args.from_embeddings else None,
+        device=None if args.from_embeddings else args.device,
+        fp16=None if args.from_embeddings else bool(args.fp16),
+    )
+    if args.output_json:
+        write_json(record, args.output_json)
+        logger.info(f"results written to {args.output_json}")
+    return record
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+                        stream=sys.stderr)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError) as err:  # EvaluationError, ManifestError: bad input
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The user's literal commands: every shipped YAML composes through fairseq-hydra-train, and
+the tiny config trains, validates on the whole split, checkpoints and resumes."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import yaml
+from PIL import Image
+
+from cmd_plugin.data.manifest import SpeechImageManifest, write_manifest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = shutil.which("fairseq-hydra-train") or os.path.join(os.path.dirname(sys.executable), "fairseq-hydra-train")
+
+SHIPPED = [
+    ("flickr8k", None),
+    ("flickr8k", "+ablation=no_cmd"),
+    ("spokencoco", None),
+    ("spokencoco", "+ablation=no_cmd"),
+    ("tiny", None),
+]
+
+
+def run_train(args, cwd, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run([TRAIN] + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("corpus,variant", SHIPPED)
+def test_shipped_config_composes_with_the_plugin(corpus, variant, tmp_path):
+    from cmd_plugin.criterions.cmd_contrastive import CmdContrastiveConfig
+    from cmd_plugin.models.cmd_speech_image import CmdSpeechImageConfig
+    from cmd_plugin.tasks.speech_image import SpeechImageConfig
+
+    args = ["--config-dir", os.path.join("examples", corpus), "task._name=speech_image"]
+    args += [variant] if variant else []
+    # the user's literal command, from the repository root, printing the composed job config
+    proc = run_train(args + ["--cfg", "job", "--resolve"], cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["task"]["_name"] == "speech_image"
+    assert cfg["model"]["_name"] == "cmd_speech_image"
+    assert cfg["criterion"]["_name"] == "cmd_contrastive"
+    assert cfg["common"]["user_dir"] == os.path.join(REPO, "cmd_plugin")
+    # configs and dataclasses are one source of truth: no key the dataclass does not know
+    for section, dc in (("task", SpeechImageConfig), ("model", CmdSpeechImageConfig), ("criterion", CmdContrastiveConfig)):
+        unknown = set(cfg[section]) - set(dc.__dataclass_fields__) - {"_name"}
+        assert not unknown, f"{corpus} {variant}: {section} keys unknown to {dc.__name__}: {unknown}"
+    if corpus != "tiny":
+        # the paper's recipe
+        assert cfg["optimizer"]["_name"] == "adam" and float(cfg["optimizer"]["weight_decay"]) == 1e-6
+        assert cfg["optimization"]["max_update"] == 60000 and cfg["optimization"]["lr"] == [1e-4]
+        assert cfg["lr_scheduler"]["_name"] == "polynomial_decay"
+        assert cfg["lr_scheduler"]["warmup_updates"] == 4000
+        assert float(cfg["lr_scheduler"]["end_learning_rate"]) == 1e-8
+        world = cfg["distributed_training"]["distributed_world_size"]
+        assert cfg["dataset"]["batch_size"] * world == 128
+        assert cfg["criterion"]["patch_noise_ratio"] == 0.3
+        assert cfg["criterion"]["cmd_weight"] == (0.0 if variant else 1.0)
+        assert cfg["model"]["image_model"] == "ViT-L-14-quickgelu" and cfg["common"]["fp16"] is True
+        assert cfg["checkpoint"]["best_checkpoint_metric"] == "mean_r1"
+
+
+def make_corpus(root, splits, seed=0):
+    """Random 16 kHz wavs and coloured images, written in the manifest format."""
+    rng = np.random.default_rng(seed)
+    wav_dir, img_dir, man_dir = root / "wavs", root / "images", root / "manifests"
+    wav_dir.mkdir(parents=True)
+    img_dir.mkdir()
+    for split, (n_images, n_captions) in splits.items():
+        audio, sizes, images = [], [], []
+        for i in range(n_images):
+            name = f"{split}_{i}.jpg"
+            colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+            Image.new("RGB", (32, 32), colour).save(img_dir / name)
+            for c in range(n_captions):
+                n = int(rng.integers(8000, 16000))
+                wav = (rng.standard_normal(n) * 0.1 + np.sin(np.arange(n) * (i + 1) * 0.05)).astype("float32")
+                sf.write(wav_dir / f"{split}_{i}_{c}.wav", wav, 16000)
+                audio.append(f"{split}_{i}_{c}.wav")
+                sizes.append(n)
+                images.append(name)
+        write_manifest(str(man_dir), split, SpeechImageManifest(str(wav_dir), audio, sizes, str(img_dir), images))
+    return str(man_dir)
+
+
+def _losses(stdout):
+    return [float(x) for x in re.findall(r"\[train_inner\]\[INFO\] - .*? loss=([0-9.]+)", stdout)]
+
+
+def test_literal_command_trains_validates_checkpoints_and_resumes(tiny_encoders, tmp_path):
+    data = make_corpus(tmp_path, {"train": (8, 2), "valid": (4, 2)})
+    save_dir = tmp_path / "ckpt"
+    overrides = [
+        "task._name=speech_image",
+        f"task.data={data}",
+        f"model.hubert_path={tiny_encoders['hubert_path']}",
+        f"model.image_model={tiny_encoders['image_model']}",
+        f"model.image_model_config={tiny_encoders['image_model_config']}",
+        f"model.image_pretrained={tiny_encoders['image_pretrained']}",
+        f"checkpoint.save_dir={save_dir}",
+        "dataset.batch_size=8",
+        "common.log_interval=1",
+        "optimization.lr=[0.002]",
+        "lr_scheduler.warmup_updates=2",
+    ]
+    config_dir = os.path.join(REPO, "examples", "tiny")
+    proc = run_train(["--config-dir", config_dir] + overrides + ["optimization.max_update=12"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = _losses(proc.stdout)
+    assert len(losses) == 12
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    # whole-split recall was computed at validation (8 utterances x 4 images) and selects best
+    valid = re.findall(r"valid on 'valid' subset .*? mean_r1 ([0-9.]+)", proc.stdout)
+    assert valid and all(0.0 <= float(v) <= 100.0 for v in valid)
+    assert "whole-split recall on 8 utterances x 4 images" in proc.stdout + proc.stderr
+    for name in ("checkpoint_last.pt", "checkpoint_best.pt"):
+        assert (save_dir / name).is_file()
+    state = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert state["optimizer_history"][-1]["num_updates"] == 12
+    # tiny upstreams are trained in this config, so they are in the checkpoint
+    assert any(k.startswith("hubert.") for k in state["model"])
+
+    proc = run_train(["--config-dir", config_dir] + overrides + ["optimization.max_update=16"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 12 updates\)", proc.stdout)
+    assert len(_losses(proc.stdout)) == 4
+    state = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert state["optimizer_history"][-1]["num_updates"] == 16

@@ -39,6 +39,16 @@ class SpeechImageConfig(FairseqDataclass):
     image_model_config: str = field(
         default=II("model.image_model_config"), metadata={"help": "open_clip model JSON for a custom image_model"}
     )
+    image_pretrained: str = field(
+        default=II("model.image_pretrained"),
+        metadata={"help": "weights file of image_model; checked against image_feature_cache's checksum"},
+    )
+    image_feature_cache: str = field(
+        default="",
+        metadata={"help": "a directory written by examples/cache_image_features.py: its cached image "
+                  "embeddings and patches are used instead of encoding pixels; the model's image "
+                  "encoder must then be frozen (model.freeze_image_encoder=true)"},
+    )
     sample_rate: int = field(default=16000, metadata={"help": "audio sample rate; files must match it"})
     min_sample_size: int = field(default=1600, metadata={"help": "drop utterances shorter than this (samples)"})
     max_sample_size: int = field(

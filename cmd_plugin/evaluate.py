@@ -1,0 +1,410 @@
+"""Whole-split speech<->image retrieval scoring of a trained ``cmd_speech_image`` checkpoint.
+
+The logic behind ``examples/eval_recall.py``, reusable from Python:
+
+    model, task = load_cmd_checkpoint(ckpt, data="manifests/flickr8k")
+    emb = encode_split(model, task, "test", batch_size=32, device="cuda")
+    results = score_embeddings(emb)                    # retrieval_recall figures (x100)
+    save_embeddings(emb, "test_emb.pt"); emb = load_embeddings("test_emb.pt")
+
+Every utterance is encoded once (S_cls, the fusion encoder is not used) in length-ordered
+batches, every DISTINCT image once (I_cls). Scoring is :func:`cmd_plugin.recall.retrieval_recall`,
+which is tie-pessimistic: an item whose score ties the correct one's is ranked above it.
+
+Checkpoints are fairseq trainer checkpoints ({"cfg", "model", ...}). Frozen upstreams are not in
+them: they are rebuilt from the files the config names (``model.hubert_path``,
+``model.image_pretrained``, ``model.image_model_config``), which can be re-pointed when the files
+have moved; ``task.data`` is re-pointed to the manifest directory to score, so a model trained on
+one corpus scores another (zero-shot) with the same call.
+"""
+
+import datetime
+import logging
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .recall import chance_recall, retrieval_recall
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "cmd_speech_image"
+TASK_NAME = "speech_image"
+EMBEDDINGS_FORMAT = "cmd_plugin.eval_embeddings.v1"
+RECALL_KS = (1, 5, 10)
+
+TIE_RULE = (
+    "Ties never flatter the model: a candidate whose similarity equals that of the correct item "
+    "is ranked above it (speech->image: any image tied with the paired one; image->speech: any "
+    "non-caption utterance tied with the image's best-scoring caption)."
+)
+
+# Model-config fields that name upstream files, re-pointable when files moved.
+UPSTREAM_FILE_FIELDS = ("hubert_path", "image_pretrained", "image_model_config")
+
+# Pickled classes a fairseq trainer checkpoint may hold besides tensors and containers (meters in
+# extra_state, Namespace in old "args", numpy scalars in metrics, a DictConfig "cfg").
+_TRUSTED_PICKLE_PREFIXES = ("fairseq.", "numpy.", "argparse.", "omegaconf.")
+_TRUSTED_PICKLE_NAMES = ("typing.Any",)
+
+
+class EvaluationError(ValueError):
+    """A checkpoint, option or embeddings file that cannot be scored; the message says why."""
+
+
+# ---------------------------------------------------------------- checkpoint
+
+
+def _resolve_global(name: str):
+    import importlib
+
+    module_name, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def _load_checkpoint_state(path: str, arg_overrides: Dict[str, Any]):
+    """fairseq's load_checkpoint_to_cpu under torch's weights-only unpickler, allowing only the
+    fairseq/numpy/omegaconf classes trainer checkpoints pickle (torch >= 2.6 refuses them)."""
+    from fairseq import checkpoint_utils
+
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as err:  # not a zip-format torch file at all
+        raise EvaluationError(f"{path} is not a fairseq checkpoint ({type(err).__name__}: {err})") from err
+    untrusted = [g for g in unsafe if not (g.startswith(_TRUSTED_PICKLE_PREFIXES) or g in _TRUSTED_PICKLE_NAMES)]
+    if untrusted:
+        raise EvaluationError(f"{path} pickles objects outside fairseq/numpy/omegaconf: {untrusted}; refusing to load it")
+    try:
+        with torch.serialization.safe_globals([_resolve_global(g) for g in unsafe]):
+            return checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides=arg_overrides)
+    except (pickle.UnpicklingError, KeyError, TypeError, AttributeError, IndexError, RuntimeError) as err:
+        raise EvaluationError(f"{path} is not a fairseq checkpoint ({type(err).__name__}: {err})") from err
+
+
+def _cfg_get(cfg, group: str, key: str, default=None):
+    section = cfg.get(group) if cfg is not None else None
+    if section is None:
+        return default
+    return section.get(key, default)
+
+
+def build_arg_overrides(
+    data: Optional[str] = None,
+    hubert_path: Optional[str] = None,
+    image_pretrained: Optional[str] = None,
+    image_model_config: Optional[str] = None,
+) -> Dict[str, Any]:
+    """Overrides for ``load_model_ensemble_and_task``. fairseq's ``overwrite_args_by_name``
+    applies each one to EVERY config key of that name, in every group, and only where the key
+    exists: ``image_model_config`` thus re-points ``model.`` and ``task.image_model_config``
+    together, ``data`` re-points ``task.data``. Paths are made absolute."""
+    overrides = {}
+    for key, value in (
+        ("data", data),
+        ("hubert_path", hubert_path),
+        ("image_pretrained", image_pretrained),
+        ("image_model_config", image_model_config),
+    ):
+        if value is not None:
+            overrides[key] = os.path.abspath(value) if value else value
+    return overrides
+
+
+def load_cmd_checkpoint(
+    checkpoint: str,
+    data: Optional[str] = None,
+    hubert_path: Optional[str] = None,
+    image_pretrained: Optional[str] = None,
+    image_model_config: Optional[str] = None,
+):
+    """Load a trained ``cmd_speech_image`` checkpoint -> (model in eval mode on CPU, task).
+
+    ``data`` re-points ``task.data`` (the manifest directory to score); the other arguments
+    re-point the frozen upstreams' files. Raises :class:`FileNotFoundError` naming a missing
+    checkpoint or upstream file (and the option that re-points it), :class:`EvaluationError`
+    for a file that is not a ``cmd_speech_image`` checkpoint.
+    """
+    import fairseq  # noqa: F401  (fairseq first: then importing the plugin registers it)
+    from fairseq import checkpoint_utils
+
+    import cmd_plugin.models  # noqa: F401  (registers cmd_speech_image)
+    import cmd_plugin.tasks  # noqa: F401  (registers speech_image)
+
+    # The checkpoint's common.user_dir is not imported: it may name another machine's path, and
+    # fairseq refuses a second package called cmd_plugin; the imports above register everything.
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    overrides = build_arg_overrides(data, hubert_path, image_pretrained, image_model_config)
+    state = _load_checkpoint_state(checkpoint, overrides)
+    cfg = state.get("cfg")
+    if cfg is None or "model" not in state:
+        raise EvaluationError(
+            f"{checkpoint} is not a {MODEL_NAME} checkpoint: no fairseq 'cfg' and 'model' "
+            f"(keys: {sorted(state)})"
+        )
+    model_name = _cfg_get(cfg, "model", "_name")
+    if model_name != MODEL_NAME:
+        raise EvaluationError(f"{checkpoint} is not a {MODEL_NAME} checkpoint (its model is {model_name!r})")
+    task_name = _cfg_get(cfg, "task", "_name")
+    if task_name != TASK_NAME:
+        raise EvaluationError(f"{checkpoint}: task {task_name!r}, expected {TASK_NAME!r}")
+
+    options = {"hubert_path": "--hubert-path", "image_pretrained": "--image-pretrained",
+               "image_model_config": "--image-model-config"}
+    for key in UPSTREAM_FILE_FIELDS:
+        path = _cfg_get(cfg, "model", key, "")
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"model.{key} file not found: {path} (named by {checkpoint}; "
+                f"give its new location with {options[key]})"
+            )
+    task_data = _cfg_get(cfg, "task", "data")
+    if not task_data or not os.path.isdir(task_data):
+        raise FileNotFoundError(f"manifest directory not found: {task_data} (give it with --data)")
+
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
+        [checkpoint], arg_overrides=overrides, state=state
+    )
+    return models[0].eval(), task
+
+
+# ---------------------------------------------------------------- encoding
+
+
+@dataclass
+class SplitEmbeddings:
+    """Embeddings of one split: ``speech`` (N, E) and ``images`` (U, E) unit-norm float32,
+    ``image_ids`` (N,) int64 rows of ``images``; paths relative to the manifest roots."""
+
+    speech: torch.Tensor
+    images: torch.Tensor
+    image_ids: torch.Tensor
+    utterance_paths: List[str]
+    image_paths: List[str]
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+
+class _ImageBatches(torch.utils.data.Dataset):
+    """Batches of distinct images (relative paths) -> pixels via the task's image reader."""
+
+    def __init__(self, paths: List[str], batch_size: int, read):
+        self.batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+        self.read = read
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, i):
+        return self.read(self.batches[i])["images"]
+
+
+def _no_pixels(relative_paths):
+    return {}
+
+
+def _autocast(device: torch.device, fp16: bool):
+    if fp16:
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def resolve_device(device: str, fp16: bool) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError(f"--device {device}: CUDA is not available on this machine")
+    if fp16 and dev.type != "cuda":
+        raise EvaluationError("--fp16 needs --device cuda")
+    return dev
+
+
+@torch.no_grad()
+def encode_split(
+    model,
+    task,
+    split: str,
+    batch_size: int = 32,
+    device: str = "cpu",
+    fp16: bool = False,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> SplitEmbeddings:
+    """Encode every utterance of ``split`` once (S_cls) and every distinct image once (I_cls).
+
+    Utterances go in batches of ``batch_size`` sorted by length (little padding), through the
+    split's :class:`SpeechImageDataset` collater; embeddings are returned in dataset order.
+    Utterances the task's size limits drop are not scored (counted in ``meta``).
+    """
+    from tqdm import tqdm
+
+    dev = resolve_device(device, fp16)
+    model = model.eval().to(dev)
+    task.load_dataset(split)
+    dataset = task.dataset(split)
+    manifest = dataset.manifest
+
+    # speech: the dataset's collater, without reading pixels per batch (images are encoded apart)
+    audio = _shallow_copy_with(dataset, images=_no_pixels)
+    order = np.argsort(-np.asarray(dataset.sizes), kind="stable")
+    batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    loader = torch.utils.data.DataLoader(
+        audio, batch_sampler=batches, collate_fn=audio.collater, num_workers=num_workers
+    )
+    speech = torch.empty(len(dataset), 0)
+    for batch in tqdm(loader, desc=f"{split}: speech", unit="batch", disable=not progress):
+        net_input = batch["net_input"]
+        with _autocast(dev, fp16):
+            emb = model.encode_speech(net_input["source"].to(dev), net_input["padding_mask"].to(dev))
+        emb = emb.float().cpu()
+        if speech.size(1) == 0:
+            speech = torch.zeros(len(dataset), emb.size(1))
+        speech[batch["id"]] = emb
+
+    image_paths = list(dataset.image_paths)
+    images_loader = torch.utils.data.DataLoader(
+        _ImageBatches(image_paths, batch_size, dataset.images),
+        batch_size=None, num_workers=num_workers,
+    )
+    image_chunks = []
+    for pixels in tqdm(images_loader, desc=f"{split}: images", unit="batch", disable=not progress):
+        with _autocast(dev, fp16):
+            image_cls, _ = model.encode_image(pixels.to(dev))
+        image_chunks.append(image_cls.float().cpu())
+    images = torch.cat(image_chunks)
+
+    return SplitEmbeddings(
+        speech=speech,
+        images=images,
+        image_ids=torch.as_tensor(dataset.image_ids, dtype=torch.long),
+        utterance_paths=[manifest.audio_paths[int(r)] for r in dataset.kept],
+        image_paths=image_paths,
+        meta={
+            "split": split,
+            "data": os.path.abspath(task.cfg.data),
+            "audio_root": manifest.audio_root,
+            "image_root": manifest.image_root,
+            "num_utterances_in_manifest": len(manifest),
+            "num_utterances_dropped": len(manifest) - len(dataset),
+        },
+    )
+
+
+def _shallow_copy_with(obj, **attrs):
+    import copy
+
+    clone = copy.copy(obj)
+    for key, value in attrs.items():
+        setattr(clone, key, value)
+    return clone
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def score_embeddings(emb: SplitEmbeddings, ks: Sequence[int] = RECALL_KS, chunk_size: int = 4096) -> Dict[str, Any]:
+    """``retrieval_recall`` on the split's embeddings (figures x100, hits, counts)."""
+    return retrieval_recall(emb.speech.float(), emb.images.float(), emb.image_ids, ks=ks, chunk_size=chunk_size)
+
+
+def chance_for(results: Dict[str, Any], ks: Sequence[int] = RECALL_KS):
+    """Chance row for the scored split -> (recall dict, captions per image it assumes).
+
+    :func:`chance_recall` assumes every image has the same number of captions; an irregular
+    split uses the rounded mean over images with captions."""
+    captions = max(1, round(results["num_s2i_queries"] / max(1, results["num_i2s_queries"])))
+    return chance_recall(results["num_images"], captions, ks=ks), captions
+
+
+# ---------------------------------------------------------------- files
+
+
+def _atomic_write(path: str, write) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_embeddings(emb: SplitEmbeddings, path: str) -> None:
+    """Write ``emb`` to ``path`` (torch.save of plain tensors, lists and strings) atomically."""
+    payload = {
+        "format": EMBEDDINGS_FORMAT,
+        "speech": emb.speech.contiguous(),
+        "images": emb.images.contiguous(),
+        "image_ids": emb.image_ids.contiguous(),
+        "utterance_paths": list(emb.utterance_paths),
+        "image_paths": list(emb.image_paths),
+        "meta": dict(emb.meta),
+    }
+    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_embeddings(path: str) -> SplitEmbeddings:
+    """Read a file written by :func:`save_embeddings` (weights-only unpickling), checking shapes."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"embeddings file not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise EvaluationError(f"{path}: not an embeddings file ({type(err).__name__}: {err})") from err
+    if not isinstance(payload, dict) or payload.get("format") != EMBEDDINGS_FORMAT:
+        raise EvaluationError(f"{path}: not an embeddings file written by --save-embeddings")
+    emb = SplitEmbeddings(
+        speech=payload["speech"], images=payload["images"], image_ids=payload["image_ids"],
+        utterance_paths=payload["utterance_paths"], image_paths=payload["image_paths"], meta=payload["meta"],
+    )
+    n, u = emb.speech.shape[0], emb.images.shape[0]
+    if emb.image_ids.shape != (n,) or len(emb.utterance_paths) != n or len(emb.image_paths) != u:
+        raise EvaluationError(
+            f"{path}: inconsistent embeddings (speech {tuple(emb.speech.shape)}, images "
+            f"{tuple(emb.images.shape)}, image_ids {tuple(emb.image_ids.shape)}, "
+            f"{len(emb.utterance_paths)} utterance paths, {len(emb.image_paths)} image paths)"
+        )
+    return emb
+
+
+def results_record(results: Dict[str, Any], chance: Dict[str, float], captions_per_image: int,
+                   emb: SplitEmbeddings, **context) -> Dict[str, Any]:
+    """The JSON record: every figure, the counts, where they come from and when."""
+    record = {
+        "recall": {k: float(v) for k, v in results.items() if "_r" in k and "hits" not in k},
+        "hits": {k: int(v) for k, v in results.items() if "hits" in k},
+        "chance": {k: float(v) for k, v in chance.items()},
+        "chance_captions_per_image": captions_per_image,
+        "counts": {
+            "num_utterances": int(results["num_s2i_queries"]),
+            "num_images": int(results["num_images"]),
+            "num_images_with_caption": int(results["num_i2s_queries"]),
+            "num_images_without_caption": int(results["num_images_without_caption"]),
+            "num_utterances_in_manifest": emb.meta.get("num_utterances_in_manifest"),
+            "num_utterances_dropped": emb.meta.get("num_utterances_dropped"),
+            "embed_dim": int(emb.speech.shape[1]),
+        },
+        "ks": list(RECALL_KS),
+        "tie_rule": TIE_RULE,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    record.update(context)
+    return record
+
+
+def write_json(record: Dict[str, Any], path: str) -> None:
+    import json
+
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+
+    _atomic_write(path, write)

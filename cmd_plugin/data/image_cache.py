@@ -1,0 +1,429 @@
+"""Frozen image-encoder outputs computed once per unique image and memory-mapped.
+
+With the image encoder frozen, encoding an image again at every step only repeats work (each
+image has 5 captions, and training passes over the corpus hundreds of times). A cache directory
+holds the encoder's outputs for every unique image:
+
+    meta.json          identity of the encoder (see :func:`encoder_identity`), shapes, dtype,
+                       creation time, cmd_plugin version
+    images.txt         one absolute image path per row
+    image_cls.npy      (U, E) float16: pooled embedding, projected, NOT normalised
+                       (open_clip ``encode_image``; the model normalises it)
+    image_patches.npy  (U, N, E) float16: patch tokens after ln_post, projected with visual.proj
+
+The identity says which encoder made the cache (model name, sha256 of its weights file, its
+open_clip model config, its preprocessing); a cache is refused by an encoder that differs.
+"""
+
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from numpy.lib.format import open_memmap
+from PIL import Image
+
+from .manifest import SpeechImageManifest
+
+META_FILE = "meta.json"
+INDEX_FILE = "images.txt"
+CLS_FILE = "image_cls.npy"
+PATCHES_FILE = "image_patches.npy"
+CACHE_DTYPE = np.float16
+
+# fields of an identity that must agree between a cache and the encoder using it, with the words
+# an error uses for them ("weights_file" is informational: the same weights may move)
+IDENTITY_FIELDS = {
+    "model": "model name",
+    "weights_sha256": "weights checksum",
+    "model_config": "open_clip model config",
+    "preprocess": "preprocessing",
+}
+
+
+class ImageCacheError(ValueError):
+    """A cache that cannot be written, read or used; the message names the file or field."""
+
+
+# ---- encoder identity ----
+
+_SHA256_MEMO: Dict[Tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str, chunk_bytes: int = 16 << 20) -> str:
+    """sha256 of a file, read in chunks; memoised per (path, size, mtime) in this process."""
+    path = os.path.abspath(path)
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _SHA256_MEMO:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(chunk_bytes), b""):
+                digest.update(chunk)
+        _SHA256_MEMO[key] = digest.hexdigest()
+    return _SHA256_MEMO[key]
+
+
+def _as_json(value):
+    """The value as JSON reads it back (tuples become lists), so identities compare equal."""
+    return json.loads(json.dumps(value))
+
+
+def _size_2d(size) -> List[int]:
+    return [int(size), int(size)] if isinstance(size, (int, float)) else [int(s) for s in size]
+
+
+def preprocess_identity(preprocess_cfg: dict) -> dict:
+    """open_clip preprocess config as stored in an identity: every PreprocessCfg field, size (H, W)."""
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    merged = merge_preprocess_dict(PreprocessCfg(), dict(preprocess_cfg))
+    merged["size"] = _size_2d(merged["size"])
+    return _as_json(merged)
+
+
+def encoder_identity(model_name: str, pretrained_path: str, model_config_path: str = "") -> dict:
+    """What a cache of ``model_name`` with weights ``pretrained_path`` depends on.
+
+    Returns {"model", "weights_sha256", "weights_file", "model_config", "preprocess"}:
+    model_config is the open_clip model config (the JSON's content when one is given);
+    preprocess is the eval preprocessing open_clip builds for this model from a local weights
+    file (PreprocessCfg defaults, then the config's preprocess_cfg, size = vision image_size).
+    """
+    import open_clip
+
+    from ..models.clip_upstream import register_model_config
+
+    if not pretrained_path:
+        raise ImageCacheError(
+            "an image feature cache needs the encoder's weights file (image_pretrained): "
+            "a randomly initialised encoder has no reproducible outputs to cache"
+        )
+    if not os.path.isfile(pretrained_path):
+        raise ImageCacheError(f"image encoder weights file not found: {pretrained_path}")
+    if model_config_path:
+        register_model_config(model_config_path)
+    if model_config_path and os.path.isfile(model_config_path):
+        with open(model_config_path, encoding="utf-8") as f:
+            model_config = json.load(f)
+    else:
+        model_config = open_clip.get_model_config(model_name)
+    if model_config is None:
+        raise ImageCacheError(
+            f"unknown open_clip model {model_name!r} (give its model config JSON for a custom model)"
+        )
+    preprocess = dict(model_config.get("preprocess_cfg", {}))
+    preprocess["size"] = model_config["vision_cfg"]["image_size"]
+    return {
+        "model": model_name,
+        "weights_sha256": file_sha256(pretrained_path),
+        "weights_file": os.path.abspath(pretrained_path),
+        "model_config": _as_json(model_config),
+        "preprocess": preprocess_identity(preprocess),
+    }
+
+
+def identity_differences(cached: dict, current: dict) -> List[str]:
+    """Human-readable differences of the compared identity fields; [] when they agree."""
+    out = []
+    for key, words in IDENTITY_FIELDS.items():
+        a, b = cached.get(key), current.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            detail = ", ".join(f"{k}: cache {a.get(k)!r} vs encoder {b.get(k)!r}" for k in keys)
+            out.append(f"{words} ({key}) differs: {detail}")
+        else:
+            out.append(f"{words} ({key}) differs: cache {a!r} vs encoder {b!r}")
+    return out
+
+
+# ---- writing ----
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    def __init__(self, paths: Sequence[str], preprocess):
+        self.paths = paths
+        self.preprocess = preprocess
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        path = self.paths[i]
+        try:
+            with Image.open(path) as im:
+                return self.preprocess(im.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise ImageCacheError(f"{path}: cannot read image ({e})") from e
+
+
+def _is_cache_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, META_FILE))
+
+
+def _cmd_plugin_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("cmd_plugin")
+    except Exception:  # running from a source tree that is not installed
+        return "unknown"
+
+
+def write_image_cache(
+    out_dir: str,
+    image_paths: Sequence[str],
+    upstream,
+    identity: dict,
+    batch_size: int = 64,
+    device: str = "cpu",
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Encode each image once with ``upstream`` (a ClipImageUpstream) and write a cache to ``out_dir``.
+
+    Images are read as training reads them (PIL open, convert RGB, the upstream's own
+    ``preprocess``). Everything is written into a temporary directory next to ``out_dir`` and
+    renamed into place when complete; an existing cache at ``out_dir`` is replaced only then,
+    and nothing is left behind when encoding fails. The upstream is moved to ``device``.
+    Returns the cache's meta (also written to meta.json).
+    """
+    from tqdm import tqdm
+
+    paths = [os.path.abspath(p) for p in image_paths]
+    for given, p in zip(image_paths, paths):
+        if not os.path.isabs(given):
+            raise ImageCacheError(f"image path {given!r} is not absolute")
+        if "\n" in p or "\r" in p:
+            raise ImageCacheError(f"image path {p!r} contains a newline")
+    if len(set(paths)) != len(paths):
+        seen = set()
+        dup = next(p for p in paths if p in seen or seen.add(p))
+        raise ImageCacheError(f"image path {dup} is listed more than once: give each image once")
+    if not paths:
+        raise ImageCacheError("no images to cache")
+    if identity.get("model") != upstream.model_name:
+        raise ImageCacheError(
+            f"identity is of model {identity.get('model')!r} but the upstream is {upstream.model_name!r}"
+        )
+    built = getattr(upstream.visual, "preprocess_cfg", None)
+    if built and preprocess_identity(built) != identity.get("preprocess"):
+        raise ImageCacheError(
+            f"identity preprocessing {identity.get('preprocess')} differs from the upstream's {preprocess_identity(built)}"
+        )
+
+    out_dir = os.path.abspath(out_dir)
+    if os.path.lexists(out_dir):
+        if not os.path.isdir(out_dir) or (os.listdir(out_dir) and not _is_cache_dir(out_dir)):
+            raise ImageCacheError(f"{out_dir} exists and is not an image feature cache: refusing to replace it")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp's 0700 would hide the cache from other users
+    started = time.time()
+    was_training = upstream.training
+    try:
+        upstream.to(device).eval()
+        num_images, embed_dim, num_patches = len(paths), upstream.embed_dim, upstream.num_patches
+        cls_out = open_memmap(os.path.join(tmp_dir, CLS_FILE), mode="w+", dtype=CACHE_DTYPE,
+                              shape=(num_images, embed_dim))
+        patches_out = open_memmap(os.path.join(tmp_dir, PATCHES_FILE), mode="w+", dtype=CACHE_DTYPE,
+                                  shape=(num_images, num_patches, embed_dim))
+        loader = torch.utils.data.DataLoader(
+            _ImageFiles(paths, upstream.preprocess), batch_size=batch_size, shuffle=False,
+            num_workers=num_workers, pin_memory=str(device).startswith("cuda"),
+        )
+        row = 0
+        with torch.inference_mode(), tqdm(total=num_images, unit="img", disable=not progress,
+                                          desc="encoding images") as bar:
+            for pixels in loader:
+                pooled, patches = upstream(pixels.to(device, non_blocking=True))
+                n = pooled.size(0)
+                if pooled.shape != (n, embed_dim) or patches.shape != (n, num_patches, embed_dim):
+                    raise ImageCacheError(
+                        f"upstream returned pooled {tuple(pooled.shape)} and patches {tuple(patches.shape)}, "
+                        f"expected ({n}, {embed_dim}) and ({n}, {num_patches}, {embed_dim})"
+                    )
+                pooled = pooled.float().cpu().numpy()
+                patches = patches.float().cpu().numpy()
+                if np.abs(pooled).max() > np.finfo(CACHE_DTYPE).max or np.abs(patches).max() > np.finfo(CACHE_DTYPE).max:
+                    raise ImageCacheError(f"encoder outputs near {paths[row]} overflow {np.dtype(CACHE_DTYPE).name}")
+                cls_out[row:row + n] = pooled
+                patches_out[row:row + n] = patches
+                row += n
+                bar.update(n)
+        assert row == num_images, (row, num_images)
+        cls_out.flush()
+        patches_out.flush()
+        del cls_out, patches_out
+        with open(os.path.join(tmp_dir, INDEX_FILE), "w", encoding="utf-8") as f:
+            f.writelines(p + "\n" for p in paths)
+        meta = {
+            "identity": identity,
+            "num_images": num_images,
+            "embed_dim": embed_dim,
+            "num_patches": num_patches,
+            "shapes": {CLS_FILE: [num_images, embed_dim], PATCHES_FILE: [num_images, num_patches, embed_dim]},
+            "dtype": np.dtype(CACHE_DTYPE).name,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "encode_seconds": round(time.time() - started, 3),
+            "cmd_plugin_version": _cmd_plugin_version(),
+        }
+        # meta.json last: a directory with it is complete
+        with open(os.path.join(tmp_dir, META_FILE), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+        _move_into_place(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    finally:
+        upstream.train(was_training)
+    return meta
+
+
+def _move_into_place(tmp_dir: str, out_dir: str) -> None:
+    """Rename the complete ``tmp_dir`` to ``out_dir``; an old cache there is removed only after."""
+    if not os.path.lexists(out_dir):
+        os.rename(tmp_dir, out_dir)
+        return
+    old = tempfile.mkdtemp(dir=os.path.dirname(out_dir), prefix=f".{os.path.basename(out_dir)}.old-")
+    os.rmdir(old)
+    os.rename(out_dir, old)
+    try:
+        os.rename(tmp_dir, out_dir)
+    except BaseException:
+        os.rename(old, out_dir)  # put the old cache back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- reading ----
+
+
+class ImageFeatureCache:
+    """A cache directory opened read-only; the arrays are memory-mapped on first use.
+
+    Picklable (DataLoader workers): the memory maps are reopened in each process, not copied.
+    """
+
+    def __init__(self, cache_dir: str):
+        self.cache_dir = os.path.abspath(cache_dir)
+        meta_path = os.path.join(self.cache_dir, META_FILE)
+        if not os.path.isfile(meta_path):
+            raise ImageCacheError(
+                f"{self.cache_dir}: not an image feature cache (no {META_FILE}); "
+                "write one with examples/cache_image_features.py"
+            )
+        with open(meta_path, encoding="utf-8") as f:
+            self.meta = json.load(f)
+        with open(os.path.join(self.cache_dir, INDEX_FILE), encoding="utf-8") as f:
+            self.paths = f.read().splitlines()
+        if len(self.paths) != self.meta["num_images"]:
+            raise ImageCacheError(
+                f"{os.path.join(self.cache_dir, INDEX_FILE)}: {len(self.paths)} paths, "
+                f"{META_FILE} says {self.meta['num_images']} images"
+            )
+        self._rows = {p: i for i, p in enumerate(self.paths)}
+        self._cls: Optional[np.ndarray] = None
+        self._patches: Optional[np.ndarray] = None
+
+    @property
+    def identity(self) -> dict:
+        return self.meta["identity"]
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.meta["embed_dim"])
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.meta["num_patches"])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __contains__(self, path: str) -> bool:
+        return os.path.abspath(path) in self._rows
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_cls"] = state["_patches"] = None
+        return state
+
+    def _arrays(self) -> Tuple[np.ndarray, np.ndarray]:
+        if self._cls is None:
+            arrays = []
+            for name in (CLS_FILE, PATCHES_FILE):
+                path = os.path.join(self.cache_dir, name)
+                array = np.load(path, mmap_mode="r")
+                if list(array.shape) != self.meta["shapes"][name] or array.dtype.name != self.meta["dtype"]:
+                    raise ImageCacheError(
+                        f"{path}: {array.dtype.name} {list(array.shape)}, {META_FILE} says "
+                        f"{self.meta['dtype']} {self.meta['shapes'][name]}"
+                    )
+                arrays.append(array)
+            self._cls, self._patches = arrays
+        return self._cls, self._patches
+
+    def check_identity(self, identity: dict) -> None:
+        """Raise :class:`ImageCacheError` naming each field in which ``identity`` differs."""
+        diffs = identity_differences(self.identity, identity)
+        if diffs:
+            raise ImageCacheError(
+                f"image feature cache {self.cache_dir} was made by another image encoder: "
+                + "; ".join(diffs)
+                + " -- rebuild it with examples/cache_image_features.py for this encoder"
+            )
+
+    def missing(self, abs_paths: Sequence[str]) -> List[str]:
+        return [p for p in abs_paths if os.path.abspath(p) not in self._rows]
+
+    def rows(self, abs_paths: Sequence[str]) -> np.ndarray:
+        rows = []
+        for p in abs_paths:
+            row = self._rows.get(os.path.abspath(p))
+            if row is None:
+                raise ImageCacheError(f"{p}: not in image feature cache {self.cache_dir}")
+            rows.append(row)
+        return np.asarray(rows, dtype=np.int64)
+
+    def lookup(self, abs_paths: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Images by absolute path -> (cls (U, E), patches (U, N, E)) float32 tensors."""
+        rows = self.rows(abs_paths)
+        cls, patches = self._arrays()
+        return (
+            torch.from_numpy(cls[rows].astype(np.float32)),
+            torch.from_numpy(patches[rows].astype(np.float32)),
+        )
+
+
+class CachedImages:
+    """Drop-in for ``PixelImages``: relative image paths -> {"image_cls", "image_patches"}.
+
+    Every image of ``manifest`` must be in the cache: checked here, before training starts.
+    """
+
+    def __init__(self, manifest: SpeechImageManifest, cache: ImageFeatureCache):
+        self.manifest = manifest
+        self.cache = cache
+        missing = cache.missing([manifest.image_path(rel) for rel in manifest.unique_images])
+        if missing:
+            raise ImageCacheError(
+                f"{len(missing)} image(s) of the manifest are not in image feature cache "
+                f"{cache.cache_dir}, e.g. {os.path.abspath(missing[0])}: cache the split with "
+                "examples/cache_image_features.py"
+            )
+
+    def __call__(self, relative_paths: List[str]) -> Dict[str, torch.Tensor]:
+        cls, patches = self.cache.lookup([self.manifest.image_path(rel) for rel in relative_paths])
+        return {"image_cls": cls, "image_patches": patches}

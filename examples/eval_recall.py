@@ -37,6 +37,7 @@ from cmd_plugin.evaluate import (  # noqa: E402
     encode_split,
     load_cmd_checkpoint,
     load_embeddings,
+    resolve_device,
     results_record,
     save_embeddings,
     score_embeddings,
@@ -84,6 +85,7 @@ def run(args) -> dict:
     else:
         if not args.checkpoint or not args.data:
             raise EvaluationError("--checkpoint and --data are required (unless --from-embeddings)")
+        resolve_device(args.device, args.fp16)  # fail before the (slow) model load
         checkpoint, data, split = os.path.abspath(args.checkpoint), os.path.abspath(args.data), args.split
         model, task = load_cmd_checkpoint(
             checkpoint, data=data, hubert_path=args.hubert_path,

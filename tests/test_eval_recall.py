@@ -222,6 +222,10 @@ def test_missing_checkpoint_and_foreign_checkpoint_are_clear_errors(setup, tiny_
     err = _error(capsys, ["--checkpoint", setup["checkpoint"], "--data", str(tmp_path / "no_manifests"),
                           "--hubert-path", setup["new_hubert"]])
     assert str(tmp_path / "no_manifests") in err
+    err = _error(capsys, ["--checkpoint", setup["checkpoint"], "--data", setup["manifests"], "--fp16"])
+    assert "--fp16 needs --device cuda" in err
+    err = _error(capsys, ["--from-embeddings", str(tmp_path / "missing_emb.pt")])
+    assert "embeddings file not found" in err and "missing_emb.pt" in err
 
 
 def test_cli_runs_from_another_directory_and_documents_the_tie_rule(setup, tmp_path):

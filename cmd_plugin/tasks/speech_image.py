@@ -20,6 +20,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
+from ..data.image_cache import CachedImages, ImageCacheError, ImageFeatureCache, encoder_identity
 from ..data.manifest import ManifestError, read_manifest
 from ..data.speech_image_dataset import PixelImages, SpeechImageDataset
 from ..recall import retrieval_recall
@@ -81,6 +82,7 @@ class SpeechImageTask(FairseqTask):
     def __init__(self, cfg: SpeechImageConfig):
         super().__init__(cfg)
         self._transform = None
+        self._image_cache: Optional[ImageFeatureCache] = None
         self._valid_embeddings: Dict[str, Dict[int, tuple]] = {}
         self._valid_recall: Dict[str, Dict[str, float]] = {}
 
@@ -96,12 +98,28 @@ class SpeechImageTask(FairseqTask):
             self._transform = image_transform(self.cfg.image_model, self.cfg.image_model_config)
         return self._transform
 
+    @property
+    def image_cache(self) -> ImageFeatureCache:
+        """The cache of task.image_feature_cache, opened once and checked against the image encoder."""
+        if self._image_cache is None:
+            cache = ImageFeatureCache(self.cfg.image_feature_cache)
+            cache.check_identity(
+                encoder_identity(self.cfg.image_model, self.cfg.image_pretrained, self.cfg.image_model_config)
+            )
+            logger.info(f"image features from cache {cache.cache_dir} ({len(cache)} images)")
+            self._image_cache = cache
+        return self._image_cache
+
     def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs):
         manifest = read_manifest(self.cfg.data, split)
+        if self.cfg.image_feature_cache:
+            images = CachedImages(manifest, self.image_cache)
+        else:
+            images = PixelImages(manifest, self.transform)
         self.datasets[split] = SpeechImageDataset(
             manifest,
             split,
-            images=PixelImages(manifest, self.transform),
+            images=images,
             sample_rate=self.cfg.sample_rate,
             min_sample_size=self.cfg.min_sample_size,
             max_sample_size=self.cfg.max_sample_size,
@@ -109,6 +127,21 @@ class SpeechImageTask(FairseqTask):
             num_length_buckets=self.cfg.num_length_buckets,
         )
         logger.info(f"{split}: {len(self.datasets[split])} utterances, {len(manifest.unique_images)} images")
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        if self.cfg.image_feature_cache:
+            # cached features are the outputs of the encoder as it was: training it would
+            # silently diverge from them
+            if not getattr(model.cfg, "freeze_image_encoder", True):
+                raise ImageCacheError(
+                    f"task.image_feature_cache={self.cfg.image_feature_cache} needs a frozen image encoder: "
+                    "set model.freeze_image_encoder=true, or task.image_feature_cache='' to encode pixels"
+                )
+            self.image_cache.check_identity(
+                encoder_identity(model.cfg.image_model, model.cfg.image_pretrained, model.cfg.image_model_config)
+            )
+        return model
 
     def max_positions(self):
         return None

@@ -1,0 +1,335 @@
+"""Image feature cache: the frozen image encoder's outputs once per image, memory-mapped.
+
+The cache must hold exactly what the upstream computes (within fp16), refuse another encoder,
+name what is missing, never leave a half-written cache, and train exactly as pixels do.
+"""
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+from cmd_plugin.data.image_cache import (
+    CachedImages,
+    ImageCacheError,
+    ImageFeatureCache,
+    encoder_identity,
+    write_image_cache,
+)
+from cmd_plugin.data.manifest import SpeechImageManifest, read_manifest, write_manifest
+from cmd_plugin.models.clip_upstream import ClipImageUpstream
+from cmd_plugin.tiny_encoders import make_tiny_clip
+from test_model import build_model, criterion, make_batch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FP16_RTOL = 2e-3  # half precision keeps 11 significant bits (relative error <= 2^-11 ~ 5e-4)
+
+
+def _write_images(directory, n, seed=0):
+    """n random RGB images of different sizes and formats; absolute paths."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for i in range(n):
+        h, w = 40 + 7 * i, 90 - 5 * i
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        path = os.path.join(directory, f"img_{i}.{'png' if i % 2 else 'jpg'}")
+        Image.fromarray(pixels).save(path)
+        paths.append(os.path.abspath(path))
+    return paths
+
+
+def _encode(upstream, paths):
+    """The upstream's own outputs for image files, read as training reads them."""
+    pixels = []
+    for p in paths:
+        with Image.open(p) as im:
+            pixels.append(upstream.preprocess(im.convert("RGB")))
+    with torch.no_grad():
+        return upstream(torch.stack(pixels))
+
+
+def _close(actual, expected, rtol=FP16_RTOL):
+    """Equal within half-precision rounding, relative to each tensor's scale."""
+    scale = expected.abs().max()
+    return (actual - expected).abs().max() <= rtol * scale
+
+
+@pytest.fixture(scope="module")
+def upstream(tiny_encoders):
+    enc = tiny_encoders
+    return ClipImageUpstream(enc["image_model"], enc["image_pretrained"], enc["image_model_config"])
+
+
+@pytest.fixture(scope="module")
+def identity(tiny_encoders):
+    enc = tiny_encoders
+    return encoder_identity(enc["image_model"], enc["image_pretrained"], enc["image_model_config"])
+
+
+@pytest.fixture
+def images(tmp_path):
+    return _write_images(tmp_path / "images", 5)
+
+
+def test_cache_holds_the_upstreams_own_outputs_within_fp16(upstream, identity, images, tmp_path):
+    out = tmp_path / "cache"
+    meta = write_image_cache(str(out), images, upstream, identity, batch_size=2)
+    assert sorted(os.listdir(tmp_path)) == ["cache", "images"]  # no temporary left
+    assert meta["num_images"] == 5 and meta["dtype"] == "float16"
+    with open(out / "images.txt") as f:
+        assert f.read().splitlines() == images
+    on_disk = json.loads((out / "meta.json").read_text())
+    assert on_disk["identity"] == identity and on_disk["shapes"]["image_patches.npy"] == [5, 16, 32]
+    assert np.load(out / "image_cls.npy", mmap_mode="r").dtype == np.float16
+
+    cache = ImageFeatureCache(str(out))
+    cache.check_identity(identity)
+    order = [images[3], images[0], images[4]]  # rows come back in the order asked for
+    cls, patches = cache.lookup(order)
+    pooled, expected_patches = _encode(upstream, order)
+    assert cls.dtype == torch.float32 and cls.shape == (3, 32) and patches.shape == (3, 16, 32)
+    assert _close(cls, pooled) and _close(patches, expected_patches)
+    # un-normalised pooled embedding, as the model expects (it normalises itself)
+    assert not torch.allclose(cls.norm(dim=-1), torch.ones(3), atol=1e-2)
+
+
+def test_identity_tracks_weights_config_and_preprocessing(tiny_encoders, identity, tmp_path):
+    enc = tiny_encoders
+    again = encoder_identity(enc["image_model"], enc["image_pretrained"], enc["image_model_config"])
+    assert again == identity
+    assert identity["preprocess"]["size"] == [64, 64] and identity["preprocess"]["interpolation"] == "bicubic"
+    assert identity["model_config"] == json.loads(open(enc["image_model_config"]).read())
+    # a copy of the same weights elsewhere is the same encoder
+    copy = tmp_path / "copy.bin"
+    shutil.copyfile(enc["image_pretrained"], copy)
+    assert encoder_identity(enc["image_model"], str(copy), enc["image_model_config"])["weights_sha256"] == (
+        identity["weights_sha256"]
+    )
+    with pytest.raises(ImageCacheError, match="weights file"):
+        encoder_identity(enc["image_model"], "", enc["image_model_config"])
+
+
+def test_cache_of_other_weights_is_refused_naming_the_checksum(tiny_encoders, upstream, identity, images, tmp_path):
+    write_image_cache(str(tmp_path / "cache"), images, upstream, identity)
+    cache = ImageFeatureCache(str(tmp_path / "cache"))
+    # same model name and config, other weights (another seed)
+    _, _, other_weights = make_tiny_clip(str(tmp_path / "other_clip"), seed=1)
+    other = encoder_identity(tiny_encoders["image_model"], other_weights, tiny_encoders["image_model_config"])
+    with pytest.raises(ImageCacheError, match=r"weights checksum \(weights_sha256\) differs") as err:
+        cache.check_identity(other)
+    assert "preprocessing" not in str(err.value) and "model name" not in str(err.value)
+
+
+def test_cache_of_other_preprocessing_is_refused_naming_it(tiny_encoders, upstream, identity, images, tmp_path, monkeypatch):
+    import open_clip.factory
+
+    write_image_cache(str(tmp_path / "cache"), images, upstream, identity)
+    cache = ImageFeatureCache(str(tmp_path / "cache"))
+    name = tiny_encoders["image_model"]
+    config = open_clip.factory.get_model_config(name)
+    config["preprocess_cfg"] = {"interpolation": "bilinear", "resize_mode": "squash"}
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, name, config)
+    other = encoder_identity(name, tiny_encoders["image_pretrained"])
+    with pytest.raises(ImageCacheError, match=r"preprocessing \(preprocess\) differs") as err:
+        cache.check_identity(other)
+    assert "interpolation: cache 'bicubic' vs encoder 'bilinear'" in str(err.value)
+    assert "weights checksum" not in str(err.value)
+
+
+def test_path_missing_from_cache_is_named(upstream, identity, images, tmp_path):
+    write_image_cache(str(tmp_path / "cache"), images[:3], upstream, identity)
+    cache = ImageFeatureCache(str(tmp_path / "cache"))
+    with pytest.raises(ImageCacheError, match=f"{images[4]}: not in image feature cache"):
+        cache.lookup([images[0], images[4]])
+    # a manifest naming an uncached image is refused when the dataset is built, not mid-epoch
+    root = os.path.dirname(images[0])
+    rels = [os.path.basename(p) for p in images]
+    manifest = SpeechImageManifest("/audio", ["a.wav"] * 5, [16000] * 5, root, rels)
+    with pytest.raises(ImageCacheError, match=r"2 image\(s\) .* e\.g\. " + images[3]):
+        CachedImages(manifest, cache)
+
+
+def test_interrupted_write_leaves_no_cache_and_keeps_the_old_one(upstream, identity, images, tmp_path, monkeypatch):
+    out = tmp_path / "cache"
+    write_image_cache(str(out), images[:2], upstream, identity)
+    old_cls = np.array(np.load(out / "image_cls.npy"))
+
+    calls = []
+    real_forward = upstream.forward
+
+    def failing_forward(pixels):
+        calls.append(len(pixels))
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return real_forward(pixels)
+
+    monkeypatch.setattr(upstream, "forward", failing_forward)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        write_image_cache(str(out), images, upstream, identity, batch_size=2)
+    assert calls == [2, 2]
+    calls.clear()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        write_image_cache(str(tmp_path / "new_cache"), images, upstream, identity, batch_size=2)
+    monkeypatch.undo()
+
+    assert sorted(os.listdir(tmp_path)) == ["cache", "images"]  # no new cache, no temporaries
+    cache = ImageFeatureCache(str(out))
+    assert cache.paths == images[:2]
+    assert np.array_equal(np.asarray(cache.lookup(images[:2])[0]), old_cls.astype(np.float32))
+    # a complete write then does replace it
+    write_image_cache(str(out), images, upstream, identity, batch_size=2)
+    assert ImageFeatureCache(str(out)).paths == images
+    assert sorted(os.listdir(tmp_path)) == ["cache", "images"]
+
+
+def test_unreadable_image_is_named_and_nothing_is_written(upstream, identity, images, tmp_path):
+    with open(images[2], "wb") as f:
+        f.write(b"not an image")
+    with pytest.raises(ImageCacheError, match=f"{images[2]}: cannot read image"):
+        write_image_cache(str(tmp_path / "cache"), images, upstream, identity, batch_size=2)
+    assert sorted(os.listdir(tmp_path)) == ["images"]
+
+
+def _loss_and_grads(model, sample):
+    model.train()
+    crit = criterion()
+    crit.set_update_num(3)
+    loss, _, _ = crit(model, sample)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params)
+    return loss.detach(), grads
+
+
+def test_training_on_cached_features_matches_training_on_pixels(tiny_encoders, identity, tmp_path):
+    model = build_model(tiny_encoders)  # frozen image encoder, speech_encoder_dropout=0
+    images = _write_images(tmp_path / "images", 4, seed=1)
+    write_image_cache(str(tmp_path / "cache"), images, model.image_encoder, identity, batch_size=3)
+    cache = ImageFeatureCache(str(tmp_path / "cache"))
+
+    batch = make_batch([0, 0, 1, 2, 3, 3, 1])
+    unique = [images[i] for i in range(4)]
+    pixel_batch = dict(batch, net_input=dict(batch["net_input"]))
+    pixel_batch["net_input"]["images"] = torch.stack(
+        [model.image_encoder.preprocess(Image.open(p).convert("RGB")) for p in unique]
+    )
+    cached_batch = dict(batch, net_input=dict(batch["net_input"]))
+    del cached_batch["net_input"]["images"]
+    cls, patches = cache.lookup(unique)
+    cached_batch["net_input"].update(image_cls=cls, image_patches=patches)
+
+    loss_pixels, grads_pixels = _loss_and_grads(model, pixel_batch)
+    loss_cached, grads_cached = _loss_and_grads(model, cached_batch)
+    assert torch.isclose(loss_cached, loss_pixels, rtol=FP16_RTOL)
+    for g_cached, g_pixels in zip(grads_cached, grads_pixels):
+        assert _close(g_cached, g_pixels, rtol=1e-2)
+    # the comparison is sensitive: features of the wrong images give another loss
+    swapped = dict(cached_batch, net_input=dict(cached_batch["net_input"]))
+    cls, patches = cache.lookup(unique[::-1])
+    swapped["net_input"].update(image_cls=cls, image_patches=patches)
+    assert not torch.isclose(_loss_and_grads(model, swapped)[0], loss_pixels, rtol=1e-2)
+
+
+def _make_corpus(root, images):
+    """Manifests of two splits sharing one image; 2 captions per image."""
+    wav_dir = root / "wavs"
+    wav_dir.mkdir()
+    rng = np.random.default_rng(0)
+    image_root = os.path.dirname(images[0])
+    for split, chosen in (("train", images[:3]), ("valid", images[2:4])):
+        audio, sizes, rels = [], [], []
+        for i, path in enumerate(chosen):
+            for c in range(2):
+                n = 8000 + 800 * (i + c)
+                name = f"{split}_{i}_{c}.wav"
+                sf.write(wav_dir / name, (rng.standard_normal(n) * 0.1).astype("float32"), 16000)
+                audio.append(name)
+                sizes.append(n)
+                rels.append(os.path.basename(path))
+        write_manifest(str(root / "manifests"), split, SpeechImageManifest(str(wav_dir), audio, sizes, image_root, rels))
+    return str(root / "manifests")
+
+
+def test_cli_caches_the_union_of_splits_from_another_directory(tiny_encoders, upstream, images, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    data = _make_corpus(tmp_path, images)
+    spec = importlib.util.spec_from_file_location("cache_image_features", os.path.join(REPO, "examples", "cache_image_features.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    enc = tiny_encoders
+    rc = script.main([
+        "--manifest-dir", os.path.relpath(data, elsewhere), "--splits", "train", "valid",
+        "--image-model", enc["image_model"], "--image-pretrained", enc["image_pretrained"],
+        "--image-model-config", enc["image_model_config"], "--out", "cache", "--batch-size", "2", "--no-progress",
+    ])
+    assert rc == 0
+    summary = capsys.readouterr().out
+    assert "cached 4 images of train, valid" in summary and "MiB" in summary and "images/s" in summary
+    cache = ImageFeatureCache(str(elsewhere / "cache"))
+    assert cache.paths == images[:4]  # union, each image once, in order of first appearance
+    assert _close(cache.lookup(images[:4])[1], _encode(upstream, images[:4])[1])
+
+    rc = script.main([
+        "--manifest-dir", data, "--splits", "train", "--image-model", enc["image_model"],
+        "--image-pretrained", str(tmp_path / "missing.bin"), "--out", "cache",
+    ])
+    assert rc == 1 and "missing.bin" in capsys.readouterr().err
+
+
+def test_task_batches_carry_cached_features_and_refuse_a_trainable_encoder(tiny_encoders, upstream, identity, images, tmp_path):
+    from omegaconf import OmegaConf
+
+    from cmd_plugin.models.cmd_speech_image import CmdSpeechImageConfig
+    from cmd_plugin.tasks.speech_image import SpeechImageConfig, SpeechImageTask
+
+    enc = tiny_encoders
+    data = _make_corpus(tmp_path, images)
+    write_image_cache(str(tmp_path / "cache"), images[:4], upstream, identity)
+
+    def task_config(**overrides):
+        fields = dict(
+            data=data, image_model=enc["image_model"], image_model_config=enc["image_model_config"],
+            image_pretrained=enc["image_pretrained"], image_feature_cache=str(tmp_path / "cache"),
+        )
+        fields.update(overrides)
+        return SpeechImageConfig(**fields)
+
+    task = SpeechImageTask.setup_task(task_config())
+    task.load_dataset("train")
+    task.load_dataset("valid")
+    train, valid = task.datasets["train"], task.datasets["valid"]
+    assert train.images.cache is valid.images.cache  # opened once per task
+    batch = train.collater([train[i] for i in range(len(train))])
+    net_input = batch["net_input"]
+    assert "images" not in net_input
+    cls, patches = train.images.cache.lookup(images[:3])
+    assert torch.equal(net_input["image_cls"], cls) and torch.equal(net_input["image_patches"], patches)
+    assert net_input["image_index"].tolist() == [0, 0, 1, 1, 2, 2]
+
+    model_cfg = OmegaConf.structured(CmdSpeechImageConfig(
+        hubert_path=enc["hubert_path"], image_model=enc["image_model"],
+        image_pretrained=enc["image_pretrained"], image_model_config=enc["image_model_config"],
+    ))
+    model_cfg._name = "cmd_speech_image"
+    model = task.build_model(model_cfg)
+    out = model(**net_input)
+    assert out["image"].shape == (6, 32) and out["patches"].shape == (6, 16, 32)
+    model_cfg.freeze_image_encoder = False
+    with pytest.raises(ImageCacheError, match="freeze_image_encoder=true"):
+        task.build_model(model_cfg)
+
+    # a task whose encoder has other weights refuses the cache before reading any batch
+    _, _, other_weights = make_tiny_clip(str(tmp_path / "other_clip"), seed=1)
+    other = SpeechImageTask.setup_task(task_config(image_pretrained=other_weights))
+    with pytest.raises(ImageCacheError, match="weights checksum"):
+        other.load_dataset("train")

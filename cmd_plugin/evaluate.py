@@ -102,8 +102,11 @@ def build_arg_overrides(
     """Overrides for ``load_model_ensemble_and_task``. fairseq's ``overwrite_args_by_name``
     applies each one to EVERY config key of that name, in every group, and only where the key
     exists: ``image_model_config`` thus re-points ``model.`` and ``task.image_model_config``
-    together, ``data`` re-points ``task.data``. Paths are made absolute."""
-    overrides = {}
+    together, ``data`` re-points ``task.data``. Paths are made absolute. ``task.image_feature_cache``
+    is always cleared."""
+    # scoring encodes pixels with the model itself: a training-time feature cache may not hold
+    # the scored images (a key absent from an older checkpoint's config is left alone)
+    overrides = {"image_feature_cache": ""}
     for key, value in (
         ("data", data),
         ("hubert_path", hubert_path),

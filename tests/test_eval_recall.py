@@ -95,6 +95,8 @@ def setup(tiny_encoders, tmp_path_factory):
                 "_name": "speech_image", "data": str(root / "training_manifests"),
                 "image_model": tiny_encoders["image_model"],
                 "image_model_config": tiny_encoders["image_model_config"],
+                "image_pretrained": tiny_encoders["image_pretrained"],
+                "image_feature_cache": str(root / "training_image_cache"),  # gone: scoring encodes pixels
                 "sample_rate": 16000, "min_sample_size": 1600, "max_sample_size": 480000,
                 "num_length_buckets": 0,
             },

@@ -110,29 +110,26 @@ def test_hubert_upstream_attributes_and_eval_mode(hubert_path):
 def test_hubert_states_equal_fairseq_extract_features_per_layer(hubert_path):
     upstream = HubertUpstream(hubert_path)
     model = upstream.model
-    lengths = [16000, 10500]
+    lengths = [16000, 10500, 4000]
     wavs, source, padding_mask = _padded_batch(lengths)
 
     states, frame_mask = upstream(source, padding_mask)
+    assert frame_mask.shape == states.shape[1:3]
+    assert not frame_mask[0].any() and frame_mask[1].any() and frame_mask[2].any()
 
-    # what fairseq's audio dataset feeds HuBERT with normalize=True: each unpadded
-    # waveform layer-normed, then zero-padded
-    reference_source = torch.zeros_like(source)
-    for i, wav in enumerate(wavs):
-        reference_source[i, : len(wav)] = F.layer_norm(wav, wav.shape)
     with torch.no_grad():
-        for k in range(1, TINY_HUBERT_LAYERS + 1):
-            expected, expected_mask = model.extract_features(
-                reference_source, padding_mask=padding_mask, mask=False, output_layer=k
-            )
-            torch.testing.assert_close(states[k], expected, atol=ATOL, rtol=1e-4)
-            assert torch.equal(frame_mask, expected_mask)
-        conv = model(reference_source, padding_mask=padding_mask, mask=False, features_only=True)
-        torch.testing.assert_close(states[0], conv["features"], atol=ATOL, rtol=1e-4)
-        assert frame_mask.shape == states.shape[1:3]
-        assert frame_mask[1].any() and not frame_mask[0].any()
+        for i, wav in enumerate(wavs):
+            # what fairseq's audio dataset feeds HuBERT with normalize=True: the waveform layer-normed
+            normed = F.layer_norm(wav, wav.shape)[None]
+            n = int((~frame_mask[i]).sum())
+            for k in range(1, TINY_HUBERT_LAYERS + 1):
+                expected, _ = model.extract_features(normed, mask=False, output_layer=k)
+                assert expected.size(1) == n, "frame count differs from the utterance alone"
+                torch.testing.assert_close(states[k, i, :n], expected[0], atol=ATOL, rtol=1e-4)
+            conv = model(normed, mask=False, features_only=True)
+            torch.testing.assert_close(states[0, i, :n], conv["features"][0], atol=ATOL, rtol=1e-4)
 
-        # the unpadded utterance alone gives the same states as in the batch
+        # the unpadded utterance alone gives the same states as in the batch, with no mask
         alone, alone_mask = upstream(wavs[0][None])
         assert alone_mask is None
         torch.testing.assert_close(alone[:, 0], states[:, 0], atol=ATOL, rtol=1e-4)
@@ -145,16 +142,15 @@ def test_hubert_states_equal_fairseq_extract_features_per_layer(hubert_path):
 def test_hubert_without_normalize_feeds_the_raw_waveform(hubert_raw_path):
     upstream = HubertUpstream(hubert_raw_path)
     assert upstream.normalize is False
-    _, source, padding_mask = _padded_batch([12000, 16000], seed=3)
+    wavs, source, padding_mask = _padded_batch([12000, 16000], seed=3)
     source = source.masked_fill(padding_mask, 0.0)  # what a collater gives
     states, frame_mask = upstream(source, padding_mask)
     with torch.no_grad():
-        for k in range(1, TINY_HUBERT_LAYERS + 1):
-            expected, expected_mask = upstream.model.extract_features(
-                source, padding_mask=padding_mask, mask=False, output_layer=k
-            )
-            torch.testing.assert_close(states[k], expected, atol=ATOL, rtol=1e-4)
-            assert torch.equal(frame_mask, expected_mask)
+        for i, wav in enumerate(wavs):
+            n = int((~frame_mask[i]).sum())
+            for k in range(1, TINY_HUBERT_LAYERS + 1):
+                expected, _ = upstream.model.extract_features(wav[None], mask=False, output_layer=k)
+                torch.testing.assert_close(states[k, i, :n], expected[0], atol=ATOL, rtol=1e-4)
 
 
 def test_hubert_upstream_rejects_bad_checkpoints(hubert_path, tmp_path):

@@ -157,6 +157,25 @@ class HubertUpstream(nn.Module):
             self.model.eval()
         return self
 
+    def frame_lengths(self, num_samples: torch.Tensor) -> torch.Tensor:
+        """(B,) unpadded sample counts -> (B,) frame counts the conv stack gives each utterance."""
+        frames = num_samples
+        for block in self.model.feature_extractor.conv_layers:
+            conv = next(mod for mod in block if isinstance(mod, nn.Conv1d))
+            frames = torch.div(frames - conv.kernel_size[0], conv.stride[0], rounding_mode="floor") + 1
+        return frames.clamp(min=0)
+
+    def frame_padding_mask(self, padding_mask: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """(B, T) sample padding -> (B, T') frame padding from each utterance's exact frame count.
+
+        fairseq's ``forward_padding_mask`` cuts the samples into T' equal chunks and keeps a frame
+        unless all its samples are padding, so an utterance's states would change with the padding
+        of its batch; exact lengths make embeddings independent of batching.
+        """
+        frames = self.frame_lengths((~padding_mask).sum(dim=1))
+        positions = torch.arange(num_frames, device=padding_mask.device)
+        return positions[None, :] >= frames[:, None]
+
     def forward(
         self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -164,8 +183,9 @@ class HubertUpstream(nn.Module):
 
         Returns (states (num_states, B, T', D), frame_padding_mask (B, T') bool or None).
         states[0] is the CNN output after layer_norm and post_extract_proj; states[k], k >= 1,
-        equals model.extract_features(source, padding_mask, mask=False, output_layer=k)[0]
-        (no final encoder LayerNorm, as in fairseq with output_layer set).
+        equals model.extract_features(source, mask=False, output_layer=k)[0] of each utterance
+        alone (no final encoder LayerNorm, as in fairseq with output_layer set); frames past an
+        utterance's own length are padding (see frame_padding_mask).
         """
         if source.dim() != 2:
             raise ValueError(f"source must be (B, T), got {tuple(source.shape)}")
@@ -186,7 +206,7 @@ class HubertUpstream(nn.Module):
             features = m.layer_norm(features)
             frame_padding_mask = None
             if padding_mask is not None:
-                frame_padding_mask = m.forward_padding_mask(features, padding_mask)
+                frame_padding_mask = self.frame_padding_mask(padding_mask, features.size(1))
             if m.post_extract_proj is not None:
                 features = m.post_extract_proj(features)
             features = m.dropout_input(features)

@@ -34,5 +34,5 @@ setup(
         "tqdm",
         "pillow",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "pyyaml"]},
 )

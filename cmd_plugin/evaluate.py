@@ -98,15 +98,15 @@ def build_arg_overrides(
     hubert_path: Optional[str] = None,
     image_pretrained: Optional[str] = None,
     image_model_config: Optional[str] = None,
+    image_feature_cache: str = "",
 ) -> Dict[str, Any]:
     """Overrides for ``load_model_ensemble_and_task``. fairseq's ``overwrite_args_by_name``
     applies each one to EVERY config key of that name, in every group, and only where the key
     exists: ``image_model_config`` thus re-points ``model.`` and ``task.image_model_config``
     together, ``data`` re-points ``task.data``. Paths are made absolute. ``task.image_feature_cache``
-    is always cleared."""
-    # scoring encodes pixels with the model itself: a training-time feature cache may not hold
-    # the scored images (a key absent from an older checkpoint's config is left alone)
-    overrides = {"image_feature_cache": ""}
+    is replaced by ``image_feature_cache`` ("" = encode pixels): a training-time cache may not
+    hold the scored images, so scoring uses a cache only when asked to."""
+    overrides = {"image_feature_cache": os.path.abspath(image_feature_cache) if image_feature_cache else ""}
     for key, value in (
         ("data", data),
         ("hubert_path", hubert_path),
@@ -124,6 +124,7 @@ def load_cmd_checkpoint(
     hubert_path: Optional[str] = None,
     image_pretrained: Optional[str] = None,
     image_model_config: Optional[str] = None,
+    image_feature_cache: str = "",
 ):
     """Load a trained ``cmd_speech_image`` checkpoint -> (model in eval mode on CPU, task).
 
@@ -142,7 +143,7 @@ def load_cmd_checkpoint(
     # fairseq refuses a second package called cmd_plugin; the imports above register everything.
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    overrides = build_arg_overrides(data, hubert_path, image_pretrained, image_model_config)
+    overrides = build_arg_overrides(data, hubert_path, image_pretrained, image_model_config, image_feature_cache)
     state = _load_checkpoint_state(checkpoint, overrides)
     cfg = state.get("cfg")
     if cfg is None or "model" not in state:
@@ -193,7 +194,8 @@ class SplitEmbeddings:
 
 
 class _ImageBatches(torch.utils.data.Dataset):
-    """Batches of distinct images (relative paths) -> pixels via the task's image reader."""
+    """Batches of distinct images (relative paths) -> the task's image reader's output: pixels
+    ``images``, or cached ``image_cls`` / ``image_patches`` (task.image_feature_cache)."""
 
     def __init__(self, paths: List[str], batch_size: int, read):
         self.batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
@@ -203,7 +205,7 @@ class _ImageBatches(torch.utils.data.Dataset):
         return len(self.batches)
 
     def __getitem__(self, i):
-        return self.read(self.batches[i])["images"]
+        return self.read(self.batches[i])
 
 
 def _no_pixels(relative_paths):
@@ -273,9 +275,12 @@ def encode_split(
         batch_size=None, num_workers=num_workers,
     )
     image_chunks = []
-    for pixels in tqdm(images_loader, desc=f"{split}: images", unit="batch", disable=not progress):
-        with _autocast(dev, fp16):
-            image_cls, _ = model.encode_image(pixels.to(dev))
+    for read in tqdm(images_loader, desc=f"{split}: images", unit="batch", disable=not progress):
+        if "images" in read:
+            with _autocast(dev, fp16):
+                image_cls, _ = model.encode_image(read["images"].to(dev))
+        else:  # cached outputs of the same (checked) frozen encoder
+            image_cls = torch.nn.functional.normalize(read["image_cls"].float(), dim=-1)
         image_chunks.append(image_cls.float().cpu())
     images = torch.cat(image_chunks)
 

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hubert-path", help="new location of the HuBERT checkpoint named by the checkpoint")
     parser.add_argument("--image-pretrained", help="new location of the image encoder weights")
     parser.add_argument("--image-model-config", help="new location of the open_clip model JSON")
+    parser.add_argument("--image-feature-cache", default="",
+                        help="directory from examples/cache_image_features.py holding the scored images "
+                             "(checked against the checkpoint's image encoder); default: encode pixels")
     parser.add_argument("--batch-size", type=int, default=32, help="utterances / images per batch (default: 32)")
     parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default: 0)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
@@ -90,6 +93,7 @@ def run(args) -> dict:
         model, task = load_cmd_checkpoint(
             checkpoint, data=data, hubert_path=args.hubert_path,
             image_pretrained=args.image_pretrained, image_model_config=args.image_model_config,
+            image_feature_cache=args.image_feature_cache,
         )
         emb = encode_split(
             model, task, split, batch_size=args.batch_size, device=args.device, fp16=args.fp16,

@@ -25,8 +25,8 @@ KEYS = [f"{d}_r{k}" for d in ("s2i", "i2s", "mean") for k in (1, 5, 10)]
 NUM_IMAGES, CAPTIONS = 6, 2
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("eval_recall_script", SCRIPT)
+def _load_script(path=SCRIPT, name="eval_recall_script"):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -241,3 +241,30 @@ def test_cli_runs_from_another_directory_and_documents_the_tie_rule(setup, tmp_p
     assert proc.returncode == 0, proc.stderr
     assert "Image→Speech" in proc.stdout
     assert json.loads((tmp_path / "r.json").read_text())["counts"]["num_images"] == NUM_IMAGES
+
+
+def test_scoring_from_an_image_feature_cache_matches_pixels(setup, tiny_encoders, capsys, tmp_path):
+    cache_image_features = _load_script(os.path.join(REPO, "examples", "cache_image_features.py"), "cache_script")
+    cache_dir = tmp_path / "cache"
+    assert cache_image_features.main([
+        "--manifest-dir", setup["manifests"], "--splits", "test", "--image-model", tiny_encoders["image_model"],
+        "--image-pretrained", tiny_encoders["image_pretrained"], "--image-model-config",
+        tiny_encoders["image_model_config"], "--out", str(cache_dir), "--no-progress",
+    ]) == 0
+    emb_path = tmp_path / "emb_cached.pt"
+    assert _run(setup, "--hubert-path", setup["new_hubert"], "--image-feature-cache", str(cache_dir),
+                "--save-embeddings", str(emb_path)) == 0
+    saved = torch.load(emb_path, weights_only=True)
+    # fp16 storage of the encoder's own outputs: close to the pixel path, never equal by accident
+    assert torch.allclose(saved["images"], setup["images"], atol=2e-3)
+    assert torch.allclose(saved["speech"], setup["speech"], atol=1e-4)
+    # a cache that lacks the scored split's images is an error naming the image
+    other = tmp_path / "other_manifests"
+    shutil.copytree(setup["manifests"], other)
+    img = other / "test.img"
+    lines = img.read_text().splitlines()
+    img.write_text("\n".join([lines[0]] + ["missing_" + line for line in lines[1:]]) + "\n")
+    err = _error(capsys, ["--checkpoint", setup["checkpoint"], "--data", str(other), "--split", "test",
+                          "--hubert-path", setup["new_hubert"], "--image-feature-cache", str(cache_dir),
+                          "--no-progress"])
+    assert "missing_" in err and "not in image feature cache" in err

@@ -4,6 +4,9 @@ Reads splits written in the format of ``manifests/README.md``. Validation gather
 embeddings of the WHOLE split (from every worker, through fairseq's logging outputs) and logs
 recall: ``s2i_r{1,5,10}``, ``i2s_r{1,5,10}`` and ``mean_r{1,5,10}`` (x100), so that
 ``checkpoint.best_checkpoint_metric=mean_r1`` can select checkpoints.
+
+With ``image_feature_cache`` set (``examples/cache_image_features.py``), batches carry the frozen
+image encoder's cached outputs (``image_cls``, ``image_patches``) instead of pixels.
 """
 
 import logging

@@ -18,6 +18,9 @@ then dropped, as fairseq's zero_grad does), the peak-RSS mark is reset to the cu
 (/proc/self/clear_refs, see benchmarks/common.py), and the measured call follows. Reported:
 RSS before the call ("baseline": interpreter + weights + warm caches), ru_maxrss after it
 (absolute peak), and the increment = peak - baseline. ``--no-warmup`` measures the first call.
+Subprocesses run with MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ = 128 KiB so that freed
+memory leaves RSS (glibc otherwise keeps it: a warm-up's freed blocks then sit in the baseline
+and the measured call reuses them); ``--keep-malloc`` turns that off.
 
 Usage:
   python benchmarks/bench_memory.py                  # batch 2 x 5 s audio + 2 images 224 px
@@ -292,7 +295,15 @@ def spawn(args, measure, hubert_path):
             "--image-size", str(args.image_size)]
     if args.no_warmup:
         argv.append("--no-warmup")
-    return run_json_subprocess(argv)
+    env = dict(os.environ)
+    if not args.keep_malloc:
+        # A fixed mmap threshold makes glibc return every freed block >= 128 KiB to the OS at
+        # once (the default threshold grows to 32 MiB after the first frees, and freed heap
+        # memory then stays resident): RSS then follows the live tensors, and the baseline
+        # after a warm-up does not hide a measure's own working memory in retained heap.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+        env.setdefault("MALLOC_TRIM_THRESHOLD_", str(128 * 1024))
+    return run_json_subprocess(argv, env=env)
 
 
 def frames(num_samples):
@@ -312,6 +323,8 @@ def main():
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--no-warmup", action="store_true")
     parser.add_argument("--skip-params", action="store_true")
+    parser.add_argument("--keep-malloc", action="store_true",
+                        help="leave glibc's malloc defaults (freed memory may stay resident)")
     args = parser.parse_args()
 
     if args.measure:
@@ -350,7 +363,8 @@ def main():
         t = frames(int(args.seconds * SAMPLE_RATE))
         stacked = 25 * args.batch_size * t * 1024 * 4
         print(f"\n== memory: batch {args.batch_size} x {args.seconds:g} s audio + {args.batch_size} images "
-              f"{args.image_size} px, {step['threads']} threads, warm-up {'off' if args.no_warmup else 'on'} ==")
+              f"{args.image_size} px, {step['threads']} threads, warm-up {'off' if args.no_warmup else 'on'}, "
+              f"malloc {'defaults' if args.keep_malloc else 'mmap/trim threshold 128 KiB'} ==")
         print(f"  RSS after imports (torch, fairseq, open_clip): {gb(fwd['rss_after_imports'])}; "
               f"after building the model: {gb(fwd['rss_after_build'])} (fp32 weights: 2.54 GB)")
         for r, label in ((fwd, "no-grad forward, frozen encoders only"), (step, "training step (fwd+bwd, cmd all)")):

@@ -99,6 +99,12 @@ class SpeechImageDataset(RawAudioDataset):
             )
         return {"id": index, "source": torch.from_numpy(wav[:, 0]), "image_id": int(self.image_ids[index])}
 
+    @property
+    def can_reuse_epoch_itr_across_epochs(self):
+        # fairseq would otherwise order and batch a training split once, and every epoch would
+        # see the same batches: each utterance the same negatives for the whole training
+        return not self.shuffle
+
     def ordered_indices(self):
         if not self.shuffle:
             return np.arange(len(self))

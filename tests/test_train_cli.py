@@ -4,6 +4,7 @@ the tiny config trains, validates on the whole split, checkpoints and resumes.""
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -134,3 +135,34 @@ def test_literal_command_trains_validates_checkpoints_and_resumes(tiny_encoders,
     assert len(_losses(proc.stdout)) == 4
     state = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert state["optimizer_history"][-1]["num_updates"] == 16
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_workers_train_and_validate_the_whole_split(tiny_encoders, tmp_path):
+    """fairseq's own data-parallel path on CPU: summable logs, whole-split recall from both workers."""
+    data = make_corpus(tmp_path, {"train": (8, 2), "valid": (4, 2)})
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node=2", f"--master-port={_free_port()}", TRAIN,
+         "--config-dir", os.path.join(REPO, "examples", "tiny"), "task._name=speech_image", f"task.data={data}",
+         f"model.hubert_path={tiny_encoders['hubert_path']}", f"model.image_model={tiny_encoders['image_model']}",
+         f"model.image_model_config={tiny_encoders['image_model_config']}",
+         f"model.image_pretrained={tiny_encoders['image_pretrained']}", f"checkpoint.save_dir={tmp_path / 'ckpt'}",
+         "optimization.max_update=3", "dataset.batch_size=3", "common.log_interval=1",
+         "distributed_training.distributed_world_size=2", "distributed_training.distributed_backend=gloo",
+         "distributed_training.ddp_backend=legacy_ddp", "distributed_training.distributed_init_method=env://",
+         "distributed_training.distributed_no_spawn=true", "distributed_training.distributed_rank=${oc.env:RANK}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    # global batch of 2 workers x 3 utterances, and recall over all 8 valid utterances
+    assert re.search(r"\[train_inner\].* bsz=6,", out)
+    assert "whole-split recall on 8 utterances x 4 images" in out
+    assert (tmp_path / "ckpt" / "checkpoint_last.pt").is_file()

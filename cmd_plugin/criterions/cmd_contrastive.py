@@ -8,8 +8,12 @@
 
 Losses are sums over the global batch; ``sample_size`` is the local batch size, so fairseq's
 (sum of worker gradients) / (total sample size) is the gradient of the global mean loss.
+Logged values are this worker's share, so that fairseq sums them across workers (fast stat
+sync, on CPU gloo too). At validation the (global) embeddings are left in ``last_embeddings``
+for the task's whole-split retrieval.
 """
 
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +27,11 @@ from torch.func import functional_call
 from ..distributed import data_parallel_group_and_size, gather_with_local_grad, replicated_param
 from ..losses import in_batch_accuracy, symmetric_infonce
 from ..noise import apply_patch_noise, draw_patch_noise
+
+
+def split_code(split: str) -> int:
+    """A split name as an integer that can travel in a tensor collective."""
+    return zlib.crc32(split.encode("utf-8"))
 
 
 @dataclass
@@ -48,6 +57,7 @@ class CmdContrastiveCriterion(FairseqCriterion):
         super().__init__(task)
         self.cfg = cfg
         self.update_num = 0
+        self.last_embeddings = None
 
     def set_update_num(self, update_num: int) -> None:
         """The noise of update u is drawn from seed (noise_seed, u): equal on every worker."""
@@ -60,8 +70,13 @@ class CmdContrastiveCriterion(FairseqCriterion):
         local_bsz = speech.size(0)
 
         group, world = data_parallel_group_and_size() if self.cfg.global_batch_negatives else (None, 1)
+        sample_ids = sample["id"].to(speech.device)
+        # which split each item is from: under uneven shards a worker may run fairseq's dummy batch
+        split_codes = torch.full_like(sample_ids, split_code(sample["split"]))
         if world > 1:
-            speech, image, image_ids = (gather_with_local_grad(t, group) for t in (speech, image, image_ids))
+            speech, image, image_ids, sample_ids, split_codes = (
+                gather_with_local_grad(t, group) for t in (speech, image, image_ids, sample_ids, split_codes)
+            )
             if self.cfg.cmd_weight > 0 and model.training:
                 patches = gather_with_local_grad(patches, group)
         global_bsz = speech.size(0)
@@ -88,7 +103,7 @@ class CmdContrastiveCriterion(FairseqCriterion):
                 "sic_i2s_loss": sic_i2s.item() * share,
                 "s2i_correct": in_batch_accuracy(scores, image_ids, image_ids) * share,
                 "i2s_correct": in_batch_accuracy(scores.t(), image_ids, image_ids) * share,
-                "temperature": 1.0 / logit_scale.item(),
+                "temperature": 1.0 / logit_scale.item() * local_bsz,
                 "ntokens": sample["ntokens"],
                 "padded_samples": int(sample["net_input"]["padding_mask"].sum()),
                 "nsentences": local_bsz,
@@ -98,14 +113,15 @@ class CmdContrastiveCriterion(FairseqCriterion):
         if "cmd_loss" in logging_output:
             logging_output["cmd_loss"] *= share
             logging_output["cmd_correct"] *= share
+        self.last_embeddings = None
         if not model.training:
-            # validation retrieval runs on the whole split: hand the embeddings to the task
-            logging_output["_embeddings"] = {
-                "split": sample["split"],
-                "ids": sample["id"].cpu(),
-                "image_ids": sample["image_ids"].cpu(),
-                "speech": out["speech"].detach().half().cpu(),
-                "image": out["image"].detach().half().cpu(),
+            # validation retrieval runs on the whole split: the task collects these
+            self.last_embeddings = {
+                "split_codes": split_codes.cpu(),
+                "ids": sample_ids.cpu(),
+                "image_ids": image_ids.cpu(),
+                "speech": speech.detach().half().cpu(),
+                "image": image.detach().half().cpu(),
             }
         return loss, local_bsz, logging_output
 
@@ -141,10 +157,11 @@ class CmdContrastiveCriterion(FairseqCriterion):
         if padded + real > 0:
             # share of the audio batch that is padding: what length-ordered batching saves
             metrics.log_scalar("pad_pct", 100.0 * padded / (padded + real), padded + real, round=2)
-        temps = [log["temperature"] for log in logging_outputs if "temperature" in log]
-        metrics.log_scalar("temperature", sum(temps) / len(temps), 0, round=4)
+        # logged as temperature x local batch size: summable over workers
+        temperature = sum(log.get("temperature", 0) for log in logging_outputs) / total
+        metrics.log_scalar("temperature", temperature, 0, round=4)
         metrics.log_scalar("nsentences", sum(log.get("nsentences", 0) for log in logging_outputs), round=0)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
-        return False
+        return True

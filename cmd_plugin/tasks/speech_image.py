@@ -1,7 +1,7 @@
 """Task ``speech_image``: spoken captions paired with images, scored by retrieval.
 
-Reads splits written in the format of ``manifests/README.md``. Validation gathers the
-embeddings of the WHOLE split (from every worker, through fairseq's logging outputs) and logs
+Reads splits written in the format of ``manifests/README.md``. Validation collects the
+embeddings of the WHOLE split (the criterion gathers them from every worker) and logs
 recall: ``s2i_r{1,5,10}``, ``i2s_r{1,5,10}`` and ``mean_r{1,5,10}`` (x100), so that
 ``checkpoint.best_checkpoint_metric=mean_r1`` can select checkpoints.
 
@@ -24,6 +24,7 @@ from omegaconf import II, MISSING
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
 from ..data.image_cache import CachedImages, ImageCacheError, ImageFeatureCache, encoder_identity
+from ..criterions.cmd_contrastive import split_code
 from ..data.manifest import ManifestError, read_manifest
 from ..data.speech_image_dataset import PixelImages, SpeechImageDataset
 from ..recall import retrieval_recall
@@ -166,20 +167,23 @@ class SpeechImageTask(FairseqTask):
         self._valid_embeddings.clear()
         self._valid_recall.clear()
 
-    def reduce_metrics(self, logging_outputs, criterion):
-        super().reduce_metrics(logging_outputs, criterion)
-        splits = set()
-        for log in logging_outputs:
-            emb = log.get("_embeddings")
-            if emb is None:
-                continue
-            store = self._valid_embeddings.setdefault(emb["split"], {})
-            for i, sample_id in enumerate(emb["ids"].tolist()):
-                store[sample_id] = (int(emb["image_ids"][i]), emb["speech"][i], emb["image"][i])
-            splits.add(emb["split"])
-        for split in splits:
+    def valid_step(self, sample, model, criterion):
+        loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+        emb = getattr(criterion, "last_embeddings", None)
+        if emb is None:
+            return loss, sample_size, logging_output
+        # items are filed by their own split: a worker may have run fairseq's dummy batch (a
+        # training batch) while the others scored the valid split; only unshuffled splits count
+        scored = {split_code(name): name for name, ds in self.datasets.items()
+                  if isinstance(ds, SpeechImageDataset) and not ds.shuffle}
+        for split in {scored[c] for c in emb["split_codes"].tolist() if c in scored}:
+            store = self._valid_embeddings.setdefault(split, {})
+            for i in (emb["split_codes"] == split_code(split)).nonzero()[:, 0].tolist():
+                store[int(emb["ids"][i])] = (int(emb["image_ids"][i]), emb["speech"][i], emb["image"][i])
+            # evaluated when validation's aggregator is read, i.e. after the whole split
             for key in RECALL_KEYS:
                 metrics.log_derived(key, lambda meters, s=split, k=key: self._split_recall(s).get(k, math.nan))
+        return loss, sample_size, logging_output
 
     def _split_recall(self, split: str) -> Dict[str, float]:
         """Recall on the whole split once all its utterances were seen; {} before that."""

@@ -15,8 +15,9 @@ TINY_HUBERT_LAYERS = 3
 TINY_HUBERT_DIM = 64
 TINY_CLIP_MODEL_NAME = "cmd-tiny-ViT-16"
 
-# Same 320x downsampling as HuBERT (16 kHz -> 50 Hz frames), with few channels.
-_TINY_CONV_LAYERS = "[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2"
+# Same 320x downsampling as HuBERT (16 kHz -> 50 Hz frames), with few channels (16: the conv
+# front-end on raw audio is a large share of a CPU training step).
+_TINY_CONV_LAYERS = "[(16, 10, 5)] + [(16, 3, 2)] * 4 + [(16, 2, 2)] * 2"
 
 
 def _atomic_torch_save(obj, path: str) -> None:
@@ -170,23 +171,25 @@ def _write_hubert_checkpoint(
 def make_tiny_hubert(path: str, seed: int = 0, normalize: bool = True) -> str:
     """Write a tiny HuBERT checkpoint in the layout of hubert_large_ll60k.pt; returns path.
 
-    Large's layout (layer_norm extractor, layer_norm_first) with 3 layers of width 64.
+    Large's layout (layer_norm extractor, layer_norm_first) with 3 layers of width 64, 2 heads and
+    no dropout or layer-drop (their random masks cost more than the tiny matmuls on a CPU).
     """
     model_kwargs = dict(
         extractor_mode="layer_norm",
         encoder_layers=TINY_HUBERT_LAYERS,
         encoder_embed_dim=TINY_HUBERT_DIM,
         encoder_ffn_embed_dim=128,
-        encoder_attention_heads=4,
+        encoder_attention_heads=2,
         final_dim=32,
         layer_norm_first=True,
         conv_feature_layers=_TINY_CONV_LAYERS,
         conv_bias=True,
         conv_pos=16,
         conv_pos_groups=4,
-        encoder_layerdrop=0.1,
-        dropout=0.1,
-        attention_dropout=0.1,
+        encoder_layerdrop=0.0,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
         feature_grad_mult=1.0,
         untie_final_proj=True,
     )

@@ -47,7 +47,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     sys.path.insert(0, REPO)
-    from cmd_plugin.recall import chance_recall, format_recall_rows
+    from cmd_plugin.recall import format_recall_rows
 
     work = os.path.abspath(args.work_dir)
     if args.fresh and os.path.isdir(work):
@@ -105,16 +105,16 @@ def main(argv=None):
         with open(result_json) as f:
             rows.append((label, json.load(f)))
 
-    first = rows[0][1]
-    num_images = int(first.get("num_images"))
-    captions = round(int(first.get("num_s2i_queries")) / num_images)
-    chance = chance_recall(num_images, captions)
+    record = rows[0][1]
+    chance = record["chance"]
+    counts = record["counts"]
     print()
-    print(f"Test split of the generated corpus: {first['num_s2i_queries']} utterances x {num_images} images")
-    print(format_recall_rows([(label, r) for label, r in rows] + [("chance", chance)]))
+    print(f"Test split of the generated corpus: {counts['num_utterances']} utterances x {counts['num_images']} images")
+    print(format_recall_rows([(label, r["recall"]) for label, r in rows] + [("chance", chance)]))
     print()
     for label, r in rows:
-        print(f"{label}: mean R@10 = {r['mean_r10']:.1f} = {r['mean_r10'] / chance['mean_r10']:.1f}x chance")
+        ratio = r["recall"]["mean_r10"] / chance["mean_r10"]
+        print(f"{label}: mean R@10 = {r['recall']['mean_r10']:.1f} = {ratio:.1f}x chance")
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {time.time() - t0:.0f}s")
 
 

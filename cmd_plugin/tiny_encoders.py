@@ -15,9 +15,11 @@ TINY_HUBERT_LAYERS = 3
 TINY_HUBERT_DIM = 64
 TINY_CLIP_MODEL_NAME = "cmd-tiny-ViT-16"
 
-# Same 320x downsampling as HuBERT (16 kHz -> 50 Hz frames), with few channels (16: the conv
-# front-end on raw audio is a large share of a CPU training step).
-_TINY_CONV_LAYERS = "[(16, 10, 5)] + [(16, 3, 2)] * 4 + [(16, 2, 2)] * 2"
+# Same 320x downsampling as HuBERT (16 kHz -> 50 Hz frames), in two layers: 25 ms windows with a
+# 10 ms hop, then pairs of windows. The first layer starts as a filterbank (see
+# _filterbank_init), so that a tiny random model still hears what was said.
+_TINY_CONV_LAYERS = "[(64, 400, 160)] + [(64, 2, 2)]"
+_TINY_FILTERS = 32  # cosine + sine filter per band: 64 channels
 
 
 def _atomic_torch_save(obj, path: str) -> None:
@@ -85,7 +87,8 @@ _HUBERT_RELEASE_CONFIGS = {
 
 
 def _write_hubert_checkpoint(
-    path: str, model_kwargs: dict, seed: int, normalize: bool, num_units: int, label_dir_prefix: str = "hubert_labels_"
+    path: str, model_kwargs: dict, seed: int, normalize: bool, num_units: int, label_dir_prefix: str = "hubert_labels_",
+    init_model=None,
 ) -> str:
     """Build a randomly initialised HubertModel with fairseq's own task and model classes from
     ``model_kwargs`` (HubertConfig fields) and save it in the layout of the released checkpoints:
@@ -93,7 +96,8 @@ def _write_hubert_checkpoint(
     {"args": None, "cfg": plain dict of the full fairseq config, "model": state dict,
      "task_state": {"dictionaries": [Dictionary]}, "optimizer_history": [...], "extra_state": {...}}
     The task's data/label_dir point at a temporary directory that is deleted afterwards, as the
-    released checkpoints point at the authors' cluster paths.
+    released checkpoints point at the authors' cluster paths. ``init_model(model)``, if given,
+    may set weights before saving.
     """
     from omegaconf import OmegaConf
 
@@ -147,6 +151,8 @@ def _write_hubert_checkpoint(
         task = tasks.setup_task(cfg.task)
         task.dictionaries  # the state factory reads dict.km.txt here
         model = task.build_model(cfg.model)
+        if init_model is not None:
+            init_model(model)
 
         state = {
             "args": None,
@@ -168,11 +174,51 @@ def _write_hubert_checkpoint(
     return path
 
 
+def _filterbank_init(model) -> None:
+    """Start the tiny feature extractor as a spectral front-end instead of random filters.
+
+    Layer 1 (kernel 400 = 25 ms, hop 10 ms): Hann-windowed cosine and sine filters at 32
+    mel-spaced frequencies (80 Hz - 7.6 kHz); after its LayerNorm and GELU (a rectifier), layer 2
+    adds the cosine and sine responses of each band over two hops, which approximates the band's
+    magnitude; its other 32 channels stay random. A random raw-waveform CNN of this size carries
+    almost no information about the words (a linear probe on its pooled output was at chance),
+    and cannot learn it within a CPU demo's few hundred updates.
+    """
+    import math
+
+    conv1 = model.feature_extractor.conv_layers[0][0]
+    conv2 = model.feature_extractor.conv_layers[1][0]
+    kernel = conv1.kernel_size[0]
+    t = torch.arange(kernel, dtype=torch.float64) / 16000.0
+    window = torch.hann_window(kernel, periodic=False, dtype=torch.float64)
+
+    def mel(f):
+        return 2595.0 * math.log10(1.0 + f / 700.0)
+
+    mels = torch.linspace(mel(80.0), mel(7600.0), _TINY_FILTERS, dtype=torch.float64)
+    freqs = 700.0 * (10 ** (mels / 2595.0) - 1.0)
+    with torch.no_grad():
+        filters = []
+        for f in freqs:
+            for wave in (torch.cos(2 * math.pi * f * t), torch.sin(2 * math.pi * f * t)):
+                w = window * wave
+                filters.append(w / w.norm())
+        conv1.weight.copy_(torch.stack(filters)[:, None, :].float())
+        if conv1.bias is not None:
+            conv1.bias.zero_()
+        for band in range(_TINY_FILTERS):
+            conv2.weight[band].zero_()
+            conv2.weight[band, 2 * band : 2 * band + 2, :] = 1.0
+        if conv2.bias is not None:
+            conv2.bias[:_TINY_FILTERS].zero_()
+
+
 def make_tiny_hubert(path: str, seed: int = 0, normalize: bool = True) -> str:
     """Write a tiny HuBERT checkpoint in the layout of hubert_large_ll60k.pt; returns path.
 
     Large's layout (layer_norm extractor, layer_norm_first) with 3 layers of width 64, 2 heads and
-    no dropout or layer-drop (their random masks cost more than the tiny matmuls on a CPU).
+    no dropout or layer-drop (their random masks cost more than the tiny matmuls on a CPU), and a
+    two-layer feature extractor that starts as a filterbank (``_filterbank_init``).
     """
     model_kwargs = dict(
         extractor_mode="layer_norm",
@@ -194,7 +240,8 @@ def make_tiny_hubert(path: str, seed: int = 0, normalize: bool = True) -> str:
         untie_final_proj=True,
     )
     return _write_hubert_checkpoint(
-        path, model_kwargs, seed=seed, normalize=normalize, num_units=20, label_dir_prefix="tiny_hubert_labels_"
+        path, model_kwargs, seed=seed, normalize=normalize, num_units=20, label_dir_prefix="tiny_hubert_labels_",
+        init_model=_filterbank_init,
     )
 
 

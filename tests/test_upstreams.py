@@ -274,3 +274,19 @@ def test_make_tiny_encoders_cli_writes_both_encoders(tmp_path, monkeypatch, caps
         model_config=printed["clip_model_config"],
     )
     assert clip.num_patches == 16
+
+
+def test_tiny_hubert_feature_extractor_starts_as_a_filterbank(hubert_path):
+    """A pure tone drives the band of its frequency: the tiny model hears spectral content."""
+    import math
+
+    upstream = HubertUpstream(hubert_path)
+    extractor = upstream.model.feature_extractor
+    t = torch.arange(16000) / 16000.0
+    peaks = []
+    with torch.no_grad():
+        for freq in (300.0, 1000.0, 3000.0):
+            tone = torch.sin(2 * math.pi * freq * t)[None]
+            bands = extractor(tone)[0, :32].mean(dim=-1)  # (32 bands,) averaged over frames
+            peaks.append(int(bands.argmax()))
+    assert peaks[0] < peaks[1] < peaks[2], peaks

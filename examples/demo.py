@@ -38,9 +38,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", default=os.path.join(REPO, "work_dirs", "demo"), help="where everything is written")
     parser.add_argument("--seed", type=int, default=1, help="corpus and training seed")
-    parser.add_argument("--num-train-images", type=int, default=400)
+    parser.add_argument("--num-train-images", type=int, default=1000)
     parser.add_argument("--num-valid-images", type=int, default=50)
     parser.add_argument("--num-test-images", type=int, default=200)
+    parser.add_argument("--num-speakers", type=int, default=8, help="espeak-ng voices of the corpus")
     parser.add_argument("--max-update", type=int, default=None, help="override the tiny config's max_update")
     parser.add_argument("--ablation", action="store_true", help="also train alpha = 0 (no CMD) and print both rows")
     parser.add_argument("--fresh", action="store_true", help="delete the work dir first")
@@ -72,7 +73,7 @@ def main(argv=None):
         timings["corpus"] = run([
             py, os.path.join(EXAMPLES, "generate_scene_corpus.py"), "--out-dir", corpus, "--seed", str(args.seed),
             "--num-train-images", str(args.num_train_images), "--num-valid-images", str(args.num_valid_images),
-            "--num-test-images", str(args.num_test_images),
+            "--num-test-images", str(args.num_test_images), "--num-speakers", str(args.num_speakers),
         ])
     manifests = os.path.join(work, "manifests")
     if not os.path.isfile(os.path.join(manifests, "test.tsv")):

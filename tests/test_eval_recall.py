@@ -230,9 +230,23 @@ def test_missing_checkpoint_and_foreign_checkpoint_are_clear_errors(setup, tiny_
     assert "embeddings file not found" in err and "missing_emb.pt" in err
 
 
-def test_cli_runs_from_another_directory_and_documents_the_tie_rule(setup, tmp_path):
+def test_cli_runs_from_another_directory_and_documents_the_tie_rule(setup, tiny_encoders, tmp_path):
+    # the checkpoint reloaded in a NEW process gives the trained model's own embeddings
     emb_path = tmp_path / "emb.pt"
-    assert _run(setup, "--hubert-path", setup["new_hubert"], "--save-embeddings", str(emb_path)) == 0
+    proc = subprocess.run([sys.executable, SCRIPT, "--checkpoint", setup["checkpoint"], "--data", setup["manifests"],
+                           "--split", "test", "--hubert-path", setup["new_hubert"], "--batch-size", "3",
+                           "--no-progress", "--save-embeddings", str(emb_path)],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = torch.load(emb_path, weights_only=True)
+    assert torch.allclose(saved["speech"], setup["speech"], atol=1e-4)
+    assert torch.allclose(saved["images"], setup["images"], atol=1e-5)
+    # and the checkpoint is small: trained weights only, the frozen upstreams come from their files
+    state = torch.load(setup["checkpoint"], map_location="cpu", weights_only=False)
+    assert not any(k.startswith(("hubert.", "image_encoder.")) for k in state["model"])
+    upstream_bytes = os.path.getsize(setup["new_hubert"]) + os.path.getsize(tiny_encoders["image_pretrained"])
+    assert os.path.getsize(setup["checkpoint"]) < upstream_bytes
+
     help_text = subprocess.run([sys.executable, SCRIPT, "--help"], cwd=tmp_path, capture_output=True,
                                text=True, check=True).stdout
     assert "tie" in help_text.lower() and "above" in help_text

@@ -263,7 +263,8 @@ def make_hubert_checkpoint(path: str, size: str = "large", seed: int = 0) -> str
 
 
 def tiny_clip_config() -> dict:
-    """open_clip model config of a tiny CLIP: 64 px images, 16 px patches -> 16 patch tokens."""
+    """open_clip model config of a tiny CLIP: 64 px images, 16 px patches -> 16 patch tokens, a
+    32-dim joint space, and a one-layer text tower on open_clip's default tokenizer."""
     return {
         "embed_dim": 32,
         "quick_gelu": True,
@@ -275,10 +276,12 @@ def tiny_clip_config() -> dict:
             "head_width": 32,
             "mlp_ratio": 2.0,
         },
+        # open_clip's own BPE tokenizer (49,408 tokens), so that the tiny CLIP can be pre-trained on
+        # written captions (examples/pretrain_tiny_clip.py) the way the real one was.
         "text_cfg": {
-            "context_length": 16,
-            "vocab_size": 64,
-            "width": 32,
+            "context_length": 48,
+            "vocab_size": 49408,
+            "width": 64,
             "heads": 2,
             "layers": 1,
         },

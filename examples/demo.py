@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """The built-in default, end to end, offline on the CPU: tiny encoders -> generated spoken-scene
-corpus (Flickr 8k layout) -> prepare_flickr8k.py -> fairseq-hydra-train -> eval_recall.py.
+corpus (Flickr 8k layout) -> prepare_flickr8k.py -> tiny CLIP image-text pre-training on the
+training split's written captions -> fairseq-hydra-train -> eval_recall.py.
 
 Each stage runs the same command a user runs on real data; stages whose output already exists
 are skipped, so a second run only retrains (or pass --fresh). ``--ablation`` also trains with
@@ -42,6 +43,7 @@ def main(argv=None):
     parser.add_argument("--num-valid-images", type=int, default=50)
     parser.add_argument("--num-test-images", type=int, default=200)
     parser.add_argument("--num-speakers", type=int, default=8, help="espeak-ng voices of the corpus")
+    parser.add_argument("--clip-steps", type=int, default=500, help="tiny CLIP image-text pre-training steps")
     parser.add_argument("--max-update", type=int, default=None, help="override the tiny config's max_update")
     parser.add_argument("--ablation", action="store_true", help="also train alpha = 0 (no CMD) and print both rows")
     parser.add_argument("--fresh", action="store_true", help="delete the work dir first")
@@ -66,7 +68,6 @@ def main(argv=None):
     clip_dir = os.path.join(encoders, "tiny_clip")
     clip_config = [os.path.join(clip_dir, f) for f in os.listdir(clip_dir) if f.endswith(".json")][0]
     clip_name = os.path.splitext(os.path.basename(clip_config))[0]
-    clip_weights = os.path.join(clip_dir, "open_clip_pytorch_model.bin")
 
     corpus = os.path.join(work, "corpus")
     if not os.path.isdir(corpus):
@@ -81,6 +82,17 @@ def main(argv=None):
             py, os.path.join(EXAMPLES, "prepare_flickr8k.py"), "--audio-dir", os.path.join(corpus, "flickr_audio"),
             "--image-dir", corpus, "--text-dir", os.path.join(corpus, "Flickr8k_text"), "--out-dir", manifests,
         ])
+
+    # The paper's image encoder is a frozen CLIP pre-trained on image-text pairs; the tiny one gets
+    # the same start from the written captions of the training split (never valid or test).
+    pretrained_clip = os.path.join(work, "tiny_clip_pretrained.bin")
+    if not os.path.isfile(pretrained_clip):
+        timings["CLIP pre-training"] = run([
+            py, os.path.join(EXAMPLES, "pretrain_tiny_clip.py"), "--data", manifests, "--split", "train",
+            "--valid-split", "valid", "--clip-dir", clip_dir, "--out-weights", pretrained_clip,
+            "--steps", str(args.clip_steps), "--seed", str(args.seed),
+        ])
+    clip_weights = pretrained_clip
 
     train_bin = shutil.which("fairseq-hydra-train") or os.path.join(os.path.dirname(py), "fairseq-hydra-train")
     variants = [("CMD (alpha=1)", "cmd", 1.0)] + ([("no CMD (alpha=0)", "no_cmd", 0.0)] if args.ablation else [])

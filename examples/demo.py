@@ -35,10 +35,31 @@ def run(cmd, log_path=None):
     return time.time() - start
 
 
+def check_corpus(corpus, args):
+    """A corpus left by an earlier run is reused only if it was made with the options asked for."""
+    path = os.path.join(corpus, "scene_corpus.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{path}: cannot read the corpus record ({e}); rerun with --fresh")
+    wanted = {
+        "seed": args.seed, "speakers": args.num_speakers,
+        "images": {"train": args.num_train_images, "valid": args.num_valid_images, "test": args.num_test_images},
+    }
+    differing = [f"{key}: corpus has {meta.get(key)!r}, asked for {value!r}"
+                 for key, value in wanted.items() if meta.get(key) != value]
+    if differing:
+        raise SystemExit(f"{path}: the existing corpus was made with other options ({'; '.join(differing)}); "
+                         "rerun with --fresh or another --work-dir")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", default=os.path.join(REPO, "work_dirs", "demo"), help="where everything is written")
-    parser.add_argument("--seed", type=int, default=1, help="corpus and training seed")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the encoders, corpus and CLIP pre-training")
+    parser.add_argument("--train-seed", type=int, default=None,
+                        help="fairseq training seed (default: --seed); another value retrains on the same corpus")
     parser.add_argument("--num-train-images", type=int, default=1000)
     parser.add_argument("--num-valid-images", type=int, default=50)
     parser.add_argument("--num-test-images", type=int, default=200)
@@ -76,6 +97,8 @@ def main(argv=None):
             "--num-train-images", str(args.num_train_images), "--num-valid-images", str(args.num_valid_images),
             "--num-test-images", str(args.num_test_images), "--num-speakers", str(args.num_speakers),
         ])
+    else:
+        check_corpus(corpus, args)
     manifests = os.path.join(work, "manifests")
     if not os.path.isfile(os.path.join(manifests, "test.tsv")):
         timings["prepare"] = run([
@@ -85,7 +108,7 @@ def main(argv=None):
 
     # The paper's image encoder is a frozen CLIP pre-trained on image-text pairs; the tiny one gets
     # the same start from the written captions of the training split (never valid or test).
-    pretrained_clip = os.path.join(work, "tiny_clip_pretrained.bin")
+    pretrained_clip = os.path.join(work, f"tiny_clip_pretrained_{args.clip_steps}steps.bin")
     if not os.path.isfile(pretrained_clip):
         timings["CLIP pre-training"] = run([
             py, os.path.join(EXAMPLES, "pretrain_tiny_clip.py"), "--data", manifests, "--split", "train",
@@ -95,9 +118,12 @@ def main(argv=None):
     clip_weights = pretrained_clip
 
     train_bin = shutil.which("fairseq-hydra-train") or os.path.join(os.path.dirname(py), "fairseq-hydra-train")
+    train_seed = args.seed if args.train_seed is None else args.train_seed
     variants = [("CMD (alpha=1)", "cmd", 1.0)] + ([("no CMD (alpha=0)", "no_cmd", 0.0)] if args.ablation else [])
     rows = []
     for label, tag, alpha in variants:
+        if train_seed != args.seed:
+            tag = f"{tag}_seed{train_seed}"
         save_dir = os.path.join(work, f"checkpoints_{tag}")
         if os.path.isdir(save_dir):
             shutil.rmtree(save_dir)
@@ -105,7 +131,7 @@ def main(argv=None):
             train_bin, "--config-dir", os.path.join(EXAMPLES, "tiny"), "task._name=speech_image",
             f"task.data={manifests}", f"model.hubert_path={hubert}", f"model.image_model={clip_name}",
             f"model.image_model_config={clip_config}", f"model.image_pretrained={clip_weights}",
-            f"checkpoint.save_dir={save_dir}", f"criterion.cmd_weight={alpha}", f"common.seed={args.seed}",
+            f"checkpoint.save_dir={save_dir}", f"criterion.cmd_weight={alpha}", f"common.seed={train_seed}",
         ]
         if args.max_update:
             cmd.append(f"optimization.max_update={args.max_update}")

@@ -113,9 +113,35 @@ def test_hubert_upstream_attributes_and_eval_mode(hubert_path):
     assert torch.equal(again, states)
 
 
-def test_hubert_states_equal_fairseq_extract_features_per_layer(hubert_path):
-    upstream = HubertUpstream(hubert_path)
+def _fairseq_reference_states(model, wav, layer_states):
+    """HuBERT states of one unpadded utterance from fairseq's own calls (the definitions in
+    HubertUpstream.forward), frames-first (L+1, T', D)."""
+    num_layers = len(model.encoder.layers)
+    layers = [model.extract_features(wav, mask=False, output_layer=k)[0][0] for k in range(1, num_layers + 1)]
+    if layer_states == "cnn_and_layers":
+        first = model(wav, mask=False, features_only=True)["features"][0]
+        return [first] + layers
+    # SUPERB / s3prl: the input of the first transformer layer (a hook, as s3prl takes it), the
+    # layer outputs, and the encoder's output (extract_features without output_layer)
+    seen = {}
+
+    def keep_input(module, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["x"]
+
+    hook = model.encoder.layers[0].register_forward_pre_hook(keep_input, with_kwargs=True)
+    try:
+        final = model.extract_features(wav, mask=False)[0][0]
+    finally:
+        hook.remove()
+    # the encoder pads time to a multiple of required_seq_len_multiple before its layers
+    return [seen["x"][: final.size(0), 0]] + layers[:-1] + [final]
+
+
+@pytest.mark.parametrize("layer_states", ["superb", "cnn_and_layers"])
+def test_hubert_states_equal_fairseq_calls_per_layer(hubert_path, layer_states):
+    upstream = HubertUpstream(hubert_path, layer_states=layer_states)
     model = upstream.model
+    assert model.encoder.layer_norm_first  # as HuBERT-Large: the final LayerNorm matters
     lengths = [16000, 10500, 4000]
     wavs, source, padding_mask = _padded_batch(lengths)
 
@@ -128,21 +154,21 @@ def test_hubert_states_equal_fairseq_extract_features_per_layer(hubert_path):
             # what fairseq's audio dataset feeds HuBERT with normalize=True: the waveform layer-normed
             normed = F.layer_norm(wav, wav.shape)[None]
             n = int((~frame_mask[i]).sum())
-            for k in range(1, TINY_HUBERT_LAYERS + 1):
-                expected, _ = model.extract_features(normed, mask=False, output_layer=k)
-                assert expected.size(1) == n, "frame count differs from the utterance alone"
-                torch.testing.assert_close(states[k, i, :n], expected[0], atol=ATOL, rtol=1e-4)
-            conv = model(normed, mask=False, features_only=True)
-            torch.testing.assert_close(states[0, i, :n], conv["features"][0], atol=ATOL, rtol=1e-4)
+            expected = _fairseq_reference_states(model, normed, layer_states)
+            assert len(expected) == upstream.num_states == TINY_HUBERT_LAYERS + 1
+            for k, state in enumerate(expected):
+                assert state.size(0) == n, "frame count differs from the utterance alone"
+                torch.testing.assert_close(states[k, i, :n], state, atol=ATOL, rtol=1e-4)
 
         # the unpadded utterance alone gives the same states as in the batch, with no mask
         alone, alone_mask = upstream(wavs[0][None])
         assert alone_mask is None
         torch.testing.assert_close(alone[:, 0], states[:, 0], atol=ATOL, rtol=1e-4)
-        # and fairseq's last layer without output_layer adds the final LayerNorm, which
-        # output_layer=k never applies: states[-1] is the un-normed last layer
-        final, _ = model.extract_features(F.layer_norm(wavs[0], wavs[0].shape)[None], mask=False)
-        torch.testing.assert_close(model.encoder.layer_norm(alone[-1]), final, atol=ATOL, rtol=1e-4)
+    # the two definitions differ exactly at the first and the last state
+    other = HubertUpstream(hubert_path, layer_states="cnn_and_layers" if layer_states == "superb" else "superb")
+    other_states, _ = other(source, padding_mask)
+    differs = [not torch.allclose(a, b, atol=1e-4) for a, b in zip(states, other_states)]
+    assert differs == [True] + [False] * (TINY_HUBERT_LAYERS - 1) + [True]
 
 
 def test_hubert_without_normalize_feeds_the_raw_waveform(hubert_raw_path):
@@ -154,9 +180,8 @@ def test_hubert_without_normalize_feeds_the_raw_waveform(hubert_raw_path):
     with torch.no_grad():
         for i, wav in enumerate(wavs):
             n = int((~frame_mask[i]).sum())
-            for k in range(1, TINY_HUBERT_LAYERS + 1):
-                expected, _ = upstream.model.extract_features(wav[None], mask=False, output_layer=k)
-                torch.testing.assert_close(states[k, i, :n], expected[0], atol=ATOL, rtol=1e-4)
+            for k, expected in enumerate(_fairseq_reference_states(upstream.model, wav[None], "superb")):
+                torch.testing.assert_close(states[k, i, :n], expected, atol=ATOL, rtol=1e-4)
 
 
 def test_hubert_upstream_rejects_bad_checkpoints(hubert_path, tmp_path):

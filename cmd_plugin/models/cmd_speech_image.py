@@ -1,6 +1,6 @@
 """The Cross-Modal Denoising (CMD) speech-image model, registered as ``cmd_speech_image``.
 
-    waveform ─ HuBERT (frozen) ─ 25 states ─ softmax(layer_weights)·states ─┐
+    waveform ─ HuBERT (frozen) ─ 25 SUPERB states ─ softmax(layer_weights)·states ─┐
                                                [CLS] + frames ─ 1 transformer layer ─ CLS
                                                ─ Linear(D_hubert → E) ─ L2 ─ S_cls  (B, E)
     image ─ CLIP ViT (frozen) ─ pooled ─ L2 ─ I_cls (B, E);  patch tokens @ proj ─ (B, N, E)
@@ -18,13 +18,13 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import MISSING
 
 from .clip_upstream import ClipImageUpstream
-from .fusion import FusionEncoder
-from .hubert_upstream import HubertUpstream
+from .fusion import FUSION_ATTENTION_CHOICES, FusionEncoder
+from .hubert_upstream import HUBERT_STATE_CHOICES, HubertUpstream
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +58,25 @@ class CmdSpeechImageConfig(FairseqDataclass):
     speech_encoder_heads: int = field(default=8, metadata={"help": "attention heads of the speech transformer layer"})
     speech_encoder_ffn_dim: int = field(default=4096, metadata={"help": "FFN size of the speech transformer layer"})
     speech_encoder_dropout: float = field(default=0.1, metadata={"help": "dropout in the speech transformer layer"})
-    fusion_qkv_projections: bool = field(
-        default=False,
-        metadata={"help": "learn query/key/value projections in the fusion encoder's attentive pooling; "
-                  "the paper's 14M trainable parameters imply plain dot-product pooling (False)"},
+    fusion_attention: ChoiceEnum(FUSION_ATTENTION_CHOICES) = field(
+        default="cosine",
+        metadata={"help": "how the fusion encoder's speech query scores the patches (a choice: the paper "
+                  "gives Eq. 1 only). literal: S_cls.patch/sqrt(E), near-uniform at ViT-L sizes; cosine: "
+                  "cos(S_cls, patch) x a learnable scale (1 parameter); qkv: learned Q/K/V projections "
+                  "(3E^2+3E parameters). The default won on the valid split of the ablation (README)"},
     )
-    temperature_init: float = field(default=0.07, metadata={"help": "initial contrastive temperature tau"})
-    max_logit_scale: float = field(default=100.0, metadata={"help": "upper clamp of 1/tau"})
+    hubert_layer_states: ChoiceEnum(HUBERT_STATE_CHOICES) = field(
+        default="superb",
+        metadata={"help": "which HuBERT states the layer weights mix. superb: the transformer input after the "
+                  "positional convolution, each layer's output, and the encoder output (final LayerNorm for "
+                  "layer_norm_first models), as SUPERB/s3prl; cnn_and_layers: the CNN output (before the "
+                  "positional convolution) and each layer's output without the final LayerNorm"},
+    )
+    temperature_init: float = field(
+        default=0.07, metadata={"help": "initial contrastive temperature tau (a choice: CLIP's value); also "
+                                "the fusion encoder's initial tau for fusion_attention=cosine"})
+    max_logit_scale: float = field(
+        default=100.0, metadata={"help": "upper clamp of 1/tau (a choice: CLIP's value), for both temperatures"})
 
 
 @register_model("cmd_speech_image", dataclass=CmdSpeechImageConfig)
@@ -87,13 +99,16 @@ class CmdSpeechImageModel(BaseFairseqModel):
             norm_first=True,
         )
         self.speech_proj = nn.Linear(dim, embed_dim)
-        self.fusion = FusionEncoder(embed_dim, qkv_projections=cfg.fusion_qkv_projections)
+        self.fusion = FusionEncoder(
+            embed_dim, attention=cfg.fusion_attention,
+            temperature_init=cfg.temperature_init, max_logit_scale=cfg.max_logit_scale,
+        )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature_init)))
 
     @classmethod
     def build_model(cls, cfg: CmdSpeechImageConfig, task=None):
         # a frozen upstream keeps itself in eval mode and out of autograd (fairseq calls train())
-        hubert = HubertUpstream(cfg.hubert_path, freeze=cfg.freeze_hubert)
+        hubert = HubertUpstream(cfg.hubert_path, freeze=cfg.freeze_hubert, layer_states=cfg.hubert_layer_states)
         image_encoder = ClipImageUpstream(
             cfg.image_model, cfg.image_pretrained, cfg.image_model_config, freeze=cfg.freeze_image_encoder
         )
@@ -124,7 +139,7 @@ class CmdSpeechImageModel(BaseFairseqModel):
 
     # ---- encoders ----
     def layer_weight_probs(self) -> torch.Tensor:
-        """(num_states,) softmax-normalised weights of HuBERT's CNN output and each layer."""
+        """(num_states,) softmax-normalised weights of HuBERT's states (see hubert_layer_states)."""
         return F.softmax(self.layer_weights, dim=0)
 
     def encode_speech(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 HUBERT_SAMPLE_RATE = 16000
+# superb: SUPERB/s3prl's hidden states; cnn_and_layers: the CNN output and raw layer outputs
+HUBERT_STATE_CHOICES = ("superb", "cnn_and_layers")
 
 
 # Module prefixes whose pickled classes may appear in fairseq checkpoints (Dictionary in
@@ -130,8 +132,11 @@ class HubertUpstream(nn.Module):
         embed_dim: encoder_embed_dim D (1024 for Large).
     """
 
-    def __init__(self, checkpoint_path: str, freeze: bool = True):
+    def __init__(self, checkpoint_path: str, freeze: bool = True, layer_states: str = "superb"):
         super().__init__()
+        if layer_states not in HUBERT_STATE_CHOICES:
+            raise ValueError(f"layer_states must be one of {HUBERT_STATE_CHOICES}, got {layer_states!r}")
+        self.layer_states = layer_states
         model, cfg, _ = load_hubert_checkpoint(checkpoint_path)
         # final_proj / target_glu only serve the pre-training loss
         model.remove_pretraining_modules()
@@ -181,11 +186,17 @@ class HubertUpstream(nn.Module):
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """source (B, T) waveform; padding_mask (B, T) bool, True = padding, or None.
 
-        Returns (states (num_states, B, T', D), frame_padding_mask (B, T') bool or None).
-        states[0] is the CNN output after layer_norm and post_extract_proj; states[k], k >= 1,
-        equals model.extract_features(source, mask=False, output_layer=k)[0] of each utterance
-        alone (no final encoder LayerNorm, as in fairseq with output_layer set); frames past an
-        utterance's own length are padding (see frame_padding_mask).
+        Returns (states (num_states, B, T', D), frame_padding_mask (B, T') bool or None); frames past
+        an utterance's own length are padding (see frame_padding_mask). With layer_states:
+
+        * ``superb`` (SUPERB / s3prl): states[0] is the transformer's input (CNN features after
+          the positional convolution, i.e. what layer 1 receives); states[k], 1 <= k < L, is layer
+          k's output = ``extract_features(output_layer=k)``; states[L] is the encoder's output =
+          ``extract_features()`` without output_layer (the final LayerNorm of layer_norm_first
+          models such as HuBERT-Large is applied).
+        * ``cnn_and_layers``: states[0] is the CNN output after layer_norm and post_extract_proj
+          (before the positional convolution); states[k] = ``extract_features(output_layer=k)``
+          for every k, the last one without the final LayerNorm.
         """
         if source.dim() != 2:
             raise ValueError(f"source must be (B, T), got {tuple(source.shape)}")
@@ -210,13 +221,30 @@ class HubertUpstream(nn.Module):
             if m.post_extract_proj is not None:
                 features = m.post_extract_proj(features)
             features = m.dropout_input(features)
-            _, layer_results = m.encoder.extract_features(features, frame_padding_mask)
+            captured = {}
+
+            def keep_layer_input(module, args, kwargs):
+                captured["x"] = args[0] if args else kwargs["x"]
+
+            hook = m.encoder.layers[0].register_forward_pre_hook(keep_layer_input, with_kwargs=True)
+            try:
+                _, layer_results = m.encoder.extract_features(features, frame_padding_mask)
+            finally:
+                hook.remove()
             if len(layer_results) != self.num_layers:
                 raise RuntimeError(
                     f"HuBERT returned {len(layer_results)} of {self.num_layers} layers "
                     "(layer-drop active? keep the upstream in eval mode)"
                 )
             # layer results are time-first (T', B, D)
-            states = [features] + [result[0].transpose(0, 1) for result in layer_results]
+            layers = [result[0].transpose(0, 1) for result in layer_results]
+            if self.layer_states == "superb":
+                # the encoder may pad time to a multiple internally: keep the first T' frames
+                first = captured["x"].transpose(0, 1)[:, : features.size(1)]
+                if m.encoder.layer_norm_first:
+                    layers[-1] = m.encoder.layer_norm(layers[-1])
+                states = [first] + layers
+            else:
+                states = [features] + layers
             states = torch.stack(states, dim=0)
         return states, frame_padding_mask

@@ -91,3 +91,44 @@ def test_two_workers_match_one_process_all_pairs(tiny_encoders, tmp_path):
 
 def test_two_workers_match_one_process_paired(tiny_encoders, tmp_path):
     _check(tiny_encoders, tmp_path, "paired")
+
+
+def _validation_worker(rank, port, encoders, out_path):
+    """Rank 0 validates a valid batch; rank 1 runs a training batch with the same image ids, as a
+    worker does with fairseq's dummy batch when its shard of the valid split is exhausted."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = build_model(encoders).eval()
+    batch = make_batch(IMAGE_IDS)
+    rows = list(range(SPLIT)) if rank == 0 else list(range(SPLIT, len(IMAGE_IDS)))
+    sample = _slice(batch, rows)
+    sample["image_ids"] = torch.tensor([0, 0, 1, 1]) if rank == 0 else torch.tensor([0, 1])
+    sample["split"] = "valid" if rank == 0 else "train"
+    crit = criterion()
+    with torch.no_grad():
+        _, _, log = crit(model, sample)
+    loss = torch.tensor(log["loss"])
+    dist.all_reduce(loss)
+    if rank == 0:
+        torch.save({"loss": loss, "embeddings": crit.last_embeddings}, out_path)
+    dist.destroy_process_group()
+
+
+def test_validation_positives_are_by_split_and_image(tiny_encoders, tmp_path):
+    out = str(tmp_path / "valid.pt")
+    mp.spawn(_validation_worker, args=(_free_port(), tiny_encoders, out), nprocs=2, join=True)
+    ddp = torch.load(out)
+    torch.manual_seed(0)
+    model = build_model(tiny_encoders).eval()
+    batch = make_batch(IMAGE_IDS)
+    with torch.no_grad():
+        # one process on the same six items, the train items' images made distinct from the valid ones
+        distinct = dict(batch, image_ids=torch.tensor([0, 0, 1, 1, 100, 101]))
+        _, _, ref = criterion()(model, distinct)
+        merged = dict(batch, image_ids=torch.tensor([0, 0, 1, 1, 0, 1]))
+        _, _, wrong = criterion()(model, merged)
+    assert abs(float(ddp["loss"]) - ref["loss"]) < 1e-4 * abs(ref["loss"])
+    assert abs(ref["loss"] - wrong["loss"]) > 1e-3  # the check can tell the two apart
+    # the validation embeddings of every item are handed to the task with their split
+    emb = ddp["embeddings"]
+    assert emb["speech"].shape[0] == 6 and emb["split_codes"].unique().numel() == 2

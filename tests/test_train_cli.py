@@ -143,8 +143,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_gloo_workers_train_and_validate_the_whole_split(tiny_encoders, tmp_path):
-    """fairseq's own data-parallel path on CPU: summable logs, whole-split recall from both workers."""
+@pytest.mark.parametrize("global_negatives", ["true", "false"])
+def test_two_gloo_workers_train_and_validate_the_whole_split(tiny_encoders, tmp_path, global_negatives):
+    """fairseq's own data-parallel path on CPU: summable logs, whole-split recall from both workers
+    whether or not the loss uses the global batch, so checkpoint_best.pt is always written."""
     data = make_corpus(tmp_path, {"train": (8, 2), "valid": (4, 2)})
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -157,7 +159,8 @@ def test_two_gloo_workers_train_and_validate_the_whole_split(tiny_encoders, tmp_
          "optimization.max_update=3", "dataset.batch_size=3", "common.log_interval=1",
          "distributed_training.distributed_world_size=2", "distributed_training.distributed_backend=gloo",
          "distributed_training.ddp_backend=legacy_ddp", "distributed_training.distributed_init_method=env://",
-         "distributed_training.distributed_no_spawn=true", "distributed_training.distributed_rank=${oc.env:RANK}"],
+         "distributed_training.distributed_no_spawn=true", "distributed_training.distributed_rank=${oc.env:RANK}",
+         f"criterion.global_batch_negatives={global_negatives}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     out = proc.stdout + proc.stderr
@@ -165,4 +168,62 @@ def test_two_gloo_workers_train_and_validate_the_whole_split(tiny_encoders, tmp_
     # global batch of 2 workers x 3 utterances, and recall over all 8 valid utterances
     assert re.search(r"\[train_inner\].* bsz=6,", out)
     assert "whole-split recall on 8 utterances x 4 images" in out
-    assert (tmp_path / "ckpt" / "checkpoint_last.pt").is_file()
+    valid = re.findall(r"valid on 'valid' subset .*? mean_r1 ([0-9.a-z]+)", out)
+    assert valid and all(0.0 <= float(v) <= 100.0 for v in valid), valid
+    for name in ("checkpoint_last.pt", "checkpoint_best.pt"):
+        assert (tmp_path / "ckpt" / name).is_file()
+    # the fusion's attention is visible in training and validation logs
+    for tag in ("train_inner", "valid"):
+        line = next(line for line in out.splitlines() if f"[{tag}]" in line and "attn_entropy" in line)
+        entropy = float(re.search(r"attn_entropy[= ]([0-9.]+)", line).group(1))
+        assert 0.0 <= entropy <= 1.0 and "attn_max" in line and "attn_cos_mean_pool" in line
+
+
+def test_bf16_training_learns_and_scores(tiny_encoders, tmp_path):
+    """Half precision through fairseq's own model conversion (common.bf16: the same path as
+    common.fp16, which needs CUDA): the tiny config trains, its loss falls, and the checkpoint scores."""
+    data = make_corpus(tmp_path, {"train": (8, 2), "valid": (4, 2)})
+    save_dir = tmp_path / "ckpt"
+    proc = run_train(
+        ["--config-dir", os.path.join(REPO, "examples", "tiny"), "task._name=speech_image", f"task.data={data}",
+         f"model.hubert_path={tiny_encoders['hubert_path']}", f"model.image_model={tiny_encoders['image_model']}",
+         f"model.image_model_config={tiny_encoders['image_model_config']}",
+         f"model.image_pretrained={tiny_encoders['image_pretrained']}", f"checkpoint.save_dir={save_dir}",
+         "common.bf16=true", "dataset.batch_size=8", "common.log_interval=1", "optimization.lr=[0.002]",
+         "lr_scheduler.warmup_updates=2", "optimization.max_update=12"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    losses = _losses(proc.stdout)
+    assert len(losses) == 12 and all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+    out_json = tmp_path / "recall.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "eval_recall.py"), "--checkpoint",
+                           str(save_dir / "checkpoint_best.pt"), "--data", str(data), "--split", "valid",
+                           "--output-json", str(out_json), "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    record = json.loads(out_json.read_text())
+    assert record["counts"]["num_utterances"] == 8
+    assert 0.0 <= record["recall"]["mean_r1"] <= 100.0
+
+
+def test_validation_of_an_incomplete_split_fails_instead_of_logging_nan(tmp_path):
+    """A split seen only in part (e.g. dataset.max_valid_steps) must stop the run with a message:
+    a NaN mean_r1 silently prevents checkpoint_best.pt, and the README's eval command fails later."""
+    from cmd_plugin.tasks.speech_image import SpeechImageConfig, SpeechImageTask
+
+    data = make_corpus(tmp_path, {"valid": (3, 2)})
+    task = SpeechImageTask.setup_task(SpeechImageConfig(data=data, image_model="ViT-B-32"))
+    task.load_dataset("valid")
+    speech, image = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1), torch.randn(6, 8)
+    store = task._valid_embeddings.setdefault("valid", {})
+    for i in range(5):  # one utterance short
+        store[i] = (i // 2, speech[i].half(), image[i].half())
+    with pytest.raises(RuntimeError, match="collected 5 of its 6 utterances"):
+        task._split_recall("valid")
+    store[5] = (2, speech[5].half(), image[5].half())
+    recall = task._split_recall("valid")
+    assert 0.0 <= recall["mean_r1"] <= 100.0

@@ -26,12 +26,28 @@ from torch.func import functional_call
 
 from ..distributed import data_parallel_group_and_size, gather_with_local_grad, replicated_param
 from ..losses import in_batch_accuracy, symmetric_infonce
+from ..models.fusion import attention_statistics, diagonal_pairs
 from ..noise import apply_patch_noise, draw_patch_noise
 
 
 def split_code(split: str) -> int:
     """A split name as an integer that can travel in a tensor collective."""
     return zlib.crc32(split.encode("utf-8"))
+
+
+def item_identities(split_codes: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+    """(B,) split codes and (B,) image ids -> (B,) identities equal exactly when both are.
+
+    Image ids are only unique within a split; a worker running fairseq's dummy batch (a training
+    batch) at validation must not make a train image a positive of a valid image.
+    """
+    pairs = torch.stack([split_codes.long(), image_ids.long()], dim=1)
+    return torch.unique(pairs, dim=0, return_inverse=True)[1]
+
+
+# values computed on the global batch by every worker: logged as this worker's share
+ATTENTION_STATS = ("attn_entropy", "attn_max", "attn_cos_mean_pool")
+GLOBAL_SUMS = ("cmd_loss", "cmd_correct") + ATTENTION_STATS
 
 
 @dataclass
@@ -69,40 +85,50 @@ class CmdContrastiveCriterion(FairseqCriterion):
         image_ids = sample["image_ids"].to(speech.device)
         local_bsz = speech.size(0)
 
-        group, world = data_parallel_group_and_size() if self.cfg.global_batch_negatives else (None, 1)
         sample_ids = sample["id"].to(speech.device)
         # which split each item is from: under uneven shards a worker may run fairseq's dummy batch
         split_codes = torch.full_like(sample_ids, split_code(sample["split"]))
-        if world > 1:
-            speech, image, image_ids, sample_ids, split_codes = (
-                gather_with_local_grad(t, group) for t in (speech, image, image_ids, sample_ids, split_codes)
-            )
-            if self.cfg.cmd_weight > 0 and model.training:
+        group, world = data_parallel_group_and_size()
+        gathered = None
+        # validation scores the whole split whatever the negatives: items are gathered from every
+        # worker for the task's retrieval even when the loss uses local negatives only
+        if world > 1 and (self.cfg.global_batch_negatives or not model.training):
+            gathered = [gather_with_local_grad(t, group) for t in (speech, image, image_ids, sample_ids, split_codes)]
+        if self.cfg.global_batch_negatives and gathered is not None:
+            speech, image, image_ids, sample_ids, split_codes = gathered
+            if self.cfg.cmd_weight > 0:
                 patches = gather_with_local_grad(patches, group)
+        else:
+            world = 1  # the loss sees this worker's batch only
         global_bsz = speech.size(0)
+        identities = item_identities(split_codes, image_ids)
 
         logit_scale = replicated_param(model.clamped_logit_scale(), world)
         scores = speech.float() @ image.float().t()
-        sic, sic_s2i, sic_i2s = symmetric_infonce(scores, image_ids, image_ids, logit_scale)
+        sic, sic_s2i, sic_i2s = symmetric_infonce(scores, identities, identities, logit_scale)
         loss = sic
         logging_output = {}
-        if self.cfg.cmd_weight > 0 and model.training:
-            cmd, cmd_scores = self._cmd_loss(model, speech, patches, image_ids, logit_scale, world)
+        if self.cfg.cmd_weight > 0:
+            cmd, cmd_scores, stats = self._cmd_loss(model, speech, patches, identities, logit_scale, world)
             loss = loss + self.cfg.cmd_weight * cmd
             logging_output["cmd_loss"] = cmd.item()
-            logging_output["cmd_correct"] = in_batch_accuracy(cmd_scores, image_ids, image_ids)
+            logging_output["cmd_correct"] = in_batch_accuracy(cmd_scores, identities, identities)
+            logging_output.update({key: value.item() for key, value in stats.items()})
 
         # every worker computed the global sums: log this worker's share so that fairseq's
         # sum over workers gives the global sums once
         share = local_bsz / global_bsz
+        for key in GLOBAL_SUMS:
+            if key in logging_output:
+                logging_output[key] *= share
         logging_output.update(
             {
                 "loss": loss.item() * share,
                 "sic_loss": sic.item() * share,
                 "sic_s2i_loss": sic_s2i.item() * share,
                 "sic_i2s_loss": sic_i2s.item() * share,
-                "s2i_correct": in_batch_accuracy(scores, image_ids, image_ids) * share,
-                "i2s_correct": in_batch_accuracy(scores.t(), image_ids, image_ids) * share,
+                "s2i_correct": in_batch_accuracy(scores, identities, identities) * share,
+                "i2s_correct": in_batch_accuracy(scores.t(), identities, identities) * share,
                 "temperature": 1.0 / logit_scale.item() * local_bsz,
                 "ntokens": sample["ntokens"],
                 "padded_samples": int(sample["net_input"]["padding_mask"].sum()),
@@ -110,42 +136,45 @@ class CmdContrastiveCriterion(FairseqCriterion):
                 "sample_size": local_bsz,
             }
         )
-        if "cmd_loss" in logging_output:
-            logging_output["cmd_loss"] *= share
-            logging_output["cmd_correct"] *= share
         self.last_embeddings = None
         if not model.training:
             # validation retrieval runs on the whole split: the task collects these
-            self.last_embeddings = {
-                "split_codes": split_codes.cpu(),
-                "ids": sample_ids.cpu(),
-                "image_ids": image_ids.cpu(),
-                "speech": speech.detach().half().cpu(),
-                "image": image.detach().half().cpu(),
-            }
+            if gathered is None:
+                gathered = (speech, image, image_ids, sample_ids, split_codes)
+            names = ("speech", "image", "image_ids", "ids", "split_codes")
+            self.last_embeddings = {name: t.detach().cpu() for name, t in zip(names, gathered)}
+            for name in ("speech", "image"):
+                self.last_embeddings[name] = self.last_embeddings[name].half()
         return loss, local_bsz, logging_output
 
-    def _cmd_loss(self, model, speech, patches, image_ids, logit_scale, world):
+    def _cmd_loss(self, model, speech, patches, identities, logit_scale, world):
+        """L_cmd (paper Eq. 6) on the (global) batch, with the fusion attention's statistics."""
         generator = torch.Generator().manual_seed(self.cfg.noise_seed * 1_000_003 + self.update_num)
-        positions, sources = draw_patch_noise(image_ids, patches.size(1), self.cfg.patch_noise_ratio, generator)
+        positions, sources = draw_patch_noise(identities, patches.size(1), self.cfg.patch_noise_ratio, generator)
         noisy = apply_patch_noise(patches, positions, sources)
         params = {name: replicated_param(p, world) for name, p in model.fusion.named_parameters()}
         all_pairs = self.cfg.cmd_pairs == "all"
-        recon = functional_call(model.fusion, params, (speech, noisy), {"all_pairs": all_pairs})
-        recon = F.normalize(recon.float(), dim=-1)
+        recon, attn = functional_call(model.fusion, params, (speech, noisy),
+                                      {"all_pairs": all_pairs, "return_attention": True})
         if all_pairs:  # (B, B, E): recon[i, j] = image j reconstructed with speech i as the query
+            own_attn, own_recon = diagonal_pairs(attn, recon)
+            recon = F.normalize(recon.float(), dim=-1)
             cmd_scores = torch.einsum("ie,ije->ij", speech.float(), recon)
         else:  # (B, E): image j reconstructed with its own caption
+            own_attn, own_recon = attn, recon
+            recon = F.normalize(recon.float(), dim=-1)
             cmd_scores = speech.float() @ recon.t()
-        cmd, _, _ = symmetric_infonce(cmd_scores, image_ids, image_ids, logit_scale)
-        return cmd, cmd_scores
+        cmd, _, _ = symmetric_infonce(cmd_scores, identities, identities, logit_scale)
+        with torch.no_grad():
+            stats = attention_statistics(own_attn, own_recon, model.fusion.mean_pooled(noisy))
+        return cmd, cmd_scores, stats
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
         total = sum(log.get("sample_size", 0) for log in logging_outputs)
         if total == 0:
             return
-        for key in ("loss", "sic_loss", "sic_s2i_loss", "sic_i2s_loss", "cmd_loss"):
+        for key in ("loss", "sic_loss", "sic_s2i_loss", "sic_i2s_loss", "cmd_loss") + ATTENTION_STATS:
             if any(key in log for log in logging_outputs):
                 metrics.log_scalar(key, sum(log.get(key, 0) for log in logging_outputs) / total, total, round=4)
         for key in ("s2i_correct", "i2s_correct", "cmd_correct"):

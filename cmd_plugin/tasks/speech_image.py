@@ -10,7 +10,6 @@ image encoder's cached outputs (``image_cls``, ``image_patches``) instead of pix
 """
 
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional
@@ -114,7 +113,9 @@ class SpeechImageTask(FairseqTask):
             self._image_cache = cache
         return self._image_cache
 
-    def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs):
+    def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, size_limits: bool = True, **kwargs):
+        """size_limits=False keeps every utterance (scoring: a benchmark row is never computed on a
+        filtered test split); True drops those outside [min_sample_size, max_sample_size]."""
         manifest = read_manifest(self.cfg.data, split)
         if self.cfg.image_feature_cache:
             images = CachedImages(manifest, self.image_cache)
@@ -125,8 +126,8 @@ class SpeechImageTask(FairseqTask):
             split,
             images=images,
             sample_rate=self.cfg.sample_rate,
-            min_sample_size=self.cfg.min_sample_size,
-            max_sample_size=self.cfg.max_sample_size,
+            min_sample_size=self.cfg.min_sample_size if size_limits else 0,
+            max_sample_size=self.cfg.max_sample_size if size_limits else None,
             shuffle=split.startswith("train"),
             num_length_buckets=self.cfg.num_length_buckets,
         )
@@ -182,17 +183,21 @@ class SpeechImageTask(FairseqTask):
                 store[int(emb["ids"][i])] = (int(emb["image_ids"][i]), emb["speech"][i], emb["image"][i])
             # evaluated when validation's aggregator is read, i.e. after the whole split
             for key in RECALL_KEYS:
-                metrics.log_derived(key, lambda meters, s=split, k=key: self._split_recall(s).get(k, math.nan))
+                metrics.log_derived(key, lambda meters, s=split, k=key: self._split_recall(s)[k])
         return loss, sample_size, logging_output
 
     def _split_recall(self, split: str) -> Dict[str, float]:
-        """Recall on the whole split once all its utterances were seen; {} before that."""
+        """Recall on the whole split, read when validation ends. A split not seen whole (e.g.
+        dataset.max_valid_steps) is an error, never a NaN that silently stops checkpoint_best.pt."""
         if split in self._valid_recall:
             return self._valid_recall[split]
         store = self._valid_embeddings.get(split, {})
-        dataset = self.datasets.get(split)
-        if dataset is None or len(store) < len(dataset):
-            return {}
+        dataset = self.datasets[split]
+        if len(store) != len(dataset):
+            raise RuntimeError(
+                f"validation of split {split!r} collected {len(store)} of its {len(dataset)} utterances; "
+                "recall needs the whole split (dataset.max_valid_steps set? embeddings not gathered?)"
+            )
         ids = sorted(store)
         image_ids = torch.tensor([store[i][0] for i in ids])
         speech = torch.stack([store[i][1] for i in ids]).float()

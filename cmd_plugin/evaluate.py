@@ -242,15 +242,17 @@ def encode_split(
 
     Utterances go in batches of ``batch_size`` sorted by length (little padding), through the
     split's :class:`SpeechImageDataset` collater; embeddings are returned in dataset order.
-    Utterances the task's size limits drop are not scored (counted in ``meta``).
+    Every utterance is scored: the task's training size limits are not applied.
     """
     from tqdm import tqdm
 
     dev = resolve_device(device, fp16)
     model = model.eval().to(dev)
-    task.load_dataset(split)
+    task.load_dataset(split, size_limits=False)
     dataset = task.dataset(split)
     manifest = dataset.manifest
+    if len(dataset) != len(manifest):
+        raise EvaluationError(f"{split}: {len(manifest) - len(dataset)} utterances of the manifest were not loaded")
 
     # speech: the dataset's collater, without reading pixels per batch (images are encoded apart)
     audio = _shallow_copy_with(dataset, images=_no_pixels)
@@ -296,7 +298,6 @@ def encode_split(
             "audio_root": manifest.audio_root,
             "image_root": manifest.image_root,
             "num_utterances_in_manifest": len(manifest),
-            "num_utterances_dropped": len(manifest) - len(dataset),
         },
     )
 
@@ -396,7 +397,6 @@ def results_record(results: Dict[str, Any], chance: Dict[str, float], captions_p
             "num_images_with_caption": int(results["num_i2s_queries"]),
             "num_images_without_caption": int(results["num_images_without_caption"]),
             "num_utterances_in_manifest": emb.meta.get("num_utterances_in_manifest"),
-            "num_utterances_dropped": emb.meta.get("num_utterances_dropped"),
             "embed_dim": int(emb.speech.shape[1]),
         },
         "ks": list(RECALL_KS),

@@ -110,9 +110,6 @@ def run(args) -> dict:
     label = args.label or (os.path.basename(checkpoint) if checkpoint else "model")
     print(f"{split} of {data}: {results['num_s2i_queries']} utterances, {results['num_images']} images")
     print(format_recall_rows([(label, results), (f"chance ({captions} captions/image)", chance)], ks=RECALL_KS))
-    dropped = emb.meta.get("num_utterances_dropped") or 0
-    if dropped:
-        print(f"warning: {dropped} utterances outside the task's size limits were not scored", file=sys.stderr)
     record = results_record(
         results, chance, captions, emb,
         checkpoint=checkpoint, data=data, split=split, upstreams=emb.meta.get("upstreams"),

@@ -54,41 +54,34 @@ def check_corpus(corpus, args):
                          "rerun with --fresh or another --work-dir")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_corpus_arguments(parser):
+    """Options of the shared stages (encoders, corpus, CLIP pre-training): demo and ablation harness."""
     parser.add_argument("--work-dir", default=os.path.join(REPO, "work_dirs", "demo"), help="where everything is written")
     parser.add_argument("--seed", type=int, default=1, help="seed of the encoders, corpus and CLIP pre-training")
-    parser.add_argument("--train-seed", type=int, default=None,
-                        help="fairseq training seed (default: --seed); another value retrains on the same corpus")
     parser.add_argument("--num-train-images", type=int, default=1000)
     parser.add_argument("--num-valid-images", type=int, default=50)
     parser.add_argument("--num-test-images", type=int, default=200)
     parser.add_argument("--num-speakers", type=int, default=8, help="espeak-ng voices of the corpus")
     parser.add_argument("--clip-steps", type=int, default=500, help="tiny CLIP image-text pre-training steps")
     parser.add_argument("--max-update", type=int, default=None, help="override the tiny config's max_update")
-    parser.add_argument("--ablation", action="store_true", help="also train alpha = 0 (no CMD) and print both rows")
     parser.add_argument("--fresh", action="store_true", help="delete the work dir first")
-    args = parser.parse_args(argv)
 
-    sys.path.insert(0, REPO)
-    from cmd_plugin.recall import format_recall_rows
 
+def build_inputs(args, timings):
+    """Run (or reuse) the stages before training: tiny encoders, corpus, manifests, CLIP
+    pre-training. Returns the paths training needs; stage times go into ``timings``."""
     work = os.path.abspath(args.work_dir)
     if args.fresh and os.path.isdir(work):
         shutil.rmtree(work)
     os.makedirs(work, exist_ok=True)
     py = sys.executable
-    timings = {}
-    t0 = time.time()
 
     encoders = os.path.join(work, "encoders")
     if not os.path.isfile(os.path.join(encoders, "tiny_hubert.pt")):
         timings["tiny encoders"] = run([py, os.path.join(EXAMPLES, "make_tiny_encoders.py"), "--out-dir", encoders,
                                         "--seed", str(args.seed)])
-    hubert = os.path.join(encoders, "tiny_hubert.pt")
     clip_dir = os.path.join(encoders, "tiny_clip")
     clip_config = [os.path.join(clip_dir, f) for f in os.listdir(clip_dir) if f.endswith(".json")][0]
-    clip_name = os.path.splitext(os.path.basename(clip_config))[0]
 
     corpus = os.path.join(work, "corpus")
     if not os.path.isdir(corpus):
@@ -115,9 +108,62 @@ def main(argv=None):
             "--valid-split", "valid", "--clip-dir", clip_dir, "--out-weights", pretrained_clip,
             "--steps", str(args.clip_steps), "--seed", str(args.seed),
         ])
-    clip_weights = pretrained_clip
+    return {
+        "work": work,
+        "manifests": manifests,
+        "hubert": os.path.join(encoders, "tiny_hubert.pt"),
+        "clip_name": os.path.splitext(os.path.basename(clip_config))[0],
+        "clip_config": clip_config,
+        "clip_weights": pretrained_clip,
+    }
 
+
+def train_and_score(inputs, save_dir, overrides, seed, max_update, log_path, splits=("test",), timings=None, tag=""):
+    """Train the tiny config with ``overrides`` (a list of key=value) into a fresh ``save_dir``,
+    then score checkpoint_best.pt (chosen on valid mean R@1) on each split with eval_recall.py.
+    Returns {split: eval_recall's JSON record}; the records are also written next to the checkpoints."""
+    py = sys.executable
     train_bin = shutil.which("fairseq-hydra-train") or os.path.join(os.path.dirname(py), "fairseq-hydra-train")
+    if os.path.isdir(save_dir):
+        shutil.rmtree(save_dir)
+    cmd = [
+        train_bin, "--config-dir", os.path.join(EXAMPLES, "tiny"), "task._name=speech_image",
+        f"task.data={inputs['manifests']}", f"model.hubert_path={inputs['hubert']}",
+        f"model.image_model={inputs['clip_name']}", f"model.image_model_config={inputs['clip_config']}",
+        f"model.image_pretrained={inputs['clip_weights']}", f"checkpoint.save_dir={save_dir}",
+        f"common.seed={seed}", *overrides,
+    ]
+    if max_update:
+        cmd.append(f"optimization.max_update={max_update}")
+    timings = {} if timings is None else timings
+    timings[f"train {tag}"] = run(cmd, log_path=log_path)
+    records = {}
+    for split in splits:
+        result_json = os.path.join(save_dir, f"recall_{split}.json")
+        timings[f"eval {tag}" + ("" if split == "test" else f" {split}")] = run([
+            py, os.path.join(EXAMPLES, "eval_recall.py"), "--checkpoint", os.path.join(save_dir, "checkpoint_best.pt"),
+            "--data", inputs["manifests"], "--split", split, "--output-json", result_json, "--no-progress",
+        ], log_path=os.path.join(save_dir, f"eval_{split}.log"))
+        with open(result_json) as f:
+            records[split] = json.load(f)
+    return records
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_corpus_arguments(parser)
+    parser.add_argument("--train-seed", type=int, default=None,
+                        help="fairseq training seed (default: --seed); another value retrains on the same corpus")
+    parser.add_argument("--ablation", action="store_true", help="also train alpha = 0 (no CMD) and print both rows")
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, REPO)
+    from cmd_plugin.recall import format_recall_rows
+
+    timings = {}
+    t0 = time.time()
+    inputs = build_inputs(args, timings)
+    work = inputs["work"]
     train_seed = args.seed if args.train_seed is None else args.train_seed
     variants = [("CMD (alpha=1)", "cmd", 1.0)] + ([("no CMD (alpha=0)", "no_cmd", 0.0)] if args.ablation else [])
     rows = []
@@ -125,24 +171,9 @@ def main(argv=None):
         if train_seed != args.seed:
             tag = f"{tag}_seed{train_seed}"
         save_dir = os.path.join(work, f"checkpoints_{tag}")
-        if os.path.isdir(save_dir):
-            shutil.rmtree(save_dir)
-        cmd = [
-            train_bin, "--config-dir", os.path.join(EXAMPLES, "tiny"), "task._name=speech_image",
-            f"task.data={manifests}", f"model.hubert_path={hubert}", f"model.image_model={clip_name}",
-            f"model.image_model_config={clip_config}", f"model.image_pretrained={clip_weights}",
-            f"checkpoint.save_dir={save_dir}", f"criterion.cmd_weight={alpha}", f"common.seed={train_seed}",
-        ]
-        if args.max_update:
-            cmd.append(f"optimization.max_update={args.max_update}")
-        timings[f"train {tag}"] = run(cmd, log_path=os.path.join(work, f"train_{tag}.log"))
-        result_json = os.path.join(work, f"recall_{tag}.json")
-        timings[f"eval {tag}"] = run([
-            py, os.path.join(EXAMPLES, "eval_recall.py"), "--checkpoint", os.path.join(save_dir, "checkpoint_best.pt"),
-            "--data", manifests, "--split", "test", "--output-json", result_json,
-        ])
-        with open(result_json) as f:
-            rows.append((label, json.load(f)))
+        records = train_and_score(inputs, save_dir, [f"criterion.cmd_weight={alpha}"], train_seed, args.max_update,
+                                  os.path.join(work, f"train_{tag}.log"), timings=timings, tag=tag)
+        rows.append((label, records["test"]))
 
     record = rows[0][1]
     chance = record["chance"]

@@ -35,7 +35,7 @@ def test_demo_prints_both_rows_next_to_chance_from_the_eval_records(demo_run):
     assert "Test split of the generated corpus: 20 utterances x 4 images" in out
     table = out[out.index("Speech→Image"):]
     for tag, label in (("cmd", "CMD (alpha=1)"), ("no_cmd", "no CMD (alpha=0)")):
-        with open(work / f"recall_{tag}.json") as f:
+        with open(work / f"checkpoints_{tag}" / "recall_test.json") as f:
             record = json.load(f)
         assert record["counts"] == {**record["counts"], "num_utterances": 20, "num_images": 4}
         row = next(line for line in table.splitlines() if line.startswith(label))
@@ -68,3 +68,51 @@ def test_a_corpus_made_with_other_options_is_refused(demo_run):
     proc = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "scene_corpus.json" in proc.stderr and "asked for" in proc.stderr and "--fresh" in proc.stderr
+
+
+ABLATION = os.path.join(REPO_ROOT, "examples", "ablation.py")
+
+
+def _ablation(work, *extra):
+    toy = [a for a in TOY]
+    return subprocess.run([sys.executable, ABLATION, "--work-dir", str(work), *toy, *extra], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_ablation_harness_trains_rows_by_seeds_then_resumes_without_retraining(demo_run):
+    work, _ = demo_run
+    proc = _ablation(work, "--rows", "sic", "cmd-cosine", "--seeds", "1", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "4 runs trained, 0 reused" in proc.stdout
+    out_dir = work / "ablation"
+    with open(out_dir / "ablation_u4.json") as f:
+        record = json.load(f)
+    for row in ("sic", "cmd-cosine"):
+        per_seed = record["rows"][row]["per_seed"]
+        assert set(per_seed) == {"1", "2"}
+        test_r1 = [per_seed[s]["test"]["mean_r1"] for s in ("1", "2")]
+        mean, sd = record["rows"][row]["mean_sd"]["mean_r1"]
+        assert mean == pytest.approx(sum(test_r1) / 2)
+        assert sd == pytest.approx(abs(test_r1[0] - test_r1[1]) / 2 ** 0.5)
+        # each run's checkpoint was chosen on valid and scored on valid and test
+        for seed in ("1", "2"):
+            run_dir = out_dir / "u4" / row / f"seed{seed}"
+            assert (run_dir / "checkpoint_best.pt").is_file()
+            with open(run_dir / "recall_test.json") as f:
+                assert json.load(f)["recall"]["mean_r1"] == per_seed[seed]["test"]["mean_r1"]
+        line = next(line for line in proc.stdout.splitlines() if line.startswith(row + " "))
+        assert f"{mean:.1f}±{sd:.1f}" in line
+    # the CMD row logged its fusion attention; the alpha = 0 row has none
+    assert set(record["rows"]["cmd-cosine"]["per_seed"]["1"]["attention"]) == {
+        "attn_entropy", "attn_max", "attn_cos_mean_pool"}
+    assert record["rows"]["sic"]["per_seed"]["1"]["attention"] == {}
+    assert (out_dir / "ablation_u4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    again = _ablation(work, "--rows", "sic", "cmd-cosine", "--seeds", "1", "2")
+    assert again.returncode == 0 and "0 runs trained, 4 reused" in again.stdout
+
+
+def test_ablation_rejects_an_unknown_row_before_any_work(tmp_path):
+    proc = _ablation(tmp_path / "none", "--rows", "cmd-dot")
+    assert proc.returncode != 0 and "unknown row 'cmd-dot'" in proc.stderr
+    assert not (tmp_path / "none").exists()

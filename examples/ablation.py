@@ -1,0 +1,228 @@
+#!/usr/bin/env python
+"""Ablation harness on the demo's generated corpus: rows (method variants) x training seeds.
+
+    python examples/ablation.py --seeds 1 2 3                        # the default rows
+    python examples/ablation.py --rows sic cmd-cosine cmd-cosine-a0.5 --seeds 1 2 3
+
+Reuses the demo's stages and work dir (tiny encoders, corpus, manifests, pre-trained tiny CLIP;
+``examples/demo.py`` options apply). Each run trains the tiny config, keeps the checkpoint with the
+best valid mean R@1 (``checkpoint_best.pt``), and scores it on valid and test with eval_recall.py.
+A run whose records exist is reused, so an interrupted sweep resumes where it stopped. Prints one
+table of mean ± sd over seeds (test R@1/5/10 both directions and mean, plus the selection metric
+valid mean R@1), writes every figure to ``ablation.json`` and plots test mean R@1 against α
+(the paper's Figure 2) to ``ablation.png``.
+
+Rows: ``sic`` (α = 0: contrastive only) and ``cmd-VARIANT[-aALPHA]`` with VARIANT one of the
+fusion encoder's ``model.fusion_attention`` choices and ALPHA = criterion.cmd_weight (default 1).
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+EXAMPLES = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(EXAMPLES)
+sys.path.insert(0, EXAMPLES)
+sys.path.insert(0, REPO)
+
+from demo import add_corpus_arguments, build_inputs, train_and_score  # noqa: E402
+
+from cmd_plugin.models.fusion import FUSION_ATTENTION_CHOICES  # noqa: E402
+
+DEFAULT_ROWS = ["sic", "cmd-literal", "cmd-cosine", "cmd-qkv", "cmd-cosine-a0.25", "cmd-cosine-a0.5"]
+REPORTED = [f"{d}_r{k}" for d in ("s2i", "i2s", "mean") for k in (1, 5, 10)]
+ROW_PATTERN = re.compile(r"^cmd-(?P<variant>[a-z]+)(?:-a(?P<alpha>[0-9]*\.?[0-9]+))?$")
+
+
+def row_overrides(row: str):
+    """A row name -> (fairseq-hydra-train overrides, alpha, fusion variant or None)."""
+    if row == "sic":
+        return ["criterion.cmd_weight=0.0"], 0.0, None
+    match = ROW_PATTERN.match(row)
+    if not match or match["variant"] not in FUSION_ATTENTION_CHOICES:
+        raise ValueError(f"unknown row {row!r}: expected 'sic' or 'cmd-VARIANT[-aALPHA]' with VARIANT in "
+                         f"{FUSION_ATTENTION_CHOICES}, e.g. cmd-cosine-a0.5")
+    alpha = float(match["alpha"]) if match["alpha"] else 1.0
+    if alpha <= 0:
+        raise ValueError(f"row {row!r}: alpha must be positive (use 'sic' for alpha = 0)")
+    return ([f"criterion.cmd_weight={alpha}", f"model.fusion_attention={match['variant']}"], alpha, match["variant"])
+
+
+ATTENTION_KEYS = ("attn_entropy", "attn_max", "attn_cos_mean_pool")
+
+
+def best_valid_line(log_text: str):
+    """The fields of the validation line whose mean_r1 selected checkpoint_best.pt (fairseq keeps
+    the last of equal bests), from a fairseq-hydra-train log; None when there is none."""
+    best = None
+    for line in log_text.splitlines():
+        if "valid on 'valid' subset" not in line:
+            continue
+        fields = {}
+        for part in line.split(" | "):
+            key, _, value = part.strip().rpartition(" ")
+            try:
+                fields[key] = float(value)
+            except ValueError:
+                pass
+        if "mean_r1" in fields and (best is None or fields["mean_r1"] >= best["mean_r1"]):
+            best = fields
+    return best
+
+
+def mean_sd(values):
+    """(mean, sample standard deviation; 0 for one value)."""
+    values = [float(v) for v in values]
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(runs):
+    """runs: {row: {seed: {"test": record, "valid": record}}} -> {row: {key: (mean, sd)}} over seeds
+    for the test split's REPORTED keys and ``valid_mean_r1``."""
+    table = {}
+    for row, by_seed in runs.items():
+        seeds = sorted(by_seed)
+        stats = {key: mean_sd([by_seed[s]["test"]["recall"][key] for s in seeds]) for key in REPORTED}
+        stats["valid_mean_r1"] = mean_sd([by_seed[s]["valid"]["recall"]["mean_r1"] for s in seeds])
+        for key in ATTENTION_KEYS:  # the fusion's attention on valid at the selected checkpoint
+            values = [by_seed[s].get("attention", {}).get(key) for s in seeds]
+            if all(v is not None for v in values):
+                stats[key] = mean_sd(values)
+        stats["num_seeds"] = len(seeds)
+        table[row] = stats
+    return table
+
+
+def format_table(table) -> str:
+    """Rows of mean±sd (x100 recall), test split, plus the selection metric (valid mean R@1)."""
+    head = ["row", "seeds"] + [k.replace("_r", " R@") for k in REPORTED] + ["valid mean R@1"]
+    lines = []
+    for row, stats in table.items():
+        cells = [row, str(stats["num_seeds"])]
+        cells += [f"{stats[k][0]:.1f}±{stats[k][1]:.1f}" for k in REPORTED + ["valid_mean_r1"]]
+        lines.append(cells)
+    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(head)]
+    fmt = lambda cells: " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([fmt(head), "-+-".join("-" * w for w in widths)] + [fmt(c) for c in lines])
+
+
+def plot_alpha(table, path, title):
+    """Test mean R@1 (mean ± sd over seeds) against α for each fusion variant; α = 0 is shared."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    base = table.get("sic")
+    for variant in FUSION_ATTENTION_CHOICES:
+        points = sorted((row_overrides(r)[1], s["mean_r1"]) for r, s in table.items()
+                        if r != "sic" and row_overrides(r)[2] == variant)
+        if not points:
+            continue
+        if base:
+            points = [(0.0, base["mean_r1"])] + points
+        xs = [a for a, _ in points]
+        ax.errorbar(xs, [m for _, (m, _) in points], yerr=[sd for _, (_, sd) in points], marker="o", capsize=3,
+                    label=f"fusion: {variant}")
+    ax.set_xlabel("α (weight of L_cmd)")
+    ax.set_ylabel("test mean R@1 (mean ± sd over seeds)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_json(record, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_corpus_arguments(parser)
+    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help=f"rows to run (default: {DEFAULT_ROWS})")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="training seeds (common.seed)")
+    parser.add_argument("--out-dir", default=None, help="runs, JSON and plot (default: WORK_DIR/ablation)")
+    args = parser.parse_args(argv)
+    rows = list(dict.fromkeys(args.rows))
+    overrides = {row: row_overrides(row)[0] for row in rows}  # bad row names fail before any work
+
+    timings = {}
+    t0 = time.time()
+    inputs = build_inputs(args, timings)
+    out_dir = os.path.abspath(args.out_dir or os.path.join(inputs["work"], "ablation"))
+    tag_updates = f"u{args.max_update}" if args.max_update else "udefault"
+    runs, trained = {}, 0
+    for seed in args.seeds:  # seed-major: every row gets its first seed before any row gets a third
+        for row in rows:
+            save_dir = os.path.join(out_dir, tag_updates, row, f"seed{seed}")
+            paths = {split: os.path.join(save_dir, f"recall_{split}.json") for split in ("valid", "test")}
+            if all(os.path.isfile(p) for p in paths.values()):
+                records = {}
+                for split, p in paths.items():
+                    with open(p) as f:
+                        records[split] = json.load(f)
+                print(f"reusing {row} seed {seed} ({save_dir})", flush=True)
+            else:
+                os.makedirs(os.path.dirname(save_dir), exist_ok=True)
+                records = train_and_score(inputs, save_dir, overrides[row], seed, args.max_update,
+                                          save_dir + ".train.log", splits=("valid", "test"), timings=timings,
+                                          tag=f"{row} seed{seed}")
+                trained += 1
+                print(f"{row} seed {seed}: test mean R@1 {records['test']['recall']['mean_r1']:.1f}, "
+                      f"valid mean R@1 {records['valid']['recall']['mean_r1']:.1f}", flush=True)
+            log_path = save_dir + ".train.log"
+            if os.path.isfile(log_path):
+                with open(log_path) as f:
+                    best = best_valid_line(f.read()) or {}
+                records["attention"] = {k: best[k] for k in ATTENTION_KEYS if k in best}
+            runs.setdefault(row, {})[seed] = records
+
+    table = aggregate(runs)
+    first = next(iter(runs.values()))[args.seeds[0]]["test"]
+    counts, chance = first["counts"], first["chance"]
+    header = (f"Ablation on the generated corpus ({inputs['work']}): test split {counts['num_utterances']} utterances x "
+              f"{counts['num_images']} images; checkpoints chosen on valid mean R@1; seeds {args.seeds}; "
+              f"max_update {args.max_update or 'of examples/tiny/config.yaml'}")
+    print()
+    print(header)
+    print(format_table(table))
+    print(f"chance: mean R@1 {chance['mean_r1']:.1f}, R@10 {chance['mean_r10']:.1f}")
+    attention_rows = [(row, st) for row, st in table.items() if "attn_entropy" in st]
+    if attention_rows:
+        print("fusion attention on valid at the selected checkpoint (uniform: entropy 1, max 1/N, cos 1):")
+        for row, st in attention_rows:
+            print(f"  {row}: " + ", ".join(f"{k} {st[k][0]:.3f}±{st[k][1]:.3f}" for k in ATTENTION_KEYS))
+    record = {
+        "command": " ".join([os.path.basename(sys.executable), "examples/ablation.py"] + list(argv or sys.argv[1:])),
+        "header": header,
+        "rows": {row: {"overrides": overrides[row],
+                       "per_seed": {str(s): {"test": runs[row][s]["test"]["recall"],
+                                             "valid": runs[row][s]["valid"]["recall"],
+                                             "attention": runs[row][s].get("attention", {})}
+                                    for s in sorted(runs[row])},
+                       "mean_sd": {k: list(v) if isinstance(v, tuple) else v for k, v in table[row].items()}}
+                 for row in rows},
+        "chance": chance,
+        "counts": counts,
+    }
+    write_json(record, os.path.join(out_dir, f"ablation_{tag_updates}.json"))
+    plot = os.path.join(out_dir, f"ablation_{tag_updates}.png")
+    plot_alpha(table, plot, header[:60] + "…")
+    print(f"record: {os.path.join(out_dir, f'ablation_{tag_updates}.json')}; plot: {plot}")
+    print(f"{trained} runs trained, {len(rows) * len(args.seeds) - trained} reused; {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""The ablation harness's pure parts: row names, mean ± sd over seeds, the selected validation line."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+from ablation import aggregate, best_valid_line, format_table, row_overrides  # noqa: E402
+
+
+def test_row_names_map_to_overrides():
+    assert row_overrides("sic") == (["criterion.cmd_weight=0.0"], 0.0, None)
+    assert row_overrides("cmd-qkv") == (["criterion.cmd_weight=1.0", "model.fusion_attention=qkv"], 1.0, "qkv")
+    assert row_overrides("cmd-cosine-a0.25")[1:] == (0.25, "cosine")
+    for bad in ("cmd-dot", "cmd-cosine-a0", "sic-a1", "cosine"):
+        with pytest.raises(ValueError, match="row"):
+            row_overrides(bad)
+
+
+def _record(r1):
+    keys = [f"{d}_r{k}" for d in ("s2i", "i2s", "mean") for k in (1, 5, 10)]
+    return {"recall": {k: r1 + i for i, k in enumerate(keys)}}
+
+
+def test_aggregate_gives_mean_and_sample_sd_over_seeds():
+    runs = {"sic": {1: {"test": _record(10.0), "valid": _record(20.0)},
+                    2: {"test": _record(14.0), "valid": _record(22.0)}}}
+    table = aggregate(runs)
+    assert table["sic"]["s2i_r1"] == pytest.approx((12.0, 2.8284271))
+    assert table["sic"]["valid_mean_r1"] == pytest.approx((27.0, 1.4142136))  # mean_r1 is key 6 of 9
+    assert table["sic"]["num_seeds"] == 2
+    assert "12.0±2.8" in format_table(table)
+
+
+def test_best_valid_line_is_the_last_of_equal_best_mean_r1():
+    log = "\n".join([
+        "x | INFO | valid | epoch 001 | valid on 'valid' subset | loss 3.1 | attn_entropy 0.99 | mean_r1 10.0 | wps 5",
+        "x | INFO | train | epoch 001 | loss 3.0",
+        "x | INFO | valid | epoch 002 | valid on 'valid' subset | loss 2.9 | attn_entropy 0.80 | mean_r1 12.5",
+        "x | INFO | valid | epoch 003 | valid on 'valid' subset | loss 2.8 | attn_entropy 0.70 | mean_r1 12.5",
+        "x | INFO | valid | epoch 004 | valid on 'valid' subset | loss 2.7 | attn_entropy 0.60 | mean_r1 11.0",
+    ])
+    best = best_valid_line(log)
+    assert best["attn_entropy"] == 0.70 and best["loss"] == 2.8
+    assert best_valid_line("no validation here") is None

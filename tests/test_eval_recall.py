@@ -83,7 +83,7 @@ def setup(tiny_encoders, tmp_path_factory):
                 p.add_(0.05 * torch.randn_like(p))
     model.eval()
 
-    model_dict = OmegaConf.to_container(OmegaConf.structured(model_cfg))
+    model_dict = OmegaConf.to_container(OmegaConf.structured(model_cfg), enum_to_str=True)  # as fairseq saves
     model_dict.update(_name="cmd_speech_image", hubert_path=old_hubert)
     # what fairseq's Trainer.state_dict saves: the resolved config as plain containers
     state = {
@@ -97,7 +97,9 @@ def setup(tiny_encoders, tmp_path_factory):
                 "image_model_config": tiny_encoders["image_model_config"],
                 "image_pretrained": tiny_encoders["image_pretrained"],
                 "image_feature_cache": str(root / "training_image_cache"),  # gone: scoring encodes pixels
-                "sample_rate": 16000, "min_sample_size": 1600, "max_sample_size": 480000,
+                # training's length filter would drop the 4000- and 8500-sample test utterances:
+                # scoring must still score every one of them
+                "sample_rate": 16000, "min_sample_size": 4500, "max_sample_size": 7000,
                 "num_length_buckets": 0,
             },
             "model": model_dict,

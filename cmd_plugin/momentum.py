@@ -74,6 +74,12 @@ class MomentumCopies(nn.Module):
         dropout: True -> the copies follow the owner's train()/eval() mode (ALBEF: momentum
             encoders are ordinary submodules, so their dropout is active in training);
             False -> the copies always run in eval mode (deterministic targets).
+        keep_fp32: True -> the copies stay float32 when the owner is cast (fairseq's ``--fp16``
+            and ``--bf16`` call ``model.half()`` / ``model.bfloat16()``; device moves still
+            apply). With decay 0.995 an update moves a weight by 0.5 % of its distance to the
+            online weight, less than half a unit in the last place of fp16/bf16 for nearly every
+            weight: a half-precision EMA would stop moving. The caller then runs the copies on
+            ``.float()`` inputs. False -> the copies take the owner's dtype.
 
     The online objects are referenced, not registered (their parameters belong to the owner).
     ``self[name]`` is the momentum copy: a module, or for a parameter the tensor
@@ -82,8 +88,11 @@ class MomentumCopies(nn.Module):
     Buffers: ``last_update`` () int64, the ``num_updates`` at which :meth:`step` last applied.
     """
 
-    def __init__(self, online: Mapping[str, Union[nn.Module, nn.Parameter]], dropout: bool = True):
+    def __init__(
+        self, online: Mapping[str, Union[nn.Module, nn.Parameter]], dropout: bool = True, keep_fp32: bool = True
+    ):
         super().__init__()
+        self.keep_fp32 = keep_fp32
         if not online:
             raise ValueError("MomentumCopies needs at least one submodule or parameter to track")
         self.dropout = dropout
@@ -118,6 +127,19 @@ class MomentumCopies(nn.Module):
         if not self.dropout:
             self.copies.eval()
         return self
+
+    def _apply(self, fn, recurse=True):
+        if not self.keep_fp32:
+            return super()._apply(fn, recurse)
+
+        def device_only(tensor):
+            if not tensor.is_floating_point():
+                return fn(tensor)
+            # where fn sends a tensor, read from an empty one; the dtype is kept
+            target = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device))
+            return tensor.to(device=target.device)
+
+        return super()._apply(device_only, recurse)
 
     def names(self):
         return list(self._online)

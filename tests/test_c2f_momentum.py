@@ -166,3 +166,30 @@ def test_resume_restores_momentum_and_queue_so_the_next_updates_match(tmp_path):
         for key, value in expected.items():
             assert torch.equal(got[key], value), f"update {n}: {key} differs from the uninterrupted run"
     assert len(resumed.queue) == 5 and int(resumed.momentum.last_update) == 6
+
+
+def test_copies_stay_fp32_when_the_owner_is_cast_to_half_precision():
+    for cast in (nn.Module.half, nn.Module.bfloat16):
+        model = cast(Owner())
+        assert model.proj.weight.dtype != torch.float32
+        assert all(t.dtype == torch.float32 for t in model.momentum.parameters())
+        assert model.momentum.last_update.dtype == torch.long
+        # an EMA step of 0.5 % of a small difference: kept in fp32, lost in half precision
+        with torch.no_grad():
+            model.proj.weight.add_(0.01)
+        before = model.momentum["proj"].weight.clone()
+        model.momentum.update(0.995)
+        moved = model.momentum["proj"].weight - before
+        torch.testing.assert_close(moved, 0.005 * (model.proj.weight.float() - before), rtol=0, atol=1e-6)
+        assert (moved != 0).all()
+
+        low = Owner()
+        low.momentum = MomentumCopies({"proj": low.proj}, keep_fp32=False)
+        cast(low)
+        assert low.momentum["proj"].weight.dtype == low.proj.weight.dtype
+        with torch.no_grad():
+            low.proj.weight.add_(0.01)
+        before = low.momentum["proj"].weight.clone()
+        low.momentum.update(0.995)
+        # most weights did not move at all: the reason copies are kept in fp32
+        assert (low.momentum["proj"].weight == before).float().mean() > 0.5

@@ -1,7 +1,30 @@
-"""Frozen open_clip image tower (CLIP ViT-L/14 in the paper) as the image upstream.
+"""Frozen open_clip image tower as the image upstream: CLIP ViT-L/14 (the CMD paper) or a tower
+built on a timm trunk, such as EVA-CLIP ViT-g/14 (``EVA01-g-14``, BLIP-2's image encoder, the
+coarse-to-fine paper).
 
 Only the visual tower is kept. Weights come from a LOCAL file: a named pretrained tag would make
 open_clip download, which is never wanted here (and impossible on the training machines).
+
+Both kinds of tower return the pooled embedding (open_clip's ``encode_image``) and the patch
+tokens mapped into the same joint space by the map that produces the pooled embedding:
+
+* open_clip ``VisionTransformer``: tokens after ``ln_post``, times ``proj``.
+* open_clip ``TimmModel`` (a timm ViT-style trunk): timm pools the trunk's final tokens
+  (``forward_features``, after the trunk's ``norm``) and projects only that pooled vector:
+  ``fc_norm -> head_drop -> trunk.head`` (the joint-space Linear for EVA configs, whose
+  ``timm_proj`` is null), then open_clip's own ``head`` (the Linear/MLP when ``timm_proj`` is
+  "linear"/"mlp"; empty otherwise). That chain has no token-wise counterpart in timm, so this
+  module MAKES ONE: the same chain is applied to every patch token,
+  ``patches = head(trunk.head(fc_norm(tokens[:, num_prefix_tokens:])))``. With token pooling
+  (EVA's ``timm_pool: token``, ``fc_norm`` = Identity) the CLS token and the patches then go
+  through exactly the same LayerNorm + Linear, as in the VisionTransformer path; with average
+  pooling the pooled vector is ``fc_norm(mean(tokens))`` while each patch is ``fc_norm(token)``.
+  Prefix tokens (CLS, register tokens) are never patches. Attention pooling (timm ``map``,
+  open_clip ``abs_attn``/``rot_attn``) has no per-token counterpart and is refused.
+
+  BLIP-2 itself feeds its Q-Former the penultimate layer's 1,408-dim tokens, unprojected; here
+  the patches are in the joint space like the CLIP path, so the CMD fusion and the C2F
+  multimodal encoder see one kind of input whatever the tower.
 """
 
 import os
@@ -12,6 +35,7 @@ import torch
 from torch import nn
 
 import open_clip
+from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
 
 # open_clip keeps a global list of config paths and rescans all of them on every
@@ -30,13 +54,14 @@ def register_model_config(model_config: str) -> None:
 
 
 class ClipImageUpstream(nn.Module):
-    """open_clip ViT image encoder, frozen.
+    """open_clip image tower (its own ViT, or a timm ViT-style trunk), frozen.
 
     Attributes:
-        embed_dim: joint image-text embedding size E (768 for ViT-L/14).
-        num_patches: number of patch tokens N (256 for ViT-L/14 at 224 px).
+        embed_dim: joint image-text embedding size E (768 for ViT-L/14, 1024 for EVA01-g-14).
+        num_patches: number of patch tokens N (256 for ViT-L/14 and EVA01-g-14 at 224 px).
         preprocess: open_clip's eval transform for this model (PIL image -> (3, H, W) tensor).
-        visual: the open_clip VisionTransformer.
+        visual: the open_clip VisionTransformer or TimmModel.
+        tower: "open_clip_vit" or "timm".
     """
 
     def __init__(
@@ -62,20 +87,31 @@ class ClipImageUpstream(nn.Module):
             model_name, pretrained=os.path.abspath(pretrained) if pretrained else None
         )
         visual = model.visual
-        if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None:
+        if isinstance(visual, VisionTransformer):
+            self.tower = "open_clip_vit"
+            if visual.attn_pool is not None:
+                raise ValueError(
+                    f"open_clip model '{model_name}' pools its image tokens by attention: its patch "
+                    "tokens have no projection into the joint space; only plain ViT towers are supported"
+                )
+            if visual.proj is None:
+                raise ValueError(f"open_clip model '{model_name}' has no visual projection")
+            visual.output_tokens = True
+            self.embed_dim = int(visual.proj.shape[1])
+            self.num_patches = int(visual.grid_size[0] * visual.grid_size[1])
+        elif isinstance(visual, TimmModel):
+            self.tower = "timm"
+            self.embed_dim = _timm_output_dim(visual)
+            self.num_patches = _timm_num_patches(model_name, visual)
+        else:
             raise ValueError(
-                f"open_clip model '{model_name}' has no plain ViT image tower "
-                f"({type(visual).__name__}); only open_clip VisionTransformer is supported"
+                f"open_clip model '{model_name}' has an image tower of type {type(visual).__name__}; "
+                "supported: open_clip VisionTransformer, or TimmModel on a timm ViT-style trunk"
             )
-        if visual.proj is None:
-            raise ValueError(f"open_clip model '{model_name}' has no visual projection")
         # The text tower is dropped with `model`; only the image tower is registered here.
-        visual.output_tokens = True
         self.visual = visual
         self.model_name = model_name
         self.preprocess = preprocess
-        self.embed_dim = int(visual.proj.shape[1])
-        self.num_patches = int(visual.grid_size[0] * visual.grid_size[1])
         self.image_size = tuple(visual.image_size)
         self.freeze = freeze
         if freeze:
@@ -85,7 +121,7 @@ class ClipImageUpstream(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         if self.freeze:
-            # fairseq calls model.train() every step; a frozen tower must stay deterministic.
+            # fairseq calls model.train() every step: a frozen tower must stay deterministic.
             self.visual.eval()
         return self
 
@@ -93,9 +129,59 @@ class ClipImageUpstream(nn.Module):
         """images (B, 3, H, W), preprocessed -> (pooled (B, E), patches (B, N, E)).
 
         pooled is the projected, un-normalised image embedding (open_clip's encode_image);
-        patches are the patch tokens after ln_post, projected into the joint space with visual.proj.
+        patches are the patch tokens mapped into the joint space by the pooled embedding's own
+        map (module docstring): ``ln_post`` then ``proj`` for open_clip's ViT,
+        ``fc_norm -> trunk.head -> head`` token-wise for a timm trunk. The trunk runs once.
         """
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze):
-            pooled, tokens = self.visual(images)
-            patches = tokens @ self.visual.proj
+            if self.tower == "timm":
+                trunk = self.visual.trunk
+                tokens = trunk.forward_features(images)  # (B, prefix + N, C), after the trunk's norm
+                pooled = self.visual.head(trunk.forward_head(tokens))
+                patches = tokens[:, trunk.num_prefix_tokens:]
+                patches = self.visual.head(trunk.head(trunk.head_drop(trunk.fc_norm(patches))))
+            else:
+                pooled, tokens = self.visual(images)
+                patches = tokens @ self.visual.proj
         return pooled, patches
+
+
+def _timm_output_dim(visual) -> int:
+    """Width of the tower's output: the last Linear of the trunk's head and open_clip's head, or
+    the trunk's width when neither projects (``timm_proj: none``)."""
+    head = [m for m in list(visual.trunk.head.modules()) + list(visual.head.modules()) if isinstance(m, nn.Linear)]
+    if not head:
+        return int(visual.trunk.num_features)
+    return int(head[-1].out_features)
+
+
+def _timm_num_patches(model_name: str, visual) -> int:
+    """Number of patch tokens of a timm ViT-style trunk at open_clip's image size; refuses
+    trunks whose tokens cannot be mapped into the joint space one by one."""
+    trunk = visual.trunk
+    name = f"open_clip model '{model_name}' (timm trunk {type(trunk).__name__})"
+    required = ("forward_features", "forward_head", "num_prefix_tokens", "patch_embed", "fc_norm", "head_drop", "head")
+    missing = [a for a in required if not hasattr(trunk, a)]
+    if missing:
+        raise ValueError(
+            f"{name} is not a ViT-style trunk (no {', '.join(missing)}): only trunks whose "
+            "forward_features returns a token sequence (timm VisionTransformer, Eva, ...) are supported"
+        )
+    if getattr(trunk, "attn_pool", None) is not None or any(n == "pool" for n, _ in visual.head.named_children()):
+        raise ValueError(
+            f"{name} pools its tokens by attention: patch tokens have no per-token projection "
+            "into the joint space; use token or average pooling"
+        )
+    if getattr(trunk, "global_pool", "token") not in ("token", "avg"):
+        raise ValueError(f"{name} pools with {trunk.global_pool!r}; supported: 'token' or 'avg'")
+    patch = trunk.patch_embed.patch_size
+    patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    height, width = tuple(visual.image_size)
+    if not getattr(trunk, "dynamic_img_size", False):
+        built = tuple(trunk.patch_embed.img_size)
+        if built != (height, width):
+            raise ValueError(
+                f"{name} is built for {built[0]}x{built[1]} px images but the config's image_size is "
+                f"{height}x{width}: set vision_cfg.image_size to {built[0]}"
+            )
+    return int((height // patch[0]) * (width // patch[1]))

@@ -1,0 +1,110 @@
+"""Hard negatives for speech-image matching (SIM), mined from the SIC similarities.
+
+For every speech item one negative image, and for every image one negative speech item, drawn
+with probability proportional to ``softmax`` of the SIC logits over the global batch, where
+every column of the row's own image (the pair itself and every other caption of that image) has
+probability 0 (ALBEF's ITM negatives, Sec. 3.2):
+
+    P(c | r) = exp(l[r, c]) / sum_{c' : img(c') != img(r)} exp(l[r, c'])   if img(c) != img(r), else 0
+
+Design points (each a failure reported by ALBEF/BLIP users):
+
+* fp32 throughout, same-image columns set to -inf BEFORE the softmax (ALBEF masks after the
+  softmax and adds 1e-4 inside it, which the softmax's shift-invariance cancels; in fp16 whole
+  rows underflow to 0 and ``torch.multinomial`` raises ``invalid multinomial distribution``).
+* a row whose weights are still unusable (NaN/inf logits) falls back to a uniform choice among
+  its non-positive columns; a row with NO non-positive column (every column is its image) is
+  skipped: ``valid[r]`` is False and ``index[r]`` is -1. Use ``index[valid]`` only.
+* an explicit ``torch.Generator``: the same state draws the same negatives. To make N
+  data-parallel workers draw what one process draws, call it on every worker with the GLOBAL
+  rows and the same generator state, then keep the local rows.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["sample_hard_negatives", "negative_probabilities"]
+
+
+def negative_probabilities(
+    logits: torch.Tensor, row_ids: torch.Tensor, col_ids: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sampling distribution of hard negatives.
+
+    Args:
+        logits: (R, C) SIC similarities divided by the temperature (any float dtype; computed
+            in fp32 here, without gradient).
+        row_ids: (R,) or (R, k) image identity of each row; col_ids: (C,) or (C, k) of each
+            column (e.g. image id, or ``(split code, image id)``).
+    Returns:
+        probs (R, C) float32, each row summing to 1 over non-positive columns (0 on same-image
+        columns); for a row with no usable weight the uniform distribution over its
+        non-positive columns; a row without any non-positive column is all zeros.
+        has_negative (R,) bool: the row has at least one non-positive column.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (R, C), got {tuple(logits.shape)}")
+    rows, cols = logits.shape
+    if row_ids.size(0) != rows or col_ids.size(0) != cols:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} need {rows} row ids and {cols} column ids, "
+            f"got {tuple(row_ids.shape)} and {tuple(col_ids.shape)}"
+        )
+    with torch.no_grad():
+        row_ids = row_ids.to(logits.device)
+        col_ids = col_ids.to(logits.device)
+        if row_ids.dim() == 1:
+            positive = row_ids[:, None] == col_ids[None, :]
+        else:
+            positive = (row_ids[:, None, :] == col_ids[None, :, :]).all(dim=-1)
+        negative = ~positive
+        has_negative = negative.any(dim=1)
+        masked = logits.detach().float().masked_fill(positive, float("-inf"))
+        # a NaN or +inf logit, or no finite one, gives no distribution: uniform fallback below
+        broken = torch.isnan(masked).any(dim=1) | torch.isposinf(masked).any(dim=1)
+        usable = has_negative & ~broken & torch.isfinite(masked).any(dim=1)
+        probs = torch.zeros(rows, cols, dtype=torch.float32, device=logits.device)
+        if bool(usable.any()):
+            probs[usable] = torch.softmax(masked[usable], dim=1)
+        fallback = has_negative & ~usable
+        if bool(fallback.any()):
+            uniform = negative[fallback].float()
+            probs[fallback] = uniform / uniform.sum(dim=1, keepdim=True)
+        # belt and braces: positives are exactly 0 whatever the arithmetic did
+        probs.masked_fill_(positive, 0.0)
+    return probs, has_negative
+
+
+def sample_hard_negatives(
+    logits: torch.Tensor,
+    row_ids: torch.Tensor,
+    col_ids: torch.Tensor,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One hard-negative column per row, drawn from :func:`negative_probabilities`.
+
+    Speech -> negative image: ``logits`` = speech-to-image SIC logits (B_rows, B_global) with
+    ``row_ids`` the speech items' image ids and ``col_ids`` the global batch's image ids.
+    Image -> negative speech: the image-to-speech logits (the transpose), rows = images of
+    the batch items.
+
+    Args:
+        logits: (R, C) SIC logits (fp16/bf16/fp32; sampled in fp32).
+        row_ids, col_ids: (R,)/(R, k) and (C,)/(C, k) image identities.
+        generator: torch.Generator (on the device sampled on; a CPU generator moves the weights
+            to the CPU for sampling). None uses torch's global generator.
+    Returns:
+        index (R,) int64 column of each row's negative (on ``logits.device``), -1 for skipped
+        rows; valid (R,) bool, False for rows with no non-positive column.
+    """
+    probs, valid = negative_probabilities(logits, row_ids, col_ids)
+    device = logits.device
+    index = torch.full((probs.size(0),), -1, dtype=torch.long, device=device)
+    if bool(valid.any()):
+        weights = probs[valid]
+        if generator is not None and weights.device != generator.device:
+            weights = weights.to(generator.device)
+        drawn = torch.multinomial(weights, 1, generator=generator)[:, 0]
+        index[valid] = drawn.to(device)
+    return index, valid

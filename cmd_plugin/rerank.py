@@ -1,0 +1,195 @@
+"""Coarse-to-fine retrieval at test time: SIC top-K, re-scored by the SIM head.
+
+For every speech query the K images with the highest SIC similarity, and for every image query
+the K utterances with the highest SIC similarity, are re-scored by a pairwise scoring callable
+(the multimodal encoder + matching head) and re-ordered by
+
+    score = SIM(u, j)                      (ALBEF: the match logit alone), or
+    score = SIM(u, j) + SIC(u, j)          (BLIP: match logit + cosine similarity; ``add_sic``)
+
+Candidates outside the top K stay below every re-ranked one, so R@k is defined for k <= K.
+Pure torch, no fairseq. :func:`reranked_recall` turns the result into the same dict as
+:func:`cmd_plugin.recall.retrieval_recall`, with the same tie conventions (ties never flatter
+the model; image -> speech counts a hit when any caption is among the top k).
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Sequence, Tuple
+
+import torch
+
+from .recall import _check_ks
+
+__all__ = ["RerankResult", "sic_topk", "rerank", "reranked_recall"]
+
+# (speech_index (P,), image_index (P,)) int64 on the CPU -> (P,) scores
+PairScorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class RerankResult:
+    """Re-ranked candidate lists of both directions.
+
+    s2i_index (Ns, Ks) image rows of each utterance's SIC top-Ks (Ks = min(K, Ni)), in SIC order;
+    s2i_scores (Ns, Ks) their re-ranking scores (float32);
+    i2s_index (Ni, Kt) utterance rows of each image's SIC top-Kt (Kt = min(K, Ns));
+    i2s_scores (Ni, Kt) their re-ranking scores;
+    num_pairs: distinct (utterance, image) pairs scored (both directions share pairs).
+    """
+
+    s2i_index: torch.Tensor
+    s2i_scores: torch.Tensor
+    i2s_index: torch.Tensor
+    i2s_scores: torch.Tensor
+    num_pairs: int
+
+    @property
+    def k(self) -> int:
+        return min(self.s2i_index.size(1), self.i2s_index.size(1))
+
+    def dense(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Full score matrices: s2i (Ns, Ni) and i2s (Ni, Ns), -inf outside each query's top K
+        (ALBEF's score matrices, which fill them with -100)."""
+        ns, ni = self.s2i_index.size(0), self.i2s_index.size(0)
+        s2i = torch.full((ns, ni), float("-inf"))
+        s2i.scatter_(1, self.s2i_index, self.s2i_scores)
+        i2s = torch.full((ni, ns), float("-inf"))
+        i2s.scatter_(1, self.i2s_index, self.i2s_scores)
+        return s2i, i2s
+
+
+@torch.no_grad()
+def _topk_rows(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    values, indices = [], []
+    for start in range(0, queries.size(0), chunk_size):
+        scores = queries[start:start + chunk_size] @ keys.T
+        v, i = scores.topk(k, dim=1)
+        values.append(v)
+        indices.append(i)
+    return torch.cat(values).float().cpu(), torch.cat(indices).cpu()
+
+
+@torch.no_grad()
+def sic_topk(speech_emb: torch.Tensor, image_emb: torch.Tensor, k: int, chunk_size: int = 4096):
+    """SIC candidates of both directions (similarity = dot product of the unit-norm embeddings).
+
+    Returns (s2i_sims (Ns, Ks), s2i_index (Ns, Ks), i2s_sims (Ni, Kt), i2s_index (Ni, Kt)), on the
+    CPU, each row sorted by decreasing similarity; Ks = min(k, Ni), Kt = min(k, Ns).
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"re-ranking K must be a positive int, got {k!r}")
+    for name, emb in (("speech_emb", speech_emb), ("image_emb", image_emb)):
+        if emb.dim() != 2 or emb.size(0) == 0:
+            raise ValueError(f"{name} must be a non-empty (N, D) tensor, got {tuple(emb.shape)}")
+    if speech_emb.size(1) != image_emb.size(1):
+        raise ValueError(f"speech_emb and image_emb differ in dim: {tuple(speech_emb.shape)} vs {tuple(image_emb.shape)}")
+    s2i = _topk_rows(speech_emb, image_emb, min(k, image_emb.size(0)), chunk_size)
+    i2s = _topk_rows(image_emb, speech_emb, min(k, speech_emb.size(0)), chunk_size)
+    return s2i + i2s
+
+
+@torch.no_grad()
+def rerank(
+    speech_emb: torch.Tensor,
+    image_emb: torch.Tensor,
+    pair_score: PairScorer,
+    k: int,
+    add_sic: bool = False,
+    pair_batch: int = 256,
+    chunk_size: int = 4096,
+) -> RerankResult:
+    """Re-score each query's SIC top-K with ``pair_score``, in both directions.
+
+    Args:
+        speech_emb: (Ns, D) unit-norm utterance embeddings (SIC space).
+        image_emb: (Ni, D) unit-norm embeddings of the de-duplicated images.
+        pair_score: callable ``(speech_index (P,), image_index (P,)) -> (P,)`` scores, e.g. the
+            match logit of the multimodal encoder on utterance ``speech_index[p]`` and image
+            ``image_index[p]``. Called with P <= ``pair_batch`` pairs at a time, sorted by
+            utterance then image (so the caller can reuse an utterance's sequence); each
+            distinct pair is scored once even when both directions rank it.
+        k: candidates per query (clipped to the number of candidates).
+        add_sic: False -> score = SIM alone (ALBEF); True -> SIM + SIC cosine (BLIP).
+        pair_batch: pairs per call of ``pair_score``.
+    Returns:
+        :class:`RerankResult`.
+    """
+    if isinstance(pair_batch, bool) or not isinstance(pair_batch, int) or pair_batch < 1:
+        raise ValueError(f"pair_batch must be a positive int, got {pair_batch!r}")
+    s2i_sims, s2i_index, i2s_sims, i2s_index = sic_topk(speech_emb, image_emb, k, chunk_size)
+    num_speech, num_images = speech_emb.size(0), image_emb.size(0)
+
+    # distinct (utterance, image) pairs of both directions, keyed u * Ni + j (sorted by u, then j)
+    s2i_keys = torch.arange(num_speech)[:, None] * num_images + s2i_index
+    i2s_keys = i2s_index * num_images + torch.arange(num_images)[:, None]
+    keys, inverse = torch.unique(torch.cat([s2i_keys.reshape(-1), i2s_keys.reshape(-1)]), return_inverse=True)
+    scores = torch.empty(keys.numel(), dtype=torch.float32)
+    for start in range(0, keys.numel(), pair_batch):
+        part = keys[start:start + pair_batch]
+        out = pair_score(part // num_images, part % num_images)
+        out = torch.as_tensor(out).detach().float().cpu().reshape(-1)
+        if out.numel() != part.numel():
+            raise ValueError(f"pair_score returned {out.numel()} scores for {part.numel()} pairs")
+        scores[start:start + part.numel()] = out
+    split = s2i_keys.numel()
+    s2i_scores = scores[inverse[:split]].view_as(s2i_index)
+    i2s_scores = scores[inverse[split:]].view_as(i2s_index)
+    if add_sic:
+        s2i_scores = s2i_scores + s2i_sims
+        i2s_scores = i2s_scores + i2s_sims
+    return RerankResult(s2i_index, s2i_scores, i2s_index, i2s_scores, int(keys.numel()))
+
+
+def reranked_recall(result: RerankResult, image_ids: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
+    """R@k of re-ranked lists, for every k <= K, in :func:`cmd_plugin.recall.retrieval_recall`'s
+    format and rank definitions restricted to the K candidates (a right answer outside them is
+    a miss at every k <= K):
+
+    * speech -> image, utterance u, paired image t: a miss when t is not among the candidates,
+      else ``rank = #{candidates scored > s_t} + #{other candidates scored == s_t}``.
+    * image -> speech, image j: ``m`` = best score of j's captions among its candidates (a miss
+      when none is there); ``rank = #{non-caption candidates scored >= m}``. Images without
+      captions are left out.
+
+    Args:
+        result: from :func:`rerank`.
+        image_ids: (Ns,) image row of every utterance.
+    """
+    ks = _check_ks(ks)
+    if max(ks) > result.k:
+        raise ValueError(f"re-ranked recall is defined for k <= K = {result.k}, got ks {list(ks)}: raise --rerank-k")
+    num_speech, num_images = result.s2i_index.size(0), result.i2s_index.size(0)
+    image_ids = image_ids.detach().cpu().long()
+    if image_ids.shape != (num_speech,):
+        raise ValueError(f"image_ids must have shape ({num_speech},), got {tuple(image_ids.shape)}")
+
+    # speech -> image
+    is_target = result.s2i_index == image_ids[:, None]  # (Ns, Ks), at most one True per row
+    found = is_target.any(dim=1)
+    target = torch.where(is_target, result.s2i_scores, torch.zeros_like(result.s2i_scores)).sum(dim=1)
+    below = (result.s2i_scores < target[:, None]).sum(dim=1)
+    s2i_rank = torch.where(found, (result.s2i_scores.size(1) - 1) - below, torch.full_like(below, result.k))
+
+    # image -> speech
+    is_caption = image_ids[result.i2s_index] == torch.arange(num_images)[:, None]  # (Ni, Kt)
+    has_caption_listed = is_caption.any(dim=1)
+    best = torch.where(is_caption, result.i2s_scores, torch.full_like(result.i2s_scores, float("-inf"))).amax(dim=1)
+    above = (~is_caption & ~(result.i2s_scores < best[:, None])).sum(dim=1)
+    i2s_rank = torch.where(has_caption_listed, above, torch.full_like(above, result.k))
+    has_caption = torch.bincount(image_ids, minlength=num_images) > 0
+    num_i2s = int(has_caption.sum())
+
+    out: Dict[str, float] = {}
+    for k in ks:
+        s2i_hits = int((s2i_rank < k).sum())
+        i2s_hits = int(((i2s_rank < k) & has_caption).sum())
+        s2i = 100.0 * s2i_hits / num_speech
+        i2s = 100.0 * i2s_hits / num_i2s
+        out[f"s2i_r{k}"], out[f"i2s_r{k}"], out[f"mean_r{k}"] = s2i, i2s, (s2i + i2s) / 2.0
+        out[f"s2i_hits_r{k}"], out[f"i2s_hits_r{k}"] = s2i_hits, i2s_hits
+    out["num_s2i_queries"] = num_speech
+    out["num_i2s_queries"] = num_i2s
+    out["num_images"] = num_images
+    out["num_images_without_caption"] = num_images - num_i2s
+    out["rerank_k"] = result.k
+    return out

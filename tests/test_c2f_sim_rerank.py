@@ -1,0 +1,214 @@
+"""SIM multimodal encoder + matching head, and test-time re-ranking of the SIC top-K."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cmd_plugin.models.multimodal import MatchingHead, MultimodalEncoder, image_tokens, match_score
+from cmd_plugin.recall import retrieval_recall
+from cmd_plugin.rerank import rerank, reranked_recall, sic_topk
+
+D, E, N = 16, 12, 5  # speech width, joint (image) width, patches
+
+
+def _encoder(layers=2, seed=0):
+    torch.manual_seed(seed)
+    return MultimodalEncoder(D, E, layers=layers, heads=2, ffn_dim=32, dropout=0.1).eval(), MatchingHead(D).eval()
+
+
+def _speech(lengths, seed=0):
+    """(B, 1+T, D) sequences, padding filled with junk, and the (B, 1+T) padding mask."""
+    gen = torch.Generator().manual_seed(seed)
+    longest = max(lengths)
+    x = torch.randn(len(lengths), 1 + longest, D, generator=gen)
+    mask = torch.zeros(len(lengths), 1 + longest, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, 1 + n:] = True
+        x[i, 1 + n:] = 1e3
+    return x, mask
+
+
+def _images(b, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(b, E, generator=gen), torch.randn(b, N, E, generator=gen)
+
+
+# ---- multimodal encoder ----
+
+
+def test_multimodal_encoder_shapes_padding_and_depth():
+    encoder, head = _encoder(layers=3)
+    assert len(encoder.layers.layers) == 3
+    speech, mask = _speech([4, 7, 2])
+    cls, patches = _images(3)
+    tokens = image_tokens(cls, patches)
+    assert tokens.shape == (3, 1 + N, E) and torch.equal(tokens[:, 0], cls)
+    with torch.no_grad():
+        fused = encoder(speech, mask, tokens)
+        assert fused.shape == (3, 8, D)
+        logits = head(fused[:, 0])
+        assert logits.shape == (3, 2)
+        # padded frames are ignored: each item alone, unpadded, gives the same fused CLS
+        for i, n in enumerate([4, 7, 2]):
+            alone = encoder.fused_cls(speech[i:i + 1, : 1 + n], None, tokens[i:i + 1])
+            torch.testing.assert_close(alone[0], fused[i, 0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="at least 1 layer"):
+        MultimodalEncoder(D, E, layers=0)
+    with pytest.raises(ValueError, match="not divisible"):
+        MultimodalEncoder(D, E, heads=3)
+
+
+def test_fused_cls_depends_on_the_image_cls_and_on_every_patch():
+    encoder, _ = _encoder()
+    speech, mask = _speech([5, 5])
+    cls, patches = _images(2)
+    with torch.no_grad():
+        base = encoder.fused_cls(speech, mask, image_tokens(cls, patches))
+        other_cls = cls.clone()
+        other_cls[0] += torch.linspace(-1, 1, E)  # not a constant shift: LayerNorm removes those
+        assert not torch.allclose(encoder.fused_cls(speech, mask, image_tokens(other_cls, patches))[0], base[0])
+        for p in range(N):
+            changed = patches.clone()
+            changed[1, p] += torch.linspace(-1, 1, E)
+            out = encoder.fused_cls(speech, mask, image_tokens(cls, changed))
+            assert not torch.allclose(out[1], base[1]), f"patch {p} is not attended"
+            torch.testing.assert_close(out[0], base[0])  # items do not mix
+
+
+def test_every_multimodal_weight_gets_gradient():
+    encoder, head = _encoder()
+    encoder.train()
+    speech, mask = _speech([3, 6])
+    cls, patches = _images(2)
+    loss = F.cross_entropy(head(encoder.fused_cls(speech, mask, image_tokens(cls, patches))), torch.tensor([1, 0]))
+    loss.backward()
+    for name, p in list(encoder.named_parameters()) + list(head.named_parameters()):
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_match_score_kinds():
+    logits = torch.tensor([[0.0, 2.0], [3.0, 2.5]])
+    torch.testing.assert_close(match_score(logits), torch.tensor([2.0, 2.5]))
+    torch.testing.assert_close(match_score(logits, "log_prob"), torch.log_softmax(logits, 1)[:, 1])
+    with pytest.raises(ValueError, match="logit"):
+        match_score(logits, "prob")
+
+
+# ---- re-ranking ----
+
+NUM_IMAGES, CAPTIONS = 9, 3
+
+
+def _retrieval_set(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    image_ids = torch.arange(NUM_IMAGES).repeat_interleave(CAPTIONS)
+    image_emb = F.normalize(torch.randn(NUM_IMAGES, 8, generator=gen), dim=-1)
+    speech_emb = F.normalize(image_emb[image_ids] + 0.9 * torch.randn(len(image_ids), 8, generator=gen), dim=-1)
+    sim = torch.randn(len(image_ids), NUM_IMAGES, generator=gen)  # stands in for SIM(u, j)
+    return speech_emb, image_emb, image_ids, sim
+
+
+class _Scorer:
+    def __init__(self, table):
+        self.table, self.calls, self.pairs = table, [], []
+
+    def __call__(self, speech_index, image_index):
+        self.calls.append(len(speech_index))
+        self.pairs += list(zip(speech_index.tolist(), image_index.tolist()))
+        return self.table[speech_index, image_index]
+
+
+def _brute_force_recall(speech_emb, image_emb, image_ids, sim, k_candidates, add_sic, ks):
+    """Per query: sort by SIC, keep K, re-sort by the new score with ties AGAINST the right
+    answer, and find the first right answer."""
+    sic = speech_emb @ image_emb.T
+    s2i_hits, i2s_hits = {k: 0 for k in ks}, {k: 0 for k in ks}
+    for u in range(len(image_ids)):
+        order = sorted(range(NUM_IMAGES), key=lambda j: -float(sic[u, j]))[:k_candidates]
+        score = {j: float(sim[u, j]) + (float(sic[u, j]) if add_sic else 0.0) for j in order}
+        ranked = sorted(order, key=lambda j: (-score[j], j == int(image_ids[u])))
+        if int(image_ids[u]) in ranked:
+            pos = ranked.index(int(image_ids[u]))
+            for k in ks:
+                s2i_hits[k] += pos < k
+    for j in range(NUM_IMAGES):
+        order = sorted(range(len(image_ids)), key=lambda u: -float(sic[u, j]))[:k_candidates]
+        score = {u: float(sim[u, j]) + (float(sic[u, j]) if add_sic else 0.0) for u in order}
+        ranked = sorted(order, key=lambda u: (-score[u], int(image_ids[u]) == j))
+        firsts = [pos for pos, u in enumerate(ranked) if int(image_ids[u]) == j]
+        if firsts:
+            for k in ks:
+                i2s_hits[k] += firsts[0] < k
+    return s2i_hits, i2s_hits
+
+
+@pytest.mark.parametrize(
+    "k, add_sic, ties", [(4, False, False), (7, False, False), (4, True, False), (7, True, False), (4, False, True), (7, False, True)]
+)
+def test_reranked_recall_matches_a_brute_force_reference(k, add_sic, ties):
+    speech_emb, image_emb, image_ids, sim = _retrieval_set()
+    if ties:  # SIM scores in {0, 1, 2}: ties must never favour the right answer
+        sim = (sim.abs() * 1.5).floor().clamp(max=2)
+    ks = (1, 2, k)
+    result = rerank(speech_emb, image_emb, _Scorer(sim), k, add_sic=add_sic, pair_batch=5)
+    got = reranked_recall(result, image_ids, ks)
+    s2i_hits, i2s_hits = _brute_force_recall(speech_emb, image_emb, image_ids, sim, k, add_sic, ks)
+    for kk in ks:
+        assert got[f"s2i_hits_r{kk}"] == s2i_hits[kk], kk
+        assert got[f"i2s_hits_r{kk}"] == i2s_hits[kk], kk
+    # the re-ranking changed something, so the comparison above is not SIC against SIC
+    plain = retrieval_recall(speech_emb, image_emb, image_ids, ks=ks)
+    assert any(got[f"s2i_hits_r{kk}"] != plain[f"s2i_hits_r{kk}"] for kk in ks[:2]) or any(
+        got[f"i2s_hits_r{kk}"] != plain[f"i2s_hits_r{kk}"] for kk in ks[:2]
+    )
+
+
+def test_rescoring_by_sic_itself_reproduces_sic_recall():
+    speech_emb, image_emb, image_ids, _ = _retrieval_set(seed=3)
+    sic_table = speech_emb @ image_emb.T
+    result = rerank(speech_emb, image_emb, _Scorer(sic_table), 5)
+    got = reranked_recall(result, image_ids, (1, 3, 5))
+    expected = retrieval_recall(speech_emb, image_emb, image_ids, ks=(1, 3, 5))
+    for key, value in expected.items():
+        assert got[key] == value, key
+    with pytest.raises(ValueError, match="k <= K = 5"):
+        reranked_recall(result, image_ids, (1, 10))
+
+
+def test_each_distinct_pair_is_scored_once_in_batches_sorted_by_utterance():
+    speech_emb, image_emb, image_ids, sim = _retrieval_set()
+    scorer = _Scorer(sim)
+    result = rerank(speech_emb, image_emb, scorer, 4, pair_batch=7)
+    assert max(scorer.calls) <= 7
+    assert len(scorer.pairs) == len(set(scorer.pairs)) == result.num_pairs
+    assert scorer.pairs == sorted(scorer.pairs)
+    _, s2i_index, _, i2s_index = sic_topk(speech_emb, image_emb, 4)
+    wanted = {(u, int(j)) for u in range(len(image_ids)) for j in s2i_index[u]}
+    wanted |= {(int(u), j) for j in range(NUM_IMAGES) for u in i2s_index[j]}
+    assert set(scorer.pairs) == wanted
+
+
+def test_sim_head_on_top_k_with_k_all_equals_full_sim_scoring():
+    """K = all candidates: re-ranking scores equal the multimodal encoder + head run on every
+    (utterance, image) pair at once, in both directions."""
+    speech_emb, image_emb, image_ids, _ = _retrieval_set()
+    encoder, head = _encoder(layers=2, seed=4)
+    num_speech = len(image_ids)
+    lengths = [3 + (u % 4) for u in range(num_speech)]
+    sequences, masks = _speech(lengths, seed=5)
+    cls, patches = _images(NUM_IMAGES, seed=6)
+    tokens = image_tokens(cls, patches)
+
+    def pair_score(speech_index, image_index):
+        return match_score(head(encoder.fused_cls(sequences[speech_index], masks[speech_index], tokens[image_index])))
+
+    with torch.no_grad():
+        every_u = torch.arange(num_speech).repeat_interleave(NUM_IMAGES)
+        every_j = torch.arange(NUM_IMAGES).repeat(num_speech)
+        full = pair_score(every_u, every_j).view(num_speech, NUM_IMAGES)
+    for add_sic in (False, True):
+        result = rerank(speech_emb, image_emb, pair_score, num_speech, add_sic=add_sic, pair_batch=16)
+        s2i, i2s = result.dense()
+        expected = full + (speech_emb @ image_emb.T if add_sic else 0.0)
+        torch.testing.assert_close(s2i, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(i2s, expected.T, atol=1e-5, rtol=1e-5)

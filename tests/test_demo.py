@@ -74,8 +74,7 @@ ABLATION = os.path.join(REPO_ROOT, "examples", "ablation.py")
 
 
 def _ablation(work, *extra):
-    toy = [a for a in TOY]
-    return subprocess.run([sys.executable, ABLATION, "--work-dir", str(work), *toy, *extra], cwd=REPO_ROOT,
+    return subprocess.run([sys.executable, ABLATION, "--work-dir", str(work), *TOY, *extra], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=900)
 
 

@@ -156,7 +156,7 @@ def test_path_missing_from_cache_is_named(upstream, identity, images, tmp_path):
         CachedImages(manifest, cache)
 
 
-def test_interrupted_write_leaves_no_cache_and_keeps_the_old_one(upstream, identity, images, tmp_path, monkeypatch):
+def test_interrupted_write_leaves_no_cache_keeps_the_old_one_and_resumes(upstream, identity, images, tmp_path, monkeypatch):
     out = tmp_path / "cache"
     write_image_cache(str(out), images[:2], upstream, identity)
     old_cls = np.array(np.load(out / "image_cls.npy"))
@@ -172,29 +172,68 @@ def test_interrupted_write_leaves_no_cache_and_keeps_the_old_one(upstream, ident
 
     monkeypatch.setattr(upstream, "forward", failing_forward)
     with pytest.raises(RuntimeError, match="interrupted"):
-        write_image_cache(str(out), images, upstream, identity, batch_size=2)
+        write_image_cache(str(out), images, upstream, identity, batch_size=2, sync_interval=0)
     assert calls == [2, 2]
     calls.clear()
     with pytest.raises(RuntimeError, match="interrupted"):
-        write_image_cache(str(tmp_path / "new_cache"), images, upstream, identity, batch_size=2)
+        write_image_cache(str(tmp_path / "new_cache"), images, upstream, identity, batch_size=2, sync_interval=0)
     monkeypatch.undo()
 
-    assert sorted(os.listdir(tmp_path)) == ["cache", "images"]  # no new cache, no temporaries
+    # nothing that passes for a cache: no new one, the old one untouched; what was encoded waits
+    # in hidden partial directories
+    assert sorted(os.listdir(tmp_path)) == [".cache.partial", ".new_cache.partial", "cache", "images"]
+    for not_a_cache in (tmp_path / "new_cache", tmp_path / ".new_cache.partial"):
+        with pytest.raises(ImageCacheError, match="not an image feature cache"):
+            ImageFeatureCache(str(not_a_cache))
     cache = ImageFeatureCache(str(out))
     assert cache.paths == images[:2]
     assert np.array_equal(np.asarray(cache.lookup(images[:2])[0]), old_cls.astype(np.float32))
-    # a complete write then does replace it
-    write_image_cache(str(out), images, upstream, identity, batch_size=2)
-    assert ImageFeatureCache(str(out)).paths == images
-    assert sorted(os.listdir(tmp_path)) == ["cache", "images"]
+
+    # the same call again resumes after the recorded first batch, and then replaces the old cache
+    calls.clear()
+    monkeypatch.setattr(upstream, "forward", lambda pixels: calls.append(len(pixels)) or real_forward(pixels))
+    meta = write_image_cache(str(out), images, upstream, identity, batch_size=2, sync_interval=0, log=lambda m: None)
+    monkeypatch.undo()
+    assert calls == [2, 1] and meta["resumed_from_row"] == 2
+    assert sorted(os.listdir(tmp_path)) == [".new_cache.partial", "cache", "images"]
+    resumed = ImageFeatureCache(str(out))
+    assert resumed.paths == images
+    fresh = write_image_cache(str(tmp_path / "fresh"), images, upstream, identity, batch_size=5)
+    assert fresh["resumed_from_row"] == 0
+    for name in ("image_cls.npy", "image_patches.npy"):
+        assert np.array_equal(np.load(out / name), np.load(tmp_path / "fresh" / name))
 
 
-def test_unreadable_image_is_named_and_nothing_is_written(upstream, identity, images, tmp_path):
+def test_a_partial_build_of_other_images_is_discarded(upstream, identity, images, tmp_path, monkeypatch):
+    def fail_second(pixels, calls=[]):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return type(upstream).forward(upstream, pixels)
+
+    monkeypatch.setattr(upstream, "forward", fail_second)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        write_image_cache(str(tmp_path / "cache"), images, upstream, identity, batch_size=2, sync_interval=0)
+    monkeypatch.undo()
+    logged = []
+    meta = write_image_cache(str(tmp_path / "cache"), images[::-1], upstream, identity, batch_size=2, log=logged.append)
+    assert meta["resumed_from_row"] == 0 and "other images or another encoder: starting over" in logged[0]
+    assert ImageFeatureCache(str(tmp_path / "cache")).paths == images[::-1]
+
+
+def test_unreadable_image_is_named_with_its_manifest_line_and_nothing_is_written(upstream, identity, images, tmp_path):
     with open(images[2], "wb") as f:
         f.write(b"not an image")
-    with pytest.raises(ImageCacheError, match=f"{images[2]}: cannot read image"):
-        write_image_cache(str(tmp_path / "cache"), images, upstream, identity, batch_size=2)
-    assert sorted(os.listdir(tmp_path)) == ["images"]
+    where = [f"/m/train.img:{i + 2}" for i in range(len(images))]
+    with pytest.raises(ImageCacheError, match=f"/m/train.img:4: {images[2]}: cannot read image"):
+        write_image_cache(str(tmp_path / "cache"), images, upstream, identity, batch_size=2, where=where,
+                          sync_interval=0)
+    assert sorted(os.listdir(tmp_path)) == [".cache.partial", "images"]
+    # once the file is replaced, the build resumes after the first batch
+    _write_images(tmp_path / "images", 5)
+    assert write_image_cache(str(tmp_path / "cache"), images, upstream, identity, batch_size=2,
+                             log=lambda m: None)["resumed_from_row"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["cache", "images"]
 
 
 def _loss_and_grads(model, sample):

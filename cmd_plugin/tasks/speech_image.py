@@ -25,7 +25,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preproc
 
 from ..data.image_cache import CachedImages, ImageCacheError, ImageFeatureCache, encoder_identity
 from ..criterions.cmd_contrastive import split_code
-from ..data.manifest import ManifestError, read_manifest
+from ..data.manifest import ManifestError, check_files_exist, read_manifest
 from ..data.speech_image_dataset import PixelImages, SpeechImageDataset
 from ..recall import retrieval_recall
 
@@ -62,6 +62,11 @@ class SpeechImageConfig(FairseqDataclass):
     num_length_buckets: int = field(
         default=0,
         metadata={"help": "0: batch by exact length order; N>0: shuffle within N length quantiles each epoch"},
+    )
+    check_files: bool = field(
+        default=True,
+        metadata={"help": "when a split is loaded, check that every listed wav (and image, unless cached) exists "
+                  "and stop with the missing ones named, before any training or scoring"},
     )
 
 
@@ -116,6 +121,9 @@ class SpeechImageTask(FairseqTask):
 
     def load_dataset(self, split: str, combine: bool = False, epoch: int = 1, **kwargs):
         manifest = read_manifest(self.cfg.data, split)
+        if self.cfg.check_files:
+            # images read from a cache need not be on disk
+            check_files_exist(manifest, images=not self.cfg.image_feature_cache)
         if self.cfg.image_feature_cache:
             images = CachedImages(manifest, self.image_cache)
         else:

@@ -6,6 +6,7 @@ name what is missing, never leave a half-written cache, and train exactly as pix
 
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -19,6 +20,7 @@ from cmd_plugin.data.image_cache import (
     CachedImages,
     ImageCacheError,
     ImageFeatureCache,
+    cache_bytes,
     encoder_identity,
     write_image_cache,
 )
@@ -88,6 +90,8 @@ def test_cache_holds_the_upstreams_own_outputs_within_fp16(upstream, identity, i
     on_disk = json.loads((out / "meta.json").read_text())
     assert on_disk["identity"] == identity and on_disk["shapes"]["image_patches.npy"] == [5, 16, 32]
     assert np.load(out / "image_cls.npy", mmap_mode="r").dtype == np.float16
+    arrays = [np.load(out / name, mmap_mode="r") for name in ("image_cls.npy", "image_patches.npy")]
+    assert sum(a.nbytes for a in arrays) == cache_bytes(5, 32, 16) == 5 * 17 * 32 * 2  # the README's size formula
 
     cache = ImageFeatureCache(str(out))
     cache.check_identity(identity)
@@ -372,3 +376,61 @@ def test_task_batches_carry_cached_features_and_refuse_a_trainable_encoder(tiny_
     other = SpeechImageTask.setup_task(task_config(image_pretrained=other_weights))
     with pytest.raises(ImageCacheError, match="weights checksum"):
         other.load_dataset("train")
+
+
+def test_cli_killed_mid_build_leaves_no_cache_and_the_same_command_resumes(tiny_encoders, upstream, identity, tmp_path,
+                                                                          capsys):
+    import importlib.util
+    import signal
+    import subprocess
+    import time
+
+    rng = np.random.default_rng(3)
+    (tmp_path / "images").mkdir()
+    images = []
+    for i in range(160):
+        images.append(str(tmp_path / "images" / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(images[-1])
+    rels = [os.path.basename(p) for p in images]
+    write_manifest(str(tmp_path / "manifests"), "train",
+                   SpeechImageManifest("/audio", [f"{i}.wav" for i in range(len(rels))], [16000] * len(rels),
+                                       os.path.dirname(images[0]), rels))
+    enc = tiny_encoders
+    out = tmp_path / "cache"
+    script = os.path.join(REPO, "examples", "cache_image_features.py")
+    argv = ["--manifest-dir", str(tmp_path / "manifests"), "--splits", "train",
+            "--image-model", enc["image_model"], "--image-pretrained", enc["image_pretrained"],
+            "--image-model-config", enc["image_model_config"], "--out", str(out),
+            "--batch-size", "2", "--sync-interval", "0", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    progress = tmp_path / ".cache.partial" / "progress.json"
+    proc = subprocess.Popen([sys.executable, script] + argv, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    done, deadline = 0, time.time() + 120
+    while done < 10 and proc.poll() is None and time.time() < deadline:
+        try:
+            done = json.loads(progress.read_text())["rows_done"]
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    recorded = json.loads(progress.read_text())["rows_done"]
+    assert 10 <= recorded < len(images)
+    assert not out.exists()  # nothing passes for a cache
+    with pytest.raises(ImageCacheError, match="not an image feature cache"):
+        ImageFeatureCache(str(tmp_path / ".cache.partial"))
+
+    # the same command again (in this process: its start-up is the slow part)
+    spec = importlib.util.spec_from_file_location("cache_image_features_cli", script)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"{recorded} of {len(images)} images already encoded" in printed
+    assert f"resumed after {recorded} already encoded" in printed
+    assert sorted(os.listdir(tmp_path)) == ["cache", "images", "manifests"]
+    write_image_cache(str(tmp_path / "reference"), images, upstream, identity, batch_size=2)
+    for name in ("image_cls.npy", "image_patches.npy"):
+        assert np.array_equal(np.load(out / name), np.load(tmp_path / "reference" / name))

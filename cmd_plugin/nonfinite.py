@@ -15,7 +15,7 @@ exploding loss) otherwise surfaces as fairseq's "gradients are Nan/Inf" (fp32) o
 
 import contextlib
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 

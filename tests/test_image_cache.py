@@ -6,7 +6,6 @@ name what is missing, never leave a half-written cache, and train exactly as pix
 
 import json
 import os
-import re
 import shutil
 import sys
 

@@ -426,11 +426,24 @@ def write_image_cache(
         os.remove(os.path.join(partial, PROGRESS_FILE))
         os.remove(os.path.join(partial, LOCK_FILE))  # the open handle keeps the lock until the end
         _move_into_place(partial, out_dir)
+    except BaseException:
+        # an interrupted build stays in the partial directory, to be resumed; one that failed
+        # before encoding anything leaves nothing behind
+        if not os.path.isfile(os.path.join(partial, PROGRESS_FILE)) or _rows_recorded(partial) == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
     finally:
-        # an interrupted build stays in the partial directory, to be resumed
         upstream.train(was_training)
         lock.close()
     return meta
+
+
+def _rows_recorded(partial: str) -> int:
+    try:
+        with open(os.path.join(partial, PROGRESS_FILE), encoding="utf-8") as f:
+            return int(json.load(f)["rows_done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def _move_into_place(tmp_dir: str, out_dir: str) -> None:

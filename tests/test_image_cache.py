@@ -433,3 +433,22 @@ def test_cli_killed_mid_build_leaves_no_cache_and_the_same_command_resumes(tiny_
     write_image_cache(str(tmp_path / "reference"), images, upstream, identity, batch_size=2)
     for name in ("image_cls.npy", "image_patches.npy"):
         assert np.array_equal(np.load(out / name), np.load(tmp_path / "reference" / name))
+
+
+def test_a_second_build_of_the_same_cache_and_a_full_disk_are_refused_before_encoding(upstream, identity, images,
+                                                                                      tmp_path, monkeypatch):
+    import collections
+
+    from cmd_plugin.data import image_cache
+
+    partial = image_cache.partial_dir_of(str(tmp_path / "cache"))
+    os.makedirs(partial)
+    held = image_cache._lock(partial)  # another build holds the lock
+    with pytest.raises(ImageCacheError, match=f"another process is building this image feature cache \\(in {partial}\\)"):
+        write_image_cache(str(tmp_path / "cache"), images, upstream, identity)
+    held.close()
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(image_cache.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(ImageCacheError, match=r"the cache of 5 images needs 0\.0 GB; .* has 0\.0 GB free"):
+        write_image_cache(str(tmp_path / "cache"), images, upstream, identity)
+    assert sorted(os.listdir(tmp_path)) == ["images"]  # nothing encoded, nothing left

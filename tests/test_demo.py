@@ -99,7 +99,8 @@ def test_ablation_harness_trains_rows_by_seeds_then_resumes_without_retraining(d
             assert (run_dir / "checkpoint_best.pt").is_file()
             with open(run_dir / "recall_test.json") as f:
                 assert json.load(f)["recall"]["mean_r1"] == per_seed[seed]["test"]["mean_r1"]
-        line = next(line for line in proc.stdout.splitlines() if line.startswith(row + " "))
+        table = proc.stdout[proc.stdout.index("Ablation on the generated corpus"):]
+        line = next(line for line in table.splitlines() if line.startswith(row + " "))
         assert f"{mean:.1f}±{sd:.1f}" in line
     # the CMD row logged its fusion attention; the alpha = 0 row has none
     assert set(record["rows"]["cmd-cosine"]["per_seed"]["1"]["attention"]) == {

@@ -207,7 +207,7 @@ def merged_index(
     new_embeddings: torch.Tensor,
     root: str,
     identity: Dict[str, Any],
-    dtype: str = "float16",
+    dtype: str = "float32",
 ) -> SearchIndex:
     """The index after ``plan``: kept rows (same ids, same order) followed by the newly
     embedded files (fresh ids). ``new_embeddings`` (M, E) are the rows of ``new_files``
@@ -352,7 +352,7 @@ def load_index(path: str) -> SearchIndex:
 
 @torch.no_grad()
 def exact_top_k(
-    queries: torch.Tensor, embeddings: torch.Tensor, k: int, block_rows: int = 32768
+    queries: torch.Tensor, embeddings: torch.Tensor, k: int, block_rows: int = 16384
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-k rows of ``embeddings`` by dot product with each query, in bounded memory.
 
@@ -376,10 +376,18 @@ def exact_top_k(
     k = min(k, n)
     best_scores = torch.empty(num_q, 0, dtype=queries.dtype)
     best_rows = torch.empty(num_q, 0, dtype=torch.long)
+    # one conversion buffer and one score buffer for every block: fresh allocations of this
+    # size are page-faulted in on every use and cost more than the conversion itself
+    convert = embeddings.dtype != queries.dtype
+    block_buf = torch.empty(min(block_rows, n), embeddings.shape[1], dtype=queries.dtype) if convert else None
+    score_buf = torch.empty(num_q, min(block_rows, n), dtype=queries.dtype)
     for start in range(0, n, block_rows):
-        block = embeddings[start:start + block_rows].to(queries.dtype)
-        scores = queries @ block.T  # (Q, b)
-        kb = min(k, scores.shape[1])
+        block = embeddings[start:start + block_rows]
+        m = block.shape[0]
+        if convert:
+            block = block_buf[:m].copy_(block)
+        scores = torch.mm(queries, block.T, out=score_buf[:, :m])  # (Q, m)
+        kb = min(k, m)
         values, idx = scores.topk(kb, dim=1, sorted=False)
         best_scores = torch.cat([best_scores, values], dim=1)
         best_rows = torch.cat([best_rows, idx + start], dim=1)
@@ -567,7 +575,7 @@ def search(
     k: int = 10,
     exact: Optional[bool] = None,
     nprobe: Optional[int] = None,
-    block_rows: int = 32768,
+    block_rows: int = 16384,
     ann=None,
 ) -> SearchResults:
     """Top-k images of ``index`` for each query embedding (Q, E).

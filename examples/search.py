@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ignore an existing --out (another model's, or unreadable) and embed everything")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
     p.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes (default: 0)")
-    p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
-                   help="storage of the embeddings (default float16: half the memory; scores differ by < 1e-3)")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="storage of the embeddings: float32 (default) or float16 (half the memory and file "
+                        "size, but exact search is ~3x slower on a CPU: see benchmarks/bench_search.py)")
     p.add_argument("--save-every-minutes", type=float, default=10.0,
                    help="save progress this often during a long run (0 = only at the end; default: 10)")
     p.add_argument("--approximate", choices=("auto", "always", "never"), default=defaults.mode, help=help_of["mode"])

@@ -68,3 +68,16 @@ def test_a_corpus_made_with_other_options_is_refused(demo_run):
     proc = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "scene_corpus.json" in proc.stderr and "asked for" in proc.stderr and "--fresh" in proc.stderr
+
+
+def test_demo_searches_the_test_images_with_spoken_captions_and_writes_the_page(demo_run):
+    work, out = demo_run
+    page = work / "search" / "results.html"
+    line = next(line for line in out.splitlines() if line.startswith("spoken image search over 4 test images"))
+    assert line.endswith(f"results page: {page}") and "ms per query" in line
+    html = page.read_text()
+    transcripts = (work / "search" / "query_transcripts.txt").read_text().splitlines()
+    assert len(transcripts) == 3 and all(transcripts)
+    assert html.count("<audio") == 3 and all(t.replace("'", "&#x27;") in html for t in transcripts)
+    assert html.count("data:image/jpeg;base64,") == 3 * 4  # top 5 of 4 images: all four per query
+    assert (work / "search" / "test_images_index.pt").is_file()

@@ -2,7 +2,7 @@
 """Spoken image search at scale: exact vs approximate (FAISS IVF) search of an image index.
 
 Synthetic but clustered data, like CLIP image embeddings (a photo collection is many near
-duplicates and themes, not uniform noise): ``--clusters`` random unit centres in 768 dims; each
+duplicates and themes, not uniform noise): ``--clusters`` random unit centres in 768 dims (default: one per 50 images); each
 image is its centre plus Gaussian noise (``--image-noise`` per dimension, relative to the
 centre's per-dimension scale), renormalised; queries are drawn the same way from random
 centres with more noise (``--query-noise``: speech embeddings sit farther from the images
@@ -68,11 +68,12 @@ def percentiles(seconds):
 def bench_size(n, args, dtype_name):
     dtype = {"float16": torch.float16, "float32": torch.float32}[dtype_name]
     gen = torch.Generator().manual_seed(args.seed)
-    centres = torch.nn.functional.normalize(torch.randn(args.clusters, DIM, generator=gen), dim=1)
+    clusters = args.clusters or max(1, n // args.images_per_cluster)
+    centres = torch.nn.functional.normalize(torch.randn(clusters, DIM, generator=gen), dim=1)
     t = time.perf_counter()
     images = clustered(n, centres, args.image_noise, gen, dtype)
     queries = clustered(args.queries, centres, args.query_noise, gen, torch.float32)
-    print(f"\n== {n:,} images x {DIM} ({dtype_name}), {args.clusters:,} clusters, {args.queries} queries "
+    print(f"\n== {n:,} images x {DIM} ({dtype_name}), {clusters:,} clusters, {args.queries} queries "
           f"(generated in {time.perf_counter() - t:.1f} s)", flush=True)
 
     # exact: all queries in one batched call for the reference, then one at a time for latency
@@ -144,7 +145,10 @@ def main(argv=None):
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float16", "float32"],
                    help="storage dtype(s) of the embeddings")
-    p.add_argument("--clusters", type=int, default=2000, help="cluster centres (themes) in the collection")
+    p.add_argument("--clusters", type=int, default=0,
+                   help="cluster centres (themes) in the collection; 0: N / --images-per-cluster")
+    p.add_argument("--images-per-cluster", type=int, default=50,
+                   help="images per cluster when --clusters is 0 (the same difficulty at every size)")
     p.add_argument("--image-noise", type=float, default=1.0, help="image noise relative to the centre")
     p.add_argument("--query-noise", type=float, default=1.5, help="query noise relative to the centre")
     p.add_argument("--queries", type=int, default=200)

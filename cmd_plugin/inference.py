@@ -332,8 +332,9 @@ class SpeechImageEncoder:
 
         Raises :class:`InferenceError` naming the first file that cannot be read or is
         outside the model's length limits (see the module docstring)."""
-        if isinstance(items, (str, os.PathLike, tuple)):
-            items = [items]
+        single_pair = isinstance(items, tuple) and len(items) == 2 and isinstance(items[1], (int, np.integer))
+        if isinstance(items, (str, os.PathLike, np.ndarray, torch.Tensor)) or single_pair:
+            items = [items]  # one clip (an array is one clip, (T,) or (T, channels))
         waves, names = [], []
         for i, item in enumerate(items):
             name = os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"audio #{i}"

@@ -59,8 +59,9 @@ class ApproximateIndexConfig:
         "help": "auto: build an approximate index when the collection has at least min_images images "
                 "(and faiss is installed); always; never (exact search only)"})
     min_images: int = field(default=200_000, metadata={
-        "help": "size from which mode=auto builds the approximate index (chosen from "
-                "benchmarks/bench_search.py: exact search stays below ~0.1 s per query up to here)"})
+        "help": "size from which mode=auto builds the approximate index (a choice; "
+                "benchmarks/bench_search.py measured exact search at ~60 ms per query for 100k images "
+                "and ~650 ms for 1M on one CPU thread)"})
     nlist: int = field(default=0, metadata={
         "help": "number of inverted lists (k-means cells); 0 = the power of two nearest sqrt(N)"})
     nprobe: int = field(default=32, metadata={
@@ -592,6 +593,12 @@ def search(
     use_ann = (index.approximate is not None) if exact is None else not exact
     if use_ann and index.approximate is None:
         raise SearchIndexError(f"{index.source}: has no approximate index (build it with --approximate always)")
+    note = ""
+    if use_ann and exact is None and ann is None:
+        try:
+            import_faiss()
+        except SearchIndexError:  # the file has one, this machine cannot read it: exact is always right
+            use_ann, note = False, " (faiss is not installed: the approximate index was not used)"
     started = time.perf_counter()
     if use_ann:
         ann = ann if ann is not None else load_approximate(index.approximate)
@@ -601,7 +608,7 @@ def search(
         method = f"approximate ({index.approximate['params']['factory']}, nprobe {probe}, re-scored)"
     else:
         scores, rows = exact_top_k(queries, index.embeddings, k, block_rows=block_rows)
-        method = "exact"
+        method = "exact" + note
     seconds = time.perf_counter() - started
     out_rows, out_scores = [], []
     for r, s in zip(rows.tolist(), scores.tolist()):

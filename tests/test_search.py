@@ -473,6 +473,38 @@ def test_an_interrupted_index_run_leaves_the_previous_index_usable(env, tmp_path
     assert len(load_index(str(out))) == NUM_IMAGES
 
 
+def test_a_long_run_saves_progress_and_a_rerun_resumes_where_it_stopped(env, tmp_path, capsys, monkeypatch):
+    from cmd_plugin.inference import SpeechImageEncoder
+
+    photos = tmp_path / "photos"
+    shutil.copytree(env["images"], photos)
+    out = tmp_path / "index.pt"
+    real = SpeechImageEncoder.embed_pixels
+    calls = []
+
+    def dies_in_third_batch(self, pixels):
+        calls.append(len(pixels))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, pixels)
+
+    monkeypatch.setattr(SpeechImageEncoder, "embed_pixels", dies_in_third_batch)
+    args = ["index", "--checkpoint", env["checkpoint"], "--images", str(photos), "--out", str(out),
+            "--no-progress", "--batch-size", "2", "--save-every-minutes", "1e-9"]
+    with pytest.raises(KeyboardInterrupt):
+        search_cli.main(args)
+    partial = load_index(str(out))
+    # the two batches before the interruption: broken.jpg (skipped) + img2.webp, then two more
+    assert len(partial) == 3 and partial.meta["partial"] is True and partial.paths[0] == "img2.webp"
+    monkeypatch.setattr(SpeechImageEncoder, "embed_pixels", real)
+    assert search_cli.main(args + ["--save-every-minutes", "0"]) == 0
+    assert f"indexed {NUM_IMAGES} images in {out}: {NUM_IMAGES - 3} embedded, 3 unchanged" in capsys.readouterr().out
+    done = load_index(str(out))
+    assert done.meta["partial"] is False
+    reference = env["encoder"].embed_images([done.absolute_path(r) for r in range(len(done))])
+    assert torch.allclose(done.embeddings, reference, atol=1e-5)
+
+
 def test_bad_input_gives_one_line_naming_the_file_and_writes_nothing(env, tmp_path, capsys):
     ck = env["checkpoint"]
     empty = tmp_path / "empty"
@@ -529,6 +561,8 @@ def test_bad_input_gives_one_line_naming_the_file_and_writes_nothing(env, tmp_pa
     assert f"{transcripts}: 2 lines, expected 1" in err
     err = _cli_error(capsys, "query", "--index", str(tmp_path / "none.pt"), "--checkpoint", ck, audio)
     assert "index file not found" in err and "none.pt" in err
+    err = _cli_error(capsys, "query", "--index", str(index_path), "--checkpoint", ck, audio, "--fp16")
+    assert "--fp16 needs --device cuda" in err
 
 
 # ---------------------------------------------------------------- the results page

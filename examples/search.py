@@ -312,6 +312,7 @@ def _write_page(path, record, waves, sample_rate):
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
                         stream=sys.stderr)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it picked
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -50,10 +50,17 @@ from cmd_plugin.search_index import (  # noqa: E402
 DIM = 768
 
 
-def clustered(n, centres, noise, gen, dtype, block=65536):
-    """(n, D) unit vectors: a random centre each plus Gaussian noise, made in blocks."""
+def noise_scales(dim, decay):
+    """Per-dimension noise scale with variance ~ (i + 1) ** -decay, total variance 1: decay 0 is
+    isotropic; real embedding sets have decaying PCA spectra (a low effective dimension)."""
+    var = (torch.arange(dim, dtype=torch.float64) + 1) ** -decay
+    return (var / var.sum()).sqrt().float()
+
+
+def clustered(n, centres, noise, gen, dtype, decay=0.0, block=65536):
+    """(n, D) unit vectors: a random centre each plus Gaussian noise of norm ~``noise``."""
     out = torch.empty(n, centres.shape[1], dtype=dtype)
-    scale = noise / np.sqrt(centres.shape[1])
+    scale = noise * noise_scales(centres.shape[1], decay)
     for start in range(0, n, block):
         m = min(block, n - start)
         which = torch.randint(0, centres.shape[0], (m,), generator=gen)
@@ -73,8 +80,8 @@ def bench_size(n, args, dtype_name):
     clusters = args.clusters or max(1, n // args.images_per_cluster)
     centres = torch.nn.functional.normalize(torch.randn(clusters, DIM, generator=gen), dim=1)
     t = time.perf_counter()
-    images = clustered(n, centres, args.image_noise, gen, dtype)
-    queries = clustered(args.queries, centres, args.query_noise, gen, torch.float32)
+    images = clustered(n, centres, args.image_noise, gen, dtype, args.noise_decay)
+    queries = clustered(args.queries, centres, args.query_noise, gen, torch.float32, args.noise_decay)
     print(f"\n== {n:,} images x {DIM} ({dtype_name}), {clusters:,} clusters, {args.queries} queries "
           f"(generated in {time.perf_counter() - t:.1f} s)", flush=True)
 
@@ -95,7 +102,8 @@ def bench_size(n, args, dtype_name):
     rows = [("exact", p50, p95, 1.0)]
 
     ids = torch.arange(n, dtype=torch.long)
-    cfg = ApproximateIndexConfig(mode="always", encoding=args.encoding, nprobe=args.nprobes[0])
+    cfg = ApproximateIndexConfig(mode="always", encoding=args.encoding, nprobe=args.nprobes[0], nlist=args.nlist,
+                                 train_points_per_list=args.train_points_per_list)
     rss0 = current_rss_bytes()
     t = time.perf_counter()
     approx = build_approximate(images, ids, cfg)
@@ -159,12 +167,16 @@ def main(argv=None):
                    help="images per cluster when --clusters is 0 (the same difficulty at every size)")
     p.add_argument("--image-noise", type=float, default=1.0, help="image noise relative to the centre")
     p.add_argument("--query-noise", type=float, default=1.5, help="query noise relative to the centre")
+    p.add_argument("--noise-decay", type=float, default=0.0,
+                   help="noise variance of dimension i ~ (i+1)**-decay; 0 = isotropic (the hardest case)")
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--exact-latency-queries", type=int, default=50, help="queries timed one by one, exact")
     p.add_argument("--repeats", type=int, default=3,
                    help="each query's latency is the best of this many runs (the machine is shared)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--nprobes", type=int, nargs="+", default=[32, 16, 64, 128])
+    p.add_argument("--nlist", type=int, default=0, help="IVF cells (default 0: the index's automatic choice)")
+    p.add_argument("--train-points-per-list", type=int, default=ApproximateIndexConfig().train_points_per_list)
     p.add_argument("--encoding", default="SQfp16", choices=["Flat", "SQfp16", "SQ8"])
     p.add_argument("--threads", type=int, default=1, help="torch and FAISS threads")
     p.add_argument("--seed", type=int, default=0)

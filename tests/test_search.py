@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,9 +17,7 @@ from PIL import Image
 
 from cmd_plugin.search_index import (
     ApproximateIndexConfig,
-    SearchIndex,
     SearchIndexError,
-    build_approximate,
     exact_top_k,
     load_index,
     merged_index,
@@ -191,6 +188,16 @@ def test_plan_update_keeps_unchanged_reembeds_modified_and_drops_deleted():
     assert torch.equal(new.embeddings[0], emb[0]) and torch.equal(new.embeddings[1:], new_emb)
     assert new.mtimes_ns.tolist() == [1, 5, 6] and new.sizes.tolist() == [10, 20, 60]
     assert new.rows_of_ids(np.array([5, 3, 0, -1])).tolist() == [2, -1, 0, -1]
+
+
+def test_scan_finds_images_recursively_by_extension_and_skips_hidden_files(tmp_path):
+    for rel in ("a.JPG", "b/c.jpeg", "b/d/e.webp", "f.png", "g.gif", "notes.txt", ".hidden.png",
+                ".cache/h.png", "b/.thumbs/i.jpg"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x" * len(rel))
+    found = scan_images(str(tmp_path))
+    assert [f.path for f in found] == ["a.JPG", "b/c.jpeg", "b/d/e.webp", "f.png"]
+    assert found[1].size == len("b/c.jpeg") and found[1].mtime_ns == (tmp_path / "b/c.jpeg").stat().st_mtime_ns
 
 
 def test_index_file_roundtrip_is_atomic_and_corrupt_files_are_named(tmp_path):

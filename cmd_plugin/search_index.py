@@ -60,8 +60,8 @@ class ApproximateIndexConfig:
                 "(and faiss is installed); always; never (exact search only)"})
     min_images: int = field(default=200_000, metadata={
         "help": "size from which mode=auto builds the approximate index (a choice; "
-                "benchmarks/bench_search.py measured exact search at ~60 ms per query for 100k images "
-                "and ~650 ms for 1M on one CPU thread)"})
+                "benchmarks/bench_search.py measured exact search at ~70 ms per query for 100k images "
+                "and ~0.8 s for 1M on one CPU thread)"})
     nlist: int = field(default=0, metadata={
         "help": "number of inverted lists (k-means cells); 0 = the power of two nearest 4 sqrt(N)"})
     nprobe: int = field(default=32, metadata={

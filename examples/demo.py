@@ -54,7 +54,7 @@ def check_corpus(corpus, args):
                          "rerun with --fresh or another --work-dir")
 
 
-def search_demo(py, work, manifests, checkpoint, num_queries=3, top_k=5):
+def search_demo(py, work, manifests, checkpoint, num_queries=3, top_k=10):
     """Spoken image search on the test split: index its images, query with spoken test captions
     (transcripts from test.wrd), write the results page. Returns (page path, query record)."""
     from cmd_plugin.data.manifest import read_manifest

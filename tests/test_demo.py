@@ -79,5 +79,5 @@ def test_demo_searches_the_test_images_with_spoken_captions_and_writes_the_page(
     transcripts = (work / "search" / "query_transcripts.txt").read_text().splitlines()
     assert len(transcripts) == 3 and all(transcripts)
     assert html.count("<audio") == 3 and all(t.replace("'", "&#x27;") in html for t in transcripts)
-    assert html.count("data:image/jpeg;base64,") == 3 * 4  # top 5 of 4 images: all four per query
+    assert html.count("data:image/jpeg;base64,") == 3 * 4  # top 10 of 4 images: all four per query
     assert (work / "search" / "test_images_index.pt").is_file()

@@ -257,7 +257,8 @@ class SpeechImageEncoder:
         return _autocast(self.device, self.fp16)
 
     # ---- audio ----
-    def load_audio(self, item: AudioInput, sample_rate: Optional[int] = None, name: Optional[str] = None) -> torch.Tensor:
+    def load_audio(self, item: AudioInput, sample_rate: Optional[int] = None,
+                   name: Optional[str] = None) -> torch.Tensor:
         """One audio input -> (T,) float32 mono waveform at the model's sample rate.
 
         ``item``: a path; a ``(samples, rate)`` pair; or samples with ``sample_rate``."""

@@ -88,7 +88,8 @@ def render_page(queries: Sequence[PageQuery], title: str = "Spoken image search"
     if subtitle:
         parts.append(f"<p>{esc(subtitle)}</p>")
     generated = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    parts.append(f"<p>{len(queries)} quer{'y' if len(queries) == 1 else 'ies'}; generated {esc(generated)}</p></header>")
+    count = f"{len(queries)} quer{'y' if len(queries) == 1 else 'ies'}"
+    parts.append(f"<p>{count}; generated {esc(generated)}</p></header>")
     for qi, query in enumerate(queries, start=1):
         parts.append(f'<section class="query" id="query-{qi}">')
         parts.append(f"<h2>Query {qi}: {esc(query.name)}</h2>")

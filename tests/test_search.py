@@ -18,6 +18,8 @@ from PIL import Image
 from cmd_plugin.search_index import (
     ApproximateIndexConfig,
     SearchIndexError,
+    auto_nlist,
+    auto_nprobe,
     exact_top_k,
     load_index,
     merged_index,
@@ -294,6 +296,10 @@ def test_approximate_index_recall_parameters_and_incremental_update():
     cfg_small = ApproximateIndexConfig(mode="always", nprobe=8, retrain_factor=1.01)
     update_approximate(updated, index, cfg_small)
     assert updated.approximate["params"]["trained_on"] == len(updated)
+    # defaults: 4 sqrt(N) cells (a power of two), nlist / 8 of them visited per query
+    update_approximate(updated, None, ApproximateIndexConfig(mode="always"))
+    assert updated.approximate["params"]["nlist"] == 64 and updated.approximate["params"]["nprobe"] == 8
+    assert (auto_nlist(100_000), auto_nlist(1_000_000), auto_nprobe(4096)) == (1024, 4096, 512)
     # mode auto below min_images: no approximate index at all
     update_approximate(updated, index, ApproximateIndexConfig(mode="auto", min_images=10 ** 6))
     assert updated.approximate is None

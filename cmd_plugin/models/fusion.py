@@ -16,7 +16,7 @@ How the attention logits are formed is the ``attention`` choice (the paper gives
 """
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from . import compat
 from .recall import chance_recall, retrieval_recall
 
 logger = logging.getLogger(__name__)
@@ -73,14 +74,14 @@ def _load_checkpoint_state(path: str, arg_overrides: Dict[str, Any]):
     from fairseq import checkpoint_utils
 
     try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        unsafe = compat.unsafe_globals_in_checkpoint(path)
     except Exception as err:  # not a zip-format torch file at all
         raise EvaluationError(f"{path} is not a fairseq checkpoint ({type(err).__name__}: {err})") from err
     untrusted = [g for g in unsafe if not (g.startswith(_TRUSTED_PICKLE_PREFIXES) or g in _TRUSTED_PICKLE_NAMES)]
     if untrusted:
         raise EvaluationError(f"{path} pickles objects outside fairseq/numpy/omegaconf: {untrusted}; refusing to load it")
     try:
-        with torch.serialization.safe_globals([_resolve_global(g) for g in unsafe]):
+        with compat.safe_globals([_resolve_global(g) for g in unsafe]):
             return checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides=arg_overrides)
     except (pickle.UnpicklingError, KeyError, TypeError, AttributeError, IndexError, RuntimeError) as err:
         raise EvaluationError(f"{path} is not a fairseq checkpoint ({type(err).__name__}: {err})") from err

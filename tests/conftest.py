@@ -8,6 +8,12 @@ if REPO_ROOT not in sys.path:
 import pytest
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "env_b: also run in environment B (fairseq from source, Python 3.10; scripts/run_tests.sh)"
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_encoders(tmp_path_factory):
     """Tiny HuBERT (release layout, normalize=True) and tiny open_clip model, built once."""

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import compat
+
 HUBERT_SAMPLE_RATE = 16000
 
 
@@ -37,7 +39,7 @@ def _checkpoint_safe_globals(checkpoint_path: str, extra: bool = False) -> list:
 
     allowed = [Dictionary]
     if extra:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(checkpoint_path)
+        unsafe = compat.unsafe_globals_in_checkpoint(checkpoint_path)
         untrusted = [g for g in unsafe if not g.startswith(_TRUSTED_PICKLE_MODULES)]
         if untrusted:
             raise RuntimeError(
@@ -52,11 +54,11 @@ def _load_state(checkpoint_path: str):
     from fairseq import checkpoint_utils
 
     try:
-        with torch.serialization.safe_globals(_checkpoint_safe_globals(checkpoint_path)):
+        with compat.safe_globals(_checkpoint_safe_globals(checkpoint_path)):
             return checkpoint_utils.load_checkpoint_to_cpu(checkpoint_path)
     except pickle.UnpicklingError:
         pass
-    with torch.serialization.safe_globals(_checkpoint_safe_globals(checkpoint_path, extra=True)):
+    with compat.safe_globals(_checkpoint_safe_globals(checkpoint_path, extra=True)):
         try:
             return checkpoint_utils.load_checkpoint_to_cpu(checkpoint_path)
         except pickle.UnpicklingError as err:

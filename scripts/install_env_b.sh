@@ -3,21 +3,22 @@
 # tested in — Python 3.10, fairseq main installed from source, hydra-core 1.0.7, omegaconf 2.0.6,
 # torch 2.4.1 + torchvision 0.19.1 (versions in constraints/env-b.txt).
 #
-#   bash scripts/install_env_b.sh [VENV]        # default: $CMD_PLUGIN_VENV_B or .venv-b
+#   bash scripts/install_env_b.sh [VENV]   # default: $CMD_PLUGIN_VENV_B, else ~/.cache/cmd_plugin/venv-b
 #
 # fairseq's source: $CMD_PLUGIN_FAIRSEQ_SRC, default ../shared/vendor/fairseq-main-3d262bb.tar.gz.
-# Caching between runs: pip's own cache for downloaded wheels, and the fairseq wheel compiled here
-# (its C++/Cython extensions are built against this torch) kept in $CMD_PLUGIN_CACHE
-# (default ~/.cache/cmd_plugin), keyed by the source's checksum, Python and torch versions. A stamp in
-# the venv records what was installed; a second run with nothing changed returns in seconds.
-# cmd_plugin itself is NOT installed here: run it with the project on PYTHONPATH, or
-# `pip install --no-deps -e .` yourself (as a user of such an environment would).
+# Caching between runs: the environment lives outside the clone, in $CMD_PLUGIN_CACHE (default
+# ~/.cache/cmd_plugin), so every clone and CI run on a machine shares it; a stamp in it records what it
+# was built from (fairseq source, constraints, this script) and a run with nothing changed returns in
+# seconds. The fairseq wheel compiled here (C++/Cython extensions built against this torch) is kept
+# there too, keyed by the source's checksum, Python and torch versions, so a rebuild does not recompile.
+# cmd_plugin itself is NOT installed into it (it is shared by clones): run the project with it on
+# PYTHONPATH (scripts/run_tests.sh does), or `pip install --no-build-isolation -e .` in your own env.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-VENV=${1:-${CMD_PLUGIN_VENV_B:-.venv-b}}
-SRC=${CMD_PLUGIN_FAIRSEQ_SRC:-$ROOT/../shared/vendor/fairseq-main-3d262bb.tar.gz}
 CACHE=${CMD_PLUGIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cmd_plugin}
+VENV=${1:-${CMD_PLUGIN_VENV_B:-$CACHE/venv-b}}
+SRC=${CMD_PLUGIN_FAIRSEQ_SRC:-$ROOT/../shared/vendor/fairseq-main-3d262bb.tar.gz}
 CONSTRAINTS=$ROOT/constraints/env-b.txt
 PYVER=3.10.13
 
@@ -39,6 +40,11 @@ find_python() {
   echo "install_env_b.sh: no Python 3.10 found (pyenv install $PYVER, or set CMD_PLUGIN_PYTHON_B)" >&2
   exit 1
 }
+
+# one build at a time per environment (CI runs and clones share it)
+mkdir -p "$(dirname "$VENV")"
+exec 9>"$VENV.lock"
+flock 9
 
 src_sum=$(sha256sum "$SRC" | cut -c1-16)
 # what this environment is made of: a change to any of these rebuilds it

@@ -1,7 +1,7 @@
 """The user's literal commands: every shipped YAML composes through fairseq-hydra-train, and
 the tiny config trains, validates on the whole split, checkpoints and resumes.
 
-Run in both tested environments (marker ``env_b``, see scripts/run_tests.sh): the commands are
+Run in both tested environments (tests/conftest.py): the commands are
 the ones of the interpreter running the tests (its venv's bin/), never another one on PATH."""
 
 import os
@@ -21,8 +21,6 @@ from PIL import Image
 
 from cmd_plugin import compat
 from cmd_plugin.data.manifest import SpeechImageManifest, write_manifest
-
-pytestmark = pytest.mark.env_b
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,6 +67,8 @@ def test_shipped_config_composes_with_the_plugin(corpus, variant, tmp_path):
     assert cfg["model"]["_name"] == "cmd_speech_image"
     assert cfg["criterion"]["_name"] == "cmd_contrastive"
     assert cfg["common"]["user_dir"] == os.path.join(REPO, "cmd_plugin")
+    # tensorboard logs next to the checkpoints
+    assert cfg["common"]["tensorboard_logdir"] == f"{cfg['checkpoint']['save_dir']}/tensorboard"
     # configs and dataclasses are one source of truth: no key the dataclass does not know
     for section, dc in (("task", SpeechImageConfig), ("model", CmdSpeechImageConfig), ("criterion", CmdContrastiveConfig)):
         unknown = set(cfg[section]) - set(dc.__dataclass_fields__) - {"_name"}
@@ -143,6 +143,10 @@ def test_literal_command_trains_validates_checkpoints_and_resumes(tiny_encoders,
     assert "whole-split recall on 8 utterances x 4 images" in proc.stdout + proc.stderr
     for name in ("checkpoint_last.pt", "checkpoint_best.pt"):
         assert (save_dir / name).is_file()
+    # the config's common.tensorboard_logdir: event files of training steps and validation
+    for tag in ("train_inner", "valid"):
+        events = list((save_dir / "tensorboard" / tag).glob("events.out.tfevents.*"))
+        assert events and all(e.stat().st_size > 0 for e in events), tag
     state = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert state["optimizer_history"][-1]["num_updates"] == 12
     # tiny upstreams are trained in this config, so they are in the checkpoint

@@ -60,7 +60,7 @@ def make_checkpoint(path, tiny, seed=0):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
-    model_dict = OmegaConf.to_container(OmegaConf.structured(cfg))
+    model_dict = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)  # as fairseq saves
     model_dict.update(_name="cmd_speech_image")
     state = {
         "args": None,

@@ -18,6 +18,7 @@ fusion encoder's ``model.fusion_attention`` choices and ALPHA = criterion.cmd_we
 
 import argparse
 import json
+import logging
 import os
 import re
 import statistics
@@ -112,6 +113,7 @@ def format_table(table) -> str:
 
 def plot_alpha(table, path, title):
     """Test mean R@1 (mean ± sd over seeds) against α for each fusion variant; α = 0 is shared."""
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq leaves the root logger at DEBUG
     import matplotlib
 
     matplotlib.use("Agg")

@@ -126,7 +126,7 @@ def test_persistent_nonfinite_losses_stop_fairseq_hydra_train_with_the_files(tin
         f"model.hubert_path={enc['hubert_path']}", f"model.image_model={enc['image_model']}",
         f"model.image_model_config={enc['image_model_config']}", f"model.image_pretrained={enc['image_pretrained']}",
         f"checkpoint.save_dir={tmp_path / 'ckpt'}", "dataset.batch_size=4", "optimization.max_update=20",
-        "+task.nonfinite_patience=2", "common.log_interval=1",
+        "task.nonfinite_patience=2", "common.log_interval=1",
     ], cwd=tmp_path, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0

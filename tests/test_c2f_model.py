@@ -192,3 +192,23 @@ def test_inference_drops_the_training_state_and_embeds_the_same(tiny_encoders):
     assert model.momentum_model is None and model.queue is None
     assert torch.equal(before, after)
     assert not any(k.startswith(("momentum_model.", "queue.")) for k in model.state_dict())
+
+
+def test_task_refuses_a_queue_larger_than_the_training_split(tiny_encoders, tmp_path):
+    from omegaconf import OmegaConf
+
+    from cmd_plugin.models.cmd_speech_image import CmdSpeechImageConfig
+    from cmd_plugin.tasks.speech_image import SpeechImageConfig, SpeechImageTask
+    from test_train_cli import make_corpus
+
+    data = make_corpus(tmp_path, {"train": (4, 2)})  # 8 training captions
+    task = SpeechImageTask.setup_task(SpeechImageConfig(data=data, image_model=tiny_encoders["image_model"],
+                                                        image_model_config=tiny_encoders["image_model_config"]))
+    cfg = CmdSpeechImageConfig(hubert_path=tiny_encoders["hubert_path"], image_model=tiny_encoders["image_model"],
+                               image_pretrained=tiny_encoders["image_pretrained"],
+                               image_model_config=tiny_encoders["image_model_config"], queue_size=9,
+                               speech_encoder_heads=2)
+    cfg._name = "cmd_speech_image"
+    task.build_model(OmegaConf.structured(cfg))
+    with pytest.raises(ValueError, match=r"queue size 9 is larger than the 8 captions of training split 'train'"):
+        task.load_dataset("train")

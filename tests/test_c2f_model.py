@@ -212,3 +212,15 @@ def test_task_refuses_a_queue_larger_than_the_training_split(tiny_encoders, tmp_
     task.build_model(OmegaConf.structured(cfg))
     with pytest.raises(ValueError, match=r"queue size 9 is larger than the 8 captions of training split 'train'"):
         task.load_dataset("train")
+
+
+def test_frame_pooling_averages_real_frames_only_and_keeps_the_cls():
+    from cmd_plugin.models.cmd_speech_image import pool_frames
+
+    seq = torch.arange(2 * 6 * 1, dtype=torch.float32).view(2, 6, 1)  # CLS + 5 frames
+    mask = torch.tensor([[False] * 6, [False, False, False, False, True, True]])  # item 1: 3 real frames
+    pooled, pooled_mask = pool_frames(seq, mask, 2)
+    assert pooled.shape == (2, 4, 1)
+    assert pooled[0, :, 0].tolist() == [0.0, 1.5, 3.5, 5.0]  # CLS, (1,2), (3,4), (5)
+    assert pooled[1, :3, 0].tolist() == [6.0, 7.5, 9.0]  # the (9, pad) window averages 9 alone
+    assert pooled_mask.tolist() == [[False] * 4, [False, False, False, True]]

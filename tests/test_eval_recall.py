@@ -309,10 +309,3 @@ def test_scoring_names_the_manifest_line_of_a_file_broken_since_preparation(setu
     first = manifest.image_paths.index(rel)  # the line that first lists the image
     assert "1 of the files listed in" in err
     assert f"{os.path.join(data, 'test.img')}:{first + 2}: {manifest.image_path(rel)}" in err
-
-def test_rerank_refuses_a_checkpoint_without_matching_head(setup, capsys):
-    err = _error(capsys, ["--checkpoint", setup["checkpoint"], "--data", setup["manifests"], "--split", "test",
-                          "--hubert-path", setup["new_hubert"], "--rerank-k", "10", "--no-progress"])
-    assert "has no matching head" in err and "+method=c2f" in err
-    err = _error(capsys, ["--checkpoint", setup["checkpoint"], "--data", setup["manifests"], "--rerank-k", "5"])
-    assert "--rerank-k must be >= 10" in err

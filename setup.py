@@ -52,6 +52,8 @@ setup(
         "tensorboard": ["tensorboard"],
         # nearest-neighbour index for spoken image search
         "search": ["faiss-cpu"],
+        # the ablation harness's plot (examples/ablation.py)
+        "plot": ["matplotlib"],
         "test": ["pytest", "pyyaml"],
     },
 )

@@ -34,7 +34,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] \
    || ! "$PY" -c "import fairseq, open_clip, cmd_plugin, pytest, tensorboard, faiss" >/dev/null 2>&1; then
   "${PIP[@]}" --upgrade pip setuptools wheel
   "${PIP[@]}" torch torchvision cython numpy pytest pyyaml
-  "${PIP[@]}" --no-build-isolation -e ".[fairseq,tensorboard,search,test]" --config-settings editable_mode=compat
+  "${PIP[@]}" --no-build-isolation -e ".[fairseq,tensorboard,search,plot,test]" --config-settings editable_mode=compat
   echo "$want" > "$stamp"
 fi
 echo "environment ready: $VENV"

@@ -30,7 +30,7 @@ def test_variant_parameter_counts():
     dim = 768
     counts = {v: sum(p.numel() for p in FusionEncoder(dim, attention=v).parameters()) for v in FUSION_ATTENTION_CHOICES}
     base = dim * dim + dim + 2 * dim  # FC + LayerNorm (the paper's Table 1)
-    assert counts == {"literal": base, "cosine": base + 1, "qkv": base + 3 * (dim * dim + dim)}
+    assert counts == {"literal": base, "cosine": base + 1, "qkv": base + 3 * dim * dim + 2 * dim}
     with pytest.raises(ValueError, match="fusion attention must be one of"):
         FusionEncoder(dim, attention="dot")
 

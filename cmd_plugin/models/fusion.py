@@ -11,8 +11,8 @@ How the attention logits are formed is the ``attention`` choice (the paper gives
   Kept for the record.
 * ``cosine``: logits = s · cos(S_cls, patch), one learnable scale s = 1/τ_Ω (initialised and clamped
   like the contrastive temperature): sharp whatever the patch norms; adds one parameter.
-* ``qkv``: learned query/key/value projections (E x E each), logits = Q·Kᵀ / √E as in a
-  transformer's attention; adds 3E² + 3E parameters.
+* ``qkv``: learned query/key/value projections (E x E each; the key has no bias, which softmax
+  would cancel), logits = Q·Kᵀ / √E as in a transformer's attention; adds 3E² + 2E parameters.
 """
 
 import math
@@ -38,7 +38,10 @@ class FusionEncoder(nn.Module):
         self.attention = attention
         self.max_logit_scale = max_logit_scale
         if attention == "qkv":
-            self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim) for _ in range(3))
+            # no key bias: q·b_k is the same for every patch of an image, so softmax cancels it
+            # (its gradient is exactly zero)
+            self.q_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+            self.k_proj = nn.Linear(dim, dim, bias=False)
         else:
             self.q_proj = self.k_proj = self.v_proj = nn.Identity()
         if attention == "cosine":

@@ -1,12 +1,20 @@
 """cmd_plugin: speech-image retrieval (Cross-Modal Denoising) as a fairseq --user-dir plugin.
 
-Install (Python 3.11): torch and torchvision first, then this package without build isolation,
-so that fairseq-fixed (an sdist) compiles against the torch already installed:
+Into your existing fairseq environment (fairseq installed from source, its torch and hydra kept):
 
-    pip install torch==2.14.1 torchvision==0.29.1 cython "numpy<2.4"
-    pip install --no-build-isolation -e . --config-settings editable_mode=compat
+    pip install --no-build-isolation -e .
 
-``scripts/install.sh`` does exactly this in a virtual environment.
+``install_requires`` holds version ranges that environment satisfies and never names a fairseq
+distribution: any installed ``fairseq`` package of a compatible version is accepted, checked when
+cmd_plugin is imported (cmd_plugin/compat.py). For a fresh environment, the ``fairseq`` extra
+brings fairseq-fixed (an sdist, compiled against the torch already installed):
+
+    pip install torch torchvision cython -c constraints/env-a.txt
+    pip install --no-build-isolation -e ".[fairseq,tensorboard,search,test]" -c constraints/env-a.txt
+
+``scripts/install.sh`` does exactly this in a virtual environment; ``constraints/env-a.txt`` holds
+the exact versions tested there, ``constraints/env-b.txt`` those of the existing-fairseq
+environment (``scripts/install_env_b.sh``).
 """
 
 from setuptools import find_namespace_packages, find_packages, setup
@@ -17,22 +25,33 @@ setup(
     description="Cross-Modal Denoising speech-image retrieval as a fairseq user-dir plugin",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.11",
+    # 3.10: fairseq installed from source (hydra-core 1.0 / omegaconf 2.0 do not run on 3.11);
+    # 3.11+: fairseq-fixed
+    python_requires=">=3.10",
     packages=find_packages(include=["cmd_plugin", "cmd_plugin.*"])
     # hydra discovers plugins in the ``hydra_plugins`` namespace package (no __init__.py there)
     + find_namespace_packages(include=["hydra_plugins.*"]),
+    # ranges tested in both environments (README, "Compatibility"); fairseq itself is not listed
     install_requires=[
-        "torch==2.14.1",
-        "torchvision==0.29.1",
-        "fairseq-fixed==0.12.3.1",
-        "hydra-core==1.3.2",
-        "omegaconf==2.3.0",
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "hydra-core>=1.0.7,<1.4",
+        "omegaconf>=2.0.6,<2.4",
         "open_clip_torch>=3.3,<4",
-        "numpy<2.4",
+        # numpy 2.4 breaks fairseq's FileAudioDataset bucketing (np.percentile(interpolation=))
+        "numpy>=1.21.3,<2.4",
         "soundfile",
         "sentencepiece",
         "tqdm",
         "pillow",
     ],
-    extras_require={"test": ["pytest", "pyyaml"]},
+    extras_require={
+        # a fresh environment's fairseq (Python 3.11+); never needed beside your own fairseq
+        "fairseq": ["fairseq-fixed>=0.12.3.1"],
+        # fairseq's common.tensorboard_logdir writes through torch.utils.tensorboard
+        "tensorboard": ["tensorboard"],
+        # nearest-neighbour index for spoken image search
+        "search": ["faiss-cpu"],
+        "test": ["pytest", "pyyaml"],
+    },
 )

@@ -4,9 +4,18 @@ Imported by fairseq (``common.user_dir``), the package registers the task ``spee
 the model ``cmd_speech_image`` and the criterion ``cmd_contrastive``. Without fairseq loaded
 (data preparation, recall), importing ``cmd_plugin.data`` or ``cmd_plugin.recall`` stays light:
 registration then happens when a fairseq-facing module is imported.
+
+Importing the package first checks, without importing fairseq, that the installed ``fairseq``
+package (from any distribution) and its hydra/omegaconf are versions cmd_plugin runs with
+(:func:`cmd_plugin.compat.check_environment`); otherwise one ImportError says what was found and
+what is needed.
 """
 
 import sys
+
+from .compat import check_environment
+
+check_environment()
 
 if "fairseq" in sys.modules:
     from . import criterions, models, tasks  # noqa: F401  (registration side effects)

@@ -21,7 +21,6 @@ one corpus scores another (zero-shot) with the same call.
 import datetime
 import logging
 import os
-import pickle
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -47,12 +46,6 @@ TIE_RULE = (
 # Model-config fields that name upstream files, re-pointable when files moved.
 UPSTREAM_FILE_FIELDS = ("hubert_path", "image_pretrained", "image_model_config")
 
-# Pickled classes a fairseq trainer checkpoint may hold besides tensors and containers (meters in
-# extra_state, Namespace in old "args", numpy scalars in metrics, a DictConfig "cfg").
-_TRUSTED_PICKLE_PREFIXES = ("fairseq.", "numpy.", "argparse.", "omegaconf.")
-_TRUSTED_PICKLE_NAMES = ("typing.Any",)
-
-
 class EvaluationError(ValueError):
     """A checkpoint, option or embeddings file that cannot be scored; the message says why."""
 
@@ -60,30 +53,15 @@ class EvaluationError(ValueError):
 # ---------------------------------------------------------------- checkpoint
 
 
-def _resolve_global(name: str):
-    import importlib
-
-    module_name, _, attr = name.rpartition(".")
-    return getattr(importlib.import_module(module_name), attr)
-
-
 def _load_checkpoint_state(path: str, arg_overrides: Dict[str, Any]):
-    """fairseq's load_checkpoint_to_cpu under torch's weights-only unpickler, allowing only the
-    fairseq/numpy/omegaconf classes trainer checkpoints pickle (torch >= 2.6 refuses them)."""
-    from fairseq import checkpoint_utils
+    """fairseq's load_checkpoint_to_cpu, read weights-only with the explicit allow-list of
+    :mod:`cmd_plugin.checkpoints` (a file pickling anything else is refused, the class named)."""
+    from .checkpoints import CheckpointError, load_checkpoint_state
 
     try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception as err:  # not a zip-format torch file at all
-        raise EvaluationError(f"{path} is not a fairseq checkpoint ({type(err).__name__}: {err})") from err
-    untrusted = [g for g in unsafe if not (g.startswith(_TRUSTED_PICKLE_PREFIXES) or g in _TRUSTED_PICKLE_NAMES)]
-    if untrusted:
-        raise EvaluationError(f"{path} pickles objects outside fairseq/numpy/omegaconf: {untrusted}; refusing to load it")
-    try:
-        with torch.serialization.safe_globals([_resolve_global(g) for g in unsafe]):
-            return checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides=arg_overrides)
-    except (pickle.UnpicklingError, KeyError, TypeError, AttributeError, IndexError, RuntimeError) as err:
-        raise EvaluationError(f"{path} is not a fairseq checkpoint ({type(err).__name__}: {err})") from err
+        return load_checkpoint_state(path, arg_overrides, what=f"{MODEL_NAME} checkpoint")
+    except CheckpointError as err:
+        raise EvaluationError(str(err)) from None
 
 
 def _cfg_get(cfg, group: str, key: str, default=None):

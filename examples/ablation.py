@@ -26,6 +26,7 @@ and ``c2f-cmd`` (+method=c2f_cmd); ``c2f[-cmd]-rerankK[-simsic]`` re-scores the 
 
 import argparse
 import json
+import logging
 import os
 import re
 import statistics
@@ -147,6 +148,7 @@ def format_table(table) -> str:
 
 def plot_alpha(table, path, title):
     """Test mean R@1 (mean ± sd over seeds) against α for each fusion variant; α = 0 is shared."""
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq leaves the root logger at DEBUG
     import matplotlib
 
     matplotlib.use("Agg")

@@ -54,6 +54,44 @@ def check_corpus(corpus, args):
                          "rerun with --fresh or another --work-dir")
 
 
+def search_demo(py, work, manifests, checkpoint, num_queries=3, top_k=10):
+    """Spoken image search on the test split: index its images, query with spoken test captions
+    (transcripts from test.wrd), write the results page. Returns (page path, query record)."""
+    from cmd_plugin.data.manifest import read_manifest
+
+    test = read_manifest(manifests, "test")
+    search_dir = os.path.join(work, "search")
+    images = os.path.join(search_dir, "test_images")
+    for rel in test.unique_images:  # a folder of just the test images, as a user's photos would be
+        dst = os.path.join(images, rel)
+        if not os.path.isfile(dst):
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copy2(test.image_path(rel), dst)
+    # the first caption of images spread over the split
+    picks = [test.unique_images[i * len(test.unique_images) // num_queries] for i in range(num_queries)]
+    utterances = [test.image_paths.index(rel) for rel in picks]
+    transcripts = os.path.join(search_dir, "query_transcripts.txt")
+    with open(transcripts, "w", encoding="utf-8") as f:
+        f.writelines((test.texts[u] if test.texts else "") + "\n" for u in utterances)
+    script = os.path.join(EXAMPLES, "search.py")
+    index = os.path.join(search_dir, "test_images_index.pt")
+    run([py, script, "index", "--checkpoint", checkpoint, "--images", images, "--out", index, "--no-progress"])
+    page = os.path.join(search_dir, "results.html")
+    cmd = [py, script, "query", "--index", index, "--checkpoint", checkpoint,
+           *[test.audio_path(u) for u in utterances], "--top-k", str(top_k), "--html", page,
+           "--transcripts", transcripts, "--json"]
+    print("+ " + " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"search query failed ({proc.returncode})")
+    record = json.loads(proc.stdout)
+    for q, u in zip(record["queries"], utterances):
+        hit = next((r["rank"] for r in q["results"] if r["path"] == test.image_paths[u]), None)
+        print(f"  \"{q['transcript']}\": paired image at rank {hit if hit else f'> {top_k}'}; "
+              f"top: {q['results'][0]['path']} ({q['results'][0]['score']:.3f})")
+    return page, record
+
+
 def add_corpus_arguments(parser):
     """Options of the shared stages (encoders, corpus, CLIP pre-training): demo and ablation harness."""
     parser.add_argument("--work-dir", default=os.path.join(REPO, "work_dirs", "demo"), help="where everything is written")
@@ -185,6 +223,13 @@ def main(argv=None):
     for label, r in rows:
         ratio = r["recall"]["mean_r10"] / chance["mean_r10"]
         print(f"{label}: mean R@10 = {r['recall']['mean_r10']:.1f} = {ratio:.1f}x chance")
+    t = time.time()
+    page, search_record = search_demo(sys.executable, work, inputs["manifests"], record["checkpoint"])
+    timings["search"] = time.time() - t
+    ms, nq = search_record["timing_seconds"], len(search_record["queries"])
+    print(f"spoken image search over {search_record['num_images']} test images ({search_record['method']}): "
+          f"{1000 * ms['per_query']:.1f} ms per query (embedding {1000 * ms['embed_queries'] / nq:.1f} ms, "
+          f"search {1000 * ms['search'] / nq:.2f} ms); results page: {page}")
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {time.time() - t0:.0f}s")
 
 

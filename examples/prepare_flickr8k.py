@@ -9,7 +9,8 @@ Inputs, as the archives unpack:
 Splits follow Flickr_8k.{train,dev,test}Images.txt (6000 / 1000 / 1000 images, 5 spoken captions
 each). Every utterance gets its image (.img), speaker (.spk, from wav2spk.txt) and caption text
 (.wrd, from Flickr8k.token.txt key ``<image>.jpg#<n>`` for the wav's caption index n).
-Only audio headers are read. Nothing is written unless every split is valid.
+Every image is decoded (threaded; JPEGs in draft mode) unless --no-check-images; only audio
+headers are read. Nothing is written unless every split is valid.
 
 Example:
   python examples/prepare_flickr8k.py --audio-dir /data/flickr_audio \\
@@ -30,11 +31,12 @@ except ImportError:  # run as a script from anywhere: the repository root holds 
 
 from cmd_plugin.data.corpus_utils import (  # noqa: E402
     SPLIT_NAMES,
+    check_images,
+    check_images_exist,
     check_unique,
     find_first_dir,
     format_summary,
     probe_audio,
-    progress,
     require_file,
     write_splits,
 )
@@ -88,8 +90,9 @@ def resolve_text_dir(text_dir: str) -> str:
     return os.path.abspath(text_dir)
 
 
-def read_split_lists(text_dir: str) -> Dict[str, List[str]]:
-    """Image filenames of each split; an image may appear once over all split files."""
+def read_split_lists(text_dir: str) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
+    """Image filenames of each split (an image may appear once over all split files), and
+    where each is listed ('<split file>:<line>')."""
     splits, entries = {}, []
     for split in SPLIT_NAMES:
         path = require_file(os.path.join(text_dir, SPLIT_FILES[split]), f"Flickr8k {split} split list")
@@ -101,7 +104,7 @@ def read_split_lists(text_dir: str) -> Dict[str, List[str]]:
             raise ManifestError(f"{path}: split list is empty (split {split!r})")
         splits[split] = images
     check_unique(entries, "image in the split lists")
-    return splits
+    return splits, dict(entries)
 
 
 def read_captions(text_dir: str) -> Tuple[Dict[Tuple[str, int], str], List[str]]:
@@ -163,8 +166,11 @@ def build_splits(
     workers: int = 8,
     show_progress: bool = True,
     log=print,
+    check_image_data: bool = True,
 ) -> Dict[str, SpeechImageManifest]:
-    """Read and check the corpus; return the three splits (nothing is written here)."""
+    """Read and check the corpus; return the three splits (nothing is written here).
+
+    ``check_image_data`` decodes every image; otherwise images are only checked to exist."""
     audio_dir = resolve_audio_dir(audio_dir)
     image_dir = resolve_image_dir(image_dir)
     text_dir = resolve_text_dir(text_dir)
@@ -172,7 +178,7 @@ def build_splits(
     if not os.path.isdir(wav_dir):
         raise ManifestError(f"{wav_dir}: folder of wavs not found")
 
-    split_images = read_split_lists(text_dir)
+    split_images, listed_at = read_split_lists(text_dir)
     split_of = {image: split for split, images in split_images.items() for image in images}
 
     rows = read_wav2capt(os.path.join(audio_dir, "wav2capt.txt"))
@@ -203,12 +209,16 @@ def build_splits(
             )
         per_image[image].append((index, wav, where))
 
-    # images are checked once each, in split order
-    all_images = [image for split in SPLIT_NAMES for image in split_images[split] if image in per_image]
-    for image in progress(all_images, show_progress, desc="images", unit="img"):
-        if not os.path.isfile(os.path.join(image_dir, image)):
-            _, _, where = per_image[image][0]
-            raise ManifestError(f"{where}: image {os.path.join(image_dir, image)} is missing")
+    # images are checked once each, in split order; an error names the caption line that needs
+    # the image and the split-list line that lists it
+    image_items = [
+        (os.path.join(image_dir, image), f"{per_image[image][0][2]} ({listed_at[image]}, split {split!r})")
+        for split in SPLIT_NAMES for image in split_images[split] if image in per_image
+    ]
+    if check_image_data:
+        check_images(image_items, workers=workers, show_progress=show_progress)
+    else:
+        check_images_exist(image_items)
 
     splits = {}
     for split in SPLIT_NAMES:
@@ -260,7 +270,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="where train/valid/test .tsv/.img/.spk/.wrd are written")
     parser.add_argument("--no-text", action="store_true", help="do not write .wrd caption text")
     parser.add_argument("--no-speakers", action="store_true", help="do not write .spk speaker ids")
-    parser.add_argument("--workers", type=int, default=8, help="threads reading audio headers")
+    parser.add_argument("--workers", type=int, default=8, help="threads reading audio headers and decoding images")
+    parser.add_argument("--no-check-images", action="store_true",
+                        help="only check that images exist, do not decode them (for data known to be intact)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -276,6 +288,7 @@ def main(argv=None) -> int:
             with_speakers=not args.no_speakers,
             workers=args.workers,
             show_progress=not args.no_progress,
+            check_image_data=not args.no_check_images,
         )
         write_splits(args.out_dir, splits)
     except ManifestError as exc:

@@ -12,8 +12,8 @@ Inputs, as the archives unpack:
 The utterances come from SpokenCOCO_train.json + SpokenCOCO_val.json; the split decides which
 split each image (and so each of its captions) belongs to. Both the usual records
 (``"captions": [...]``) and the "unrolled" variant (one ``"caption"`` per record) are read;
-unknown keys are ignored. Only audio headers are read. Nothing is written unless every split is
-valid.
+unknown keys are ignored. Every image is decoded (threaded; JPEGs in draft mode) unless
+--no-check-images; only audio headers are read. Nothing is written unless every split is valid.
 
 Example:
   python examples/prepare_spokencoco.py --spokencoco-dir /data/SpokenCOCO \\
@@ -35,10 +35,11 @@ except ImportError:  # run as a script from anywhere: the repository root holds 
 
 from cmd_plugin.data.corpus_utils import (  # noqa: E402
     SPLIT_NAMES,
+    check_images,
+    check_images_exist,
     check_unique,
     format_summary,
     probe_audio,
-    progress,
     require_file,
     write_splits,
 )
@@ -187,8 +188,11 @@ def build_splits(
     workers: int = 8,
     show_progress: bool = True,
     log=print,
+    check_image_data: bool = True,
 ) -> Dict[str, SpeechImageManifest]:
-    """Read and check the corpus; return the three splits (nothing is written here)."""
+    """Read and check the corpus; return the three splits (nothing is written here).
+
+    ``check_image_data`` decodes every image; otherwise images are only checked to exist."""
     if (karpathy_split is None) == (karpathy_split_dir is None):
         raise ManifestError("give exactly one of --karpathy-split and --karpathy-split-dir")
     spokencoco_dir = resolve_spokencoco_dir(spokencoco_dir)
@@ -197,6 +201,7 @@ def build_splits(
     split_lists = read_split(karpathy_split, karpathy_split_dir)
     check_unique((entry for split in SPLIT_NAMES for entry in split_lists[split]), "image in the split")
     split_of = {key: split for split in SPLIT_NAMES for key, _ in split_lists[split]}
+    listed_at = {key: where for split in SPLIT_NAMES for key, where in split_lists[split]}
     # SpokenCOCO and the split normally agree on "<folder>2014/<file>"; COCO file names are unique,
     # so the bare file name is a safe second key for a copy that prefixes paths differently.
     key_of_basename = {posixpath.basename(key): key for key in split_of}
@@ -213,9 +218,15 @@ def build_splits(
         per_image[u.key].append(u)
         image_of_key.setdefault(u.key, u.image)
 
-    for key, image in progress(list(image_of_key.items()), show_progress, desc="images", unit="img"):
-        if not os.path.isfile(os.path.join(coco_image_root, image)):
-            raise ManifestError(f"{per_image[key][0].where}: image {os.path.join(coco_image_root, image)} is missing")
+    # an error names the first caption record that needs the image and the split entry listing it
+    image_items = [
+        (os.path.join(coco_image_root, image), f"{per_image[key][0].where} ({listed_at[key]}, split {split_of[key]!r})")
+        for key, image in image_of_key.items()
+    ]
+    if check_image_data:
+        check_images(image_items, workers=workers, show_progress=show_progress)
+    else:
+        check_images_exist(image_items)
 
     splits = {}
     for split in SPLIT_NAMES:
@@ -264,7 +275,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "SpokenCOCO_{train,val,test}_karpathy.json")
     parser.add_argument("--out-dir", default="manifests/spokencoco",
                         help="where train/valid/test .tsv/.img/.spk/.wrd are written")
-    parser.add_argument("--workers", type=int, default=8, help="threads reading audio headers")
+    parser.add_argument("--workers", type=int, default=8, help="threads reading audio headers and decoding images")
+    parser.add_argument("--no-check-images", action="store_true",
+                        help="only check that images exist, do not decode them (for data known to be intact)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -279,6 +292,7 @@ def main(argv=None) -> int:
             karpathy_split_dir=args.karpathy_split_dir,
             workers=args.workers,
             show_progress=not args.no_progress,
+            check_image_data=not args.no_check_images,
         )
         write_splits(args.out_dir, splits)
     except ManifestError as exc:

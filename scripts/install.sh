@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# Create (or reuse) the virtual environment .venv and install cmd_plugin with its dependencies,
-# plus the Debian packages the generated demo corpus needs (espeak-ng, sox).
+# Environment A, the fresh one: create (or reuse) the virtual environment .venv (Python 3.11) and install
+# cmd_plugin with fairseq-fixed and every extra, at the exact versions of constraints/env-a.txt; plus the
+# Debian packages the generated demo corpus (espeak-ng, sox) and the headless-browser tests (chromium) need.
 # Order matters: torch first, then fairseq-fixed (an sdist) built against it without isolation.
+# Into an existing fairseq environment instead: see the README (pip install --no-build-isolation -e .).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${CMD_PLUGIN_VENV:-.venv}
+CONSTRAINTS=constraints/env-a.txt
 
-if ! command -v espeak-ng >/dev/null 2>&1 || ! command -v sox >/dev/null 2>&1; then
+missing=()
+for tool in espeak-ng sox chromium; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "install espeak-ng and sox first (Debian/Ubuntu: sudo apt-get install -y espeak-ng sox)" >&2
+    echo "install ${missing[*]} first (Debian/Ubuntu: sudo apt-get install -y ${missing[*]})" >&2
     exit 1
   fi
 fi
@@ -19,11 +26,15 @@ if [ ! -x "$VENV/bin/python" ]; then
   python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
+PIP=("$PY" -m pip install -q -c "$CONSTRAINTS")
 stamp="$VENV/.cmd_plugin_installed"
-if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || ! "$PY" -c "import fairseq, open_clip, cmd_plugin, pytest" >/dev/null 2>&1; then
-  "$PY" -m pip install -q --upgrade pip setuptools wheel
-  "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1 cython "numpy<2.4" pytest pyyaml
-  "$PY" -m pip install -q --no-build-isolation -e ".[test]" --config-settings editable_mode=compat
-  touch "$stamp"
+# what the environment is made of: a change to either reinstalls
+want="setup=$(sha256sum setup.py | cut -c1-16) constraints=$(sha256sum "$CONSTRAINTS" | cut -c1-16)"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] \
+   || ! "$PY" -c "import fairseq, open_clip, cmd_plugin, pytest, tensorboard, faiss" >/dev/null 2>&1; then
+  "${PIP[@]}" --upgrade pip setuptools wheel
+  "${PIP[@]}" torch torchvision cython numpy pytest pyyaml
+  "${PIP[@]}" --no-build-isolation -e ".[fairseq,tensorboard,search,test]" --config-settings editable_mode=compat
+  echo "$want" > "$stamp"
 fi
 echo "environment ready: $VENV"

@@ -8,6 +8,24 @@ if REPO_ROOT not in sys.path:
 import pytest
 
 
+# Environment B (fairseq from source, Python 3.10, hydra 1.0; scripts/run_tests.sh runs `-m env_b` there)
+# runs every test module except these slow ones, whose parts are tested there one by one: the
+# end-to-end demo (each stage's script has its own tests) and the two-process gradient equality
+# (two gloo workers train and validate in test_train_cli)
+ENV_A_ONLY_MODULES = {"test_demo", "test_global_batch"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "env_b: also run in environment B (see tests/conftest.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+        if module not in ENV_A_ONLY_MODULES:
+            item.add_marker(pytest.mark.env_b)
+
+
 @pytest.fixture(scope="session")
 def tiny_encoders(tmp_path_factory):
     """Tiny HuBERT (release layout, normalize=True) and tiny open_clip model, built once."""

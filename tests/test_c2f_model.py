@@ -224,3 +224,14 @@ def test_frame_pooling_averages_real_frames_only_and_keeps_the_cls():
     assert pooled[0, :, 0].tolist() == [0.0, 1.5, 3.5, 5.0]  # CLS, (1,2), (3,4), (5)
     assert pooled[1, :3, 0].tolist() == [6.0, 7.5, 9.0]  # the (9, pad) window averages 9 alone
     assert pooled_mask.tolist() == [[False] * 4, [False, False, False, True]]
+
+
+def test_non_finite_embeddings_never_enter_the_queue(tiny_encoders):
+    model, crit = build_model(tiny_encoders, **C2F_MODEL), c2f_criterion(sim_weight=0.0, distill_alpha=0.0)
+    batch = make_batch([0, 1, 2])
+    batch["net_input"]["source"][1] = float("nan")  # a broken utterance
+    model.train()
+    crit(model, batch)
+    speech, _, keys = model.queue.entries()
+    assert len(model.queue) == 2 and torch.isfinite(speech).all()
+    assert sorted(keys[:, 1].tolist()) == [0, 2]

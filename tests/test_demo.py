@@ -74,8 +74,7 @@ ABLATION = os.path.join(REPO_ROOT, "examples", "ablation.py")
 
 
 def _ablation(work, *extra):
-    toy = [a for a in TOY]
-    return subprocess.run([sys.executable, ABLATION, "--work-dir", str(work), *toy, *extra], cwd=REPO_ROOT,
+    return subprocess.run([sys.executable, ABLATION, "--work-dir", str(work), *TOY, *extra], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=900)
 
 
@@ -100,7 +99,8 @@ def test_ablation_harness_trains_rows_by_seeds_then_resumes_without_retraining(d
             assert (run_dir / "checkpoint_best.pt").is_file()
             with open(run_dir / "recall_test.json") as f:
                 assert json.load(f)["recall"]["mean_r1"] == per_seed[seed]["test"]["mean_r1"]
-        line = next(line for line in proc.stdout.splitlines() if line.startswith(row + " "))
+        table = proc.stdout[proc.stdout.index("Ablation on the generated corpus"):]
+        line = next(line for line in table.splitlines() if line.startswith(row + " "))
         assert f"{mean:.1f}±{sd:.1f}" in line
     # the CMD row logged its fusion attention; the alpha = 0 row has none
     assert set(record["rows"]["cmd-cosine"]["per_seed"]["1"]["attention"]) == {
@@ -116,3 +116,16 @@ def test_ablation_rejects_an_unknown_row_before_any_work(tmp_path):
     proc = _ablation(tmp_path / "none", "--rows", "cmd-dot")
     assert proc.returncode != 0 and "unknown row 'cmd-dot'" in proc.stderr
     assert not (tmp_path / "none").exists()
+
+
+def test_demo_searches_the_test_images_with_spoken_captions_and_writes_the_page(demo_run):
+    work, out = demo_run
+    page = work / "search" / "results.html"
+    line = next(line for line in out.splitlines() if line.startswith("spoken image search over 4 test images"))
+    assert line.endswith(f"results page: {page}") and "ms per query" in line
+    html = page.read_text()
+    transcripts = (work / "search" / "query_transcripts.txt").read_text().splitlines()
+    assert len(transcripts) == 3 and all(transcripts)
+    assert html.count("<audio") == 3 and all(t.replace("'", "&#x27;") in html for t in transcripts)
+    assert html.count("data:image/jpeg;base64,") == 3 * 4  # top 10 of 4 images: all four per query
+    assert (work / "search" / "test_images_index.pt").is_file()

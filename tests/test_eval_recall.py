@@ -292,3 +292,26 @@ def test_rerank_refuses_a_checkpoint_without_matching_head(setup, capsys):
     assert "has no matching head" in err and "+method=c2f" in err
     err = _error(capsys, ["--checkpoint", setup["checkpoint"], "--data", setup["manifests"], "--rerank-k", "5"])
     assert "--rerank-k must be >= 10" in err
+def test_scoring_names_the_manifest_line_of_a_file_broken_since_preparation(setup, capsys, tmp_path):
+    from cmd_plugin.data.manifest import read_manifest
+
+    manifest = read_manifest(setup["manifests"], "test")
+    copy = tmp_path / "corpus"
+    shutil.copytree(manifest.audio_root, copy / "wavs")
+    shutil.copytree(manifest.image_root, copy / "images")
+    manifest.audio_root, manifest.image_root = str(copy / "wavs"), str(copy / "images")
+    data = str(tmp_path / "manifests")
+    write_manifest(data, "test", manifest)
+    argv = ["--checkpoint", setup["checkpoint"], "--data", data, "--hubert-path", setup["new_hubert"],
+            "--batch-size", "3", "--no-progress"]
+
+    sf.write(manifest.audio_path(4), np.zeros(3000, np.float32), 8000)
+    err = _error(capsys, argv)
+    assert f"{os.path.join(data, 'test.tsv')}:6: {manifest.audio_path(4)} is 8000 Hz" in err
+
+    rel = manifest.image_paths[7]
+    os.remove(manifest.image_path(rel))
+    err = _error(capsys, argv)
+    first = manifest.image_paths.index(rel)  # the line that first lists the image
+    assert "1 of the files listed in" in err
+    assert f"{os.path.join(data, 'test.img')}:{first + 2}: {manifest.image_path(rel)}" in err

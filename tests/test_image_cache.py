@@ -19,6 +19,7 @@ from cmd_plugin.data.image_cache import (
     CachedImages,
     ImageCacheError,
     ImageFeatureCache,
+    cache_bytes,
     encoder_identity,
     write_image_cache,
 )
@@ -88,6 +89,8 @@ def test_cache_holds_the_upstreams_own_outputs_within_fp16(upstream, identity, i
     on_disk = json.loads((out / "meta.json").read_text())
     assert on_disk["identity"] == identity and on_disk["shapes"]["image_patches.npy"] == [5, 16, 32]
     assert np.load(out / "image_cls.npy", mmap_mode="r").dtype == np.float16
+    arrays = [np.load(out / name, mmap_mode="r") for name in ("image_cls.npy", "image_patches.npy")]
+    assert sum(a.nbytes for a in arrays) == cache_bytes(5, 32, 16) == 5 * 17 * 32 * 2  # the README's size formula
 
     cache = ImageFeatureCache(str(out))
     cache.check_identity(identity)
@@ -156,7 +159,7 @@ def test_path_missing_from_cache_is_named(upstream, identity, images, tmp_path):
         CachedImages(manifest, cache)
 
 
-def test_interrupted_write_leaves_no_cache_and_keeps_the_old_one(upstream, identity, images, tmp_path, monkeypatch):
+def test_interrupted_write_leaves_no_cache_keeps_the_old_one_and_resumes(upstream, identity, images, tmp_path, monkeypatch):
     out = tmp_path / "cache"
     write_image_cache(str(out), images[:2], upstream, identity)
     old_cls = np.array(np.load(out / "image_cls.npy"))
@@ -172,29 +175,68 @@ def test_interrupted_write_leaves_no_cache_and_keeps_the_old_one(upstream, ident
 
     monkeypatch.setattr(upstream, "forward", failing_forward)
     with pytest.raises(RuntimeError, match="interrupted"):
-        write_image_cache(str(out), images, upstream, identity, batch_size=2)
+        write_image_cache(str(out), images, upstream, identity, batch_size=2, sync_interval=0)
     assert calls == [2, 2]
     calls.clear()
     with pytest.raises(RuntimeError, match="interrupted"):
-        write_image_cache(str(tmp_path / "new_cache"), images, upstream, identity, batch_size=2)
+        write_image_cache(str(tmp_path / "new_cache"), images, upstream, identity, batch_size=2, sync_interval=0)
     monkeypatch.undo()
 
-    assert sorted(os.listdir(tmp_path)) == ["cache", "images"]  # no new cache, no temporaries
+    # nothing that passes for a cache: no new one, the old one untouched; what was encoded waits
+    # in hidden partial directories
+    assert sorted(os.listdir(tmp_path)) == [".cache.partial", ".new_cache.partial", "cache", "images"]
+    for not_a_cache in (tmp_path / "new_cache", tmp_path / ".new_cache.partial"):
+        with pytest.raises(ImageCacheError, match="not an image feature cache"):
+            ImageFeatureCache(str(not_a_cache))
     cache = ImageFeatureCache(str(out))
     assert cache.paths == images[:2]
     assert np.array_equal(np.asarray(cache.lookup(images[:2])[0]), old_cls.astype(np.float32))
-    # a complete write then does replace it
-    write_image_cache(str(out), images, upstream, identity, batch_size=2)
-    assert ImageFeatureCache(str(out)).paths == images
-    assert sorted(os.listdir(tmp_path)) == ["cache", "images"]
+
+    # the same call again resumes after the recorded first batch, and then replaces the old cache
+    calls.clear()
+    monkeypatch.setattr(upstream, "forward", lambda pixels: calls.append(len(pixels)) or real_forward(pixels))
+    meta = write_image_cache(str(out), images, upstream, identity, batch_size=2, sync_interval=0, log=lambda m: None)
+    monkeypatch.undo()
+    assert calls == [2, 1] and meta["resumed_from_row"] == 2
+    assert sorted(os.listdir(tmp_path)) == [".new_cache.partial", "cache", "images"]
+    resumed = ImageFeatureCache(str(out))
+    assert resumed.paths == images
+    fresh = write_image_cache(str(tmp_path / "fresh"), images, upstream, identity, batch_size=5)
+    assert fresh["resumed_from_row"] == 0
+    for name in ("image_cls.npy", "image_patches.npy"):
+        assert np.array_equal(np.load(out / name), np.load(tmp_path / "fresh" / name))
 
 
-def test_unreadable_image_is_named_and_nothing_is_written(upstream, identity, images, tmp_path):
+def test_a_partial_build_of_other_images_is_discarded(upstream, identity, images, tmp_path, monkeypatch):
+    def fail_second(pixels, calls=[]):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")
+        return type(upstream).forward(upstream, pixels)
+
+    monkeypatch.setattr(upstream, "forward", fail_second)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        write_image_cache(str(tmp_path / "cache"), images, upstream, identity, batch_size=2, sync_interval=0)
+    monkeypatch.undo()
+    logged = []
+    meta = write_image_cache(str(tmp_path / "cache"), images[::-1], upstream, identity, batch_size=2, log=logged.append)
+    assert meta["resumed_from_row"] == 0 and "other images or another encoder: starting over" in logged[0]
+    assert ImageFeatureCache(str(tmp_path / "cache")).paths == images[::-1]
+
+
+def test_unreadable_image_is_named_with_its_manifest_line_and_nothing_is_written(upstream, identity, images, tmp_path):
     with open(images[2], "wb") as f:
         f.write(b"not an image")
-    with pytest.raises(ImageCacheError, match=f"{images[2]}: cannot read image"):
-        write_image_cache(str(tmp_path / "cache"), images, upstream, identity, batch_size=2)
-    assert sorted(os.listdir(tmp_path)) == ["images"]
+    where = [f"/m/train.img:{i + 2}" for i in range(len(images))]
+    with pytest.raises(ImageCacheError, match=f"/m/train.img:4: {images[2]}: cannot read image"):
+        write_image_cache(str(tmp_path / "cache"), images, upstream, identity, batch_size=2, where=where,
+                          sync_interval=0)
+    assert sorted(os.listdir(tmp_path)) == [".cache.partial", "images"]
+    # once the file is replaced, the build resumes after the first batch
+    _write_images(tmp_path / "images", 5)
+    assert write_image_cache(str(tmp_path / "cache"), images, upstream, identity, batch_size=2,
+                             log=lambda m: None)["resumed_from_row"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["cache", "images"]
 
 
 def _loss_and_grads(model, sample):
@@ -333,3 +375,80 @@ def test_task_batches_carry_cached_features_and_refuse_a_trainable_encoder(tiny_
     other = SpeechImageTask.setup_task(task_config(image_pretrained=other_weights))
     with pytest.raises(ImageCacheError, match="weights checksum"):
         other.load_dataset("train")
+
+
+def test_cli_killed_mid_build_leaves_no_cache_and_the_same_command_resumes(tiny_encoders, upstream, identity, tmp_path,
+                                                                          capsys):
+    import importlib.util
+    import signal
+    import subprocess
+    import time
+
+    rng = np.random.default_rng(3)
+    (tmp_path / "images").mkdir()
+    images = []
+    for i in range(160):
+        images.append(str(tmp_path / "images" / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(images[-1])
+    rels = [os.path.basename(p) for p in images]
+    write_manifest(str(tmp_path / "manifests"), "train",
+                   SpeechImageManifest("/audio", [f"{i}.wav" for i in range(len(rels))], [16000] * len(rels),
+                                       os.path.dirname(images[0]), rels))
+    enc = tiny_encoders
+    out = tmp_path / "cache"
+    script = os.path.join(REPO, "examples", "cache_image_features.py")
+    argv = ["--manifest-dir", str(tmp_path / "manifests"), "--splits", "train",
+            "--image-model", enc["image_model"], "--image-pretrained", enc["image_pretrained"],
+            "--image-model-config", enc["image_model_config"], "--out", str(out),
+            "--batch-size", "2", "--sync-interval", "0", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    progress = tmp_path / ".cache.partial" / "progress.json"
+    proc = subprocess.Popen([sys.executable, script] + argv, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    done, deadline = 0, time.time() + 120
+    while done < 10 and proc.poll() is None and time.time() < deadline:
+        try:
+            done = json.loads(progress.read_text())["rows_done"]
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    recorded = json.loads(progress.read_text())["rows_done"]
+    assert 10 <= recorded < len(images)
+    assert not out.exists()  # nothing passes for a cache
+    with pytest.raises(ImageCacheError, match="not an image feature cache"):
+        ImageFeatureCache(str(tmp_path / ".cache.partial"))
+
+    # the same command again (in this process: its start-up is the slow part)
+    spec = importlib.util.spec_from_file_location("cache_image_features_cli", script)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"{recorded} of {len(images)} images already encoded" in printed
+    assert f"resumed after {recorded} already encoded" in printed
+    assert sorted(os.listdir(tmp_path)) == ["cache", "images", "manifests"]
+    write_image_cache(str(tmp_path / "reference"), images, upstream, identity, batch_size=2)
+    for name in ("image_cls.npy", "image_patches.npy"):
+        assert np.array_equal(np.load(out / name), np.load(tmp_path / "reference" / name))
+
+
+def test_a_second_build_of_the_same_cache_and_a_full_disk_are_refused_before_encoding(upstream, identity, images,
+                                                                                      tmp_path, monkeypatch):
+    import collections
+
+    from cmd_plugin.data import image_cache
+
+    partial = image_cache.partial_dir_of(str(tmp_path / "cache"))
+    os.makedirs(partial)
+    held = image_cache._lock(partial)  # another build holds the lock
+    with pytest.raises(ImageCacheError, match=f"another process is building this image feature cache \\(in {partial}\\)"):
+        write_image_cache(str(tmp_path / "cache"), images, upstream, identity)
+    held.close()
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(image_cache.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(ImageCacheError, match=r"the cache of 5 images needs 0\.0 GB; .* has 0\.0 GB free"):
+        write_image_cache(str(tmp_path / "cache"), images, upstream, identity)
+    assert sorted(os.listdir(tmp_path)) == ["images"]  # nothing encoded, nothing left

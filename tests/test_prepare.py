@@ -183,13 +183,36 @@ def _flickr_duplicate_image(c):
     return ["Flickr_8k.testImages.txt:3", "duplicate image", "Flickr_8k.trainImages.txt:2"]
 
 
+def _truncated_jpg(path):
+    """A real JPEG of noise cut in the middle of its entropy-coded data (a broken download)."""
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+
+
+def _flickr_truncated_image(c):
+    _truncated_jpg(os.path.join(c["images"], "2677656448_6b7e7702af.jpg"))
+    return ["Flickr_8k.testImages.txt:2", "split 'test'", "2677656448_6b7e7702af.jpg", "cannot be decoded",
+            "truncated", "wav2capt.txt:26"]
+
+
+def _flickr_not_an_image(c):
+    with open(os.path.join(c["images"], "1001773457_577c3a7d70.jpg"), "w") as f:
+        f.write("<html>403 Forbidden</html>")
+    return ["Flickr_8k.trainImages.txt:2", "1001773457_577c3a7d70.jpg", "cannot be decoded", "UnidentifiedImageError"]
+
+
 def _flickr_empty_split(c):
     _rewrite(os.path.join(c["text"], "Flickr_8k.devImages.txt"), lambda ls: [])
     return ["Flickr_8k.devImages.txt", "empty"]
 
 
 FLICKR_BAD = [_flickr_missing_wav, _flickr_missing_image, _flickr_image_in_no_split, _flickr_8khz,
-              _flickr_stereo, _flickr_duplicate_wav, _flickr_duplicate_image, _flickr_empty_split]
+              _flickr_stereo, _flickr_duplicate_wav, _flickr_duplicate_image, _flickr_empty_split,
+              _flickr_truncated_image, _flickr_not_an_image]
 
 
 @pytest.mark.parametrize("corrupt", FLICKR_BAD, ids=lambda f: f.__name__[len("_flickr_"):])
@@ -267,10 +290,10 @@ def write_split_files(corpus, directory, naming, unrolled):
             json.dump({"data": data}, f)
 
 
-def run_coco(corpus, out_dir, split_dir=None):
+def run_coco(corpus, out_dir, split_dir=None, extra=()):
     split = ["--karpathy-split-dir", split_dir] if split_dir else ["--karpathy-split", corpus["karpathy"]]
     return coco.main(["--spokencoco-dir", corpus["sc"], "--coco-image-root", corpus["images"], *split,
-                      "--out-dir", str(out_dir), "--no-progress", "--workers", "2"])
+                      "--out-dir", str(out_dir), "--no-progress", "--workers", "2", *extra])
 
 
 @pytest.fixture
@@ -348,6 +371,12 @@ def _coco_image_in_no_split(c):
     return ["SpokenCOCO_val.json: data[1].captions[0]", _coco_image(6), "no split of", "dataset_coco.json"]
 
 
+def _coco_truncated_image(c):
+    _truncated_jpg(os.path.join(c["images"], _coco_image(8)))
+    return ["SpokenCOCO_val.json: data[3]", "dataset_coco.json: images[7]", "split 'test'", _coco_image(8),
+            "cannot be decoded", "truncated"]
+
+
 def _coco_8khz(c):
     _wav(_utt_wav(c, 2, 0), 500, rate=8000)
     return ["SpokenCOCO_train.json: data[1].captions[0]", "8000 Hz"]
@@ -375,7 +404,7 @@ def _coco_empty_split(c):
 
 
 COCO_BAD = [_coco_missing_wav, _coco_missing_image, _coco_image_in_no_split, _coco_8khz, _coco_stereo,
-            _coco_duplicate_wav, _coco_duplicate_image, _coco_empty_split]
+            _coco_duplicate_wav, _coco_duplicate_image, _coco_empty_split, _coco_truncated_image]
 
 
 @pytest.mark.parametrize("corrupt", COCO_BAD, ids=lambda f: f.__name__[len("_coco_"):])
@@ -472,3 +501,29 @@ def test_write_manifest_failing_mid_file_leaves_no_temporary(tmp_path):
     with pytest.raises(TypeError):
         write_manifest(str(tmp_path), "train", bad)
     assert os.listdir(tmp_path) == []
+
+
+def test_no_check_images_skips_decoding_but_not_the_existence_check(flickr_corpus, coco_corpus, tmp_path, capsys):
+    _flickr_truncated_image(flickr_corpus)
+    _coco_truncated_image(coco_corpus)
+    assert run_flickr(flickr_corpus, tmp_path / "f", extra=["--no-check-images"]) == 0
+    assert run_coco(coco_corpus, tmp_path / "c", extra=["--no-check-images"]) == 0
+    assert len(read_manifest(str(tmp_path / "f"), "test")) == 10 and len(read_manifest(str(tmp_path / "c"), "test")) == 4
+    os.remove(os.path.join(flickr_corpus["images"], "2090545563_a4e66ec76b.jpg"))
+    capsys.readouterr()
+    assert run_flickr(flickr_corpus, tmp_path / "f2", extra=["--no-check-images"]) == 1
+    assert "2090545563_a4e66ec76b.jpg is missing" in capsys.readouterr().err
+
+
+def test_image_check_reports_the_first_bad_image_in_split_order_with_threads(tmp_path):
+    """Threads finish in any order; the error is always the first bad item of the list."""
+    items = []
+    for i in range(600):  # more than two chunks of 256
+        path = str(tmp_path / f"{i}.jpg")
+        _jpg(path)
+        items.append((path, f"list.txt:{i + 1}"))
+    for i in (300, 590):
+        _truncated_jpg(items[i][0])
+    corpus_utils.check_images(items[:300], workers=4, show_progress=False)
+    with pytest.raises(ManifestError, match=r"^list\.txt:301: image .*300\.jpg cannot be decoded"):
+        corpus_utils.check_images(items, workers=4, show_progress=False)

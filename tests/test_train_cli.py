@@ -1,5 +1,8 @@
 """The user's literal commands: every shipped YAML composes through fairseq-hydra-train, and
-the tiny config trains, validates on the whole split, checkpoints and resumes."""
+the tiny config trains, validates on the whole split, checkpoints and resumes.
+
+Run in both tested environments (tests/conftest.py): the commands are
+the ones of the interpreter running the tests (its venv's bin/), never another one on PATH."""
 
 import os
 import re
@@ -13,12 +16,22 @@ import pytest
 import soundfile as sf
 import torch
 import yaml
+from omegaconf import OmegaConf
 from PIL import Image
 
+from cmd_plugin import compat
 from cmd_plugin.data.manifest import SpeechImageManifest, write_manifest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = shutil.which("fairseq-hydra-train") or os.path.join(os.path.dirname(sys.executable), "fairseq-hydra-train")
+
+
+def _console_script(name):
+    """The entry point installed beside this interpreter (sys.executable's bin/), else PATH's."""
+    beside = os.path.join(os.path.dirname(sys.executable), name)
+    return beside if os.path.isfile(beside) else shutil.which(name)
+
+
+TRAIN = _console_script("fairseq-hydra-train")
 
 SHIPPED = [
     ("flickr8k", None),
@@ -42,16 +55,22 @@ def test_shipped_config_composes_with_the_plugin(corpus, variant, tmp_path):
 
     args = ["--config-dir", os.path.join("examples", corpus), "task._name=speech_image"]
     args += [variant] if variant else []
-    # the user's literal command, from the repository root, printing the composed job config
-    proc = run_train(args + ["--cfg", "job", "--resolve"], cwd=REPO)
+    # the user's literal command, from the repository root, printing the composed job config;
+    # hydra < 1.1 has no --resolve: its output is resolved here with the plugin's resolver
+    resolve = ["--resolve"] if compat.hydra_version() >= (1, 1) else []
+    proc = run_train(args + ["--cfg", "job"] + resolve, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    cfg = yaml.safe_load(proc.stdout)
+    import hydra_plugins.cmd_plugin_searchpath.searchpath  # noqa: F401  (registers ${cmd_plugin_dir:})
+
+    cfg = OmegaConf.to_container(OmegaConf.create(yaml.safe_load(proc.stdout)), resolve=True)
     assert cfg["task"]["_name"] == "speech_image"
     assert cfg["model"]["_name"] == "cmd_speech_image"
     assert cfg["criterion"]["_name"] == "cmd_contrastive"
     # coarse-to-fine parts are off unless +method=c2f / c2f_cmd selects them (tests/test_c2f_train_cli.py)
     assert cfg["model"]["queue_size"] == 0 and cfg["criterion"]["sim_weight"] == 0.0
     assert cfg["common"]["user_dir"] == os.path.join(REPO, "cmd_plugin")
+    # tensorboard logs next to the checkpoints
+    assert cfg["common"]["tensorboard_logdir"] == f"{cfg['checkpoint']['save_dir']}/tensorboard"
     # configs and dataclasses are one source of truth: no key the dataclass does not know
     for section, dc in (("task", SpeechImageConfig), ("model", CmdSpeechImageConfig), ("criterion", CmdContrastiveConfig)):
         unknown = set(cfg[section]) - set(dc.__dataclass_fields__) - {"_name"}
@@ -126,6 +145,10 @@ def test_literal_command_trains_validates_checkpoints_and_resumes(tiny_encoders,
     assert "whole-split recall on 8 utterances x 4 images" in proc.stdout + proc.stderr
     for name in ("checkpoint_last.pt", "checkpoint_best.pt"):
         assert (save_dir / name).is_file()
+    # the config's common.tensorboard_logdir: event files of training steps and validation
+    for tag in ("train_inner", "valid"):
+        events = list((save_dir / "tensorboard" / tag).glob("events.out.tfevents.*"))
+        assert events and all(e.stat().st_size > 0 for e in events), tag
     state = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert state["optimizer_history"][-1]["num_updates"] == 12
     # tiny upstreams are trained in this config, so they are in the checkpoint
@@ -150,7 +173,7 @@ def test_two_gloo_workers_train_and_validate_the_whole_split(tiny_encoders, tmp_
     """fairseq's own data-parallel path on CPU: summable logs, whole-split recall from both workers
     whether or not the loss uses the global batch, so checkpoint_best.pt is always written."""
     data = make_corpus(tmp_path, {"train": (8, 2), "valid": (4, 2)})
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    torchrun = _console_script("torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
         [torchrun, "--nproc_per_node=2", f"--master-port={_free_port()}", TRAIN,
@@ -161,7 +184,9 @@ def test_two_gloo_workers_train_and_validate_the_whole_split(tiny_encoders, tmp_
          "optimization.max_update=3", "dataset.batch_size=3", "common.log_interval=1",
          "distributed_training.distributed_world_size=2", "distributed_training.distributed_backend=gloo",
          "distributed_training.ddp_backend=legacy_ddp", "distributed_training.distributed_init_method=env://",
-         "distributed_training.distributed_no_spawn=true", "distributed_training.distributed_rank=${oc.env:RANK}",
+         "distributed_training.distributed_no_spawn=true",
+         # omegaconf 2.1+: ${oc.env:RANK}; 2.0 (fairseq from source): ${env:RANK}
+         f"distributed_training.distributed_rank=${{{compat.env_resolver()}:RANK}}",
          f"criterion.global_batch_negatives={global_negatives}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cmd_plugin import compat
 from cmd_plugin.models.clip_upstream import ClipImageUpstream
 from cmd_plugin.models.hubert_upstream import HubertUpstream
 from cmd_plugin.tiny_encoders import TINY_HUBERT_LAYERS, make_tiny_clip, make_tiny_hubert
@@ -40,7 +41,7 @@ def tiny_clip(encoder_dir):
 def _load_raw_checkpoint(path):
     from fairseq.data.dictionary import Dictionary
 
-    with torch.serialization.safe_globals([Dictionary]):
+    with compat.safe_globals([Dictionary]):
         return torch.load(path, map_location="cpu")
 
 
@@ -81,7 +82,7 @@ def test_tiny_hubert_checkpoint_has_release_layout(hubert_path, tmp_path, monkey
     assert not os.path.exists(cfg["task"]["label_dir"])
 
     monkeypatch.chdir(tmp_path)
-    with torch.serialization.safe_globals([Dictionary]):
+    with compat.safe_globals([Dictionary]):
         models, loaded_cfg, task = checkpoint_utils.load_model_ensemble_and_task([hubert_path])
     assert isinstance(models[0], HubertModel)
     assert len(models[0].encoder.layers) == TINY_HUBERT_LAYERS

@@ -9,7 +9,7 @@
 Coarse-to-fine alignment (the second paper; :mod:`cmd_plugin.c2f_losses`), active when the model
 has the parts: with a queue (``model.queue_size``) L_sic scores the batch against [batch; queue]
 and the queue is filled from the global batch AFTER the loss (training forwards only, never
-validation; a fairseq dummy batch adds nothing); with ``distill_alpha`` > 0 the SIC targets are
+validation; a fairseq dummy batch and non-finite embeddings add nothing); with ``distill_alpha`` > 0 the SIC targets are
 mixed with the momentum model's (ramped from 0); with ``sim_weight`` > 0, L_sim is the matching
 head's cross-entropy on the batch's pairs plus one hard negative per speech and per image,
 sampled on the global batch from a generator seeded by (noise_seed, update) on every worker.
@@ -272,6 +272,10 @@ class CmdContrastiveCriterion(FairseqCriterion):
             # after the loss read the queue: this batch is never its own queue negative. Every
             # worker takes part in the gather; a dummy batch contributes no rows
             items = local_queue_items if self.enqueue_enabled else tuple(t[:0] for t in local_queue_items)
+            # a non-finite item (a bad utterance; the task reports the batch) would poison every later loss
+            finite = torch.isfinite(items[0]).all(dim=1) & torch.isfinite(items[1]).all(dim=1)
+            if not bool(finite.all()):
+                items = tuple(t[finite] for t in items)
             enqueue_global_batch(queue, *items, group=group, world_size=dp_world)
         return loss, local_bsz, logging_output
 

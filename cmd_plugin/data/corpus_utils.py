@@ -2,6 +2,8 @@
 
 * :func:`probe_audio` reads wav headers only (``soundfile.info``, no decoding) and checks
   the sample rate and channel count, in a small thread pool with a progress bar.
+* :func:`check_images` decodes every image as training will read it (JPEGs in draft mode),
+  in the same kind of pool, so a truncated or corrupt file stops preparation, not training.
 * :func:`check_unique` stops on the first duplicate entry, naming where both copies are.
 * :func:`write_splits` writes several splits so that either all of them replace the previous
   output or none does.
@@ -18,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import soundfile
+from PIL import Image
 from tqdm import tqdm
 
 from cmd_plugin.data.manifest import ManifestError, SpeechImageManifest, write_manifest
@@ -61,6 +64,33 @@ def _probe_chunk(chunk: Sequence[AudioItem], sample_rate: int) -> List[int]:
     return [_probe_one(item, sample_rate) for item in chunk]
 
 
+def _map_in_order(fn, items: Sequence, workers: int, show_progress: bool, desc: str, unit: str) -> List:
+    """``[fn(item) for item in items]`` in a thread pool, in chunks, with a progress bar.
+
+    The first exception in the order of ``items`` is raised, whatever order the threads finish in.
+    """
+    chunk_size = 256
+    chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
+    results: List = []
+    bar = tqdm(total=len(items), desc=desc, unit=unit, mininterval=1.0, disable=not show_progress)
+    try:
+        if workers <= 1:
+            for chunk in chunks:
+                results.extend(fn(chunk))
+                bar.update(len(chunk))
+        else:
+            pool = ThreadPoolExecutor(max_workers=workers)
+            try:
+                for chunk, chunk_results in zip(chunks, pool.map(fn, chunks)):
+                    results.extend(chunk_results)
+                    bar.update(len(chunk))
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        bar.close()
+    return results
+
+
 def probe_audio(
     items: Sequence[AudioItem],
     sample_rate: int = SAMPLE_RATE,
@@ -75,26 +105,62 @@ def probe_audio(
     the order of ``items``, whatever order the threads finish in (libsndfile releases the GIL,
     so threads overlap the file-system latency of hundreds of thousands of small files).
     """
-    chunk_size = 256
-    chunks = [items[i : i + chunk_size] for i in range(0, len(items), chunk_size)]
-    sizes: List[int] = []
-    bar = tqdm(total=len(items), desc=desc, unit="wav", mininterval=1.0, disable=not show_progress)
+    return _map_in_order(
+        lambda chunk: _probe_chunk(chunk, sample_rate), items, workers, show_progress, desc, "wav"
+    )
+
+
+# (absolute image path, where it is listed, e.g. "Flickr_8k.testImages.txt:12 (split 'test')")
+ImageItem = Tuple[str, str]
+
+
+def decode_image(path: str) -> None:
+    """Decode ``path`` to the end of its data as training does (PIL, converted to RGB).
+
+    A JPEG is decoded in draft mode (libjpeg's 1/8 DCT scaling): every entropy-coded block is
+    still read, so truncation and corrupt data are found, at a fraction of the full cost.
+    Raises whatever PIL raises.
+    """
+    with Image.open(path) as im:
+        if im.format == "JPEG":
+            im.draft("RGB", (1, 1))
+        im.load()
+        im.convert("RGB")
+
+
+def _check_image(item: ImageItem) -> None:
+    path, where = item
+    if not os.path.isfile(path):
+        raise ManifestError(f"{where}: image {path} is missing")
     try:
-        if workers <= 1:
-            for chunk in chunks:
-                sizes.extend(_probe_chunk(chunk, sample_rate))
-                bar.update(len(chunk))
-        else:
-            pool = ThreadPoolExecutor(max_workers=workers)
-            try:
-                for chunk, chunk_sizes in zip(chunks, pool.map(_probe_chunk, chunks, [sample_rate] * len(chunks))):
-                    sizes.extend(chunk_sizes)
-                    bar.update(len(chunk))
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
-    finally:
-        bar.close()
-    return sizes
+        decode_image(path)
+    except Exception as exc:  # PIL's errors do not name the file
+        raise ManifestError(
+            f"{where}: image {path} cannot be decoded ({type(exc).__name__}: {exc}); replace the file "
+            "(--no-check-images skips this check)"
+        ) from None
+
+
+def _check_image_chunk(chunk: Sequence[ImageItem]) -> List[None]:
+    return [_check_image(item) for item in chunk]
+
+
+def check_images(
+    items: Sequence[ImageItem], workers: int = 8, show_progress: bool = True, desc: str = "decoding images"
+) -> None:
+    """Decode every image of ``items`` (see :func:`decode_image`) in a thread pool.
+
+    Raises ManifestError for the first missing or undecodable image in the order of ``items``,
+    naming the file and where it is listed. PIL's decoders release the GIL, so threads overlap.
+    """
+    _map_in_order(_check_image_chunk, items, workers, show_progress, desc, "img")
+
+
+def check_images_exist(items: Sequence[ImageItem]) -> None:
+    """Existence only (``--no-check-images``): raise for the first missing image."""
+    for path, where in items:
+        if not os.path.isfile(path):
+            raise ManifestError(f"{where}: image {path} is missing")
 
 
 def check_unique(entries: Iterable[Tuple[str, str]], what: str) -> None:

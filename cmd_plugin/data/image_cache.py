@@ -148,21 +148,31 @@ def identity_differences(cached: dict, current: dict) -> List[str]:
 # ---- writing ----
 
 
+def cache_bytes(num_images: int, embed_dim: int, num_patches: int) -> int:
+    """Bytes of a cache's arrays (headers aside): (1 + N) * E float16 values per image.
+
+    CLIP ViT-L/14 (E = 768, N = 256): 394,752 bytes per image, so SpokenCOCO's 123,287 COCO
+    images take 48.7e9 bytes (45.3 GiB) and Flickr8k's 8,000 take 3.2e9 bytes."""
+    return num_images * (1 + num_patches) * embed_dim * np.dtype(CACHE_DTYPE).itemsize
+
+
 class _ImageFiles(torch.utils.data.Dataset):
-    def __init__(self, paths: Sequence[str], preprocess):
+    def __init__(self, paths: Sequence[str], preprocess, where: Optional[Sequence[str]] = None):
         self.paths = paths
         self.preprocess = preprocess
+        self.where = where
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         path = self.paths[i]
+        listed = f"{self.where[i]}: " if self.where is not None else ""
         try:
             with Image.open(path) as im:
                 return self.preprocess(im.convert("RGB"))
-        except (OSError, ValueError) as e:
-            raise ImageCacheError(f"{path}: cannot read image ({e})") from e
+        except Exception as e:  # PIL's errors do not name the file
+            raise ImageCacheError(f"{listed}{path}: cannot read image ({type(e).__name__}: {e})") from None
 
 
 def _is_cache_dir(path: str) -> bool:
@@ -178,6 +188,91 @@ def _cmd_plugin_version() -> str:
         return "unknown"
 
 
+PROGRESS_FILE = "progress.json"
+
+
+def partial_dir_of(out_dir: str) -> str:
+    """Where an unfinished build of ``out_dir`` keeps its rows: a hidden sibling directory,
+    never mistaken for a cache (no meta.json until complete, and not at ``out_dir``)."""
+    out_dir = os.path.abspath(out_dir)
+    return os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.partial")
+
+
+def _write_json_atomic(path: str, content: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _build_key(identity: dict, paths: Sequence[str], embed_dim: int, num_patches: int) -> dict:
+    """What a partial build must share with this one to be resumed."""
+    digest = hashlib.sha256("\n".join(paths).encode("utf-8")).hexdigest()
+    return _as_json({
+        "identity": identity, "paths_sha256": digest, "num_images": len(paths),
+        "embed_dim": embed_dim, "num_patches": num_patches, "dtype": np.dtype(CACHE_DTYPE).name,
+    })
+
+
+def _resumable_rows(partial: str, key: dict, log) -> Optional[int]:
+    """Rows already encoded by an earlier, interrupted build with the same key, else None."""
+    try:
+        with open(os.path.join(partial, PROGRESS_FILE), encoding="utf-8") as f:
+            progress = json.load(f)
+        if progress.get("key") != key:
+            log(f"{partial}: an unfinished build of other images or another encoder: starting over")
+            return None
+        rows = int(progress["rows_done"])
+        shapes = {CLS_FILE: [key["num_images"], key["embed_dim"]],
+                  PATCHES_FILE: [key["num_images"], key["num_patches"], key["embed_dim"]]}
+        for name, shape in shapes.items():
+            array = np.load(os.path.join(partial, name), mmap_mode="r")
+            if list(array.shape) != shape or array.dtype != CACHE_DTYPE:
+                raise ValueError(f"{name} is {array.dtype} {list(array.shape)}")
+            del array
+        return rows
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log(f"{partial}: unfinished build is unreadable ({type(e).__name__}: {e}): starting over")
+        return None
+
+
+LOCK_FILE = ".lock"
+
+
+def _lock(partial: str):
+    """An exclusive lock on ``partial/.lock`` (released when the process ends, even killed)."""
+    import fcntl
+
+    handle = open(os.path.join(partial, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ImageCacheError(f"another process is building this image feature cache (in {partial})") from None
+    return handle
+
+
+def _clear(partial: str) -> None:
+    for name in os.listdir(partial):
+        if name != LOCK_FILE:
+            path = os.path.join(partial, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+
+
+def _finished_meta(partial: str, identity: dict, paths: Sequence[str]) -> Optional[dict]:
+    """The meta of a build that completed in ``partial`` but was stopped before its rename."""
+    try:
+        with open(os.path.join(partial, META_FILE), encoding="utf-8") as f:
+            meta = json.load(f)
+        with open(os.path.join(partial, INDEX_FILE), encoding="utf-8") as f:
+            listed = f.read().splitlines()
+    except (OSError, ValueError):
+        return None
+    return meta if meta.get("identity") == _as_json(identity) and listed == list(paths) else None
+
+
 def write_image_cache(
     out_dir: str,
     image_paths: Sequence[str],
@@ -187,14 +282,22 @@ def write_image_cache(
     device: str = "cpu",
     num_workers: int = 0,
     progress: bool = True,
+    where: Optional[Sequence[str]] = None,
+    sync_interval: float = 30.0,
+    log=print,
 ) -> dict:
     """Encode each image once with ``upstream`` (a ClipImageUpstream) and write a cache to ``out_dir``.
 
     Images are read as training reads them (PIL open, convert RGB, the upstream's own
-    ``preprocess``). Everything is written into a temporary directory next to ``out_dir`` and
-    renamed into place when complete; an existing cache at ``out_dir`` is replaced only then,
-    and nothing is left behind when encoding fails. The upstream is moved to ``device``.
-    Returns the cache's meta (also written to meta.json).
+    ``preprocess``); ``where`` (one per path, e.g. 'train.img:12') is named in read errors.
+
+    Interruptions lose little and never leave a cache that looks complete: rows are written
+    into ``partial_dir_of(out_dir)``; at most every ``sync_interval`` seconds (and at the end)
+    they are flushed to disk and counted in its progress.json. Run again with the same images
+    and encoder after a crash, a kill or an error, and encoding resumes from the last recorded
+    row (an unfinished build of other images or another encoder is discarded). Only a complete
+    build gets its meta.json and is renamed to ``out_dir``, replacing an existing cache there
+    only then. The upstream is moved to ``device``. Returns the cache's meta (also in meta.json).
     """
     from tqdm import tqdm
 
@@ -210,6 +313,8 @@ def write_image_cache(
         raise ImageCacheError(f"image path {dup} is listed more than once: give each image once")
     if not paths:
         raise ImageCacheError("no images to cache")
+    if where is not None and len(where) != len(paths):
+        raise ImageCacheError(f"{len(where)} 'where' entries for {len(paths)} images")
     if identity.get("model") != upstream.model_name:
         raise ImageCacheError(
             f"identity is of model {identity.get('model')!r} but the upstream is {upstream.model_name!r}"
@@ -225,26 +330,59 @@ def write_image_cache(
         if not os.path.isdir(out_dir) or (os.listdir(out_dir) and not _is_cache_dir(out_dir)):
             raise ImageCacheError(f"{out_dir} exists and is not an image feature cache: refusing to replace it")
     parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out_dir)}.tmp-")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp's 0700 would hide the cache from other users
+    partial = partial_dir_of(out_dir)
+    os.makedirs(partial, exist_ok=True)
+    lock = _lock(partial)
+    num_images, embed_dim, num_patches = len(paths), upstream.embed_dim, upstream.num_patches
+    key = _build_key(identity, paths, embed_dim, num_patches)
     started = time.time()
     was_training = upstream.training
     try:
+        finished = _finished_meta(partial, identity, paths)
+        if finished is not None:
+            log(f"{partial}: a complete build of these images was not yet moved into place: moving it")
+            os.remove(os.path.join(partial, LOCK_FILE))
+            _move_into_place(partial, out_dir)
+            return finished
+        start = None
+        if os.path.isfile(os.path.join(partial, PROGRESS_FILE)):
+            start = _resumable_rows(partial, key, log)
+        if start is None:
+            _clear(partial)
+            needed = cache_bytes(num_images, embed_dim, num_patches)
+            free = shutil.disk_usage(parent).free
+            if needed > free:
+                raise ImageCacheError(
+                    f"the cache of {num_images} images needs {needed / 1e9:.1f} GB; {parent} has {free / 1e9:.1f} GB free"
+                )
+            cls_out = open_memmap(os.path.join(partial, CLS_FILE), mode="w+", dtype=CACHE_DTYPE,
+                                  shape=(num_images, embed_dim))
+            patches_out = open_memmap(os.path.join(partial, PATCHES_FILE), mode="w+", dtype=CACHE_DTYPE,
+                                      shape=(num_images, num_patches, embed_dim))
+            cls_out.flush()
+            patches_out.flush()
+            start = 0
+            _write_json_atomic(os.path.join(partial, PROGRESS_FILE), {"key": key, "rows_done": 0})
+        else:
+            log(f"resuming the unfinished build in {partial}: {start} of {num_images} images already encoded")
+            cls_out = np.load(os.path.join(partial, CLS_FILE), mmap_mode="r+")
+            patches_out = np.load(os.path.join(partial, PATCHES_FILE), mmap_mode="r+")
+
+        def record(rows_done: int) -> None:
+            # rows reach the disk before the count that says they are there
+            cls_out.flush()
+            patches_out.flush()
+            _write_json_atomic(os.path.join(partial, PROGRESS_FILE), {"key": key, "rows_done": rows_done})
+
         upstream.to(device).eval()
-        num_images, embed_dim, num_patches = len(paths), upstream.embed_dim, upstream.num_patches
-        cls_out = open_memmap(os.path.join(tmp_dir, CLS_FILE), mode="w+", dtype=CACHE_DTYPE,
-                              shape=(num_images, embed_dim))
-        patches_out = open_memmap(os.path.join(tmp_dir, PATCHES_FILE), mode="w+", dtype=CACHE_DTYPE,
-                                  shape=(num_images, num_patches, embed_dim))
         loader = torch.utils.data.DataLoader(
-            _ImageFiles(paths, upstream.preprocess), batch_size=batch_size, shuffle=False,
+            _ImageFiles(paths[start:], upstream.preprocess, where[start:] if where is not None else None),
+            batch_size=batch_size, shuffle=False,
             num_workers=num_workers, pin_memory=str(device).startswith("cuda"),
         )
-        row = 0
-        with torch.inference_mode(), tqdm(total=num_images, unit="img", disable=not progress,
+        row = start
+        last_sync = time.time()
+        with torch.inference_mode(), tqdm(total=num_images, initial=start, unit="img", disable=not progress,
                                           desc="encoding images") as bar:
             for pixels in loader:
                 pooled, patches = upstream(pixels.to(device, non_blocking=True))
@@ -262,11 +400,13 @@ def write_image_cache(
                 patches_out[row:row + n] = patches
                 row += n
                 bar.update(n)
+                if time.time() - last_sync >= sync_interval:
+                    record(row)
+                    last_sync = time.time()
         assert row == num_images, (row, num_images)
-        cls_out.flush()
-        patches_out.flush()
+        record(row)
         del cls_out, patches_out
-        with open(os.path.join(tmp_dir, INDEX_FILE), "w", encoding="utf-8") as f:
+        with open(os.path.join(partial, INDEX_FILE), "w", encoding="utf-8") as f:
             f.writelines(p + "\n" for p in paths)
         meta = {
             "identity": identity,
@@ -277,18 +417,33 @@ def write_image_cache(
             "dtype": np.dtype(CACHE_DTYPE).name,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "encode_seconds": round(time.time() - started, 3),
+            "resumed_from_row": start,
             "cmd_plugin_version": _cmd_plugin_version(),
         }
         # meta.json last: a directory with it is complete
-        with open(os.path.join(tmp_dir, META_FILE), "w", encoding="utf-8") as f:
+        with open(os.path.join(partial, META_FILE), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=2)
-        _move_into_place(tmp_dir, out_dir)
+        os.remove(os.path.join(partial, PROGRESS_FILE))
+        os.remove(os.path.join(partial, LOCK_FILE))  # the open handle keeps the lock until the end
+        _move_into_place(partial, out_dir)
     except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        # an interrupted build stays in the partial directory, to be resumed; one that failed
+        # before encoding anything leaves nothing behind
+        if not os.path.isfile(os.path.join(partial, PROGRESS_FILE)) or _rows_recorded(partial) == 0:
+            shutil.rmtree(partial, ignore_errors=True)
         raise
     finally:
         upstream.train(was_training)
+        lock.close()
     return meta
+
+
+def _rows_recorded(partial: str) -> int:
+    try:
+        with open(os.path.join(partial, PROGRESS_FILE), encoding="utf-8") as f:
+            return int(json.load(f)["rows_done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def _move_into_place(tmp_dir: str, out_dir: str) -> None:

@@ -13,8 +13,9 @@ This module has no fairseq dependency so that preparation scripts and tests can 
 """
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -32,6 +33,9 @@ class SpeechImageManifest:
     image_paths: List[str]
     speakers: Optional[List[str]] = None
     texts: Optional[List[str]] = None
+    # the files the manifest was read from (set by read_manifest): errors name their lines
+    tsv_file: Optional[str] = None
+    img_file: Optional[str] = None
 
     def __post_init__(self):
         n = len(self.audio_paths)
@@ -61,6 +65,54 @@ class SpeechImageManifest:
 
     def image_path(self, relative: str) -> str:
         return os.path.join(self.image_root, relative)
+
+    def audio_where(self, row: int) -> str:
+        """'<split>.tsv:<line>' of utterance ``row`` (0-based; line 1 is the root)."""
+        return f"{self.tsv_file}:{row + 2}" if self.tsv_file else f"utterance {row} of the manifest"
+
+    def image_where(self, relative: str) -> str:
+        """'<split>.img:<line>' of the first utterance that names image ``relative``."""
+        try:
+            row = self.image_paths.index(relative)
+        except ValueError:
+            return f"image {relative!r} (not in the manifest)"
+        return f"{self.img_file}:{row + 2}" if self.img_file else f"utterance {row} of the manifest"
+
+
+def _missing_in_chunk(chunk: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
+    return [(where, path) for where, path in chunk if not os.path.isfile(path)]
+
+
+def missing_files(manifest: SpeechImageManifest, images: bool = True, workers: int = 8) -> List[Tuple[str, str]]:
+    """(where, path) of every listed wav (and, with ``images``, every distinct image) that is not
+    a file, in manifest order. Only ``stat`` calls, in a thread pool (network file systems)."""
+    items = [(manifest.audio_where(i), manifest.audio_path(i)) for i in range(len(manifest))]
+    if images:
+        seen = set()
+        for row, rel in enumerate(manifest.image_paths):
+            if rel not in seen:
+                seen.add(rel)
+                where = f"{manifest.img_file}:{row + 2}" if manifest.img_file else f"utterance {row}"
+                items.append((where, manifest.image_path(rel)))
+    chunks = [items[i : i + 4096] for i in range(0, len(items), 4096)]
+    if workers <= 1 or len(chunks) <= 1:
+        return [m for chunk in chunks for m in _missing_in_chunk(chunk)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return [m for found in pool.map(_missing_in_chunk, chunks) for m in found]
+
+
+def check_files_exist(manifest: SpeechImageManifest, images: bool = True, show: int = 5) -> None:
+    """Raise :class:`ManifestError` listing the count and the first ``show`` missing files."""
+    missing = missing_files(manifest, images=images)
+    if missing:
+        what = "wavs and images" if images else "wavs"
+        listing = "\n".join(f"  {where}: {path}" for where, path in missing[:show])
+        more = f"\n  ... and {len(missing) - show} more" if len(missing) > show else ""
+        raise ManifestError(
+            f"{len(missing)} of the files listed in {manifest.tsv_file or 'the manifest'}"
+            f"{' / ' + manifest.img_file if images and manifest.img_file else ''} are missing "
+            f"(checked {what}; moved or deleted since preparation?):\n{listing}{more}"
+        )
 
 
 def _read_lines(path: str) -> List[str]:
@@ -124,6 +176,8 @@ def read_manifest(data_dir: str, split: str) -> SpeechImageManifest:
         image_root=image_root,
         image_paths=image_paths,
         **optional,
+        tsv_file=tsv,
+        img_file=img,
     )
 
 

@@ -10,6 +10,7 @@ Images are de-duplicated within a batch (captions of one image share one encoded
 """
 
 import logging
+import os
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
@@ -37,8 +38,14 @@ class PixelImages:
             try:
                 with Image.open(path) as im:
                     pixels.append(self.transform(im.convert("RGB")))
-            except (OSError, ValueError) as e:
-                raise ManifestError(f"{path}: cannot read image ({e})") from e
+            except FileNotFoundError:
+                raise ManifestError(
+                    f"{self.manifest.image_where(rel)}: image {path} is missing (moved or deleted since preparation?)"
+                ) from None
+            except Exception as e:  # PIL's errors do not name the file
+                raise ManifestError(
+                    f"{self.manifest.image_where(rel)}: cannot read image {path} ({type(e).__name__}: {e})"
+                ) from None
         return {"images": torch.stack(pixels)}
 
 
@@ -89,15 +96,38 @@ class SpeechImageDataset(RawAudioDataset):
     def __getitem__(self, index: int):
         row = int(self.kept[index])
         path = self.manifest.audio_path(row)
+        where = self.manifest.audio_where(row)
+        # errors name the manifest line: a bare libsndfile message from a data-loader worker
+        # does not say which of 600k files broke
+        if not os.path.isfile(path):
+            raise ManifestError(f"{where}: wav {path} is missing (moved or deleted since preparation?)")
         try:
             wav, sr = sf.read(path, dtype="float32", always_2d=True)
-        except RuntimeError as e:
-            raise ManifestError(f"{path}: cannot read audio ({e})") from e
+        except Exception as e:
+            raise ManifestError(f"{where}: cannot read audio {path} ({type(e).__name__}: {e})") from None
         if sr != self.sample_rate or wav.shape[1] != 1:
             raise ManifestError(
-                f"{path}: expected {self.sample_rate} Hz mono, got {sr} Hz with {wav.shape[1]} channels"
+                f"{where}: {path} is {sr} Hz with {wav.shape[1]} channel(s), expected {self.sample_rate} Hz mono"
+            )
+        expected = self.manifest.num_samples[row]
+        if wav.shape[0] != expected:
+            raise ManifestError(
+                f"{where}: {path} has {wav.shape[0]} samples, the manifest says {expected} "
+                "(the file changed since preparation: re-run it)"
             )
         return {"id": index, "source": torch.from_numpy(wav[:, 0]), "image_id": int(self.image_ids[index])}
+
+    def describe_items(self, indices: List[int]) -> List[str]:
+        """'<split>.tsv:<line> <wav> (image <split>.img:<line> <image>)' per dataset index."""
+        lines = []
+        for index in indices:
+            row = int(self.kept[index])
+            rel = self.manifest.image_paths[row]
+            lines.append(
+                f"{self.manifest.audio_where(row)} {self.manifest.audio_path(row)} "
+                f"(image {self.manifest.image_where(rel)} {self.manifest.image_path(rel)})"
+            )
+        return lines
 
     @property
     def can_reuse_epoch_itr_across_epochs(self):

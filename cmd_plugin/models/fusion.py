@@ -16,7 +16,7 @@ How the attention logits are formed is the ``attention`` choice (the paper gives
 """
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -26,7 +26,7 @@ FUSION_ATTENTION_CHOICES = ("literal", "cosine", "qkv")
 
 
 class FusionEncoder(nn.Module):
-    def __init__(self, dim: int, attention: str = "cosine", temperature_init: float = 0.07,
+    def __init__(self, dim: int, attention: str = "qkv", temperature_init: float = 0.07,
                  max_logit_scale: float = 100.0):
         """dim: joint embedding size E (768 for ViT-L/14); attention: one of
         FUSION_ATTENTION_CHOICES; temperature_init / max_logit_scale: initial value and upper

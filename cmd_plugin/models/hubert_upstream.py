@@ -4,100 +4,153 @@ Returns every hidden state (CNN output + each transformer layer) from one forwar
 a downstream model can learn a weighted sum of layers.
 """
 
-import importlib
+import logging
 import os
-import pickle
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+logger = logging.getLogger(__name__)
+
 HUBERT_SAMPLE_RATE = 16000
 # superb: SUPERB/s3prl's hidden states; cnn_and_layers: the CNN output and raw layer outputs
 HUBERT_STATE_CHOICES = ("superb", "cnn_and_layers")
 
+# other speech models' fairseq names, for a message that says what a file is (cfg.model._name)
+_OTHER_SPEECH_MODELS = {
+    "wav2vec2": "a wav2vec 2.0 pre-trained model",
+    "wav2vec_ctc": "a wav2vec 2.0 model fine-tuned with CTC",
+    "wav2vec_seq2seq": "a wav2vec 2.0 model fine-tuned as seq2seq",
+    "data2vec_audio": "a data2vec (audio) pre-trained model",
+    "data2vec_multi": "a data2vec 2.0 pre-trained model",
+    "hubert_seq2seq": "a HuBERT model fine-tuned as seq2seq",
+}
+_GIVE_INSTEAD = (
+    "give model.hubert_path a HuBERT checkpoint: a pre-trained one as the paper uses (e.g. "
+    "hubert_large_ll60k.pt) or a CTC fine-tuned one (e.g. hubert_large_ll60k_finetune_ls960.pt, "
+    "whose encoder is used)"
+)
 
-# Module prefixes whose pickled classes may appear in fairseq checkpoints (Dictionary in
-# task_state, meters in extra_state, Namespace in old "args", numpy scalars in metrics).
-_TRUSTED_PICKLE_MODULES = ("fairseq.", "numpy.", "argparse.")
+
+def _refuse_other_model(checkpoint_path: str, model_name) -> ValueError:
+    what = _OTHER_SPEECH_MODELS.get(model_name)
+    if what is not None:
+        # wav2vec 2.0 / data2vec share HuBERT's transformer but not its feature pipeline
+        # (quantiser, normalisation, data2vec's target layers): their layers are not HuBERT's,
+        # and the method is defined and tested on HuBERT only
+        return ValueError(
+            f"{checkpoint_path} is {what} (cfg.model._name={model_name!r}), not a HuBERT checkpoint: "
+            f"cmd_plugin's speech upstream is HuBERT only; {_GIVE_INSTEAD}"
+        )
+    return ValueError(
+        f"{checkpoint_path} is not a HuBERT checkpoint (cfg.model._name={model_name!r}); {_GIVE_INSTEAD}"
+    )
 
 
-def _resolve_global(name: str):
-    module_name, _, attr = name.rpartition(".")
-    module = importlib.import_module(module_name)
-    return getattr(module, attr)
+def _fine_tuned_encoder(checkpoint_path: str, state):
+    """HuBERT encoder of a CTC fine-tuned checkpoint (fairseq ``hubert_ctc``) -> (HubertModel,
+    the pre-training cfg it was built from, its task).
 
-
-def _checkpoint_safe_globals(checkpoint_path: str, extra: bool = False) -> list:
-    """Objects to allow-list for torch.load(weights_only=True) of a fairseq checkpoint.
-
-    torch>=2.6 refuses the pickled fairseq Dictionary of task_state unless allow-listed.
-    With extra=True, other globals from trusted modules found in the file are added too.
+    Built as fairseq's ``HubertEncoder`` builds it -- fairseq's HuBERT task and model from the
+    encoder's pre-training config ``w2v_args`` (only if that is missing, from the checkpoint
+    ``w2v_path`` names, read with the same safe loader), pre-training heads removed -- then
+    given the file's ``w2v_encoder.w2v_model.*`` weights: the HuBERT transformer as fine-tuned
+    for ASR, without the CTC projection. (fairseq's own loading of ``hubert_ctc`` files fails
+    on a config key HubertCtcConfig lacks, ``autoregressive``; building the encoder alone
+    needs neither that nor the label dictionaries, whose sizes are taken from the weights.)
     """
+    from argparse import Namespace
+
+    from fairseq import tasks
     from fairseq.data.dictionary import Dictionary
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from omegaconf import open_dict
 
-    allowed = [Dictionary]
-    if extra:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(checkpoint_path)
-        untrusted = [g for g in unsafe if not g.startswith(_TRUSTED_PICKLE_MODULES)]
-        if untrusted:
-            raise RuntimeError(
-                f"HuBERT checkpoint {checkpoint_path} pickles objects outside fairseq/numpy: "
-                f"{untrusted}; refusing to unpickle them"
+    from ..checkpoints import load_checkpoint_state
+
+    fine_tuned_cfg = state["cfg"]
+    pre_cfg = fine_tuned_cfg.model.get("w2v_args")
+    if pre_cfg is None:
+        w2v_path = fine_tuned_cfg.model.get("w2v_path")
+        if not w2v_path or not os.path.isfile(w2v_path):
+            raise ValueError(
+                f"{checkpoint_path} is a CTC fine-tuned HuBERT (hubert_ctc) that does not record its encoder's "
+                f"configuration (no w2v_args) and names its pre-trained model w2v_path={w2v_path!r}, which is not "
+                "here: give that pre-trained checkpoint as model.hubert_path instead"
             )
-        allowed += [_resolve_global(g) for g in unsafe]
-    return allowed
-
-
-def _load_state(checkpoint_path: str):
-    from fairseq import checkpoint_utils
-
-    try:
-        with torch.serialization.safe_globals(_checkpoint_safe_globals(checkpoint_path)):
-            return checkpoint_utils.load_checkpoint_to_cpu(checkpoint_path)
-    except pickle.UnpicklingError:
-        pass
-    with torch.serialization.safe_globals(_checkpoint_safe_globals(checkpoint_path, extra=True)):
-        try:
-            return checkpoint_utils.load_checkpoint_to_cpu(checkpoint_path)
-        except pickle.UnpicklingError as err:
-            raise RuntimeError(
-                f"could not unpickle HuBERT checkpoint {checkpoint_path}: {err}"
-            ) from err
+        pre_cfg = load_checkpoint_state(w2v_path, what="pre-trained HuBERT checkpoint")["cfg"]
+    elif isinstance(pre_cfg, Namespace):
+        pre_cfg = convert_namespace_to_omegaconf(pre_cfg)
+    if (pre_cfg.get("model") or {}).get("_name") != "hubert":
+        raise ValueError(
+            f"{checkpoint_path} is fine-tuned with CTC from a {(pre_cfg.get('model') or {}).get('_name')!r} model, "
+            f"not from HuBERT; {_GIVE_INSTEAD}"
+        )
+    prefix = "w2v_encoder.w2v_model."
+    weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    if not weights:
+        raise ValueError(f"{checkpoint_path}: a hubert_ctc checkpoint without {prefix}* weights")
+    with open_dict(pre_cfg):
+        pre_cfg.task.data = fine_tuned_cfg.task.get("data", pre_cfg.task.get("data"))
+    task = tasks.setup_task(pre_cfg.task)
+    # label embeddings only serve pre-training; a placeholder dictionary of their size fits them
+    num_labels = weights["label_embs_concat"].shape[0] if "label_embs_concat" in weights else 5
+    labels = Dictionary()
+    while len(labels) < num_labels:
+        labels.add_symbol(f"<label {len(labels)}>")
+    task.load_state_dict({"dictionaries": [labels]})
+    model = task.build_model(pre_cfg.model, from_checkpoint=True)
+    model.remove_pretraining_modules()
+    model.load_state_dict(weights, strict=True)
+    fine_tuning_labels = ",".join(fine_tuned_cfg.task.get("labels") or []) or "?"
+    logger.warning(
+        f"model.hubert_path={checkpoint_path} is a HuBERT fine-tuned with CTC on '{fine_tuning_labels}' labels: "
+        "using its encoder (the transformer as fine-tuned for ASR; the CTC projection is dropped). The paper "
+        "uses the pre-trained model (e.g. hubert_large_ll60k.pt), whose layers differ."
+    )
+    return model, pre_cfg, task
 
 
 def load_hubert_checkpoint(checkpoint_path: str):
-    """Load a fairseq HuBERT checkpoint -> (HubertModel, cfg, task), with clear errors."""
+    """Load a fairseq HuBERT checkpoint -> (HubertModel, cfg, task), with clear errors.
+
+    Accepted: a pre-trained HuBERT (``hubert``, e.g. hubert_large_ll60k.pt) and a CTC fine-tuned
+    one (``hubert_ctc``, e.g. hubert_large_ll60k_finetune_ls960.pt: its encoder, see
+    :func:`_fine_tuned_encoder`; cfg is then the encoder's pre-training config). wav2vec 2.0 and
+    data2vec checkpoints are refused, saying what they are; so is any file that is not a fairseq
+    checkpoint, or that pickles classes fairseq checkpoints do not hold
+    (:func:`cmd_plugin.checkpoints.safe_torch_load`).
+    """
     from fairseq import checkpoint_utils
+
+    from ..checkpoints import load_checkpoint_state
 
     if not os.path.isfile(checkpoint_path):
         raise FileNotFoundError(f"HuBERT checkpoint not found: {checkpoint_path}")
-    try:
-        state = _load_state(checkpoint_path)
-    except (KeyError, TypeError, AttributeError) as err:
-        # fairseq's state upgrade fails on files that are not fairseq checkpoints
-        raise ValueError(
-            f"{checkpoint_path} is not a fairseq checkpoint ({type(err).__name__}: {err})"
-        ) from err
-    cfg = state.get("cfg") if isinstance(state, dict) else None
+    state = load_checkpoint_state(checkpoint_path, what="HuBERT checkpoint")
+    cfg = state.get("cfg")
     if cfg is None:
         raise ValueError(f"{checkpoint_path} is not a fairseq HuBERT checkpoint (no 'cfg')")
     model_cfg = cfg.get("model")
     model_name = model_cfg.get("_name") if model_cfg is not None else None
+    if model_name == "hubert_ctc":
+        model, pre_cfg, task = _fine_tuned_encoder(checkpoint_path, state)
+        _check_sample_rate(checkpoint_path, pre_cfg)
+        return model, pre_cfg, task
     if model_name != "hubert":
-        raise ValueError(
-            f"{checkpoint_path} is not a HuBERT checkpoint (cfg.model._name={model_name!r})"
-        )
-    task_cfg = cfg.get("task") or {}
-    sample_rate = task_cfg.get("sample_rate", None)
-    if sample_rate != HUBERT_SAMPLE_RATE:
-        raise ValueError(
-            f"{checkpoint_path}: task.sample_rate={sample_rate}, expected {HUBERT_SAMPLE_RATE}"
-        )
+        raise _refuse_other_model(checkpoint_path, model_name)
+    _check_sample_rate(checkpoint_path, cfg)
     # task_state already holds the dictionaries, so no label file is read here.
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint_path], state=state)
     return models[0], cfg, task
+
+
+def _check_sample_rate(checkpoint_path: str, cfg) -> None:
+    sample_rate = (cfg.get("task") or {}).get("sample_rate", None)
+    if sample_rate != HUBERT_SAMPLE_RATE:
+        raise ValueError(f"{checkpoint_path}: task.sample_rate={sample_rate}, expected {HUBERT_SAMPLE_RATE}")
 
 
 def normalize_waveform(

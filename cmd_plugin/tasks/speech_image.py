@@ -11,8 +11,15 @@ whole split's recall after re-ranking each query's SIC top-K by the matching hea
 
 With ``image_feature_cache`` set (``examples/cache_image_features.py``), batches carry the frozen
 image encoder's cached outputs (``image_cls``, ``image_patches``) instead of pixels.
+
+Reliability: loading a split checks that every listed file exists (``check_files``); a training
+batch with a non-finite loss is reported with its files and contributes no gradient, and
+``nonfinite_patience`` such batches in a row stop the run (``cmd_plugin/nonfinite.py``);
+fairseq's copies of checkpoints (``checkpoint_last.pt`` ...) are made atomic
+(``cmd_plugin/checkpoints.py``), so a job killed while saving resumes from the previous one.
 """
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -26,9 +33,11 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
+from ..checkpoints import make_checkpoint_copies_atomic
 from ..data.image_cache import CachedImages, ImageCacheError, ImageFeatureCache, encoder_identity
 from ..criterions.cmd_contrastive import split_code
-from ..data.manifest import ManifestError, read_manifest
+from ..data.manifest import ManifestError, check_files_exist, read_manifest
+from ..nonfinite import NonFiniteGuard, zero_loss
 from ..data.speech_image_dataset import PixelImages, SpeechImageDataset
 from ..queue import check_queue_size
 from ..recall import retrieval_recall
@@ -81,6 +90,16 @@ class SpeechImageConfig(FairseqDataclass):
         metadata={"help": "re-ranking score: sim = the match logit alone (ALBEF), sim+sic = match logit + SIC "
                   "cosine (BLIP)"},
     )
+    check_files: bool = field(
+        default=True,
+        metadata={"help": "when a split is loaded, check that every listed wav (and image, unless cached) exists "
+                  "and stop with the missing ones named, before any training or scoring"},
+    )
+    nonfinite_patience: int = field(
+        default=5,
+        metadata={"help": "training batches with a non-finite loss tolerated in a row (each is reported with its "
+                  "files and contributes no gradient); one more stops the run"},
+    )
 
 
 def image_transform(model_name: str, model_config: str = ""):
@@ -110,6 +129,10 @@ class SpeechImageTask(FairseqTask):
         self._valid_model = None
         self._queue_size = 0
         self._train_batches = None
+        self.nonfinite = NonFiniteGuard(cfg.nonfinite_patience, self._describe_items)
+        self._update_had_nonfinite = False
+        # a job killed while fairseq copies checkpoint_last.pt must find the previous one whole
+        make_checkpoint_copies_atomic()
 
     @classmethod
     def setup_task(cls, cfg: SpeechImageConfig, **kwargs):
@@ -139,6 +162,9 @@ class SpeechImageTask(FairseqTask):
         """size_limits=False keeps every utterance (scoring: a benchmark row is never computed on a
         filtered test split); True drops those outside [min_sample_size, max_sample_size]."""
         manifest = read_manifest(self.cfg.data, split)
+        if self.cfg.check_files:
+            # images read from a cache need not be on disk
+            check_files_exist(manifest, images=not self.cfg.image_feature_cache)
         if self.cfg.image_feature_cache:
             images = CachedImages(manifest, self.image_cache)
         else:
@@ -197,6 +223,9 @@ class SpeechImageTask(FairseqTask):
         return itr
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        """FairseqTask.train_step, with non-finite batches reported and kept out of the gradients."""
+        from fairseq.optim.amp_optimizer import AMPOptimizer
+
         if hasattr(criterion, "set_update_num"):
             criterion.set_update_num(update_num)
         if hasattr(criterion, "set_epoch_batches") and self._train_batches:
@@ -204,7 +233,54 @@ class SpeechImageTask(FairseqTask):
         if hasattr(criterion, "enqueue_enabled"):
             # fairseq's dummy batch (ignore_grad) is a repeated batch: it must not enter the queue
             criterion.enqueue_enabled = not ignore_grad
-        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        model.train()
+        model.set_num_updates(update_num)
+        amp = isinstance(optimizer, AMPOptimizer)
+        with torch.autograd.profiler.record_function("forward"), self.nonfinite.watch(model):
+            with torch.autocast(device_type="cuda") if amp else contextlib.nullcontext():
+                loss, sample_size, logging_output = criterion(model, sample)
+        if ignore_grad:  # fairseq's dummy batch: no gradient (a zero graph: loss * 0 is NaN for a NaN loss)
+            backward_loss = zero_loss(model)
+            self._update_had_nonfinite = True
+        elif self.nonfinite.check(loss, sample, update_num):
+            backward_loss = loss
+        else:
+            # every worker still runs backward (DDP); this batch counts for nothing
+            backward_loss = zero_loss(model)
+            sample_size = 0
+            logging_output = {"ntokens": 0, "nsentences": 0, "sample_size": 0, "nonfinite_batches": 1}
+            self._update_had_nonfinite = True
+        with torch.autograd.profiler.record_function("backward"):
+            optimizer.backward(backward_loss)
+        return loss, sample_size, logging_output
+
+    def optimizer_step(self, optimizer, model, update_num):
+        # all gradients exactly zero after the all-reduce means no worker contributed anything:
+        # skip the step (Adam would still move the weights). Gradients are global, so every
+        # worker that looks decides alike; only workers that had a non-finite or dummy batch
+        # look, and if the gradients are all zero, every worker had one.
+        if self._update_had_nonfinite:
+            self._update_had_nonfinite = False
+            if not any(p.grad is not None and bool(p.grad.any()) for p in model.parameters()):
+                logger.warning(f"update {update_num + 1}: no batch of it was finite, the optimizer step is skipped")
+                return
+        super().optimizer_step(optimizer, model, update_num)
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        super().reduce_metrics(logging_outputs, criterion)
+        skipped = sum(log.get("nonfinite_batches", 0) for log in logging_outputs)
+        if skipped:
+            metrics.log_scalar_sum("nonfinite_batches", skipped)
+
+    def _describe_items(self, sample, rows):
+        """'<split>.tsv:<line> <wav> (image <split>.img:<line> <image>)' for items ``rows`` of
+        a batch (all when None)."""
+        dataset = self.datasets.get(sample.get("split"))
+        ids = sample["id"].tolist()
+        chosen = ids if rows is None else [ids[r] for r in rows]
+        if not isinstance(dataset, SpeechImageDataset):
+            return [f"dataset item {i}" for i in chosen]
+        return dataset.describe_items(chosen)
 
     # ---- whole-split retrieval at validation ----
     def begin_valid_epoch(self, epoch, model):

@@ -17,7 +17,6 @@ import sys
 
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
-from omegaconf import OmegaConf
 
 
 def cmd_plugin_dir() -> str:
@@ -27,8 +26,21 @@ def cmd_plugin_dir() -> str:
     return os.path.abspath(list(spec.submodule_search_locations)[0])
 
 
-if not OmegaConf.has_resolver("cmd_plugin_dir"):
-    OmegaConf.register_new_resolver("cmd_plugin_dir", cmd_plugin_dir)
+def _register_resolver():
+    # cmd_plugin.compat bridges omegaconf 2.0 (fairseq from source) and 2.1+; it is loaded from
+    # its file so that this plugin, imported by hydra for every application, never imports
+    # cmd_plugin itself (whose __init__ checks the fairseq installation)
+    spec = importlib.util.find_spec("cmd_plugin")
+    if spec is None or not spec.submodule_search_locations:
+        return  # ${cmd_plugin_dir:} then fails with omegaconf's "unknown resolver" if used
+    path = os.path.join(list(spec.submodule_search_locations)[0], "compat.py")
+    compat_spec = importlib.util.spec_from_file_location("_cmd_plugin_compat_for_hydra", path)
+    compat = importlib.util.module_from_spec(compat_spec)
+    compat_spec.loader.exec_module(compat)
+    compat.register_resolver("cmd_plugin_dir", cmd_plugin_dir)
+
+
+_register_resolver()
 
 
 def _command_line_config_dir():

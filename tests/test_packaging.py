@@ -1,0 +1,144 @@
+"""Packaging that respects the user's environment: `pip install -e .` into an environment that already
+has fairseq adds only cmd_plugin, and importing cmd_plugin names an incompatible fairseq clearly."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import pytest
+import torch
+
+from cmd_plugin import compat
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_pip_install_into_this_environment_adds_only_cmd_plugin(tmp_path):
+    # offline (--no-index): every requirement must already be satisfied by what is installed, so
+    # nothing of the user's (fairseq, torch, hydra) would be replaced or added
+    report = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-build-isolation",
+         "--report", str(report), "-e", REPO],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    to_install = [item["metadata"]["name"].replace("_", "-").lower() for item in json.loads(report.read_text())["install"]]
+    assert to_install == ["cmd-plugin"], to_install
+
+
+def _import_cmd_plugin(tmp_path, extra_path):
+    """`import cmd_plugin` in a fresh interpreter with ``extra_path`` first on sys.path."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(extra_path), REPO]))
+    return subprocess.run([sys.executable, "-c", "import cmd_plugin"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_an_old_fairseq_is_refused_naming_what_was_found_and_what_is_needed(tmp_path):
+    old = tmp_path / "site" / "fairseq"
+    old.mkdir(parents=True)
+    (old / "__init__.py").write_text("raise RuntimeError('the check must not import fairseq')\n")
+    (old / "version.py").write_text('__version__ = "0.10.2"\n')
+    proc = _import_cmd_plugin(tmp_path, tmp_path / "site")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "IncompatibleEnvironment" in last
+    assert f"found: fairseq 0.10.2 at {old}" in last and "fairseq >= 0.12.2" in last
+
+
+def test_two_distributions_of_the_fairseq_package_are_refused(tmp_path):
+    # a second distribution that also installs the `fairseq` package (as fairseq-fixed over a source
+    # install would): their files overwrite each other
+    site = tmp_path / "site"
+    info = site / "fairseq_other-0.12.9.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fairseq-other\nVersion: 0.12.9\n")
+    (info / "top_level.txt").write_text("fairseq\nfairseq_cli\n")
+    proc = _import_cmd_plugin(tmp_path, site)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "fairseq-other 0.12.9" in last and "Uninstall all but one" in last
+    assert any(d in last for d in ("fairseq 0.12.2", "fairseq-fixed 0.12.3.1")), last
+
+
+def test_this_environment_passes_the_check():
+    location, version = compat.find_fairseq()
+    import fairseq
+
+    assert os.path.dirname(fairseq.__file__) == location and fairseq.__version__ == version
+    compat.check_environment()
+
+
+def test_version_tuple():
+    assert compat.version_tuple("0.12.3.1") == (0, 12, 3, 1)
+    assert compat.version_tuple("2.4.1+cu121") == (2, 4, 1)
+    assert compat.version_tuple("1.0.7.dev0") == (1, 0, 7)
+    assert compat.version_tuple("2.1.0rc1") == (2, 1, 0)
+
+
+def test_resolver_registration_is_idempotent_in_this_omegaconf():
+    from omegaconf import OmegaConf
+
+    calls = []
+    compat.register_resolver("cmd_plugin_test_dir", lambda: calls.append(1) or "/somewhere")
+    compat.register_resolver("cmd_plugin_test_dir", lambda: "/elsewhere")  # kept: first one wins
+    cfg = OmegaConf.create({"a": "${cmd_plugin_test_dir:}", "b": "${cmd_plugin_test_dir:}/tb"})
+    assert OmegaConf.to_container(cfg, resolve=True) == {"a": "/somewhere", "b": "/somewhere/tb"}
+    assert calls
+
+
+def test_env_resolver_gives_an_int_rank(monkeypatch):
+    from omegaconf import OmegaConf
+
+    monkeypatch.setenv("CMD_PLUGIN_TEST_RANK", "1")
+    cfg = OmegaConf.create({"rank": "${%s:CMD_PLUGIN_TEST_RANK}" % compat.env_resolver()})
+    assert OmegaConf.to_container(cfg, resolve=True)["rank"] in (1, "1")
+
+
+class _Untrusted:
+    pass
+
+
+def test_safe_globals_is_scoped_and_lets_weights_only_load_an_allowed_class(tmp_path):
+    path = tmp_path / "x.pt"
+    torch.save({"x": _Untrusted(), "w": torch.ones(2)}, path)
+    with pytest.raises(Exception):
+        torch.load(path, weights_only=True)
+    with compat.safe_globals([_Untrusted]):
+        assert isinstance(torch.load(path, weights_only=True)["x"], _Untrusted)
+    with pytest.raises(Exception):  # the allow-list did not outlive the block
+        torch.load(path, weights_only=True)
+
+
+def test_unsafe_globals_scan_agrees_with_torch(tmp_path):
+    path = tmp_path / "x.pt"
+    torch.save({"x": _Untrusted(), "d": {1: [torch.zeros(3)]}, "n": torch.nn.Linear(2, 2).state_dict()}, path)
+    name = f"{__name__}._Untrusted"
+    assert compat.scan_unsafe_globals(str(path)) == [name]
+    assert compat.unsafe_globals_in_checkpoint(str(path)) == [name]
+    if hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) == [name]
+    with compat.safe_globals([_Untrusted]):
+        assert compat.scan_unsafe_globals(str(path)) == []
+
+
+def test_unsafe_globals_scan_refuses_a_file_that_is_not_a_torch_zip(tmp_path):
+    path = tmp_path / "x.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a zip-format torch checkpoint"):
+        compat.scan_unsafe_globals(str(path))
+    with zipfile.ZipFile(tmp_path / "y.pt", "w") as z:
+        z.writestr("archive/other.txt", "x")
+    with pytest.raises(ValueError, match="no data.pkl"):
+        compat.scan_unsafe_globals(str(tmp_path / "y.pt"))
+
+
+def test_pickle_globals_reads_stack_global_of_newer_protocols():
+    import collections
+    import pickle
+
+    data = pickle.dumps([collections.OrderedDict(), textwrap.dedent, textwrap.dedent], protocol=4)
+    assert compat.pickle_globals(data) == ["collections.OrderedDict", "textwrap.dedent"]

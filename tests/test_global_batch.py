@@ -78,9 +78,12 @@ def _check(tiny_encoders, tmp_path, cmd_pairs):
     log, sample_size, grads = _loss_and_grads(model, criterion(cmd_pairs=cmd_pairs), make_batch(IMAGE_IDS))
     assert torch.allclose(ddp["loss"], torch.tensor(log["loss"] / sample_size), rtol=1e-5)
     assert set(ddp["grads"]) == set(grads)
+    # errors relative to each tensor's largest gradient, floored at 1e-3 of the largest of all: a gradient that
+    # is zero analytically (qkv fusion's key bias: softmax ignores a per-row shift) is rounding noise on both sides
+    floor = 1e-3 * max(float(g.abs().max()) for g in grads.values()) / sample_size
     for name, g in grads.items():
         ref = g / sample_size
-        err = (ddp["grads"][name] - ref).abs().max() / ref.abs().max().clamp(min=1e-12)
+        err = (ddp["grads"][name] - ref).abs().max() / ref.abs().max().clamp(min=floor)
         assert err < 1e-4, f"{name}: max error {err:.2e} of the largest gradient"
     # the fusion encoder and temperature received gradient: the check covers them
     assert grads["fusion.fc.weight"].abs().sum() > 0 and grads["logit_scale"].abs() > 0
@@ -191,9 +194,10 @@ def test_two_workers_match_one_process_with_queue_distillation_and_sim(tiny_enco
     for key in ("sim_correct", "sim_pairs"):
         assert float(ddp["sums"][key]) == pytest.approx(log[key], abs=1e-4), key
     assert log["sim_pairs"] == 18
+    floor = 1e-3 * max(float(g.abs().max()) for g in grads.values()) / sample_size  # as in _check
     for name, g in grads.items():
         ref = g / sample_size
-        err = (ddp["grads"][name] - ref).abs().max() / ref.abs().max().clamp(min=1e-12)
+        err = (ddp["grads"][name] - ref).abs().max() / ref.abs().max().clamp(min=floor)
         assert err < 1e-4, f"{name}: max error {err:.2e} of the largest gradient"
     assert grads["multimodal.image_proj.weight"].abs().sum() > 0 and grads["matching_head.proj.weight"].abs().sum() > 0
     # both workers hold the queue one process holds after enqueueing the global batch

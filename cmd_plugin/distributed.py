@@ -54,3 +54,20 @@ def data_parallel_group_and_size(group=None):
 
         group = distributed_utils.get_data_parallel_group()
     return group, dist.get_world_size(group)
+
+
+def gather_sequences_with_local_grad(seq: torch.Tensor, mask, group=None):
+    """Concatenate padded sequences (B_r, T_r, D) and their padding masks (B_r, T_r) (True at
+    padding, or None) from every rank, in rank order: each rank pads to the longest T first
+    (padding marked in the mask). Only this rank's slice keeps its graph.
+    Returns (sequences (sum B_r, T_max, D), masks (sum B_r, T_max) bool)."""
+    if mask is None:
+        mask = torch.zeros(seq.shape[:2], dtype=torch.bool, device=seq.device)
+    longest = torch.tensor([seq.size(1)], device=seq.device, dtype=torch.long)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=group)
+    extra = int(longest) - seq.size(1)
+    if extra > 0:
+        seq = torch.nn.functional.pad(seq, (0, 0, 0, extra))
+        mask = torch.nn.functional.pad(mask, (0, extra), value=True)
+    gathered_mask = gather_with_local_grad(mask.to(torch.uint8), group).bool()
+    return gather_with_local_grad(seq, group), gathered_mask

@@ -152,7 +152,10 @@ def load_cmd_checkpoint(
     models, _, task = checkpoint_utils.load_model_ensemble_and_task(
         [checkpoint], arg_overrides=overrides, state=state
     )
-    return models[0].eval(), task
+    model = models[0]
+    if hasattr(model, "drop_training_state"):
+        model.drop_training_state()  # momentum copies and queue: training only
+    return model.eval(), task
 
 
 # ---------------------------------------------------------------- encoding
@@ -169,6 +172,10 @@ class SplitEmbeddings:
     utterance_paths: List[str]
     image_paths: List[str]
     meta: Dict[str, Any] = field(default_factory=dict)
+    # with keep_sequences (re-ranking): per utterance the speech layer's output (1+T'_u, D) fp16,
+    # and (U, 1+N, E) fp16 image tokens (pooled + patches)
+    speech_sequences: Optional[List[torch.Tensor]] = None
+    image_tokens: Optional[torch.Tensor] = None
 
 
 class _ImageBatches(torch.utils.data.Dataset):
@@ -215,12 +222,16 @@ def encode_split(
     fp16: bool = False,
     num_workers: int = 0,
     progress: bool = True,
+    keep_sequences: bool = False,
 ) -> SplitEmbeddings:
     """Encode every utterance of ``split`` once (S_cls) and every distinct image once (I_cls).
 
     Utterances go in batches of ``batch_size`` sorted by length (little padding), through the
     split's :class:`SpeechImageDataset` collater; embeddings are returned in dataset order.
     Every utterance is scored: the task's training size limits are not applied.
+    ``keep_sequences`` (re-ranking) also keeps, in fp16 on the CPU, every utterance's speech
+    layer output (N x (1+T') x D x 2 bytes: ~2.6 GB for Flickr8k's 5,000 test captions at
+    HuBERT-Large width) and every image's tokens (pooled + patches).
     """
     from tqdm import tqdm
 
@@ -240,11 +251,17 @@ def encode_split(
         audio, batch_sampler=batches, collate_fn=audio.collater, num_workers=num_workers
     )
     speech = torch.empty(len(dataset), 0)
+    sequences: List[Optional[torch.Tensor]] = [None] * len(dataset)
     for batch in tqdm(loader, desc=f"{split}: speech", unit="batch", disable=not progress):
         net_input = batch["net_input"]
         with _autocast(dev, fp16):
-            emb = model.encode_speech(net_input["source"].to(dev), net_input["padding_mask"].to(dev))
-        emb = emb.float().cpu()
+            out = model.encode_speech_sequence(net_input["source"].to(dev), net_input["padding_mask"].to(dev))
+        emb = out["speech"].float().cpu()
+        if keep_sequences:
+            seq, mask = out["speech_seq"], out["speech_mask"]
+            for row, item in enumerate(batch["id"].tolist()):
+                n = seq.size(1) if mask is None else int((~mask[row]).sum())
+                sequences[item] = seq[row, :n].detach().half().cpu()
         if speech.size(1) == 0:
             speech = torch.zeros(len(dataset), emb.size(1))
         speech[batch["id"]] = emb
@@ -254,14 +271,19 @@ def encode_split(
         _ImageBatches(image_paths, batch_size, dataset.images),
         batch_size=None, num_workers=num_workers,
     )
-    image_chunks = []
+    image_chunks, token_chunks = [], []
     for read in tqdm(images_loader, desc=f"{split}: images", unit="batch", disable=not progress):
         if "images" in read:
             with _autocast(dev, fp16):
-                image_cls, _ = model.encode_image(read["images"].to(dev))
+                image_cls, patches = model.encode_image(read["images"].to(dev))
         else:  # cached outputs of the same (checked) frozen encoder
             image_cls = torch.nn.functional.normalize(read["image_cls"].float(), dim=-1)
+            patches = read["image_patches"]
         image_chunks.append(image_cls.float().cpu())
+        if keep_sequences:  # the tokens the multimodal encoder saw in training (criterion: image_tokens)
+            from .models.multimodal import image_tokens
+
+            token_chunks.append(image_tokens(image_cls.float(), patches.float()).half().cpu())
     images = torch.cat(image_chunks)
 
     return SplitEmbeddings(
@@ -270,6 +292,8 @@ def encode_split(
         image_ids=torch.as_tensor(dataset.image_ids, dtype=torch.long),
         utterance_paths=[manifest.audio_paths[int(r)] for r in dataset.kept],
         image_paths=image_paths,
+        speech_sequences=sequences if keep_sequences else None,
+        image_tokens=torch.cat(token_chunks) if keep_sequences else None,
         meta={
             "split": split,
             "data": os.path.abspath(task.cfg.data),
@@ -304,6 +328,50 @@ def chance_for(results: Dict[str, Any], ks: Sequence[int] = RECALL_KS):
     split uses the rounded mean over images with captions."""
     captions = max(1, round(results["num_s2i_queries"] / max(1, results["num_i2s_queries"])))
     return chance_recall(results["num_images"], captions, ks=ks), captions
+
+
+RERANK_SCORES = ("sim", "sim+sic")
+
+
+def check_rerank_model(model, checkpoint: str) -> None:
+    """Refuse a checkpoint without the coarse-to-fine matching head, with what to do instead."""
+    if getattr(model, "multimodal", None) is None or getattr(model, "matching_head", None) is None:
+        raise EvaluationError(
+            f"{checkpoint} has no matching head (trained with model.multimodal_layers=0, e.g. the CMD recipe): "
+            "re-ranking needs a coarse-to-fine checkpoint (fairseq-hydra-train ... +method=c2f or +method=c2f_cmd); "
+            "drop --rerank-k to score it with SIC alone"
+        )
+
+
+@torch.no_grad()
+def rerank_split(model, emb: SplitEmbeddings, k: int, score: str = "sim", device: str = "cpu",
+                 pair_batch: int = 256, ks: Sequence[int] = RECALL_KS, chunk_size: int = 4096) -> Dict[str, Any]:
+    """Re-rank each query's SIC top-K with the matching head, both directions
+    (:func:`cmd_plugin.rerank.rerank`): ``score`` "sim" ranks by the match logit alone (ALBEF),
+    "sim+sic" by match logit + SIC cosine (BLIP). Needs ``encode_split(..., keep_sequences=True)``.
+    Returns :func:`cmd_plugin.rerank.reranked_recall`'s dict plus ``num_pairs`` (distinct pairs
+    scored) and ``seconds`` (wall time of the re-ranking)."""
+    import time
+
+    from .rerank import SequencePairScorer, rerank, reranked_recall
+
+    if score not in RERANK_SCORES:
+        raise EvaluationError(f"--rerank-score must be one of {RERANK_SCORES}, got {score!r}")
+    if emb.speech_sequences is None or emb.image_tokens is None:
+        raise EvaluationError("re-ranking needs the speech sequences and image tokens (encode_split keep_sequences=True)")
+    if isinstance(k, bool) or not isinstance(k, int) or k < max(ks):
+        raise EvaluationError(f"--rerank-k must be an integer >= {max(ks)} (the largest reported R@k), got {k!r}")
+    dev = torch.device(device)
+    model = model.eval().to(dev)
+    start = time.perf_counter()
+    scorer = SequencePairScorer(model, emb.speech_sequences, emb.image_tokens, device=dev)
+    result = rerank(emb.speech.float(), emb.images.float(), scorer, k, add_sic=score == "sim+sic",
+                    pair_batch=pair_batch, chunk_size=chunk_size)
+    recall = reranked_recall(result, emb.image_ids, ks=ks)
+    recall["seconds"] = time.perf_counter() - start
+    recall["num_pairs"] = result.num_pairs
+    recall["score"] = score
+    return recall
 
 
 # ---------------------------------------------------------------- files

@@ -20,7 +20,7 @@ import torch
 
 from .recall import _check_ks
 
-__all__ = ["RerankResult", "sic_topk", "rerank", "reranked_recall"]
+__all__ = ["RerankResult", "SequencePairScorer", "sic_topk", "rerank", "reranked_recall"]
 
 # (speech_index (P,), image_index (P,)) int64 on the CPU -> (P,) scores
 PairScorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -141,7 +141,7 @@ def rerank(
 
 
 def reranked_recall(result: RerankResult, image_ids: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
-    """R@k of re-ranked lists, for every k <= K, in :func:`cmd_plugin.recall.retrieval_recall`'s
+    """R@k of re-ranked lists, for every k <= K (any k when K covers every candidate), in :func:`cmd_plugin.recall.retrieval_recall`'s
     format and rank definitions restricted to the K candidates (a right answer outside them is
     a miss at every k <= K):
 
@@ -156,9 +156,11 @@ def reranked_recall(result: RerankResult, image_ids: torch.Tensor, ks: Sequence[
         image_ids: (Ns,) image row of every utterance.
     """
     ks = _check_ks(ks)
-    if max(ks) > result.k:
-        raise ValueError(f"re-ranked recall is defined for k <= K = {result.k}, got ks {list(ks)}: raise --rerank-k")
     num_speech, num_images = result.s2i_index.size(0), result.i2s_index.size(0)
+    # K covering every candidate of both directions ranks everything: any k is defined
+    complete = result.s2i_index.size(1) == num_images and result.i2s_index.size(1) == num_speech
+    if max(ks) > result.k and not complete:
+        raise ValueError(f"re-ranked recall is defined for k <= K = {result.k}, got ks {list(ks)}: raise --rerank-k")
     image_ids = image_ids.detach().cpu().long()
     if image_ids.shape != (num_speech,):
         raise ValueError(f"image_ids must have shape ({num_speech},), got {tuple(image_ids.shape)}")
@@ -193,3 +195,46 @@ def reranked_recall(result: RerankResult, image_ids: torch.Tensor, ks: Sequence[
     out["num_images_without_caption"] = num_images - num_i2s
     out["rerank_k"] = result.k
     return out
+
+
+class SequencePairScorer:
+    """The matching head as :func:`rerank`'s pair scorer: the match logit of
+    utterance ``u`` and image ``j`` from kept speech sequences and image tokens.
+
+    Args:
+        model: a ``cmd_speech_image`` model with a matching head (put in eval mode here).
+        sequences: per utterance its speech layer output (1+T'_u, D), unpadded (fp16 is fine).
+        tokens: (U, 1+N, E) image tokens (:func:`cmd_plugin.models.multimodal.image_tokens`).
+        device: where the head runs (default: the model's).
+    """
+
+    def __init__(self, model, sequences, tokens, device=None, score_kind: str = "logit"):
+        from .models.multimodal import match_score
+
+        if getattr(model, "multimodal", None) is None:
+            raise ValueError("re-ranking needs a model with a matching head (model.multimodal_layers > 0)")
+        self.model = model
+        self.sequences = sequences
+        self.tokens = tokens
+        self.device = device or next(model.multimodal.parameters()).device
+        self.dtype = next(model.multimodal.parameters()).dtype
+        self.score = lambda logits: match_score(logits, score_kind)
+        self.num_pairs = 0
+
+    @torch.no_grad()
+    def __call__(self, speech_index: torch.Tensor, image_index: torch.Tensor) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        seqs = [self.sequences[int(u)] for u in speech_index]
+        longest = max(s.size(0) for s in seqs)
+        dim = seqs[0].size(1)
+        batch = torch.zeros(len(seqs), longest, dim, dtype=self.dtype, device=self.device)
+        mask = torch.ones(len(seqs), longest, dtype=torch.bool, device=self.device)
+        for p, s in enumerate(seqs):
+            batch[p, : s.size(0)] = s.to(self.device, self.dtype)
+            mask[p, : s.size(0)] = False
+        tokens = self.tokens[image_index.cpu()].to(self.device, self.dtype)
+        logits = self.model.match_logits(batch, mask, tokens)
+        self.model.train(was_training)
+        self.num_pairs += len(seqs)
+        return self.score(logits).float().cpu()

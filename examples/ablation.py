@@ -13,7 +13,15 @@ valid mean R@1), writes every figure to ``ablation.json`` and plots test mean R@
 (the paper's Figure 2) to ``ablation.png``.
 
 Rows: ``sic`` (α = 0: contrastive only) and ``cmd-VARIANT[-aALPHA]`` with VARIANT one of the
-fusion encoder's ``model.fusion_attention`` choices and ALPHA = criterion.cmd_weight (default 1).
+fusion encoder's ``model.fusion_attention`` choices and ALPHA = criterion.cmd_weight (default 1);
+``sic-cmd`` is SIC + CMD with the config's fusion (α = 1).
+
+Coarse-to-fine rows (the second paper; config group ``examples/tiny/method/``): ``c2f`` (+method=c2f)
+and ``c2f-cmd`` (+method=c2f_cmd); ``c2f[-cmd]-rerankK[-simsic]`` re-scores the checkpoint of the
+``c2f[-cmd]`` run of the same seed (trained if missing, never retrained) with eval_recall.py
+``--rerank-k K`` (score: the match logit, or with ``-simsic`` match logit + SIC cosine).
+
+    python examples/ablation.py --rows sic sic-cmd c2f c2f-cmd c2f-rerank10 c2f-rerank50 --seeds 1 2 3
 """
 
 import argparse
@@ -35,18 +43,45 @@ from demo import add_corpus_arguments, build_inputs, train_and_score  # noqa: E4
 from cmd_plugin.models.fusion import FUSION_ATTENTION_CHOICES  # noqa: E402
 
 DEFAULT_ROWS = ["sic", "cmd-literal", "cmd-cosine", "cmd-qkv", "cmd-cosine-a0.25", "cmd-cosine-a0.5"]
+C2F_ROWS = ["sic", "sic-cmd", "c2f", "c2f-cmd", "c2f-rerank10", "c2f-rerank50"]
 REPORTED = [f"{d}_r{k}" for d in ("s2i", "i2s", "mean") for k in (1, 5, 10)]
 ROW_PATTERN = re.compile(r"^cmd-(?P<variant>[a-z]+)(?:-a(?P<alpha>[0-9]*\.?[0-9]+))?$")
+C2F_PATTERN = re.compile(r"^(?P<base>c2f(?:-cmd)?)(?:-rerank(?P<k>[0-9]+)(?P<simsic>-simsic)?)?$")
+C2F_METHODS = {"c2f": ("+method=c2f", 0.0), "c2f-cmd": ("+method=c2f_cmd", 1.0)}
+
+
+def row_spec(row: str):
+    """A row name -> {"overrides", "alpha", "variant", "base", "rerank_k", "rerank_score"}: ``base`` is the
+    row whose checkpoint a re-ranked row re-scores (None for a row that trains), ``rerank_k`` its K."""
+    match = C2F_PATTERN.match(row)
+    if match:
+        overrides, alpha = C2F_METHODS[match["base"]]
+        k = int(match["k"]) if match["k"] else 0
+        if match["k"] and k < 10:
+            raise ValueError(f"row {row!r}: re-ranking K must be >= 10 (R@10 is reported)")
+        return {"overrides": [overrides], "alpha": alpha, "variant": None,
+                "base": match["base"] if k else None, "rerank_k": k,
+                "rerank_score": "sim+sic" if match["simsic"] else "sim"}
+    if row == "sic-cmd":
+        overrides, alpha, variant = ["criterion.cmd_weight=1.0"], 1.0, None
+    else:
+        overrides, alpha, variant = row_overrides(row)
+    return {"overrides": overrides, "alpha": alpha, "variant": variant, "base": None, "rerank_k": 0,
+            "rerank_score": None}
 
 
 def row_overrides(row: str):
     """A row name -> (fairseq-hydra-train overrides, alpha, fusion variant or None)."""
     if row == "sic":
         return ["criterion.cmd_weight=0.0"], 0.0, None
+    if row == "sic-cmd" or C2F_PATTERN.match(row):
+        spec = row_spec(row)
+        return spec["overrides"], spec["alpha"], spec["variant"]
     match = ROW_PATTERN.match(row)
     if not match or match["variant"] not in FUSION_ATTENTION_CHOICES:
-        raise ValueError(f"unknown row {row!r}: expected 'sic' or 'cmd-VARIANT[-aALPHA]' with VARIANT in "
-                         f"{FUSION_ATTENTION_CHOICES}, e.g. cmd-cosine-a0.5")
+        raise ValueError(f"unknown row {row!r}: expected 'sic', 'sic-cmd', 'cmd-VARIANT[-aALPHA]' with VARIANT in "
+                         f"{FUSION_ATTENTION_CHOICES} (e.g. cmd-cosine-a0.5), 'c2f', 'c2f-cmd' or "
+                         "'c2f[-cmd]-rerankK[-simsic]' (e.g. c2f-rerank10)")
     alpha = float(match["alpha"]) if match["alpha"] else 1.0
     if alpha <= 0:
         raise ValueError(f"row {row!r}: alpha must be positive (use 'sic' for alpha = 0)")
@@ -143,6 +178,30 @@ def plot_alpha(table, path, title):
     os.replace(tmp, path)
 
 
+def rescore(inputs, save_dir, k, score, splits=("valid", "test"), timings=None, tag=""):
+    """Re-rank the checkpoint_best.pt of a trained coarse-to-fine run with eval_recall.py --rerank-k K;
+    returns {split: record} with ``recall`` = the re-ranked figures (the SIC ones kept as ``sic_recall``)."""
+    from demo import run
+
+    records = {}
+    suffix = f"rerank{k}" + ("_simsic" if score == "sim+sic" else "")
+    timings = {} if timings is None else timings
+    for split in splits:
+        path = os.path.join(save_dir, f"recall_{split}_{suffix}.json")
+        if not os.path.isfile(path):
+            timings[f"rescore {tag} {split}"] = run([
+                sys.executable, os.path.join(EXAMPLES, "eval_recall.py"), "--checkpoint",
+                os.path.join(save_dir, "checkpoint_best.pt"), "--data", inputs["manifests"], "--split", split,
+                "--rerank-k", str(k), "--rerank-score", score, "--output-json", path, "--no-progress",
+            ], log_path=os.path.join(save_dir, f"eval_{split}_{suffix}.log"))
+        with open(path) as f:
+            record = json.load(f)
+        record["sic_recall"] = record["recall"]
+        record["recall"] = record["rerank"]["recall"]
+        records[split] = record
+    return records
+
+
 def write_json(record, path):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -158,19 +217,29 @@ def main(argv=None):
     parser.add_argument("--out-dir", default=None, help="runs, JSON and plot (default: WORK_DIR/ablation)")
     args = parser.parse_args(argv)
     rows = list(dict.fromkeys(args.rows))
-    overrides = {row: row_overrides(row)[0] for row in rows}  # bad row names fail before any work
+    specs = {row: row_spec(row) for row in rows}  # bad row names fail before any work
+    overrides = {row: spec["overrides"] for row, spec in specs.items()}
 
     timings = {}
     t0 = time.time()
     inputs = build_inputs(args, timings)
     out_dir = os.path.abspath(args.out_dir or os.path.join(inputs["work"], "ablation"))
     tag_updates = f"u{args.max_update}" if args.max_update else "udefault"
-    runs, trained = {}, 0
+    runs, trained, rescored = {}, 0, 0
     for seed in args.seeds:  # seed-major: every row gets its first seed before any row gets a third
         for row in rows:
-            save_dir = os.path.join(out_dir, tag_updates, row, f"seed{seed}")
+            spec = specs[row]
+            trained_row = spec["base"] or row  # a re-ranked row re-scores its base row's run
+            save_dir = os.path.join(out_dir, tag_updates, trained_row, f"seed{seed}")
             paths = {split: os.path.join(save_dir, f"recall_{split}.json") for split in ("valid", "test")}
-            if all(os.path.isfile(p) for p in paths.values()):
+            if spec["rerank_k"] and os.path.isfile(os.path.join(save_dir, "checkpoint_best.pt")) and all(
+                    os.path.isfile(p) for p in paths.values()):
+                records = rescore(inputs, save_dir, spec["rerank_k"], spec["rerank_score"], timings=timings,
+                                  tag=f"{row} seed{seed}")
+                rescored += 1
+                print(f"{row} seed {seed}: re-scored {save_dir}: test mean R@1 "
+                      f"{records['test']['recall']['mean_r1']:.1f}", flush=True)
+            elif all(os.path.isfile(p) for p in paths.values()):
                 records = {}
                 for split, p in paths.items():
                     with open(p) as f:
@@ -180,8 +249,11 @@ def main(argv=None):
                 os.makedirs(os.path.dirname(save_dir), exist_ok=True)
                 records = train_and_score(inputs, save_dir, overrides[row], seed, args.max_update,
                                           save_dir + ".train.log", splits=("valid", "test"), timings=timings,
-                                          tag=f"{row} seed{seed}")
+                                          tag=f"{trained_row} seed{seed}")
                 trained += 1
+                if spec["rerank_k"]:
+                    records = rescore(inputs, save_dir, spec["rerank_k"], spec["rerank_score"], timings=timings,
+                                      tag=f"{row} seed{seed}")
                 print(f"{row} seed {seed}: test mean R@1 {records['test']['recall']['mean_r1']:.1f}, "
                       f"valid mean R@1 {records['valid']['recall']['mean_r1']:.1f}", flush=True)
             log_path = save_dir + ".train.log"
@@ -223,7 +295,8 @@ def main(argv=None):
     plot = os.path.join(out_dir, f"ablation_{tag_updates}.png")
     plot_alpha(table, plot, header[:60] + "…")
     print(f"record: {os.path.join(out_dir, f'ablation_{tag_updates}.json')}; plot: {plot}")
-    print(f"{trained} runs trained, {len(rows) * len(args.seeds) - trained} reused; {time.time() - t0:.0f}s")
+    print(f"{trained} runs trained, {len(rows) * len(args.seeds) - trained - rescored} reused"
+          + (f", {rescored} re-scored" if rescored else "") + f"; {time.time() - t0:.0f}s")
 
 
 if __name__ == "__main__":

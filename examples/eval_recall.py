@@ -17,6 +17,14 @@ Zero-shot scoring is just another --data: a model trained on one corpus scores a
 manifest. --hubert-path / --image-pretrained / --image-model-config re-point the frozen
 upstreams' files when they moved since training. --save-embeddings keeps the embeddings;
 --from-embeddings scores such a file without loading any model.
+
+Coarse-to-fine checkpoints (+method=c2f / c2f_cmd) can also be re-ranked: --rerank-k K re-scores each
+query's SIC top-K with the matching head in both directions (--rerank-score sim: the match logit
+alone, as ALBEF; sim+sic: match logit + SIC cosine, as BLIP) and prints the SIC row, the re-ranked
+row and the time each took:
+
+    python examples/eval_recall.py --checkpoint ckpt/checkpoint_best.pt --data manifests/flickr8k \
+        --split test --rerank-k 128 --rerank-score sim
 """
 
 import argparse
@@ -30,13 +38,16 @@ if REPO_ROOT not in sys.path:  # run from any directory without installing the p
 
 from cmd_plugin.evaluate import (  # noqa: E402
     RECALL_KS,
+    RERANK_SCORES,
     TIE_RULE,
     UPSTREAM_FILE_FIELDS,
     EvaluationError,
     chance_for,
+    check_rerank_model,
     encode_split,
     load_cmd_checkpoint,
     load_embeddings,
+    rerank_split,
     resolve_device,
     results_record,
     save_embeddings,
@@ -73,14 +84,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-json", help="write every figure, counts and provenance here (atomically)")
     parser.add_argument("--save-embeddings", help="write speech/image embeddings, image ids and paths here")
     parser.add_argument("--from-embeddings", help="score a --save-embeddings file; loads no model")
+    parser.add_argument("--rerank-k", type=int, default=0,
+                        help="coarse-to-fine checkpoints: re-score each query's SIC top-K with the matching head, "
+                             f"both directions (K >= {max(RECALL_KS)}; ALBEF uses 128 on Flickr, 256 on COCO); "
+                             "0 = SIC only (default)")
+    parser.add_argument("--rerank-score", choices=RERANK_SCORES, default="sim",
+                        help="re-ranking score: sim = match logit alone (ALBEF), sim+sic = match logit + SIC cosine "
+                             "(BLIP) (default: sim)")
+    parser.add_argument("--rerank-pair-batch", type=int, default=256,
+                        help="(utterance, image) pairs per matching-head call (default: 256)")
     parser.add_argument("--label", help="row label of the table (default: the checkpoint's file name)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
 def run(args) -> dict:
-    if args.batch_size < 1 or args.chunk_size < 1:
-        raise EvaluationError("--batch-size and --chunk-size must be positive")
+    import time
+
+    if args.batch_size < 1 or args.chunk_size < 1 or args.rerank_pair_batch < 1:
+        raise EvaluationError("--batch-size, --chunk-size and --rerank-pair-batch must be positive")
+    if args.rerank_k and args.rerank_k < max(RECALL_KS):
+        raise EvaluationError(f"--rerank-k must be >= {max(RECALL_KS)} (the largest reported R@k), got {args.rerank_k}")
+    if args.rerank_k and args.from_embeddings:
+        raise EvaluationError("--rerank-k needs the model (speech sequences and matching head): give --checkpoint, "
+                              "not --from-embeddings")
+    timing = {}
+    model = None
     if args.from_embeddings:
         emb = load_embeddings(args.from_embeddings)
         checkpoint = emb.meta.get("checkpoint")
@@ -95,28 +124,59 @@ def run(args) -> dict:
             image_pretrained=args.image_pretrained, image_model_config=args.image_model_config,
             image_feature_cache=args.image_feature_cache,
         )
+        if args.rerank_k:
+            check_rerank_model(model, checkpoint)
+        start = time.perf_counter()
         emb = encode_split(
             model, task, split, batch_size=args.batch_size, device=args.device, fp16=args.fp16,
-            num_workers=args.num_workers, progress=not args.no_progress,
+            num_workers=args.num_workers, progress=not args.no_progress, keep_sequences=bool(args.rerank_k),
         )
+        timing["encode_seconds"] = time.perf_counter() - start
         emb.meta["checkpoint"] = checkpoint
         emb.meta["upstreams"] = {k: getattr(model.cfg, k, None) for k in ("image_model",) + UPSTREAM_FILE_FIELDS}
         if args.save_embeddings:
             save_embeddings(emb, args.save_embeddings)
             logger.info(f"embeddings written to {args.save_embeddings}")
 
+    start = time.perf_counter()
     results = score_embeddings(emb, ks=RECALL_KS, chunk_size=args.chunk_size)
+    timing["sic_score_seconds"] = time.perf_counter() - start
     chance, captions = chance_for(results)
     label = args.label or (os.path.basename(checkpoint) if checkpoint else "model")
+    rows = [(label if not args.rerank_k else f"{label} SIC", results)]
+    reranked = None
+    if args.rerank_k:
+        reranked = rerank_split(model, emb, args.rerank_k, score=args.rerank_score, device=args.device,
+                                pair_batch=args.rerank_pair_batch, ks=RECALL_KS, chunk_size=args.chunk_size)
+        rows.append((f"{label} re-ranked K={args.rerank_k} ({args.rerank_score})", reranked))
     print(f"{split} of {data}: {results['num_s2i_queries']} utterances, {results['num_images']} images")
-    print(format_recall_rows([(label, results), (f"chance ({captions} captions/image)", chance)], ks=RECALL_KS))
+    print(format_recall_rows(rows + [(f"chance ({captions} captions/image)", chance)], ks=RECALL_KS))
+    queries = results["num_s2i_queries"] + results["num_i2s_queries"]
+    if "encode_seconds" in timing:
+        print(f"time: SIC {timing['encode_seconds'] + timing['sic_score_seconds']:.2f} s (encoding "
+              f"{timing['encode_seconds']:.2f} s, scoring {timing['sic_score_seconds']:.3f} s)", end="")
+    else:
+        print(f"time: SIC scoring {timing['sic_score_seconds']:.3f} s", end="")
+    if reranked is not None:
+        print(f"; re-ranking {reranked['seconds']:.2f} s more ({reranked['num_pairs']} pairs, "
+              f"{1000 * reranked['seconds'] / queries:.1f} ms per query)")
+    else:
+        print()
     record = results_record(
         results, chance, captions, emb,
         checkpoint=checkpoint, data=data, split=split, upstreams=emb.meta.get("upstreams"),
         from_embeddings=os.path.abspath(args.from_embeddings) if args.from_embeddings else None,
         device=None if args.from_embeddings else args.device,
         fp16=None if args.from_embeddings else bool(args.fp16),
+        timing=timing,
     )
+    if reranked is not None:
+        record["rerank"] = {
+            "k": args.rerank_k, "effective_k": int(reranked["rerank_k"]), "score": args.rerank_score, "num_pairs": int(reranked["num_pairs"]),
+            "seconds": float(reranked["seconds"]),
+            "recall": {k: float(v) for k, v in reranked.items() if "_r" in k and "hits" not in k and k != "rerank_k"},
+            "hits": {k: int(v) for k, v in reranked.items() if "hits" in k},
+        }
     if args.output_json:
         write_json(record, args.output_json)
         logger.info(f"results written to {args.output_json}")

@@ -66,6 +66,8 @@ def test_shipped_config_composes_with_the_plugin(corpus, variant, tmp_path):
     assert cfg["task"]["_name"] == "speech_image"
     assert cfg["model"]["_name"] == "cmd_speech_image"
     assert cfg["criterion"]["_name"] == "cmd_contrastive"
+    # coarse-to-fine parts are off unless +method=c2f / c2f_cmd selects them (tests/test_c2f_train_cli.py)
+    assert cfg["model"]["queue_size"] == 0 and cfg["criterion"]["sim_weight"] == 0.0
     assert cfg["common"]["user_dir"] == os.path.join(REPO, "cmd_plugin")
     # tensorboard logs next to the checkpoints
     assert cfg["common"]["tensorboard_logdir"] == f"{cfg['checkpoint']['save_dir']}/tensorboard"

@@ -6,6 +6,14 @@
     image ─ CLIP ViT (frozen) ─ pooled ─ L2 ─ I_cls (B, E);  patch tokens @ proj ─ (B, N, E)
     training only: fusion encoder Ω(noisy patches | S_cls) ─ F' (B, E)   (see FusionEncoder)
 
+Coarse-to-fine alignment (the second paper), each part optional and off by default:
+
+    momentum model (c2f_momentum): EMA copies of layer_weights, cls_token, speech_encoder and
+        speech_proj, run on the SAME HuBERT states ─ S_cls^m (B, E); training only
+    queue (queue_size > 0): momentum speech/image embeddings of past global batches
+    multimodal encoder (multimodal_layers > 0): the speech layer's output sequence
+        (B, 1+T', D) attends to [I_cls; patches] (B, 1+N, E) ─ fused CLS ─ matching head ─ (B, 2)
+
 Only trained weights go into checkpoints: frozen upstreams are rebuilt from their files
 (``hubert_path``, ``image_pretrained``), which the checkpoint's config names.
 """
@@ -22,14 +30,19 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import MISSING
 
+from ..momentum import MomentumCopies
+from ..queue import EmbeddingQueue
 from .clip_upstream import ClipImageUpstream
 from .fusion import FUSION_ATTENTION_CHOICES, FusionEncoder
 from .hubert_upstream import HUBERT_STATE_CHOICES, HubertUpstream
+from .multimodal import MatchingHead, MultimodalEncoder
 
 logger = logging.getLogger(__name__)
 
 HUBERT_PREFIX = "hubert."
 IMAGE_PREFIX = "image_encoder."
+# the trainable speech side: what the momentum model copies
+MOMENTUM_PARTS = ("layer_weights", "cls_token", "speech_encoder", "speech_proj")
 
 
 @dataclass
@@ -79,6 +92,53 @@ class CmdSpeechImageConfig(FairseqDataclass):
     max_logit_scale: float = field(
         default=100.0, metadata={"help": "upper clamp of 1/tau (a choice: CLIP's value), for both temperatures"})
 
+    # ---- coarse-to-fine alignment (second paper); off by default ----
+    c2f_momentum: bool = field(
+        default=False,
+        metadata={"help": "build the momentum model: EMA copies of the trainable speech side (layer weights, "
+                  "CLS, speech layer, projection), run on the same HuBERT states (frozen upstreams are shared, "
+                  "never copied; a trained HuBERT (freeze_hubert=false) is shared too, a choice). The image "
+                  "side has no trainable part, so its momentum embedding is the online one. Needed by the "
+                  "criterion's distill_alpha > 0; its embeddings fill the queue"})
+    momentum: float = field(
+        default=0.995, metadata={"help": "EMA decay of the momentum model, applied once per optimizer update "
+                                 "(a choice: ALBEF's 0.995; the paper gives none)"})
+    momentum_dropout: bool = field(
+        default=True, metadata={"help": "the momentum copies run in train mode during training, dropout on "
+                                "(a choice: ALBEF's momentum encoders are ordinary train-mode modules); false: "
+                                "always eval mode"})
+    queue_size: int = field(
+        default=0, metadata={"help": "embedding queue slots Q (0 = no queue): momentum speech and image embeddings "
+                             "of past global batches, extra SIC negatives (positives when of the same image). "
+                             "A choice (paper silent; ALBEF 65,536 for millions of captions); refused when larger "
+                             "than the training split"})
+    multimodal_layers: int = field(
+        default=0, metadata={"help": "depth of the SIM multimodal encoder (0 = no multimodal encoder and matching "
+                             "head). Each layer: self-attention over the speech sequence, cross-attention to the "
+                             "image's CLS and patch tokens, FFN (ALBEF's fusion layer; depth a choice)"})
+    multimodal_heads: int = field(default=8, metadata={"help": "attention heads of the multimodal encoder (a choice)"})
+    multimodal_ffn_dim: int = field(default=4096, metadata={"help": "FFN size of the multimodal encoder (a choice)"})
+    multimodal_dropout: float = field(default=0.1, metadata={"help": "dropout in the multimodal encoder (a choice)"})
+    multimodal_frame_pool: int = field(
+        default=1, metadata={"help": "SIM input: average every k speech frames (padding excluded; the CLS kept) "
+                             "before the multimodal encoder; 1 = every frame (the paper: 'CLS and frames'). A choice: "
+                             "k = 4 cuts the multimodal encoder's cost ~3x (benchmarks/README.md)"})
+
+
+def pool_frames(seq: torch.Tensor, mask: Optional[torch.Tensor], k: int):
+    """Average every ``k`` frames of a speech sequence, the CLS kept: seq (B, 1+T, D), mask (B, 1+T) True
+    at padding (or None) -> (B, 1+ceil(T/k), D), (B, 1+ceil(T/k)). Padded frames are left out of each
+    average; a window of padding only is padding."""
+    cls, frames = seq[:, :1], seq[:, 1:]
+    bsz, length, dim = frames.shape
+    valid = frames.new_ones(bsz, length) if mask is None else (~mask[:, 1:]).to(frames.dtype)
+    extra = (-length) % k
+    frames = F.pad(frames * valid[..., None], (0, 0, 0, extra)).view(bsz, -1, k, dim).sum(dim=2)
+    count = F.pad(valid, (0, extra)).view(bsz, -1, k).sum(dim=2)
+    pooled = frames / count.clamp(min=1.0)[..., None]
+    cls_mask = torch.zeros(bsz, 1, dtype=torch.bool, device=seq.device)
+    return torch.cat([cls, pooled], dim=1), torch.cat([cls_mask, count == 0], dim=1)
+
 
 @register_model("cmd_speech_image", dataclass=CmdSpeechImageConfig)
 class CmdSpeechImageModel(BaseFairseqModel):
@@ -105,6 +165,32 @@ class CmdSpeechImageModel(BaseFairseqModel):
             temperature_init=cfg.temperature_init, max_logit_scale=cfg.max_logit_scale,
         )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature_init)))
+
+        # coarse-to-fine parts (None when off)
+        self.multimodal = self.matching_head = None
+        if cfg.multimodal_layers > 0:
+            self.multimodal = MultimodalEncoder(
+                dim, embed_dim, layers=cfg.multimodal_layers, heads=cfg.multimodal_heads,
+                ffn_dim=cfg.multimodal_ffn_dim, dropout=cfg.multimodal_dropout,
+            )
+            self.matching_head = MatchingHead(dim)
+            if cfg.multimodal_frame_pool < 1:
+                raise ValueError(f"model.multimodal_frame_pool must be >= 1, got {cfg.multimodal_frame_pool}")
+        elif cfg.multimodal_layers < 0:
+            raise ValueError(f"model.multimodal_layers must be >= 0, got {cfg.multimodal_layers}")
+        self.queue = None
+        if cfg.queue_size > 0:
+            self.queue = EmbeddingQueue(cfg.queue_size, embed_dim, embed_dim)
+        elif cfg.queue_size < 0:
+            raise ValueError(f"model.queue_size must be >= 0, got {cfg.queue_size}")
+        self.momentum_model = None
+        if cfg.c2f_momentum:
+            if not 0.0 <= cfg.momentum <= 1.0:
+                raise ValueError(f"model.momentum must be in [0, 1], got {cfg.momentum}")
+            # created last: the copies start equal to the online weights just initialised
+            self.momentum_model = MomentumCopies(
+                {name: getattr(self, name) for name in MOMENTUM_PARTS}, dropout=cfg.momentum_dropout
+            )
 
     @classmethod
     def build_model(cls, cfg: CmdSpeechImageConfig, task=None):
@@ -143,18 +229,71 @@ class CmdSpeechImageModel(BaseFairseqModel):
         """(num_states,) softmax-normalised weights of HuBERT's states (see hubert_layer_states)."""
         return F.softmax(self.layer_weights, dim=0)
 
-    def encode_speech(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """source (B, T) waveform, padding_mask (B, T) True at padding -> S_cls (B, E), unit norm."""
-        states, frame_mask = self.hubert(source, padding_mask)  # (L+1, B, T', D), (B, T')
-        weights = self.layer_weight_probs().to(states.dtype)
+    @staticmethod
+    def _speech_head(states, frame_mask, layer_weights, cls_token, speech_encoder, speech_proj):
+        """HuBERT states (L+1, B, T', D) -> (S_cls (B, E) unit norm, sequence (B, 1+T', D), mask (B, 1+T')
+        True at padding or None), with the given (online or momentum) trainable parts."""
+        weights = F.softmax(layer_weights, dim=0).to(states.dtype)
         frames = torch.einsum("l,lbtd->btd", weights, states)
         bsz = frames.size(0)
-        x = torch.cat([self.cls_token.expand(bsz, -1, -1).to(frames.dtype), frames], dim=1)
+        x = torch.cat([cls_token.expand(bsz, -1, -1).to(frames.dtype), frames], dim=1)
         mask = None
         if frame_mask is not None:
             mask = torch.cat([frame_mask.new_zeros(bsz, 1), frame_mask], dim=1)
-        x = self.speech_encoder(x, src_key_padding_mask=mask)
-        return F.normalize(self.speech_proj(x[:, 0]), dim=-1)
+        x = speech_encoder(x, src_key_padding_mask=mask)
+        return F.normalize(speech_proj(x[:, 0]), dim=-1), x, mask
+
+    def encode_speech_sequence(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
+                               momentum: bool = False):
+        """source (B, T) waveform, padding_mask (B, T) True at padding -> dict with
+        ``speech`` S_cls (B, E) unit norm, ``speech_seq`` the speech layer's output (B, 1+T', D)
+        (CLS first: the multimodal encoder's input), ``speech_mask`` (B, 1+T') True at padding
+        (or None); with ``momentum`` (needs c2f_momentum) also ``speech_m`` (B, E), the momentum
+        model's S_cls from the same HuBERT states, without gradient."""
+        states, frame_mask = self.hubert(source, padding_mask)  # (L+1, B, T', D), (B, T')
+        speech, seq, mask = self._speech_head(
+            states, frame_mask, self.layer_weights, self.cls_token, self.speech_encoder, self.speech_proj
+        )
+        if self.cfg.multimodal_frame_pool > 1:
+            seq, mask = pool_frames(seq, mask, self.cfg.multimodal_frame_pool)
+        out = {"speech": speech, "speech_seq": seq, "speech_mask": mask}
+        if momentum:
+            if self.momentum_model is None:
+                raise ValueError("momentum embeddings need model.c2f_momentum=true")
+            m = self.momentum_model
+            with torch.no_grad():  # fp32 copies (MomentumCopies keep_fp32): run them in fp32
+                speech_m, _, _ = self._speech_head(
+                    states.detach().float(), frame_mask, m["layer_weights"], m["cls_token"], m["speech_encoder"],
+                    m["speech_proj"],
+                )
+            out["speech_m"] = speech_m.to(speech.dtype)
+        return out
+
+    def encode_speech(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """source (B, T) waveform, padding_mask (B, T) True at padding -> S_cls (B, E), unit norm."""
+        return self.encode_speech_sequence(source, padding_mask)["speech"]
+
+    # ---- coarse-to-fine: matching head, momentum, inference ----
+    def match_logits(self, speech_seq: torch.Tensor, speech_mask: Optional[torch.Tensor],
+                     image_tok: torch.Tensor) -> torch.Tensor:
+        """SIM logits of P (speech, image) pairs: speech_seq (P, 1+T', D), speech_mask (P, 1+T') or None,
+        image_tok (P, 1+N, E) (:func:`image_tokens`) -> (P, 2), class 1 = match."""
+        if self.multimodal is None:
+            raise ValueError("this model has no matching head (model.multimodal_layers=0)")
+        return self.matching_head(self.multimodal.fused_cls(speech_seq, speech_mask, image_tok))
+
+    def set_num_updates(self, num_updates):
+        """fairseq calls this before every forward of a training step with the number of
+        optimizer updates done (twice or more per update under update_freq > 1, and once when a
+        checkpoint is loaded): the momentum model takes one EMA step per new update count."""
+        super().set_num_updates(num_updates)
+        if self.momentum_model is not None:
+            self.momentum_model.step(num_updates, self.cfg.momentum)
+
+    def drop_training_state(self) -> None:
+        """Remove what only training uses (momentum copies, queue): inference never needs them."""
+        self.momentum_model = None
+        self.queue = None
 
     def encode_image(self, images: torch.Tensor):
         """images (U, 3, H, W) -> (I_cls (U, E) unit norm, patches (U, N, E) in the joint space)."""
@@ -178,9 +317,14 @@ class CmdSpeechImageModel(BaseFairseqModel):
         ``image_index`` (B,) maps each utterance to its image. Images come either as pixels
         ``images`` (U, 3, H, W), or as cached encoder outputs ``image_cls`` (U, E) (un-normalised
         pooled embedding) and ``image_patches`` (U, N, E).
-        Returns speech (B, E), image (B, E) unit-norm embeddings and patches (B, N, E).
+        Returns speech (B, E), image (B, E) unit-norm embeddings and patches (B, N, E); also
+        ``speech_seq`` (B, 1+T', D) / ``speech_mask`` (the speech layer's output, for SIM) and, in
+        training with c2f_momentum, ``speech_m`` (B, E) momentum embeddings.
         """
-        speech = self.encode_speech(source, padding_mask)
+        out = self.encode_speech_sequence(
+            source, padding_mask, momentum=self.training and self.momentum_model is not None
+        )
+        speech = out["speech"]
         if images is not None:
             image, patches = self.encode_image(images)
         elif image_cls is not None and image_patches is not None:
@@ -189,8 +333,8 @@ class CmdSpeechImageModel(BaseFairseqModel):
             raise ValueError("forward needs either images or cached image_cls + image_patches")
         if image_index is None:
             image_index = torch.arange(speech.size(0), device=speech.device)
-        return {
-            "speech": speech,
+        out.update({
             "image": image[image_index].to(speech.dtype),
             "patches": patches[image_index].to(speech.dtype),
-        }
+        })
+        return out

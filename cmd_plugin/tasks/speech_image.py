@@ -5,6 +5,10 @@ embeddings of the WHOLE split (the criterion gathers them from every worker) and
 recall: ``s2i_r{1,5,10}``, ``i2s_r{1,5,10}`` and ``mean_r{1,5,10}`` (x100), so that
 ``checkpoint.best_checkpoint_metric=mean_r1`` can select checkpoints.
 
+With ``valid_rerank_k`` > 0 (a coarse-to-fine model with a matching head), validation also logs the
+whole split's recall after re-ranking each query's SIC top-K by the matching head:
+``rerank_{s2i,i2s,mean}_r{1,5,10}``.
+
 With ``image_feature_cache`` set (``examples/cache_image_features.py``), batches carry the frozen
 image encoder's cached outputs (``image_cls``, ``image_patches``) instead of pixels.
 
@@ -24,7 +28,7 @@ from typing import Dict, Optional
 import open_clip
 import torch
 from fairseq import metrics
-from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
@@ -35,12 +39,16 @@ from ..criterions.cmd_contrastive import split_code
 from ..data.manifest import ManifestError, check_files_exist, read_manifest
 from ..nonfinite import NonFiniteGuard, zero_loss
 from ..data.speech_image_dataset import PixelImages, SpeechImageDataset
+from ..queue import check_queue_size
 from ..recall import retrieval_recall
+from ..rerank import SequencePairScorer, rerank, reranked_recall
 
 logger = logging.getLogger(__name__)
 
 RECALL_KS = (1, 5, 10)
 RECALL_KEYS = [f"{d}_r{k}" for d in ("s2i", "i2s", "mean") for k in RECALL_KS]
+RERANK_KEYS = ["rerank_" + key for key in RECALL_KEYS]
+RERANK_SCORE_CHOICES = ("sim", "sim+sic")
 
 
 @dataclass
@@ -70,6 +78,17 @@ class SpeechImageConfig(FairseqDataclass):
     num_length_buckets: int = field(
         default=0,
         metadata={"help": "0: batch by exact length order; N>0: shuffle within N length quantiles each epoch"},
+    )
+    valid_rerank_k: int = field(
+        default=0,
+        metadata={"help": "coarse-to-fine: also log the valid split's recall after re-ranking each query's SIC "
+                  "top-K by the matching head (rerank_*_r*); 0 = off. Keeps the split's speech sequences "
+                  "(fp16) in memory during validation"},
+    )
+    valid_rerank_score: ChoiceEnum(RERANK_SCORE_CHOICES) = field(
+        default="sim",
+        metadata={"help": "re-ranking score: sim = the match logit alone (ALBEF), sim+sic = match logit + SIC "
+                  "cosine (BLIP)"},
     )
     check_files: bool = field(
         default=True,
@@ -107,6 +126,9 @@ class SpeechImageTask(FairseqTask):
         self._image_cache: Optional[ImageFeatureCache] = None
         self._valid_embeddings: Dict[str, Dict[int, tuple]] = {}
         self._valid_recall: Dict[str, Dict[str, float]] = {}
+        self._valid_model = None
+        self._queue_size = 0
+        self._train_batches = None
         self.nonfinite = NonFiniteGuard(cfg.nonfinite_patience, self._describe_items)
         self._update_had_nonfinite = False
         # a job killed while fairseq copies checkpoint_last.pt must find the previous one whole
@@ -157,10 +179,23 @@ class SpeechImageTask(FairseqTask):
             shuffle=split.startswith("train"),
             num_length_buckets=self.cfg.num_length_buckets,
         )
+        if self.datasets[split].shuffle and self._queue_size:
+            check_queue_size(self._queue_size, len(self.datasets[split]), split)
         logger.info(f"{split}: {len(self.datasets[split])} utterances, {len(manifest.unique_images)} images")
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
+        # a queue larger than the training split is refused (here or when the split is loaded)
+        self._queue_size = int(getattr(model.cfg, "queue_size", 0) or 0)
+        for name, ds in self.datasets.items():
+            if isinstance(ds, SpeechImageDataset) and ds.shuffle and self._queue_size:
+                check_queue_size(self._queue_size, len(ds), name)
+        if 0 < self.cfg.valid_rerank_k < max(RECALL_KS):
+            raise ValueError(f"task.valid_rerank_k={self.cfg.valid_rerank_k}: re-ranked R@{max(RECALL_KS)} needs "
+                             f"K >= {max(RECALL_KS)}")
+        if self.cfg.valid_rerank_k > 0 and getattr(model, "multimodal", None) is None:
+            raise ValueError(f"task.valid_rerank_k={self.cfg.valid_rerank_k} needs a model with a matching head "
+                             "(model.multimodal_layers > 0)")
         if self.cfg.image_feature_cache:
             # cached features are the outputs of the encoder as it was: training it would
             # silently diverge from them
@@ -182,7 +217,10 @@ class SpeechImageTask(FairseqTask):
         # required_batch_size_multiple; recall must see every utterance of a scored split
         if isinstance(dataset, SpeechImageDataset) and not dataset.shuffle:
             kwargs["required_batch_size_multiple"] = 1
-        return super().get_batch_iterator(dataset, *args, **kwargs)
+        itr = super().get_batch_iterator(dataset, *args, **kwargs)
+        if isinstance(dataset, SpeechImageDataset) and dataset.shuffle:
+            self._train_batches = len(itr)  # this worker's batches per epoch (distillation ramp)
+        return itr
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         """FairseqTask.train_step, with non-finite batches reported and kept out of the gradients."""
@@ -190,6 +228,11 @@ class SpeechImageTask(FairseqTask):
 
         if hasattr(criterion, "set_update_num"):
             criterion.set_update_num(update_num)
+        if hasattr(criterion, "set_epoch_batches") and self._train_batches:
+            criterion.set_epoch_batches(self._train_batches)
+        if hasattr(criterion, "enqueue_enabled"):
+            # fairseq's dummy batch (ignore_grad) is a repeated batch: it must not enter the queue
+            criterion.enqueue_enabled = not ignore_grad
         model.train()
         model.set_num_updates(update_num)
         amp = isinstance(optimizer, AMPOptimizer)
@@ -245,6 +288,10 @@ class SpeechImageTask(FairseqTask):
         self._valid_recall.clear()
 
     def valid_step(self, sample, model, criterion):
+        rerank_on = self.cfg.valid_rerank_k > 0
+        if hasattr(criterion, "keep_sequences"):
+            criterion.keep_sequences = rerank_on
+        self._valid_model = model if rerank_on else None
         loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
         emb = getattr(criterion, "last_embeddings", None)
         if emb is None:
@@ -256,9 +303,12 @@ class SpeechImageTask(FairseqTask):
         for split in {scored[c] for c in emb["split_codes"].tolist() if c in scored}:
             store = self._valid_embeddings.setdefault(split, {})
             for i in (emb["split_codes"] == split_code(split)).nonzero()[:, 0].tolist():
-                store[int(emb["ids"][i])] = (int(emb["image_ids"][i]), emb["speech"][i], emb["image"][i])
+                item = (int(emb["image_ids"][i]), emb["speech"][i], emb["image"][i])
+                if rerank_on:
+                    item += (emb["speech_seq"][i], emb["image_tokens"][i])
+                store[int(emb["ids"][i])] = item
             # evaluated when validation's aggregator is read, i.e. after the whole split
-            for key in RECALL_KEYS:
+            for key in RECALL_KEYS + (RERANK_KEYS if rerank_on else []):
                 metrics.log_derived(key, lambda meters, s=split, k=key: self._split_recall(s)[k])
         return loss, sample_size, logging_output
 
@@ -284,6 +334,13 @@ class SpeechImageTask(FairseqTask):
         images = torch.stack([store[ids[first[i]]][2] for i in unique_ids.tolist()]).float()
         result = retrieval_recall(speech, images, image_index, ks=RECALL_KS)
         self._valid_recall[split] = {k: float(result[k]) for k in RECALL_KEYS}
+        if self.cfg.valid_rerank_k > 0 and self._valid_model is not None:
+            sequences = [store[i][3] for i in ids]
+            tokens = torch.stack([store[ids[first[i]]][4] for i in unique_ids.tolist()])
+            scorer = SequencePairScorer(self._valid_model, sequences, tokens)
+            ranked = rerank(speech, images, scorer, self.cfg.valid_rerank_k, add_sic=self.cfg.valid_rerank_score == "sim+sic")
+            rr = reranked_recall(ranked, image_index, ks=RECALL_KS)
+            self._valid_recall[split].update({"rerank_" + key: float(rr[key]) for key in RECALL_KEYS})
         logger.info(f"{split}: whole-split recall on {len(ids)} utterances x {len(unique_ids)} images: "
                     + ", ".join(f"{k}={v:.1f}" for k, v in self._valid_recall[split].items()))
         return self._valid_recall[split]
@@ -295,3 +352,4 @@ class SpeechImageTask(FairseqTask):
     @property
     def target_dictionary(self):
         return None
+

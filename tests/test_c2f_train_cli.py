@@ -1,0 +1,149 @@
+"""Coarse-to-fine through the user's literal commands: +method=c2f / +method=c2f_cmd compose for every
+recipe, train, resume exactly where they stopped (EMA and queue restored), and eval_recall.py
+re-ranks a C2F checkpoint with the matching head."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from test_train_cli import REPO, make_corpus, run_train
+
+METHODS = ["c2f", "c2f_cmd"]
+
+
+@pytest.mark.parametrize("corpus", ["flickr8k", "spokencoco"])
+@pytest.mark.parametrize("method", METHODS)
+def test_method_groups_compose_for_the_real_recipes(corpus, method):
+    """The issue's literal command; the tiny recipe's groups are composed by the training tests below."""
+    from cmd_plugin.criterions.cmd_contrastive import CmdContrastiveConfig
+    from cmd_plugin.models.cmd_speech_image import CmdSpeechImageConfig
+
+    proc = run_train(["--config-dir", os.path.join("examples", corpus), "task._name=speech_image",
+                      f"+method={method}", "--cfg", "job", "--resolve"], cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = yaml.safe_load(proc.stdout)
+    _check_c2f_config(cfg, method)
+    for section, dc in (("model", CmdSpeechImageConfig), ("criterion", CmdContrastiveConfig)):
+        unknown = set(cfg[section]) - set(dc.__dataclass_fields__) - {"_name"}
+        assert not unknown, f"{corpus} {method}: {section} keys unknown to {dc.__name__}: {unknown}"
+    assert cfg["model"]["image_model"] == "EVA01-g-14"  # BLIP-2's image encoder
+    assert cfg["model"]["momentum"] == 0.995 and cfg["checkpoint"]["save_dir"].endswith(f"{corpus}_{method}")
+    assert cfg["dataset"]["batch_size"] * cfg["distributed_training"]["distributed_world_size"] == 128
+
+
+def _check_c2f_config(cfg, method):
+    model, crit = cfg["model"], cfg["criterion"]
+    assert model["c2f_momentum"] is True and model["queue_size"] > 0 and model["multimodal_layers"] >= 1
+    assert crit["sim_weight"] > 0 and crit["distill_alpha"] == 0.4 and crit["sic_weight"] == 1.0
+    assert crit["cmd_weight"] == (1.0 if method == "c2f_cmd" else 0.0)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("c2f_corpus"), {"train": (8, 2), "valid": (4, 2)})
+
+
+def _overrides(enc, data, save_dir, method, *extra):
+    return ["--config-dir", os.path.join(REPO, "examples", "tiny"), "task._name=speech_image", f"+method={method}",
+            f"task.data={data}", f"model.hubert_path={enc['hubert_path']}", f"model.image_model={enc['image_model']}",
+            f"model.image_model_config={enc['image_model_config']}",
+            f"model.image_pretrained={enc['image_pretrained']}", f"checkpoint.save_dir={save_dir}",
+            "dataset.batch_size=4", "common.log_interval=1", "model.queue_size=12", "optimization.update_freq=[2]",
+            *extra]
+
+
+def _train_log(stdout):
+    """(num_updates, loss, sim_acc) of every train_inner line."""
+    return [(int(u), float(loss), float(acc)) for loss, acc, u in re.findall(
+        r"\[train_inner\].*? loss=([0-9.]+),.*? sim_acc=([0-9.]+),.*? num_updates=(\d+)", stdout)]
+
+
+def _train(enc, data, save_dir, method, max_update):
+    return run_train(_overrides(enc, data, save_dir, method, f"optimization.max_update={max_update}",
+                                "task.valid_rerank_k=10"), cwd=save_dir.parent)
+
+
+@pytest.fixture(scope="module")
+def c2f_first_run(tiny_encoders, corpus, tmp_path_factory):
+    """+method=c2f stopped after update 4 (reused by the resume and the re-ranking tests)."""
+    save_dir = tmp_path_factory.mktemp("c2f_run") / "split"
+    proc = _train(tiny_encoders, corpus, save_dir, "c2f", 4)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return save_dir, proc
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_literal_command_trains_and_resumes_exactly(tiny_encoders, corpus, c2f_first_run, tmp_path, method):
+    """Updates 5-6 of a run stopped after update 4 and resumed equal those of an uninterrupted run (c2f);
+    both methods train and resume. update_freq 2: one EMA step per update, every forward enqueued."""
+    if method == "c2f":
+        split_dir, first = c2f_first_run
+    else:
+        split_dir = tmp_path / "split"
+        first = _train(tiny_encoders, corpus, split_dir, method, 4)
+        assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "whole-split recall on 8 utterances x 4 images" in first.stdout + first.stderr
+    state = torch.load(split_dir / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    _check_c2f_config(state["cfg"], method)
+    assert state["cfg"]["model"]["multimodal_ffn_dim"] <= 256  # the tiny group's small sizes
+    model = state["model"]
+    # 4 updates of 2 forwards: the EMA of update u is applied at the next forward (fairseq calls
+    # set_num_updates(u) then), so the checkpoint holds the EMA of updates 1-3
+    assert int(model["momentum_model.last_update"]) == 3
+    bsz = [int(b) for b in re.findall(r"\[train_inner\].*? bsz=(\d+),", first.stdout)]
+    assert len(bsz) == 4 and int(model["queue.num_enqueued"]) == sum(bsz)  # every forward's items
+    assert model["queue.valid"].all()
+
+    resumed = _train(tiny_encoders, corpus, split_dir, method, 6)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 4 updates\)", resumed.stdout)
+    after = _train_log(resumed.stdout)
+    assert [u for u, _, _ in after] == [5, 6]
+    if method == "c2f":
+        whole = _train(tiny_encoders, corpus, tmp_path / "whole", method, 6)
+        assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
+        assert _train_log(whole.stdout)[:4] == _train_log(first.stdout)
+        assert _train_log(whole.stdout)[4:] == after
+
+
+def test_rerank_cli_with_k_covering_everything_equals_full_sim_scoring(corpus, c2f_first_run, tmp_path):
+    from cmd_plugin.evaluate import encode_split, load_cmd_checkpoint
+    from cmd_plugin.recall import retrieval_recall
+    from cmd_plugin.rerank import SequencePairScorer
+
+    save_dir, proc = c2f_first_run
+    checkpoint, train_log = save_dir / "checkpoint_last.pt", proc.stdout
+    # validation logged re-ranked recall too (task.valid_rerank_k)
+    assert re.search(r"valid on 'valid' subset .*rerank_mean_r1 [0-9.]+", train_log)
+    out_json = tmp_path / "rr.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "eval_recall.py"), "--checkpoint",
+                           str(checkpoint), "--data", corpus, "--split", "valid", "--rerank-k", "10",
+                           "--rerank-pair-batch", "5", "--output-json", str(out_json), "--no-progress"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"checkpoint_last\.pt SIC +\|", proc.stdout)
+    assert re.search(r"checkpoint_last\.pt re-ranked K=10 \(sim\) +\|", proc.stdout)
+    assert re.search(r"time: SIC [0-9.]+ s .*; re-ranking [0-9.]+ s more \(32 pairs", proc.stdout)
+    record = json.loads(out_json.read_text())
+    assert record["rerank"]["effective_k"] == 4 and record["rerank"]["num_pairs"] == 32
+
+    # reference: the matching head on EVERY (utterance, image) pair, ranked like SIC scores
+    model, task = load_cmd_checkpoint(str(checkpoint), data=corpus)
+    assert model.momentum_model is None and model.queue is None  # absent from inference
+    emb = encode_split(model, task, "valid", batch_size=3, progress=False, keep_sequences=True)
+    scorer = SequencePairScorer(model, emb.speech_sequences, emb.image_tokens)
+    ns, ni = emb.speech.size(0), emb.images.size(0)
+    full = scorer(torch.arange(ns).repeat_interleave(ni), torch.arange(ni).repeat(ns)).view(ns, ni)
+    expected = retrieval_recall(full, torch.eye(ni), emb.image_ids, ks=(1, 5, 10))
+    for key, value in record["rerank"]["recall"].items():
+        assert value == pytest.approx(float(expected[key])), key
+    # SIC row: the plain recall of the same embeddings
+    sic = retrieval_recall(emb.speech, emb.images, emb.image_ids, ks=(1, 5, 10))
+    assert record["recall"]["mean_r1"] == pytest.approx(float(sic["mean_r1"]))

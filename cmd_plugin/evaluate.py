@@ -21,13 +21,13 @@ one corpus scores another (zero-shot) with the same call.
 import datetime
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
+from .files import atomic_write
 from .recall import chance_recall, retrieval_recall
 
 logger = logging.getLogger(__name__)
@@ -377,19 +377,6 @@ def rerank_split(model, emb: SplitEmbeddings, k: int, score: str = "sim", device
 # ---------------------------------------------------------------- files
 
 
-def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
 
 def save_embeddings(emb: SplitEmbeddings, path: str) -> None:
     """Write ``emb`` to ``path`` (torch.save of plain tensors, lists and strings) atomically."""
@@ -402,7 +389,7 @@ def save_embeddings(emb: SplitEmbeddings, path: str) -> None:
         "image_paths": list(emb.image_paths),
         "meta": dict(emb.meta),
     }
-    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_embeddings(path: str) -> SplitEmbeddings:
@@ -461,4 +448,4 @@ def write_json(record: Dict[str, Any], path: str) -> None:
             json.dump(record, f, indent=2, ensure_ascii=False)
             f.write("\n")
 
-    _atomic_write(path, write)
+    atomic_write(path, write)

@@ -290,7 +290,7 @@ def run_query(args) -> dict:
 
 
 def _write_page(path, record, waves, sample_rate):
-    from cmd_plugin.search_index import _atomic_write
+    from cmd_plugin.files import atomic_write
     from cmd_plugin.search_page import PageQuery, PageResult, render_page
 
     queries = [
@@ -306,7 +306,7 @@ def _write_page(path, record, waves, sample_rate):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(page)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def main(argv=None) -> int:

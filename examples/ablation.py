@@ -14,14 +14,14 @@ valid mean R@1), writes every figure to ``ablation.json`` and plots test mean R@
 
 Rows: ``sic`` (α = 0: contrastive only) and ``cmd-VARIANT[-aALPHA]`` with VARIANT one of the
 fusion encoder's ``model.fusion_attention`` choices and ALPHA = criterion.cmd_weight (default 1);
-``sic-cmd`` is SIC + CMD with the config's fusion (α = 1).
+``cmd-qkv`` (the config's fusion, α = 1) is the SIC + CMD system.
 
 Coarse-to-fine rows (the second paper; config group ``examples/tiny/method/``): ``c2f`` (+method=c2f)
 and ``c2f-cmd`` (+method=c2f_cmd); ``c2f[-cmd]-rerankK[-simsic]`` re-scores the checkpoint of the
 ``c2f[-cmd]`` run of the same seed (trained if missing, never retrained) with eval_recall.py
 ``--rerank-k K`` (score: the match logit, or with ``-simsic`` match logit + SIC cosine).
 
-    python examples/ablation.py --rows sic sic-cmd c2f c2f-cmd c2f-rerank10 c2f-rerank50 --seeds 1 2 3
+    python examples/ablation.py --rows sic cmd-qkv c2f c2f-cmd c2f-rerank10 c2f-rerank50 --seeds 1 2 3 --name ablation_c2f
 """
 
 import argparse
@@ -42,8 +42,8 @@ from demo import add_corpus_arguments, build_inputs, train_and_score  # noqa: E4
 
 from cmd_plugin.models.fusion import FUSION_ATTENTION_CHOICES  # noqa: E402
 
-DEFAULT_ROWS = ["sic", "cmd-literal", "cmd-cosine", "cmd-qkv", "cmd-cosine-a0.25", "cmd-cosine-a0.5"]
-C2F_ROWS = ["sic", "sic-cmd", "c2f", "c2f-cmd", "c2f-rerank10", "c2f-rerank50"]
+DEFAULT_ROWS = ["sic", "cmd-literal", "cmd-cosine", "cmd-qkv", "cmd-qkv-a0.25", "cmd-qkv-a0.5"]
+C2F_ROWS = ["sic", "cmd-qkv", "c2f", "c2f-cmd", "c2f-rerank10", "c2f-rerank50"]
 REPORTED = [f"{d}_r{k}" for d in ("s2i", "i2s", "mean") for k in (1, 5, 10)]
 ROW_PATTERN = re.compile(r"^cmd-(?P<variant>[a-z]+)(?:-a(?P<alpha>[0-9]*\.?[0-9]+))?$")
 C2F_PATTERN = re.compile(r"^(?P<base>c2f(?:-cmd)?)(?:-rerank(?P<k>[0-9]+)(?P<simsic>-simsic)?)?$")
@@ -62,10 +62,7 @@ def row_spec(row: str):
         return {"overrides": [overrides], "alpha": alpha, "variant": None,
                 "base": match["base"] if k else None, "rerank_k": k,
                 "rerank_score": "sim+sic" if match["simsic"] else "sim"}
-    if row == "sic-cmd":
-        overrides, alpha, variant = ["criterion.cmd_weight=1.0"], 1.0, None
-    else:
-        overrides, alpha, variant = row_overrides(row)
+    overrides, alpha, variant = row_overrides(row)
     return {"overrides": overrides, "alpha": alpha, "variant": variant, "base": None, "rerank_k": 0,
             "rerank_score": None}
 
@@ -74,12 +71,12 @@ def row_overrides(row: str):
     """A row name -> (fairseq-hydra-train overrides, alpha, fusion variant or None)."""
     if row == "sic":
         return ["criterion.cmd_weight=0.0"], 0.0, None
-    if row == "sic-cmd" or C2F_PATTERN.match(row):
+    if C2F_PATTERN.match(row):
         spec = row_spec(row)
         return spec["overrides"], spec["alpha"], spec["variant"]
     match = ROW_PATTERN.match(row)
     if not match or match["variant"] not in FUSION_ATTENTION_CHOICES:
-        raise ValueError(f"unknown row {row!r}: expected 'sic', 'sic-cmd', 'cmd-VARIANT[-aALPHA]' with VARIANT in "
+        raise ValueError(f"unknown row {row!r}: expected 'sic', 'cmd-VARIANT[-aALPHA]' with VARIANT in "
                          f"{FUSION_ATTENTION_CHOICES} (e.g. cmd-cosine-a0.5), 'c2f', 'c2f-cmd' or "
                          "'c2f[-cmd]-rerankK[-simsic]' (e.g. c2f-rerank10)")
     alpha = float(match["alpha"]) if match["alpha"] else 1.0
@@ -215,6 +212,9 @@ def main(argv=None):
     parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help=f"rows to run (default: {DEFAULT_ROWS})")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="training seeds (common.seed)")
     parser.add_argument("--out-dir", default=None, help="runs, JSON and plot (default: WORK_DIR/ablation)")
+    parser.add_argument("--name", default="ablation",
+                        help="file name stem of the table's record: OUT_DIR/NAME_u<max_update>.json and .png "
+                             "(several tables can share the runs of one out dir)")
     args = parser.parse_args(argv)
     rows = list(dict.fromkeys(args.rows))
     specs = {row: row_spec(row) for row in rows}  # bad row names fail before any work
@@ -291,10 +291,11 @@ def main(argv=None):
         "chance": chance,
         "counts": counts,
     }
-    write_json(record, os.path.join(out_dir, f"ablation_{tag_updates}.json"))
-    plot = os.path.join(out_dir, f"ablation_{tag_updates}.png")
+    stem = os.path.join(out_dir, f"{args.name}_{tag_updates}")
+    write_json(record, stem + ".json")
+    plot = stem + ".png"
     plot_alpha(table, plot, header[:60] + "…")
-    print(f"record: {os.path.join(out_dir, f'ablation_{tag_updates}.json')}; plot: {plot}")
+    print(f"record: {stem}.json; plot: {plot}")
     print(f"{trained} runs trained, {len(rows) * len(args.seeds) - trained - rescored} reused"
           + (f", {rescored} re-scored" if rescored else "") + f"; {time.time() - t0:.0f}s")
 

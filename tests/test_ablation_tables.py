@@ -52,7 +52,7 @@ def test_coarse_to_fine_rows_map_to_method_groups_and_reranking_reuses_the_train
     assert row_spec("c2f") == {"overrides": ["+method=c2f"], "alpha": 0.0, "variant": None, "base": None,
                                "rerank_k": 0, "rerank_score": "sim"}
     assert row_spec("c2f-cmd")["overrides"] == ["+method=c2f_cmd"] and row_spec("c2f-cmd")["alpha"] == 1.0
-    assert row_spec("sic-cmd")["overrides"] == ["criterion.cmd_weight=1.0"]
+    assert row_spec("cmd-qkv")["overrides"] == ["criterion.cmd_weight=1.0", "model.fusion_attention=qkv"]
     # re-ranked rows train nothing of their own: they re-score the base row's checkpoint
     spec = row_spec("c2f-rerank50")
     assert (spec["base"], spec["rerank_k"], spec["rerank_score"]) == ("c2f", 50, "sim")
@@ -60,6 +60,6 @@ def test_coarse_to_fine_rows_map_to_method_groups_and_reranking_reuses_the_train
     assert (spec["base"], spec["rerank_k"], spec["rerank_score"]) == ("c2f-cmd", 10, "sim+sic")
     assert spec["overrides"] == ["+method=c2f_cmd"]
     assert all(row_spec(row) for row in C2F_ROWS)
-    for bad in ("c2f-rerank5", "c2f-rerank", "c2f-cmd-simsic", "c2f-a0.5", "sic-rerank10"):
+    for bad in ("sic-cmd", "c2f-rerank5", "c2f-rerank", "c2f-cmd-simsic", "c2f-a0.5", "sic-rerank10"):
         with pytest.raises(ValueError, match="row"):
             row_spec(bad)

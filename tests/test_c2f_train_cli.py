@@ -11,7 +11,9 @@ import sys
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 
+from cmd_plugin import compat
 from test_train_cli import REPO, make_corpus, run_train
 
 METHODS = ["c2f", "c2f_cmd"]
@@ -24,10 +26,14 @@ def test_method_groups_compose_for_the_real_recipes(corpus, method):
     from cmd_plugin.criterions.cmd_contrastive import CmdContrastiveConfig
     from cmd_plugin.models.cmd_speech_image import CmdSpeechImageConfig
 
+    # hydra < 1.1 has no --resolve: its output is resolved here with the plugin's resolver (as in test_train_cli)
+    resolve = ["--resolve"] if compat.hydra_version() >= (1, 1) else []
     proc = run_train(["--config-dir", os.path.join("examples", corpus), "task._name=speech_image",
-                      f"+method={method}", "--cfg", "job", "--resolve"], cwd=REPO)
+                      f"+method={method}", "--cfg", "job"] + resolve, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    cfg = yaml.safe_load(proc.stdout)
+    import hydra_plugins.cmd_plugin_searchpath.searchpath  # noqa: F401  (registers ${cmd_plugin_dir:})
+
+    cfg = OmegaConf.to_container(OmegaConf.create(yaml.safe_load(proc.stdout)), resolve=True)
     _check_c2f_config(cfg, method)
     for section, dc in (("model", CmdSpeechImageConfig), ("criterion", CmdContrastiveConfig)):
         unknown = set(cfg[section]) - set(dc.__dataclass_fields__) - {"_name"}

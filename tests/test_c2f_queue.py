@@ -4,6 +4,8 @@ buffers, and holds the same entries on every data-parallel worker."""
 
 import os
 import socket
+import sys
+import traceback
 
 import pytest
 import torch
@@ -148,15 +150,23 @@ def _global_batches():
 
 
 def _worker(rank, port, out_path):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # The worker leaves with os._exit, never through the gloo process group's destructor: in torch 2.4
+    # (environment B) destroy_process_group deadlocked once after the work was done (its destructor
+    # joins a gloo thread that waits for the GIL the destructor holds). mp.spawn reads the exit code.
     try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
         queue = EmbeddingQueue(QUEUE_SIZE, DIM_S, DIM_I)
         for batch, share in zip(_global_batches(), RANK0_SHARE):
             rows = slice(0, share) if rank == 0 else slice(share, None)
             enqueue_global_batch(queue, *(t[rows] for t in batch), group=dist.group.WORLD, world_size=2)
         torch.save(queue.state_dict(), f"{out_path}.{rank}")
-    finally:
-        dist.destroy_process_group()
+        dist.barrier()
+    except BaseException:
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    os._exit(0)
 
 
 def _free_port():

@@ -54,6 +54,9 @@ setup(
         "search": ["faiss-cpu"],
         # the ablation harness's plot (examples/ablation.py)
         "plot": ["matplotlib"],
+        # fairseq's HuBERT recipe (examples/train_hubert_upstream.py: k-means, MFCC dump, CTC WER)
+        # and the upstream probe (examples/probe_upstream.py)
+        "recipe": ["scikit-learn", "npy-append-array", "editdistance"],
         "test": ["pytest", "pyyaml"],
     },
 )

@@ -98,6 +98,18 @@ def _allow_list() -> List[Any]:
     return entries
 
 
+def allow_fairseq_checkpoints_in_torch_load() -> None:
+    """Let fairseq's own ``torch.load`` calls read fairseq checkpoints under torch >= 2.6.
+
+    torch 2.6 made ``weights_only=True`` the default, and fairseq's ``load_checkpoint_to_cpu`` does
+    not pass it: a HuBERT checkpoint (its ``task_state`` pickles fairseq's ``Dictionary``) then fails
+    to load in fairseq's trainer -- on resume and when ``hubert_ctc`` reads its ``w2v_path``. Adding
+    the allow-list above to torch's process-wide safe globals keeps the weights-only unpickler and
+    admits exactly those classes. Called when fairseq imports the plugin (``common.user_dir``).
+    """
+    torch.serialization.add_safe_globals(_allow_list())
+
+
 def _torch_version():
     return tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
 

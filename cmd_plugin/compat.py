@@ -264,3 +264,33 @@ def pickle_globals(data: bytes) -> List[str]:
             found.add(f"{recent[-2]}.{recent[-1]}")
         last_string = None
     return sorted(found)
+
+
+def fix_hubert_ctc_config() -> bool:
+    """Give fairseq's ``hubert_ctc`` config the ``autoregressive`` field its encoder reads.
+
+    ``HubertEncoder.__init__`` reads ``cfg.autoregressive``, which only ``HubertSeq2SeqConfig``
+    declares, so fairseq's own CTC fine-tuning recipe (``examples/hubert/config/finetune``) and any
+    load of a ``hubert_ctc`` checkpoint stop with "Key 'autoregressive' not in 'HubertCtcConfig'"
+    (fairseq issue 4916; the fix proposed there, PR 4917, was never merged). This registers a
+    subclass of the config with the field, default False (CTC is not autoregressive), under the
+    same model name. Returns True if it patched, False where fairseq already has the field.
+    """
+    import dataclasses
+
+    from fairseq.models import MODEL_DATACLASS_REGISTRY
+    from fairseq.models.hubert import hubert_asr
+
+    original = MODEL_DATACLASS_REGISTRY.get("hubert_ctc")
+    if original is None or "autoregressive" in original.__dataclass_fields__:
+        return False
+
+    @dataclasses.dataclass
+    class HubertCtcConfig(original):
+        autoregressive: bool = dataclasses.field(
+            default=False, metadata={"help": "always False for CTC (added by cmd_plugin: fairseq issue 4916)"})
+
+    HubertCtcConfig.__module__ = original.__module__
+    MODEL_DATACLASS_REGISTRY["hubert_ctc"] = HubertCtcConfig
+    hubert_asr.HubertCtc.__dataclass = HubertCtcConfig
+    return True

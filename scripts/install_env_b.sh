@@ -75,7 +75,8 @@ if ! ls "$wheel_dir"/fairseq-*.whl >/dev/null 2>&1; then
 fi
 "${PIP[@]}" "$wheel_dir"/fairseq-*.whl
 # what cmd_plugin needs beside fairseq, within the ranges setup.py declares, plus the test tools
-"${PIP[@]}" open_clip_torch soundfile sentencepiece tqdm pillow tensorboard pytest pyyaml
+"${PIP[@]}" open_clip_torch soundfile sentencepiece tqdm pillow tensorboard pytest pyyaml \
+  scikit-learn npy-append-array editdistance   # fairseq's HuBERT recipe (the demo's upstream stage)
 "$PY" -c "import fairseq, hydra, omegaconf, torch, open_clip; print('environment B:', 'fairseq', fairseq.__version__, 'hydra', hydra.__version__, 'omegaconf', omegaconf.__version__, 'torch', torch.__version__)"
 echo "$want" > "$stamp"
 echo "environment B ready: $VENV"

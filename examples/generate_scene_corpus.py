@@ -597,7 +597,7 @@ def main(argv=None) -> int:
         return 2
     im = summary["images"]
     print(f"Wrote {summary['out_dir']} in {summary['seconds']} s (seed {summary['seed']}):")
-    print(f"  images: {im['train']} train / {im['valid']} dev / {im['test']} test, "
+    print(f"  images: {im['train']} train / {im['valid']} valid / {im['test']} test, "
           f"{summary['image_size']}x{summary['image_size']} jpg")
     print(f"  utterances: {summary['utterances']} ({summary['captions_per_image']} per image), "
           f"{summary['speakers']} speakers, {summary['audio_hours'] * 60:.1f} min of 16 kHz audio")

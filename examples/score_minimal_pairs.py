@@ -254,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
+                        stream=sys.stderr)  # as eval_recall.py: before fairseq's imports configure it
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -29,6 +29,7 @@ and Pillow.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -217,8 +218,11 @@ def _noun_phrase(rng: random.Random, obj: SceneObject) -> str:
     return " ".join(words)
 
 
-def _describe(rng: random.Random, scene: Scene, template: int) -> str:
-    """One phrasing of ``scene``; ``template`` picks the sentence frame, ``rng`` the wording."""
+def _describe(rng: random.Random, scene: Scene, template: int, mention_background: bool = False) -> str:
+    """One phrasing of ``scene``; ``template`` picks the sentence frame, ``rng`` the wording.
+
+    Every phrasing names each object group's count, size, colour, shape and position; the
+    background only in some frames (and at random in others) unless ``mention_background``."""
     objects = list(scene.objects)
     rng.shuffle(objects)
     nps = [_noun_phrase(rng, o) for o in objects]
@@ -229,7 +233,7 @@ def _describe(rng: random.Random, scene: Scene, template: int) -> str:
 
     if template == 0:  # "a big red circle on the left and two small blue squares at the top"
         text = _join([f"{n} {p}" for n, p in zip(nps, pos)])
-        if rng.random() < 0.5:
+        if mention_background or rng.random() < 0.5:
             text += bg_suffix
     elif template == 1:  # "there is a ... and ..."
         verb = "there are" if plural[0] else "there is"
@@ -237,31 +241,37 @@ def _describe(rng: random.Random, scene: Scene, template: int) -> str:
     elif template == 2:  # "on the left there is a ..., and at the top there are ..."
         clauses = [f"{p} there {'are' if pl else 'is'} {n}" for n, p, pl in zip(nps, pos, plural)]
         text = _join(clauses)
+        if mention_background:
+            text += bg_suffix
     elif template == 3:  # "a picture of ..."
         prefix = rng.choice(["a picture of", "an image of", "i can see", "this shows", "a drawing of"])
         text = f"{prefix} " + _join([f"{n} {p}" for n, p in zip(nps, pos)])
-        if rng.random() < 0.5:
+        if mention_background or rng.random() < 0.5:
             text += bg_suffix
     elif template == 4:  # "a grey background with ..."
         text = f"a {background} background with " + _join([f"{n} {p}" for n, p in zip(nps, pos)])
     else:  # "on the left is a big red circle and at the top are two small blue squares"
         clauses = [f"{p} {'are' if pl else 'is'} {n}" for n, p, pl in zip(nps, pos, plural)]
         text = _join(clauses)
+        if mention_background:
+            text += bg_suffix
     return text
 
 
 NUM_TEMPLATES = 6
 
 
-def describe_scene(rng: random.Random, scene: Scene, num_captions: int) -> List[str]:
-    """``num_captions`` phrasings of ``scene``, distinct whenever the vocabulary allows."""
+def describe_scene(rng: random.Random, scene: Scene, num_captions: int,
+                   mention_background: bool = False) -> List[str]:
+    """``num_captions`` phrasings of ``scene``, distinct whenever the vocabulary allows
+    (``mention_background``: every phrasing names the background colour)."""
     captions: List[str] = []
     templates: List[int] = []
     attempts = 0
     while len(captions) < num_captions:
         if not templates:
             templates = rng.sample(range(NUM_TEMPLATES), NUM_TEMPLATES)
-        text = _describe(rng, scene, templates.pop())
+        text = _describe(rng, scene, templates.pop(), mention_background)
         attempts += 1
         if text not in captions or attempts > 50 * num_captions:
             captions.append(text)
@@ -463,6 +473,86 @@ def _is_nonempty_dir(path: str) -> bool:
     return os.path.isdir(path) and bool(os.listdir(path))
 
 
+def check_out_dir(out_dir: str, overwrite: bool) -> str:
+    """The absolute ``out_dir``, refused if it is a file or a non-empty folder (unless ``overwrite``)."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    if _is_nonempty_dir(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
+    return out_dir
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str):
+    """Yields ``OUT.tmp-<pid>`` to write into; renamed to ``out_dir`` only when the block completes
+    (an existing ``out_dir`` is replaced), removed if it raises."""
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
+    if os.path.exists(tmp_dir):
+        shutil.rmtree(tmp_dir)
+    os.makedirs(tmp_dir)
+    try:
+        yield tmp_dir
+        if os.path.exists(out_dir):
+            # Either empty, or --overwrite: move the old output aside before the new one lands.
+            old_dir = f"{out_dir}.old-{os.getpid()}"
+            os.rename(out_dir, old_dir)
+            os.rename(tmp_dir, out_dir)
+            shutil.rmtree(old_dir)
+        else:
+            os.rename(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+
+
+def write_flickr_layout(root: str, images: List[PlannedImage], image_size: int, num_workers: int) -> List[int]:
+    """Render every image and speak every caption of ``images`` into ``root`` in the Flickr 8k
+    layout (wavs, jpgs, wav2capt/wav2spk/token files, the three split lists; an image whose split
+    is none of train/valid/test is rendered but listed in no split, as the real corpus's extra
+    jpgs are). Returns the number of samples of each utterance, in wav2capt.txt order."""
+    audio_dir = os.path.join(root, "flickr_audio")
+    wav_dir = os.path.join(audio_dir, "wavs")
+    image_dir = os.path.join(root, "Flicker8k_Dataset")
+    text_dir = os.path.join(root, "Flickr8k_text")
+    scratch_dir = os.path.join(root, "scratch")
+    for d in (wav_dir, image_dir, text_dir, scratch_dir):
+        os.makedirs(d)
+
+    def render(image: PlannedImage) -> None:
+        render_scene(image.scene, image_size).save(os.path.join(image_dir, image.stem + ".jpg"), quality=92)
+
+    jobs = [(image.spoken[n], image.speakers[n], os.path.join(wav_dir, f"{image.stem}_{n}.wav"))
+            for image in images for n in range(len(image.spoken))]
+    # The work is in child processes (espeak-ng, sox) and PIL's C code, so threads suffice.
+    with ThreadPoolExecutor(num_workers) as pool:
+        list(pool.map(render, images))
+        num_samples = list(pool.map(lambda job: synthesise(*job, scratch_dir), jobs))
+    os.rmdir(scratch_dir)
+
+    wav2capt, wav2spk, tokens = [], [], []
+    for image in images:
+        for n in range(len(image.spoken)):
+            wav = f"{image.stem}_{n}.wav"
+            wav2capt.append(f"{wav} {image.stem}.jpg #{n}")
+            wav2spk.append(f"{wav} {image.speakers[n].name}")
+            tokens.append(f"{image.stem}.jpg#{n}\t{image.captions[n]}")
+    _write_lines(os.path.join(audio_dir, "wav2capt.txt"), wav2capt)
+    _write_lines(os.path.join(audio_dir, "wav2spk.txt"), wav2spk)
+    _write_lines(os.path.join(text_dir, "Flickr8k.token.txt"), tokens)
+    for split, name in SPLIT_FILES.items():
+        _write_lines(os.path.join(text_dir, name), [f"{im.stem}.jpg" for im in images if im.split == split])
+    return num_samples
+
+
+def scene_record(scene: Scene) -> Dict:
+    """What scene_corpus.json records of a scene (the described attributes, and the pattern)."""
+    return {"background": scene.background, "pattern": scene.pattern,
+            "objects": [{k: v for k, v in asdict(o).items() if k not in ("dx", "dy", "angle")}
+                        for o in scene.objects]}
+
+
 def generate_corpus(out_dir: str, seed: int = 1, num_train: int = 400, num_valid: int = 50,
                     num_test: int = 100, captions_per_image: int = 5, image_size: int = 224,
                     num_speakers: int = 40, num_workers: int = 0, overwrite: bool = False,
@@ -473,62 +563,21 @@ def generate_corpus(out_dir: str, seed: int = 1, num_train: int = 400, num_valid
         raise ValueError(f"speech rates must be words per minute in [80, 500], got {speech_rates}")
     if captions_per_image < 1 or min(num_train, num_valid, num_test) < 0 or num_train + num_valid + num_test < 1:
         raise ValueError("need at least one image and one caption per image")
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise FileExistsError(f"{out_dir} exists and is not a directory")
-    if _is_nonempty_dir(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass --overwrite to replace it")
+    out_dir = check_out_dir(out_dir, overwrite)
     num_workers = num_workers or min(8, os.cpu_count() or 1)
 
     start = time.time()
     images = plan_corpus(seed, num_train, num_valid, num_test, captions_per_image, num_speakers, speech_rates)
 
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
-    if os.path.exists(tmp_dir):
-        shutil.rmtree(tmp_dir)
-    try:
-        audio_dir = os.path.join(tmp_dir, "flickr_audio")
-        wav_dir = os.path.join(audio_dir, "wavs")
-        image_dir = os.path.join(tmp_dir, "Flicker8k_Dataset")
-        text_dir = os.path.join(tmp_dir, "Flickr8k_text")
-        scratch_dir = os.path.join(tmp_dir, "scratch")
-        for d in (wav_dir, image_dir, text_dir, scratch_dir):
-            os.makedirs(d)
-
-        def render(image: PlannedImage) -> None:
-            render_scene(image.scene, image_size).save(
-                os.path.join(image_dir, image.stem + ".jpg"), quality=92)
-
-        jobs = [(image.spoken[n], image.speakers[n], os.path.join(wav_dir, f"{image.stem}_{n}.wav"))
-                for image in images for n in range(captions_per_image)]
-        # The work is in child processes (espeak-ng, sox) and PIL's C code, so threads suffice.
-        with ThreadPoolExecutor(num_workers) as pool:
-            list(pool.map(render, images))
-            num_samples = list(pool.map(lambda job: synthesise(*job, scratch_dir), jobs))
-        os.rmdir(scratch_dir)
-
-        wav2capt, wav2spk, tokens = [], [], []
-        for image in images:
-            for n in range(captions_per_image):
-                wav = f"{image.stem}_{n}.wav"
-                wav2capt.append(f"{wav} {image.stem}.jpg #{n}")
-                wav2spk.append(f"{wav} {image.speakers[n].name}")
-                tokens.append(f"{image.stem}.jpg#{n}\t{image.captions[n]}")
-        _write_lines(os.path.join(audio_dir, "wav2capt.txt"), wav2capt)
-        _write_lines(os.path.join(audio_dir, "wav2spk.txt"), wav2spk)
-        _write_lines(os.path.join(text_dir, "Flickr8k.token.txt"), tokens)
-        for split, name in SPLIT_FILES.items():
-            _write_lines(os.path.join(text_dir, name), [f"{im.stem}.jpg" for im in images if im.split == split])
-
+    with atomic_output_dir(out_dir) as tmp_dir:
+        num_samples = write_flickr_layout(tmp_dir, images, image_size, num_workers)
         speakers_used = sorted({s.name for im in images for s in im.speakers})
         summary = {
             "out_dir": out_dir,
             "seed": seed,
             "images": {split: sum(im.split == split for im in images) for split in SPLIT_FILES},
             "captions_per_image": captions_per_image,
-            "utterances": len(jobs),
+            "utterances": len(num_samples),
             "speakers": len(speakers_used),
             "audio_hours": round(sum(num_samples) / SAMPLE_RATE / 3600.0, 4),
             "image_size": image_size,
@@ -537,26 +586,9 @@ def generate_corpus(out_dir: str, seed: int = 1, num_train: int = 400, num_valid
         meta = dict(summary)
         meta.pop("out_dir")
         meta["generator"] = "examples/generate_scene_corpus.py"
-        meta["scenes"] = {
-            im.stem: {"split": im.split, "background": im.scene.background, "pattern": im.scene.pattern,
-                      "objects": [{k: v for k, v in asdict(o).items() if k not in ("dx", "dy", "angle")}
-                                  for o in im.scene.objects]}
-            for im in images
-        }
+        meta["scenes"] = {im.stem: {"split": im.split, **scene_record(im.scene)} for im in images}
         with open(os.path.join(tmp_dir, "scene_corpus.json"), "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
-
-        if os.path.exists(out_dir):
-            # Either empty, or --overwrite: move the old corpus aside before the new one lands.
-            old_dir = f"{out_dir}.old-{os.getpid()}"
-            os.rename(out_dir, old_dir)
-            os.rename(tmp_dir, out_dir)
-            shutil.rmtree(old_dir)
-        else:
-            os.rename(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
 
     summary["seconds"] = round(time.time() - start, 1)
     summary["sample_captions"] = [c for im in images[:2] for c in im.captions]
@@ -597,7 +629,7 @@ def main(argv=None) -> int:
         return 2
     im = summary["images"]
     print(f"Wrote {summary['out_dir']} in {summary['seconds']} s (seed {summary['seed']}):")
-    print(f"  images: {im['train']} train / {im['valid']} dev / {im['test']} test, "
+    print(f"  images: {im['train']} train / {im['valid']} valid / {im['test']} test, "
           f"{summary['image_size']}x{summary['image_size']} jpg")
     print(f"  utterances: {summary['utterances']} ({summary['captions_per_image']} per image), "
           f"{summary['speakers']} speakers, {summary['audio_hours'] * 60:.1f} min of 16 kHz audio")

@@ -22,7 +22,7 @@ import os
 import re
 import sys
 from collections import defaultdict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 try:
     import cmd_plugin  # noqa: F401
@@ -90,9 +90,9 @@ def resolve_text_dir(text_dir: str) -> str:
     return os.path.abspath(text_dir)
 
 
-def read_split_lists(text_dir: str) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
+def read_split_lists(text_dir: str, wanted: Sequence[str] = SPLIT_NAMES) -> Tuple[Dict[str, List[str]], Dict[str, str]]:
     """Image filenames of each split (an image may appear once over all split files), and
-    where each is listed ('<split file>:<line>')."""
+    where each is listed ('<split file>:<line>'). A split outside ``wanted`` may be empty."""
     splits, entries = {}, []
     for split in SPLIT_NAMES:
         path = require_file(os.path.join(text_dir, SPLIT_FILES[split]), f"Flickr8k {split} split list")
@@ -100,7 +100,7 @@ def read_split_lists(text_dir: str) -> Tuple[Dict[str, List[str]], Dict[str, str
         for lineno, line in _lines(path):
             images.append(line)
             entries.append((line, f"{path}:{lineno}"))
-        if not images:
+        if not images and split in wanted:
             raise ManifestError(f"{path}: split list is empty (split {split!r})")
         splits[split] = images
     check_unique(entries, "image in the split lists")
@@ -167,10 +167,16 @@ def build_splits(
     show_progress: bool = True,
     log=print,
     check_image_data: bool = True,
+    splits: Sequence[str] = SPLIT_NAMES,
 ) -> Dict[str, SpeechImageManifest]:
-    """Read and check the corpus; return the three splits (nothing is written here).
+    """Read and check the corpus; return the splits named in ``splits`` (by default all three;
+    nothing is written here). Captions of the other splits are not read further.
 
     ``check_image_data`` decodes every image; otherwise images are only checked to exist."""
+    unknown = [s for s in splits if s not in SPLIT_NAMES]
+    if unknown or not splits:
+        raise ManifestError(f"splits must be some of {', '.join(SPLIT_NAMES)}, got {', '.join(splits) or 'none'}")
+    wanted = [s for s in SPLIT_NAMES if s in splits]
     audio_dir = resolve_audio_dir(audio_dir)
     image_dir = resolve_image_dir(image_dir)
     text_dir = resolve_text_dir(text_dir)
@@ -178,7 +184,7 @@ def build_splits(
     if not os.path.isdir(wav_dir):
         raise ManifestError(f"{wav_dir}: folder of wavs not found")
 
-    split_images, listed_at = read_split_lists(text_dir)
+    split_images, listed_at = read_split_lists(text_dir, wanted)
     split_of = {image: split for split, images in split_images.items() for image in images}
 
     rows = read_wav2capt(os.path.join(audio_dir, "wav2capt.txt"))
@@ -200,6 +206,8 @@ def build_splits(
                 f"{where}: caption {wav!r} is of image {image!r}, which is in none of the split lists "
                 f"({', '.join(SPLIT_FILES.values())} in {text_dir})"
             )
+        if split_of[image] not in wanted:
+            continue
         if speakers is not None and wav not in speakers:
             raise ManifestError(f"{where}: wav {wav!r} has no speaker in {spk_path} (use --no-speakers to go without)")
         if captions is not None and (image, index) not in captions:
@@ -213,15 +221,15 @@ def build_splits(
     # the image and the split-list line that lists it
     image_items = [
         (os.path.join(image_dir, image), f"{per_image[image][0][2]} ({listed_at[image]}, split {split!r})")
-        for split in SPLIT_NAMES for image in split_images[split] if image in per_image
+        for split in wanted for image in split_images[split] if image in per_image
     ]
     if check_image_data:
         check_images(image_items, workers=workers, show_progress=show_progress)
     else:
         check_images_exist(image_items)
 
-    splits = {}
-    for split in SPLIT_NAMES:
+    manifests = {}
+    for split in wanted:
         utterances = []  # (wav, image, caption index, where) in split-list order, captions by index
         without_audio = 0
         for image in split_images[split]:
@@ -242,7 +250,7 @@ def build_splits(
             show_progress=show_progress,
             desc=f"{split} audio headers",
         )
-        splits[split] = SpeechImageManifest(
+        manifests[split] = SpeechImageManifest(
             audio_root=wav_dir,
             audio_paths=[u[0] for u in utterances],
             num_samples=sizes,
@@ -251,7 +259,7 @@ def build_splits(
             speakers=[speakers[u[0]] for u in utterances] if speakers is not None else None,
             texts=[captions[(u[1], u[2])] for u in utterances] if captions is not None else None,
         )
-    return splits
+    return manifests
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -268,6 +276,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the unpacked Flickr8k_text folder (Flickr_8k.*Images.txt, Flickr8k.token.txt)")
     parser.add_argument("--out-dir", default="manifests/flickr8k",
                         help="where train/valid/test .tsv/.img/.spk/.wrd are written")
+    parser.add_argument("--splits", nargs="+", choices=SPLIT_NAMES, default=list(SPLIT_NAMES),
+                        help="the splits to write (e.g. `--splits test` for a test-only set such as "
+                             "generate_minimal_pairs.py writes); the others' split lists may be empty")
     parser.add_argument("--no-text", action="store_true", help="do not write .wrd caption text")
     parser.add_argument("--no-speakers", action="store_true", help="do not write .spk speaker ids")
     parser.add_argument("--workers", type=int, default=8, help="threads reading audio headers and decoding images")
@@ -289,6 +300,7 @@ def main(argv=None) -> int:
             workers=args.workers,
             show_progress=not args.no_progress,
             check_image_data=not args.no_check_images,
+            splits=args.splits,
         )
         write_splits(args.out_dir, splits)
     except ManifestError as exc:

@@ -245,3 +245,15 @@ def test_failed_run_leaves_no_corpus_behind(tmp_path):
     assert result.returncode != 0
     assert "simulated failure" in result.stderr
     assert sorted(os.listdir(tmp_path)) == ["bin"]  # neither corpus nor its .tmp-<pid> remains
+
+
+def test_printed_summary_names_the_splits_train_valid_test(tmp_path, capsys):
+    # the corpus's valid split is written to Flickr_8k.devImages.txt (the real corpus's name), but
+    # everything the project prints calls it "valid"
+    _require_tools()
+    gen = _load_generator()
+    assert gen.main(["--out-dir", str(tmp_path / "c"), "--num-train-images", "3", "--num-valid-images", "2",
+                     "--num-test-images", "1", "--captions-per-image", "1", "--image-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "images: 3 train / 2 valid / 1 test" in out, out
+    assert not re.search(r"\bdev\b", out), out

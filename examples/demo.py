@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """The built-in default, end to end, offline on the CPU: tiny encoders -> generated spoken-scene
-corpus (Flickr 8k layout) -> prepare_flickr8k.py -> tiny CLIP image-text pre-training on the
-training split's written captions -> fairseq-hydra-train -> eval_recall.py.
+corpus (Flickr 8k layout) -> prepare_flickr8k.py -> a speech upstream made with fairseq's own HuBERT
+recipe on the training split (train_hubert_upstream.py: MFCC k-means, pre-training, CTC fine-tuning)
+-> tiny CLIP image-text pre-training on the training split's written captions -> fairseq-hydra-train
+with the upstream frozen, as in the paper -> eval_recall.py -> the minimal-pairs test -> search.
 
 Each stage runs the same command a user runs on real data; stages whose output already exists
 are skipped, so a second run only retrains (or pass --fresh). ``--ablation`` also trains with
@@ -92,6 +94,45 @@ def search_demo(py, work, manifests, checkpoint, num_queries=3, top_k=10):
     return page, record
 
 
+def learned_layer_weights(checkpoint):
+    """softmax(layer_weights) of a trained model: how it mixes the upstream's layer states."""
+    import torch
+
+    from cmd_plugin.checkpoints import load_checkpoint_state
+
+    state = load_checkpoint_state(checkpoint, what="cmd_plugin checkpoint")["model"]
+    key = next(k for k in state if k.endswith("layer_weights"))
+    return torch.softmax(state[key].float(), dim=0).tolist()
+
+
+def minimal_pairs_stage(work, checkpoint, timings):
+    """The fine-grained test: a minimal-pairs set beside the corpus (its own seed and voices, no
+    training scene), scored with the trained checkpoint. Returns score_minimal_pairs.py's record."""
+    py = sys.executable
+    pairs_dir = os.path.join(work, "minimal_pairs")
+    if not os.path.isdir(pairs_dir):
+        timings["minimal-pairs set"] = run([
+            py, os.path.join(EXAMPLES, "generate_minimal_pairs.py"), "--out-dir", pairs_dir,
+            "--exclude-scenes", os.path.join(work, "corpus", "scene_corpus.json"),
+        ], log_path=os.path.join(work, "minimal_pairs.log"))
+    out_json = os.path.join(os.path.dirname(checkpoint), "minimal_pairs_score.json")
+    timings["minimal pairs"] = run([
+        py, os.path.join(EXAMPLES, "score_minimal_pairs.py"), "--checkpoint", checkpoint, "--pairs-dir", pairs_dir,
+        "--output-json", out_json,
+    ], log_path=out_json[: -len(".json")] + ".log")
+    with open(out_json) as f:
+        return json.load(f)
+
+
+def format_minimal_pairs(record):
+    sys.path.insert(0, EXAMPLES)
+    try:
+        from score_minimal_pairs import format_table
+    finally:
+        sys.path.pop(0)
+    return format_table(record)
+
+
 def add_corpus_arguments(parser):
     """Options of the shared stages (encoders, corpus, CLIP pre-training): demo and ablation harness."""
     parser.add_argument("--work-dir", default=os.path.join(REPO, "work_dirs", "demo"), help="where everything is written")
@@ -101,6 +142,8 @@ def add_corpus_arguments(parser):
     parser.add_argument("--num-test-images", type=int, default=200)
     parser.add_argument("--num-speakers", type=int, default=8, help="espeak-ng voices of the corpus")
     parser.add_argument("--clip-steps", type=int, default=500, help="tiny CLIP image-text pre-training steps")
+    parser.add_argument("--upstream-config", default=os.path.join(EXAMPLES, "tiny", "hubert_upstream.yaml"),
+                        help="overrides of fairseq's HuBERT recipe for the speech upstream (train_hubert_upstream.py)")
     parser.add_argument("--max-update", type=int, default=None, help="override the tiny config's max_update")
     parser.add_argument("--fresh", action="store_true", help="delete the work dir first")
 
@@ -137,6 +180,17 @@ def build_inputs(args, timings):
             "--image-dir", corpus, "--text-dir", os.path.join(corpus, "Flickr8k_text"), "--out-dir", manifests,
         ])
 
+    # The paper's speech encoder is a frozen pre-trained HuBERT: the tiny one is made with fairseq's
+    # own HuBERT recipe on the training split (never valid or test).
+    upstream_dir = os.path.join(work, "upstream")
+    if not os.path.isfile(os.path.join(upstream_dir, "upstream.json")):
+        timings["speech upstream (fairseq HuBERT recipe)"] = run([
+            py, os.path.join(EXAMPLES, "train_hubert_upstream.py"), "--data", manifests, "--out-dir", upstream_dir,
+            "--config", args.upstream_config,
+        ], log_path=os.path.join(work, "upstream.log"))
+    with open(os.path.join(upstream_dir, "upstream.json")) as f:
+        upstream = json.load(f)
+
     # The paper's image encoder is a frozen CLIP pre-trained on image-text pairs; the tiny one gets
     # the same start from the written captions of the training split (never valid or test).
     pretrained_clip = os.path.join(work, f"tiny_clip_pretrained_{args.clip_steps}steps.bin")
@@ -149,7 +203,8 @@ def build_inputs(args, timings):
     return {
         "work": work,
         "manifests": manifests,
-        "hubert": os.path.join(encoders, "tiny_hubert.pt"),
+        "hubert": upstream["upstream"],
+        "upstream": upstream,
         "clip_name": os.path.splitext(os.path.basename(clip_config))[0],
         "clip_config": clip_config,
         "clip_weights": pretrained_clip,
@@ -223,6 +278,12 @@ def main(argv=None):
     for label, r in rows:
         ratio = r["recall"]["mean_r10"] / chance["mean_r10"]
         print(f"{label}: mean R@10 = {r['recall']['mean_r10']:.1f} = {ratio:.1f}x chance")
+    print("layer weights the model learnt over the frozen upstream's states (softmax; input, L1, ...): "
+          + " ".join(f"{w:.2f}" for w in learned_layer_weights(record["checkpoint"])))
+    print()
+    mp_record = minimal_pairs_stage(work, record["checkpoint"], timings)
+    print(format_minimal_pairs(mp_record))
+    print()
     t = time.time()
     page, search_record = search_demo(sys.executable, work, inputs["manifests"], record["checkpoint"])
     timings["search"] = time.time() - t

@@ -14,6 +14,17 @@ TOY = ["--num-train-images", "12", "--num-valid-images", "3", "--num-test-images
        "--clip-steps", "10", "--max-update", "4"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def toy_upstream_config(tmp_path_factory):
+    """fairseq's HuBERT recipe at toy size (3 updates each) for the demo's upstream stage."""
+    from test_hubert_recipe import _toy_config
+
+    path = _toy_config(tmp_path_factory.mktemp("toy_upstream") / "toy.yaml")
+    TOY.extend(["--upstream-config", path])
+    yield path
+    del TOY[-2:]
+
+
 def _demo(work, *extra):
     return subprocess.run([sys.executable, DEMO, "--work-dir", str(work), *TOY, *extra], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=600)
@@ -45,8 +56,21 @@ def test_demo_prints_both_rows_next_to_chance_from_the_eval_records(demo_run):
     # the image tower that was trained against is the pre-trained tiny CLIP, not the random one
     assert (work / "tiny_clip_pretrained_10steps.bin").is_file()
     assert "tiny_clip_pretrained_10steps.bin" in (work / "train_cmd.log").read_text()
-    for stage in ("tiny encoders", "corpus", "prepare", "CLIP pre-training", "train cmd", "eval no_cmd"):
+    for stage in ("tiny encoders", "corpus", "prepare", "speech upstream (fairseq HuBERT recipe)",
+                  "CLIP pre-training", "train cmd", "eval no_cmd", "minimal-pairs set", "minimal pairs"):
         assert stage in out.split("stage times:")[-1]
+    # the model was trained on the recipe's fine-tuned upstream, frozen
+    upstream = json.loads((work / "upstream" / "upstream.json").read_text())
+    assert upstream["upstream"] == str(work / "upstream" / "hubert_finetuned.pt")
+    train_log = (work / "train_cmd.log").read_text()
+    assert f"model.hubert_path={upstream['upstream']}" in train_log or upstream["upstream"] in train_log
+    weights = out.split("layer weights the model learnt")[1].splitlines()[0].split(":")[-1].split()
+    assert len(weights) == 3 and abs(sum(float(w) for w in weights) - 1.0) < 0.02
+    # the fine-grained test follows the R@K table, from the record next to the checkpoint
+    with open(work / "checkpoints_cmd" / "minimal_pairs_score.json") as f:
+        mp = json.load(f)
+    assert out.index("Minimal pairs") > out.index("Speech→Image")
+    assert f"{mp['mean_accuracy']:.1f}" in out
 
 
 def test_rerun_reuses_the_corpus_and_another_training_seed_keeps_the_first_run(demo_run):

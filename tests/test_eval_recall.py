@@ -235,6 +235,22 @@ def test_missing_checkpoint_and_foreign_checkpoint_are_clear_errors(setup, tiny_
     assert "embeddings file not found" in err and "missing_emb.pt" in err
 
 
+def test_a_wrong_split_is_named_with_the_splits_there_before_the_model_loads(setup, capsys, tmp_path):
+    # the checkpoint is no checkpoint at all: an error about the split shows nothing was loaded first
+    not_torch = tmp_path / "notes.pt"
+    not_torch.write_text("not a checkpoint")
+    err = _error(capsys, ["--checkpoint", str(not_torch), "--data", setup["manifests"], "--split", "tset"])
+    assert f"{setup['manifests']}/tset.tsv: missing (split 'tset'" in err and "splits there: test)" in err, err
+    assert "not a fairseq checkpoint" not in err
+    err = _error(capsys, ["--checkpoint", str(not_torch), "--data", str(tmp_path), "--split", "test"])
+    assert "no split there (<split>.tsv + <split>.img)" in err and "not a fairseq checkpoint" not in err
+    # every reader of a manifest says the same (the training task, prepare, pretrain_tiny_clip.py)
+    from cmd_plugin.data.manifest import ManifestError, read_manifest
+
+    with pytest.raises(ManifestError, match=r"tset\.tsv: missing .*; splits there: test\)"):
+        read_manifest(setup["manifests"], "tset")
+
+
 def test_cli_runs_from_another_directory_and_documents_the_tie_rule(setup, tiny_encoders, tmp_path):
     # the checkpoint reloaded in a NEW process gives the trained model's own embeddings
     emb_path = tmp_path / "emb.pt"

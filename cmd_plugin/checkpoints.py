@@ -215,6 +215,9 @@ def load_checkpoint_state(path: str, arg_overrides: Optional[Dict[str, Any]] = N
     replaced by :func:`safe_torch_load`. Raises :class:`CheckpointError` naming ``path`` for a
     file that is not a fairseq checkpoint (a plain state dict, an open_clip weights file, ...) or
     that pickles classes outside the allow-list."""
+    from .quiet import import_fairseq
+
+    import_fairseq()
     from fairseq import checkpoint_utils
 
     if not os.path.isfile(path):

@@ -131,8 +131,11 @@ def pretrain_clip(
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=init_weights or None)
-    tokenizer = open_clip.get_tokenizer(model_name)
+    from .quiet import building_open_clip
+
+    with building_open_clip(random_weights_wanted=not init_weights):  # no init_weights: a random start
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=init_weights or None)
+        tokenizer = open_clip.get_tokenizer(model_name)
 
     train_caps = captions_by_image(train, train_where)
     train_images = list(train_caps)

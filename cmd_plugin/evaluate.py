@@ -111,7 +111,9 @@ def load_cmd_checkpoint(
     checkpoint or upstream file (and the option that re-points it), :class:`EvaluationError`
     for a file that is not a ``cmd_speech_image`` checkpoint.
     """
-    import fairseq  # noqa: F401  (fairseq first: then importing the plugin registers it)
+    from .quiet import import_fairseq
+
+    import_fairseq()  # fairseq first: then importing the plugin registers it
     from fairseq import checkpoint_utils
 
     import cmd_plugin.models  # noqa: F401  (registers cmd_speech_image)

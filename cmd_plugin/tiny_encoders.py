@@ -11,6 +11,8 @@ from typing import Tuple
 
 import torch
 
+from .quiet import building_hubert, building_open_clip
+
 TINY_HUBERT_LAYERS = 3
 TINY_HUBERT_DIM = 64
 TINY_CLIP_MODEL_NAME = "cmd-tiny-ViT-16"
@@ -86,6 +88,7 @@ _HUBERT_RELEASE_CONFIGS = {
 }
 
 
+@building_hubert()  # builds fairseq's HuBERT: without its configuration dump and weight_norm deprecation
 def _write_hubert_checkpoint(
     path: str, model_kwargs: dict, seed: int, normalize: bool, num_units: int, label_dir_prefix: str = "hubert_labels_",
     init_model=None,
@@ -307,7 +310,8 @@ def make_tiny_clip(out_dir: str, seed: int = 0) -> Tuple[str, str, str]:
     register_model_config(config_path)
 
     torch.manual_seed(seed)
-    model = open_clip.create_model(TINY_CLIP_MODEL_NAME, pretrained=None)
+    with building_open_clip(random_weights_wanted=True):  # random weights are what this writes
+        model = open_clip.create_model(TINY_CLIP_MODEL_NAME, pretrained=None)
     weights_path = os.path.join(os.path.abspath(out_dir), "open_clip_pytorch_model.bin")
     _atomic_torch_save(model.state_dict(), weights_path)
     return TINY_CLIP_MODEL_NAME, config_path, weights_path

@@ -54,6 +54,7 @@ from cmd_plugin.evaluate import (  # noqa: E402
     score_embeddings,
     write_json,
 )
+from cmd_plugin.data.manifest import check_split  # noqa: E402
 from cmd_plugin.recall import format_recall_rows  # noqa: E402
 
 logger = logging.getLogger("eval_recall")
@@ -119,6 +120,7 @@ def run(args) -> dict:
             raise EvaluationError("--checkpoint and --data are required (unless --from-embeddings)")
         resolve_device(args.device, args.fp16)  # fail before the (slow) model load
         checkpoint, data, split = os.path.abspath(args.checkpoint), os.path.abspath(args.data), args.split
+        check_split(data, split)  # likewise: a wrong --split or --data, naming the splits there
         model, task = load_cmd_checkpoint(
             checkpoint, data=data, hubert_path=args.hubert_path,
             image_pretrained=args.image_pretrained, image_model_config=args.image_model_config,

@@ -5,7 +5,9 @@
 #
 #   bash scripts/install_env_b.sh [VENV]   # default: $CMD_PLUGIN_VENV_B, else ~/.cache/cmd_plugin/venv-b
 #
-# fairseq's source: $CMD_PLUGIN_FAIRSEQ_SRC, default ../shared/vendor/fairseq-main-3d262bb.tar.gz.
+# fairseq's source: $CMD_PLUGIN_FAIRSEQ_SRC, a source archive (e.g. GitHub's archive of fairseq main at
+# commit 3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99, the one tested) or a checkout; without it,
+# ../shared/vendor/fairseq-main-3d262bb.tar.gz beside the clone if present (scripts/fairseq_source.sh).
 # Caching between runs: the environment lives outside the clone, in $CMD_PLUGIN_CACHE (default
 # ~/.cache/cmd_plugin), so every clone and CI run on a machine shares it; a stamp in it records what it
 # was built from (fairseq source, constraints, this script) and a run with nothing changed returns in
@@ -18,14 +20,23 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 CACHE=${CMD_PLUGIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/cmd_plugin}
 VENV=${1:-${CMD_PLUGIN_VENV_B:-$CACHE/venv-b}}
-SRC=${CMD_PLUGIN_FAIRSEQ_SRC:-$ROOT/../shared/vendor/fairseq-main-3d262bb.tar.gz}
 CONSTRAINTS=$ROOT/constraints/env-b.txt
 PYVER=3.10.13
 
-if [ ! -f "$SRC" ]; then
-  echo "install_env_b.sh: fairseq source not found: $SRC (set CMD_PLUGIN_FAIRSEQ_SRC to a fairseq" \
-       "source archive or checkout)" >&2
+if ! SRC=$(bash "$ROOT/scripts/fairseq_source.sh"); then
+  echo "install_env_b.sh: environment B not built" >&2
   exit 1
+fi
+if [ -d "$SRC" ]; then
+  # a checkout: packed into an archive (what it is made of, without git's files or earlier build
+  # outputs), so that its checksum names the source and pip builds a copy, leaving the checkout as it is
+  packed_dir=$(mktemp -d)
+  trap 'rm -rf "$packed_dir"' EXIT
+  tar -C "$(dirname "$SRC")" --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner \
+      --exclude=.git --exclude=build --exclude='*.egg-info' --exclude=__pycache__ --exclude='*.so' \
+      --transform 's,^[^/]*,fairseq,' -cf "$packed_dir/fairseq.tar" "$(basename "$SRC")"
+  echo "packed the fairseq checkout $SRC"
+  SRC=$packed_dir/fairseq.tar
 fi
 
 find_python() {

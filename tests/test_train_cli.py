@@ -153,6 +153,9 @@ def test_literal_command_trains_validates_checkpoints_and_resumes(tiny_encoders,
     assert state["optimizer_history"][-1]["num_updates"] == 12
     # tiny upstreams are trained in this config, so they are in the checkpoint
     assert any(k.startswith("hubert.") for k in state["model"])
+    # hydra's log file lies next to the checkpoints, not in the directory the command ran in
+    assert not (tmp_path / "hydra_train.log").exists()
+    assert len(re.findall(r"\[train_inner\]", (save_dir / "hydra_train.log").read_text())) == 12
 
     proc = run_train(["--config-dir", config_dir] + overrides + ["optimization.max_update=16"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -160,6 +163,21 @@ def test_literal_command_trains_validates_checkpoints_and_resumes(tiny_encoders,
     assert len(_losses(proc.stdout)) == 4
     state = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert state["optimizer_history"][-1]["num_updates"] == 16
+    # the resumed run continues the same log file
+    assert len(re.findall(r"\[train_inner\]", (save_dir / "hydra_train.log").read_text())) == 16
+    assert not (tmp_path / "hydra_train.log").exists()
+
+
+@pytest.mark.parametrize("corpus", ["flickr8k", "spokencoco", "tiny"])
+def test_shipped_configs_log_next_to_the_checkpoints(corpus):
+    """hydra.run.dir is the current directory; hydra's log file goes to checkpoint.save_dir instead
+    (the tiny config's runs check the file itself)."""
+    with open(os.path.join(REPO, "examples", corpus, "config.yaml")) as f:
+        hydra_cfg = yaml.safe_load(f)["hydra"]
+    assert hydra_cfg["run"]["dir"] == "."
+    handler = hydra_cfg["job_logging"]["handlers"]["file"]
+    assert handler == {"class": "hydra_plugins._cmd_plugin_logging.RunLogFileHandler",
+                       "filename": "${checkpoint.save_dir}/hydra_train.log"}
 
 
 def _free_port():
@@ -199,6 +217,9 @@ def test_two_gloo_workers_train_and_validate_the_whole_split(tiny_encoders, tmp_
     assert valid and all(0.0 <= float(v) <= 100.0 for v in valid), valid
     for name in ("checkpoint_last.pt", "checkpoint_best.pt"):
         assert (tmp_path / "ckpt" / name).is_file()
+    # the workers log before fairseq creates checkpoint.save_dir: the log file's handler makes it
+    assert "Logging error" not in out and not (tmp_path / "hydra_train.log").exists()
+    assert "[train_inner]" in (tmp_path / "ckpt" / "hydra_train.log").read_text()
     # the fusion's attention is visible in training and validation logs
     for tag in ("train_inner", "valid"):
         line = next(line for line in out.splitlines() if f"[{tag}]" in line and "attn_entropy" in line)

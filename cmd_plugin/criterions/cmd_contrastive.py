@@ -29,6 +29,11 @@ from typing import List
 
 import torch
 import torch.nn.functional as F
+
+from ..quiet import import_fairseq
+
+import_fairseq()  # before fairseq's modules: without its known-harmless import-time notes
+
 from fairseq import metrics
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass

@@ -151,13 +151,34 @@ def _read_parallel(path: str, expected: int, tsv_path: str) -> List[str]:
     return lines
 
 
+def available_splits(data_dir: str) -> List[str]:
+    """The splits of manifest directory ``data_dir``: names with both a ``.tsv`` and an ``.img`` file."""
+    try:
+        names = os.listdir(data_dir)
+    except OSError:
+        return []
+    return sorted(n[: -len(".tsv")] for n in names if n.endswith(".tsv") and n[: -len(".tsv")] + ".img" in names)
+
+
+def check_split(data_dir: str, split: str) -> None:
+    """Raise :class:`ManifestError` unless ``data_dir`` holds split ``split``, naming the splits it has.
+
+    Cheap (the directory's listing): scripts call it before loading a model."""
+    if not os.path.isdir(data_dir):
+        raise ManifestError(f"{data_dir}: no such manifest directory (looking for split {split!r})")
+    for ext in ("tsv", "img"):
+        path = os.path.join(data_dir, f"{split}.{ext}")
+        if not os.path.isfile(path):
+            splits = available_splits(data_dir)
+            there = f"splits there: {', '.join(splits)}" if splits else "no split there (<split>.tsv + <split>.img)"
+            raise ManifestError(f"{path}: missing (split {split!r} of manifest directory {data_dir}; {there})")
+
+
 def read_manifest(data_dir: str, split: str) -> SpeechImageManifest:
     """Read split ``split`` from ``data_dir``; raise :class:`ManifestError` naming file:line."""
     tsv = os.path.join(data_dir, f"{split}.tsv")
     img = os.path.join(data_dir, f"{split}.img")
-    for path in (tsv, img):
-        if not os.path.isfile(path):
-            raise ManifestError(f"{path}: missing (split {split!r} of manifest directory {data_dir})")
+    check_split(data_dir, split)
     audio_root, audio_paths, num_samples = _read_rooted(tsv, with_sizes=True)
     image_root, image_paths, _ = _read_rooted(img, with_sizes=False)
     if len(image_paths) != len(audio_paths):

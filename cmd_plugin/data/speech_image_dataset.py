@@ -16,6 +16,11 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import soundfile as sf
 import torch
+
+from ..quiet import import_fairseq
+
+import_fairseq()  # before fairseq's modules: without its known-harmless import-time notes
+
 from fairseq.data.audio.raw_audio_dataset import RawAudioDataset
 from PIL import Image
 

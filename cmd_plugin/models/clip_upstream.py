@@ -38,6 +38,8 @@ import open_clip
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
 
+from ..quiet import building_open_clip
+
 # open_clip keeps a global list of config paths and rescans all of them on every
 # add_model_config call: register each path once.
 _REGISTERED_CONFIG_PATHS = set()
@@ -83,9 +85,11 @@ class ClipImageUpstream(nn.Module):
                 "file such as open_clip_pytorch_model.bin; named tags would download)"
             )
 
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=os.path.abspath(pretrained) if pretrained else None
-        )
+        # no pretrained file: random weights, and open_clip's warning saying so passes
+        with building_open_clip():
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name, pretrained=os.path.abspath(pretrained) if pretrained else None
+            )
         visual = model.visual
         if isinstance(visual, VisionTransformer):
             self.tower = "open_clip_vit"

@@ -26,6 +26,11 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..quiet import import_fairseq, without_none_sharing_lines
+
+import_fairseq()  # before fairseq's modules: without its known-harmless import-time notes
+
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import MISSING
@@ -199,7 +204,8 @@ class CmdSpeechImageModel(BaseFairseqModel):
         image_encoder = ClipImageUpstream(
             cfg.image_model, cfg.image_pretrained, cfg.image_model_config, freeze=cfg.freeze_image_encoder
         )
-        return cls(cfg, hubert, image_encoder)
+        # fairseq's trainer would list the model's None parameters as one shared parameter
+        return without_none_sharing_lines(cls(cfg, hubert, image_encoder))
 
     # ---- frozen upstreams stay out of checkpoints ----
     def _frozen_prefixes(self):

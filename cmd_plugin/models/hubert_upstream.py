@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quiet import building_hubert
+
 logger = logging.getLogger(__name__)
 
 HUBERT_SAMPLE_RATE = 16000
@@ -113,6 +115,7 @@ def _fine_tuned_encoder(checkpoint_path: str, state):
     return model, pre_cfg, task
 
 
+@building_hubert()  # without fairseq's configuration dump and torch's weight_norm deprecation
 def load_hubert_checkpoint(checkpoint_path: str):
     """Load a fairseq HuBERT checkpoint -> (HubertModel, cfg, task), with clear errors.
 

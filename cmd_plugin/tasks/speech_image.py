@@ -27,6 +27,11 @@ from typing import Dict, Optional
 
 import open_clip
 import torch
+
+from ..quiet import import_fairseq
+
+import_fairseq()  # before fairseq's modules: without its known-harmless import-time notes
+
 from fairseq import metrics
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task

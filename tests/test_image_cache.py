@@ -100,7 +100,7 @@ def test_cache_holds_the_upstreams_own_outputs_within_fp16(upstream, identity, i
     with open(out / "images.txt") as f:
         assert f.read().splitlines() == images
     on_disk = json.loads((out / "meta.json").read_text())
-    assert on_disk["identity"] == identity and on_disk["shapes"]["image_patches.npy"] == [5, 16, 32]
+    assert on_disk["identity"] == identity and on_disk["shapes"]["image_patches.npy"] == [5, 64, 32]
     assert np.load(out / "image_cls.npy", mmap_mode="r").dtype == np.float16
     arrays = [np.load(out / name, mmap_mode="r") for name in ("image_cls.npy", "image_patches.npy")]
     assert sum(a.nbytes for a in arrays) == cache_bytes(5, 32, 16) == 5 * 17 * 32 * 2  # the README's size formula
@@ -110,7 +110,7 @@ def test_cache_holds_the_upstreams_own_outputs_within_fp16(upstream, identity, i
     order = [images[3], images[0], images[4]]  # rows come back in the order asked for
     cls, patches = cache.lookup(order)
     pooled, expected_patches = _encode(upstream, order)
-    assert cls.dtype == torch.float32 and cls.shape == (3, 32) and patches.shape == (3, 16, 32)
+    assert cls.dtype == torch.float32 and cls.shape == (3, 32) and patches.shape == (3, 64, 32)
     assert _close(cls, pooled) and _close(patches, expected_patches)
     # un-normalised pooled embedding, as the model expects (it normalises itself)
     assert not torch.allclose(cls.norm(dim=-1), torch.ones(3), atol=1e-2)
@@ -381,7 +381,7 @@ def test_task_batches_carry_cached_features_and_refuse_a_trainable_encoder(tiny_
     model_cfg._name = "cmd_speech_image"
     model = task.build_model(model_cfg)
     out = model(**net_input)
-    assert out["image"].shape == (6, 32) and out["patches"].shape == (6, 16, 32)
+    assert out["image"].shape == (6, 32) and out["patches"].shape == (6, 64, 32)
     model_cfg.freeze_image_encoder = False
     with pytest.raises(ImageCacheError, match="freeze_image_encoder=true"):
         task.build_model(model_cfg)

@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest spoken query accepted (default: 60 s; longer than the model's limit is embedded "
                         "in windows unless --long-audio error)")
     s.add_argument("--max-upload-mb", type=float, default=50.0, help="largest file accepted (default: 50 MB)")
+    s.add_argument("--torch-threads", type=int, default=0,
+                   help="torch's intra-op CPU threads (default 0: CPUs / --concurrency, at least 1: concurrent "
+                        "searches then share the cores instead of oversubscribing them)")
     return parser
 
 
@@ -510,8 +513,13 @@ def run_serve(args, block=True):
 
     if args.top_k < 1 or args.rerank_k < 0 or args.concurrency < 1 or not 0 < args.port < 65536:
         raise SearchIndexError("--top-k and --concurrency must be positive, --rerank-k >= 0, --port in 1..65535")
-    if args.max_query_seconds <= 0 or args.max_upload_mb <= 0:
-        raise SearchIndexError("--max-query-seconds and --max-upload-mb must be positive")
+    if args.max_query_seconds <= 0 or args.max_upload_mb <= 0 or args.torch_threads < 0:
+        raise SearchIndexError("--max-query-seconds and --max-upload-mb must be positive, --torch-threads >= 0")
+    import torch
+
+    threads = args.torch_threads or max(1, (os.cpu_count() or 1) // args.concurrency)
+    torch.set_num_threads(threads)
+    logger.info(f"torch uses {threads} CPU thread(s) per search, {args.concurrency} searches at once")
     indexes = [load_index(path) for path in args.index]
     resolve_device(args.device, args.fp16)
     encoder = _load_encoder(args, long_audio=args.long_audio)

@@ -26,6 +26,10 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+# nothing leaves this machine: gradio_client sends telemetry unless told not to (Client(analytics_enabled=False)
+# below; the app turns gradio's off for the server)
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 gradio = pytest.importorskip("gradio", reason="the web app needs gradio (pip install -e '.[app]')")
 selenium = pytest.importorskip("selenium", reason="the browser tests need selenium (pip install selenium)")
 
@@ -266,7 +270,7 @@ def _ask(client, path, top_k=10, rerank=False, k=12):
 
 
 def test_bad_input_is_answered_with_a_message_and_the_server_keeps_serving(env, server, tmp_path):  # noqa: F811
-    client = Client(server["url"], verbose=False)
+    client = Client(server["url"], verbose=False, analytics_enabled=False)
     rng = np.random.default_rng(0)
     silent, short, long, text = (tmp_path / n for n in ("silent.wav", "short.wav", "long.flac", "notes.mp3"))
     sf.write(str(silent), np.zeros(16000, np.float32), 16000)
@@ -298,7 +302,7 @@ def test_bad_input_is_answered_with_a_message_and_the_server_keeps_serving(env, 
 
 def test_concurrent_clients_get_their_own_answers(env, server):  # noqa: F811
     clips = sorted(env["clips"].rglob("*.wav"))
-    clients = [Client(server["url"], verbose=False) for _ in clips]
+    clients = [Client(server["url"], verbose=False, analytics_enabled=False) for _ in clips]
     alone = {c: _ask(clients[0], c, rerank=True, k=5)[1] for c in clips}
 
     def paths(page):

@@ -8,6 +8,7 @@ Environment A only (scripts/install.sh installs gradio, selenium, chromium and c
 there a missing browser fails the tests). Environment B has no gradio: the module is skipped.
 """
 
+import hashlib
 import html
 import json
 import os
@@ -48,6 +49,12 @@ from test_search_service import _error, search_cli, speak  # noqa: E402
 MAX_QUERY_SECONDS = 8
 
 
+def _fingerprint(path):
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        return st.st_mtime_ns, st.st_size, hashlib.sha256(f.read()).hexdigest()
+
+
 def _free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -68,6 +75,7 @@ def server(env, tmp_path_factory):  # noqa: F811
     """`search.py serve` with both indexes, on a free loopback port; stopped (Ctrl-C) at the end."""
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "serve.log"
+    indexes_before = {p: _fingerprint(p) for p in (env["image_index"], env["audio_index"])}
     cmd = [sys.executable, os.path.join(REPO, "examples", "search.py"), "serve", "--checkpoint", env["checkpoint"],
            "--index", env["image_index"], "--index", env["audio_index"], "--port", str(port),
            "--max-query-seconds", str(MAX_QUERY_SECONDS), "--concurrency", "4"]
@@ -89,7 +97,7 @@ def server(env, tmp_path_factory):  # noqa: F811
             if time.time() > deadline:
                 pytest.fail(f"the server did not answer within 120 s:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield {"url": url, "port": port, "log": log, "proc": proc}
+        yield {"url": url, "port": port, "log": log, "proc": proc, "indexes_before": indexes_before}
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -330,7 +338,26 @@ def test_concurrent_clients_get_their_own_answers(env, server):  # noqa: F811
     print(f"\n{len(clips)} concurrent clients: {len(times) / wall:.1f} requests/s")
 
 
-def test_serve_refuses_indexes_of_another_model_before_listening(env, capsys):  # noqa: F811
+def test_the_server_never_wrote_into_the_indexes(env, server):  # noqa: F811
+    """After every search above (run first: tests run in file order)."""
+    for path, before in server["indexes_before"].items():
+        assert _fingerprint(path) == before, path
+    assert sorted(os.listdir(os.path.dirname(env["image_index"]))) == sorted(
+        ["c2f", "cmd", "photos", "clips", "photos.pt", "clips.pt"])
+
+
+def test_serve_refuses_indexes_of_another_model_before_listening(env, tiny_encoders, tmp_path, capsys):  # noqa: F811
+    from cmd_plugin.tiny_encoders import make_tiny_clip
+    from test_search import make_checkpoint
+
+    # another image encoder (other CLIP weights): the image index is refused
+    _, _, weights = make_tiny_clip(str(tmp_path / "other_clip"), seed=1)
+    other, _ = make_checkpoint(str(tmp_path / "other" / "checkpoint_best.pt"), dict(tiny_encoders,
+                               image_pretrained=weights), seed=1)
+    err = _error(capsys, "serve", "--checkpoint", other, "--index", env["image_index"], "--port", str(_free_port()))
+    assert "was built with another image encoder than this checkpoint's" in err
+    assert "image encoder weights (image_weights_sha256)" in err
+    # another speech side: the clips' index is refused
     err = _error(capsys, "serve", "--checkpoint", env["plain"], "--index", env["audio_index"], "--port",
                  str(_free_port()))
     assert "was built with another speech encoder than this checkpoint's" in err

@@ -10,7 +10,7 @@ cmd_plugin is imported (cmd_plugin/compat.py). For a fresh environment, the ``fa
 brings fairseq-fixed (an sdist, compiled against the torch already installed):
 
     pip install torch torchvision cython -c constraints/env-a.txt
-    pip install --no-build-isolation -e ".[fairseq,tensorboard,search,test]" -c constraints/env-a.txt
+    pip install --no-build-isolation -e ".[fairseq,tensorboard,search,app,test]" -c constraints/env-a.txt
 
 ``scripts/install.sh`` does exactly this in a virtual environment; ``constraints/env-a.txt`` holds
 the exact versions tested there, ``constraints/env-b.txt`` those of the existing-fairseq
@@ -52,11 +52,14 @@ setup(
         "tensorboard": ["tensorboard"],
         # nearest-neighbour index for spoken image search
         "search": ["faiss-cpu"],
+        # the local web app (examples/search.py serve); gradio 6 caps pillow below 13
+        "app": ["gradio>=6,<7"],
         # the ablation harness's plot (examples/ablation.py)
         "plot": ["matplotlib"],
         # fairseq's HuBERT recipe (examples/train_hubert_upstream.py: k-means, MFCC dump, CTC WER)
         # and the upstream probe (examples/probe_upstream.py)
         "recipe": ["scikit-learn", "npy-append-array", "editdistance"],
-        "test": ["pytest", "pyyaml"],
+        # selenium drives Debian's chromium + chromium-driver in the web app's browser tests
+        "test": ["pytest", "pyyaml", "selenium>=4.20"],
     },
 )

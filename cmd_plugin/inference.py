@@ -58,10 +58,37 @@ def read_audio(path: str) -> Tuple[np.ndarray, int]:
     try:
         wav, rate = sf.read(path, dtype="float32", always_2d=True)
     except Exception as err:  # soundfile raises LibsndfileError/RuntimeError/TypeError by format
+        image = _image_format(path)
+        if image:
+            raise InferenceError(f"{path}: cannot read audio: this is a {image} image, not a sound file "
+                                 "(expected wav, flac, ogg/opus or mp3)") from err
         raise InferenceError(
             f"{path}: cannot read audio (expected a file libsndfile reads: wav, flac, ogg/opus, mp3; "
             f"{str(err).strip() or type(err).__name__})") from err
     return wav, int(rate)
+
+
+def _image_format(path: str) -> Optional[str]:
+    """The format name ("PNG", "JPEG", ...) when PIL recognises ``path`` as an image, else None."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.format or "an"
+    except Exception:
+        return None
+
+
+SILENCE_PEAK = 1e-3  # -60 dBFS: below this a clip holds nothing but noise floor (a muted microphone)
+
+
+def check_audible(wave: torch.Tensor, name: str = "audio", threshold: float = SILENCE_PEAK) -> None:
+    """Refuse a silent clip (peak amplitude below ``threshold``) as a search query: its
+    embedding would rank images by nothing the speaker said."""
+    peak = float(wave.abs().max()) if wave.numel() else 0.0
+    if peak < threshold:
+        raise InferenceError(f"{name}: the clip is silent (peak amplitude {peak:.1e}, below {threshold:.0e} = "
+                             f"{20 * np.log10(threshold):.0f} dBFS): record again, closer to the microphone")
 
 
 def to_mono_16k(wav, rate: int, target_rate: int = 16000, name: str = "audio") -> torch.Tensor:
@@ -142,14 +169,17 @@ class _ImageFileBatches(torch.utils.data.Dataset):
 # ---------------------------------------------------------------- identity
 
 
+def _update_digest(digest, state: Dict[str, torch.Tensor], prefix: str = "") -> None:
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{prefix}{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+
+
 def tensors_sha256(module: torch.nn.Module) -> str:
     """sha256 over a module's state (names, dtypes, shapes and bytes, in name order)."""
     digest = hashlib.sha256()
-    state = module.state_dict()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+    _update_digest(digest, module.state_dict())
     return digest.hexdigest()
 
 
@@ -159,7 +189,37 @@ IDENTITY_WORDS = {
     "preprocess": "image preprocessing",
     "image_weights_sha256": "image encoder weights",
     "embed_dim": "embedding size",
+    "speech_weights_sha256": "speech encoder weights (HuBERT and the speech layer)",
+    "hubert_layer_states": "HuBERT states mixed (model.hubert_layer_states)",
+    "hubert_normalize": "waveform normalisation of the HuBERT checkpoint",
+    "sample_rate": "sample rate",
+    "max_sample_size": "longest window (task.max_sample_size)",
 }
+
+# the parts of the model an utterance's S_cls goes through (fine-tuned with the rest: every
+# checkpoint has its own speech side, hence its own index of spoken clips)
+SPEECH_PARTS = ("hubert", "layer_weights", "cls_token", "speech_encoder", "speech_proj")
+
+
+def speech_identity(model, task, checkpoint: str = "") -> Dict[str, Any]:
+    """What speech embeddings depend on: the weights of every part S_cls goes through, which
+    HuBERT states are mixed, the waveform normalisation, the sample rate and the window length
+    that long clips are cut into. An index of spoken clips is refused by a model whose speech
+    identity differs. Keys starting with "_" are informational."""
+    digest = hashlib.sha256()
+    for part in SPEECH_PARTS:
+        obj = getattr(model, part)
+        state = obj.state_dict() if isinstance(obj, torch.nn.Module) else {"": obj}
+        _update_digest(digest, state, prefix=part + ".")
+    return {
+        "speech_weights_sha256": digest.hexdigest(),
+        "hubert_layer_states": str(getattr(model.cfg, "hubert_layer_states", "")),
+        "hubert_normalize": bool(model.hubert.normalize),
+        "sample_rate": int(model.hubert.sample_rate),
+        "max_sample_size": int(task.cfg.max_sample_size),
+        "embed_dim": int(model.image_encoder.embed_dim),
+        "_checkpoint": os.path.abspath(checkpoint) if checkpoint else "",
+    }
 
 
 def image_identity(model, checkpoint: str = "") -> Dict[str, Any]:
@@ -211,7 +271,7 @@ class SpeechImageEncoder:
         self.checkpoint = checkpoint
         self.long_audio = long_audio
         self.task = task
-        self._identity = None
+        self._identity = self._speech_identity = None
         self.model = model.eval()
         self.identity  # hashed on the CPU in float32, before any move or cast
         self.model = self.model.to(self.device)
@@ -250,6 +310,19 @@ class SpeechImageEncoder:
         if self._identity is None:
             self._identity = image_identity(self.model, self.checkpoint)
         return self._identity
+
+    @property
+    def speech_identity(self) -> Dict[str, Any]:
+        """:func:`speech_identity` of the loaded model (computed once, when an index of spoken clips
+        is first built or read: hashing HuBERT-Large takes seconds)."""
+        if self._speech_identity is None:
+            self._speech_identity = speech_identity(self.model, self.task, self.checkpoint)
+        return self._speech_identity
+
+    @property
+    def has_matching_head(self) -> bool:
+        """True for a coarse-to-fine checkpoint (multimodal encoder + matching head): results can be re-ranked."""
+        return getattr(self.model, "multimodal", None) is not None and getattr(self.model, "matching_head", None) is not None
 
     def _autocast(self):
         from .evaluate import _autocast
@@ -294,10 +367,13 @@ class SpeechImageEncoder:
 
     @torch.no_grad()
     def embed_waveforms(self, waves: Sequence[torch.Tensor], names: Optional[Sequence[str]] = None,
-                        batch_size: int = 8) -> torch.Tensor:
+                        batch_size: int = 8, return_sequences: bool = False):
         """(T_i,) mono waveforms at the model's rate -> (N, E) float32 unit-norm S_cls.
 
-        Segments are batched by decreasing length (little padding) with a padding mask."""
+        Segments are batched by decreasing length (little padding) with a padding mask. With
+        ``return_sequences`` also returns, per waveform, the list of its windows' speech layer
+        outputs (1+T'_w, D) without padding (the matching head's input; one window unless the
+        clip is longer than the model's limit), on the model's device: ``(embeddings, sequences)``."""
         if batch_size < 1:
             raise InferenceError(f"batch_size must be positive, got {batch_size}")
         names = list(names) if names is not None else [f"audio #{i}" for i in range(len(waves))]
@@ -308,6 +384,11 @@ class SpeechImageEncoder:
                 owner.append(i)
         sums = torch.zeros(len(waves), self.embed_dim)
         counts = torch.zeros(len(waves))
+        sequences: List[List[Optional[torch.Tensor]]] = [[] for _ in waves]
+        window_of = {}
+        for j, i in enumerate(owner):  # windows keep their order within a clip
+            window_of[j] = len(sequences[i])
+            sequences[i].append(None)
         order = sorted(range(len(segments)), key=lambda j: -segments[j].numel())
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
@@ -319,13 +400,18 @@ class SpeechImageEncoder:
                 source[row, :n] = segments[j]
                 padding[row, :n] = False
             with self._autocast():
-                emb = self.model.encode_speech(source.to(self.device), padding.to(self.device))
-            emb = emb.float().cpu()
+                out = self.model.encode_speech_sequence(source.to(self.device), padding.to(self.device))
+            emb = out["speech"].float().cpu()
             for row, j in enumerate(batch):
                 sums[owner[j]] += emb[row]
                 counts[owner[j]] += 1
+                if return_sequences:
+                    seq, mask = out["speech_seq"][row], out["speech_mask"]
+                    n = seq.size(0) if mask is None else int((~mask[row]).sum())
+                    sequences[owner[j]][window_of[j]] = seq[:n]
         # one window: its own (unit-norm) embedding; several: the normalised mean
-        return F.normalize(sums / counts.clamp(min=1).unsqueeze(1), dim=-1)
+        emb = F.normalize(sums / counts.clamp(min=1).unsqueeze(1), dim=-1)
+        return (emb, sequences) if return_sequences else emb
 
     def embed_audio(self, items: Sequence[AudioInput], sample_rate: Optional[int] = None,
                     batch_size: int = 8) -> torch.Tensor:

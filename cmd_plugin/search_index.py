@@ -1,4 +1,5 @@
-"""A searchable index of image embeddings: the file format, incremental updates and top-k search.
+"""A searchable index of image (or spoken-clip) embeddings: the file format, incremental updates
+and top-k search.
 
 Pure torch/numpy (FAISS optional); no fairseq import: the model side is in
 :mod:`cmd_plugin.inference`, the command line in ``examples/search.py``.
@@ -14,8 +15,10 @@ weights-only unpickler and memory-mapped, so a query touches only what it reads)
     sizes         (N,) int64  size in bytes of each file when it was embedded
     ids           (N,) int64  stable row ids, increasing (the approximate index's ids)
     next_id       int         first id not used yet
-    identity      dict        what the image embeddings depend on (see ``inference.image_identity``);
-                              an index is refused by a model whose identity differs
+    identity      dict        what the embeddings depend on (``inference.image_identity``, or
+                              ``inference.speech_identity`` for spoken clips); an index is refused
+                              by a model whose identity differs
+    modality      "image" or "audio" (absent in files written before spoken-clip indexes: "image")
     approximate   None or {"params": {...}, "data": (B,) uint8 serialized FAISS index}
     meta          dict        informational: checkpoint, creation/update times, counts
 
@@ -42,6 +45,8 @@ from .files import atomic_write
 
 INDEX_FORMAT = "cmd_plugin.search_index.v1"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3")  # what libsndfile >= 1.1 reads
+MODALITIES = {"image": ("images", IMAGE_EXTENSIONS), "audio": ("spoken clips", AUDIO_EXTENSIONS)}
 EMBEDDING_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -134,6 +139,12 @@ class SearchIndex:
     approximate: Optional[Dict[str, Any]] = None
     meta: Dict[str, Any] = field(default_factory=dict)
     source: str = ""  # the file it was read from ("" when built in memory)
+    modality: str = "image"  # what the rows are: "image" files or "audio" clips
+
+    @property
+    def what(self) -> str:
+        """"images" or "spoken clips"."""
+        return MODALITIES[self.modality][0]
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -155,16 +166,17 @@ class SearchIndex:
         return np.where(found, pos_clipped, -1)
 
 
-def scan_images(root: str) -> List[ImageFile]:
-    """Every jpg/jpeg/png/webp file under ``root`` (recursively, symlinked files followed,
-    hidden directories skipped), sorted by relative path."""
+def scan_images(root: str, modality: str = "image") -> List[ImageFile]:
+    """Every jpg/jpeg/png/webp file under ``root`` (``modality="audio"``: every wav/flac/ogg/opus/mp3
+    file), recursively, symlinked files followed, hidden directories skipped, sorted by relative path."""
+    what, extensions = MODALITIES[modality]
     if not os.path.isdir(root):
-        raise SearchIndexError(f"{root}: not a directory (expected a folder of images)")
+        raise SearchIndexError(f"{root}: not a directory (expected a folder of {what})")
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
-            if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
+            if name.startswith(".") or not name.lower().endswith(extensions):
                 continue
             full = os.path.join(dirpath, name)
             try:
@@ -219,6 +231,7 @@ def merged_index(
     root: str,
     identity: Dict[str, Any],
     dtype: str = "float32",
+    modality: str = "image",
 ) -> SearchIndex:
     """The index after ``plan``: kept rows (same ids, same order) followed by the newly
     embedded files (fresh ids). ``new_embeddings`` (M, E) are the rows of ``new_files``
@@ -226,6 +239,9 @@ def merged_index(
     ``old`` is carried over unchanged; :func:`update_approximate` brings it up to date."""
     if dtype not in EMBEDDING_DTYPES:
         raise SearchIndexError(f"embedding dtype must be one of {sorted(EMBEDDING_DTYPES)}, got {dtype!r}")
+    if modality not in MODALITIES or (old is not None and old.modality != modality):
+        raise SearchIndexError(f"cannot merge {modality!r} rows into an index of "
+                               f"{old.modality if old is not None else '?'!r} rows")
     torch_dtype = EMBEDDING_DTYPES[dtype]
     if new_embeddings.dim() != 2 or new_embeddings.shape[0] != len(new_files):
         raise SearchIndexError(
@@ -258,6 +274,7 @@ def merged_index(
         identity=identity,
         approximate=old.approximate if old is not None else None,
         meta=dict(old.meta) if old is not None else {},
+        modality=modality,
     )
 
 
@@ -271,7 +288,7 @@ def save_index(index: SearchIndex, path: str) -> None:
     """Write ``index`` to ``path`` atomically (temporary file in the same directory, then rename)."""
     for p in index.paths:
         if "\n" in p or "\r" in p:
-            raise SearchIndexError(f"{p!r}: image paths with newlines cannot be indexed")
+            raise SearchIndexError(f"{p!r}: paths with newlines cannot be indexed")
     payload = {
         "format": INDEX_FORMAT,
         "root": index.root,
@@ -284,6 +301,7 @@ def save_index(index: SearchIndex, path: str) -> None:
         "identity": index.identity,
         "approximate": index.approximate,
         "meta": index.meta,
+        "modality": index.modality,
     }
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
@@ -333,10 +351,13 @@ def load_index(path: str) -> SearchIndex:
         or not isinstance(approximate.get("data"), torch.Tensor) or approximate["data"].dtype != torch.uint8
     ):
         raise bad("'approximate' is not {'params': dict, 'data': uint8 tensor}")
+    modality = payload.get("modality", "image")
+    if modality not in MODALITIES:
+        raise bad(f"'modality' is {modality!r}, expected one of {sorted(MODALITIES)}")
     return SearchIndex(
         root=payload["root"], paths=paths, embeddings=emb, mtimes_ns=payload["mtimes_ns"],
         sizes=payload["sizes"], ids=ids, next_id=next_id, identity=payload["identity"],
-        approximate=approximate, meta=payload.get("meta") or {}, source=os.path.abspath(path),
+        approximate=approximate, meta=payload.get("meta") or {}, source=os.path.abspath(path), modality=modality,
     )
 
 
@@ -543,7 +564,7 @@ class SearchResults:
 
 def check_identity(index: SearchIndex, identity: Dict[str, Any], words=None) -> None:
     """Raise :class:`SearchIndexError` when the index's embeddings come from another image
-    encoder than ``identity`` describes, naming the differing fields."""
+    encoder (for spoken clips: speech encoder) than ``identity`` describes, naming the differing fields."""
     diffs = []
     for key in sorted(set(index.identity) | set(identity)):
         if key.startswith("_"):  # informational fields
@@ -553,9 +574,10 @@ def check_identity(index: SearchIndex, identity: Dict[str, Any], words=None) -> 
             name = (words or {}).get(key, key)
             diffs.append(f"{name} ({key}): index {_short(a)} vs model {_short(b)}")
     if diffs:
+        encoder, command = (("speech encoder", "index-audio") if index.modality == "audio" else ("image encoder", "index"))
         raise SearchIndexError(
-            f"{index.source or 'index'} was built with another image encoder than this checkpoint's: "
-            + "; ".join(diffs) + " -- build an index with this checkpoint (examples/search.py index)"
+            f"{index.source or 'index'} was built with another {encoder} than this checkpoint's: "
+            + "; ".join(diffs) + f" -- build an index with this checkpoint (examples/search.py {command})"
         )
 
 
@@ -579,7 +601,7 @@ def search(
     approximate candidates are re-scored exactly. ``ann`` is an already deserialized FAISS
     index (to search many times without reloading it)."""
     if len(index) == 0:
-        raise SearchIndexError(f"{index.source}: the index holds no images")
+        raise SearchIndexError(f"{index.source}: the index holds no {index.what}")
     if queries.dim() != 2 or queries.shape[1] != index.embed_dim:
         raise SearchIndexError(f"{index.source}: embeddings of dim {index.embed_dim}, "
                                f"queries of shape {tuple(queries.shape)}")

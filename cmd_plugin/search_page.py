@@ -1,9 +1,14 @@
-"""The results page of a spoken image search: one self-contained HTML file.
+"""The results page of a search: one self-contained HTML file (and the same result cards for the app).
 
 Everything is inside the file (no server, no network, opens from disk): per query an audio
 player whose source is the query as the model heard it (16 kHz mono, 16-bit WAV in a base64
-data URI), the query's transcript when known, and the ranked images as base64 JPEG thumbnails
-with rank, score and path. An image that can no longer be read is shown as a labelled box.
+data URI) or, for an image query, its thumbnail; the query's transcript when known, and the
+ranked results: images as base64 JPEG thumbnails, spoken clips as players, each with rank, score
+and path. An image that can no longer be read is shown as a labelled box. When the query's
+paired image is known (``PageQuery.paired``), its card is marked and the query says its rank.
+
+File names are shortened in the middle (the extension stays visible) and never broken across
+lines; the full path is the card's tooltip.
 """
 
 import base64
@@ -16,6 +21,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 THUMBNAIL_PX = 256
+NAME_CHARS = 20  # longest file name shown whole on a 180 px card (at 0.8em); longer ones lose their middle
 
 
 @dataclass
@@ -24,15 +30,21 @@ class PageResult:
     score: float
     path: str           # as shown (relative to the index root)
     absolute_path: str  # read for the thumbnail
+    detail: str = ""    # e.g. "cosine 0.412 · match 3.10" (shown under the score)
+    waveform: Optional[np.ndarray] = None  # a spoken clip: (T,) float32 mono, played on the card
+    sample_rate: int = 16000
+    score_label: str = "score"
 
 
 @dataclass
 class PageQuery:
     name: str
-    waveform: np.ndarray  # (T,) float32 mono
-    sample_rate: int
+    waveform: Optional[np.ndarray] = None  # (T,) float32 mono (a spoken query)
+    sample_rate: int = 16000
     transcript: Optional[str] = None
     results: List[PageResult] = field(default_factory=list)
+    image_path: Optional[str] = None  # an image query: shown as a thumbnail
+    paired: Optional[str] = None      # the query's paired result, as PageResult.path shows it
 
 
 def wav_data_uri(waveform: np.ndarray, sample_rate: int) -> str:
@@ -61,51 +73,105 @@ def thumbnail_data_uri(path: str, size: int = THUMBNAIL_PX) -> Optional[str]:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-_STYLE = """
+def short_name(name: str, limit: int = NAME_CHARS) -> str:
+    """``name`` whole when at most ``limit`` characters, else its start and end around an
+    ellipsis, the end (extension included) kept longer: "a3c9f0e1…e77b581f.jpg"."""
+    if len(name) <= limit:
+        return name
+    tail = (limit - 1) * 3 // 5
+    head = limit - 1 - tail
+    return name[:head] + "\u2026" + name[-tail:]
+
+
+STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; background: #fafafa; color: #222; }
 header p { color: #555; margin: 0.2em 0; }
 section.query { background: #fff; border: 1px solid #ddd; border-radius: 8px; padding: 1em; margin: 1.2em 0; }
 section.query h2 { font-size: 1.1em; margin: 0 0 0.5em 0; }
 .transcript { font-style: italic; margin: 0.5em 0; }
+.paired-note { margin: 0.3em 0; color: #1a5e20; }
+.query-image { max-width: 256px; max-height: 256px; border-radius: 4px; display: block; }
 .results { display: flex; flex-wrap: wrap; gap: 12px; margin-top: 0.8em; }
-figure { margin: 0; width: 180px; }
-figure img { width: 180px; height: 180px; object-fit: contain; background: #eee; border-radius: 4px; display: block; }
-figure .missing { width: 180px; height: 180px; background: #eee; color: #a00; display: flex;
-                  align-items: center; justify-content: center; text-align: center; font-size: 0.8em; }
-figcaption { font-size: 0.8em; margin-top: 4px; word-break: break-all; }
+figure.result { margin: 0; width: 180px; padding: 3px; border: 2px solid transparent; border-radius: 6px; }
+figure.result.paired { border-color: #2e7d32; background: #e8f5e9; }
+figure.result img { width: 180px; height: 180px; object-fit: contain; background: #eee; border-radius: 4px;
+                    display: block; }
+figure.result audio { width: 180px; display: block; }
+figure.result .missing { width: 180px; height: 180px; background: #eee; color: #a00; display: flex;
+                         align-items: center; justify-content: center; text-align: center; font-size: 0.8em; }
+figcaption { font-size: 0.8em; margin-top: 4px; }
 figcaption .rank { font-weight: bold; }
+figcaption .badge { background: #2e7d32; color: #fff; border-radius: 3px; padding: 0 4px; margin-left: 4px; }
+figcaption .detail { color: #555; }
+figcaption .dir, figcaption .name { display: block; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+figcaption .dir { color: #777; }
 """
+
+
+def _esc(text) -> str:
+    return html.escape(str(text))
+
+
+def result_card(result: PageResult, paired: bool = False) -> str:
+    """One result as a <figure>: thumbnail (or player for a clip), rank, score, path."""
+    if result.waveform is not None:
+        media = f'<audio controls preload="metadata" src="{wav_data_uri(result.waveform, result.sample_rate)}"></audio>'
+    else:
+        uri = thumbnail_data_uri(result.absolute_path)
+        if uri is None:
+            media = f'<div class="missing">cannot read<br>{_esc(short_name(result.path.rsplit("/", 1)[-1]))}</div>'
+        else:
+            media = f'<img src="{uri}" alt="{_esc(result.path)}">'
+    directory, _, name = result.path.rpartition("/")
+    caption = [f'<span class="rank">#{result.rank}</span> &middot; {_esc(result.score_label)} {result.score:.3f}']
+    if paired:
+        caption.append('<span class="badge">paired</span>')
+    if result.detail:
+        caption.append(f'<br><span class="detail">{_esc(result.detail)}</span>')
+    if directory:
+        caption.append(f'<span class="dir">{_esc(directory)}/</span>')
+    caption.append(f'<span class="name">{_esc(short_name(name))}</span>')
+    cls = "result paired" if paired else "result"
+    return (f'<figure class="{cls}" title="{_esc(result.absolute_path)}" data-rank="{result.rank}" '
+            f'data-path="{_esc(result.path)}">{media}<figcaption>{"".join(caption)}</figcaption></figure>')
+
+
+def query_section(query: PageQuery, number: int, heading: Optional[str] = None) -> str:
+    """One query's block: its player (or image), transcript, paired-image note and result cards."""
+    parts = [f'<section class="query" id="query-{number}">',
+             f"<h2>{_esc(heading if heading is not None else f'Query {number}: {query.name}')}</h2>"]
+    if query.waveform is not None:
+        parts.append(f'<audio class="query-audio" controls preload="auto" '
+                     f'src="{wav_data_uri(query.waveform, query.sample_rate)}"></audio>')
+    if query.image_path is not None:
+        uri = thumbnail_data_uri(query.image_path)
+        if uri is not None:
+            parts.append(f'<img class="query-image" src="{uri}" alt="{_esc(query.name)}">')
+    if query.transcript:
+        parts.append(f'<p class="transcript">&ldquo;{_esc(query.transcript)}&rdquo;</p>')
+    if query.paired:
+        rank = next((r.rank for r in query.results if r.path == query.paired), None)
+        where = f"at rank {rank}" if rank is not None else f"not in the top {len(query.results)}"
+        parts.append(f'<p class="paired-note">paired image {_esc(query.paired)}: {where}</p>')
+    parts.append('<div class="results">')
+    parts.extend(result_card(r, paired=query.paired is not None and r.path == query.paired) for r in query.results)
+    parts.append("</div></section>")
+    return "\n".join(parts)
 
 
 def render_page(queries: Sequence[PageQuery], title: str = "Spoken image search", subtitle: str = "") -> str:
     """The whole page as one HTML string."""
-    esc = html.escape
     parts = [
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        f"<title>{esc(title)}</title>", f"<style>{_STYLE}</style>", "</head>", "<body>",
-        f"<header><h1>{esc(title)}</h1>",
+        f"<title>{_esc(title)}</title>", f"<style>{STYLE}</style>", "</head>", "<body>",
+        f"<header><h1>{_esc(title)}</h1>",
     ]
     if subtitle:
-        parts.append(f"<p>{esc(subtitle)}</p>")
+        parts.append(f"<p>{_esc(subtitle)}</p>")
     generated = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     count = f"{len(queries)} quer{'y' if len(queries) == 1 else 'ies'}"
-    parts.append(f"<p>{count}; generated {esc(generated)}</p></header>")
+    parts.append(f"<p>{count}; generated {_esc(generated)}</p></header>")
     for qi, query in enumerate(queries, start=1):
-        parts.append(f'<section class="query" id="query-{qi}">')
-        parts.append(f"<h2>Query {qi}: {esc(query.name)}</h2>")
-        parts.append(f'<audio controls preload="auto" src="{wav_data_uri(query.waveform, query.sample_rate)}"></audio>')
-        if query.transcript:
-            parts.append(f'<p class="transcript">&ldquo;{esc(query.transcript)}&rdquo;</p>')
-        parts.append('<div class="results">')
-        for result in query.results:
-            uri = thumbnail_data_uri(result.absolute_path)
-            if uri is None:
-                picture = f'<div class="missing">cannot read<br>{esc(result.path)}</div>'
-            else:
-                picture = f'<img src="{uri}" alt="{esc(result.path)}" title="{esc(result.absolute_path)}">'
-            parts.append(
-                f'<figure class="result">{picture}<figcaption><span class="rank">#{result.rank}</span> '
-                f'&middot; score {result.score:.3f}<br>{esc(result.path)}</figcaption></figure>')
-        parts.append("</div></section>")
+        parts.append(query_section(query, qi))
     parts += ["</body>", "</html>", ""]
     return "\n".join(parts)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Environment A, the fresh one: create (or reuse) the virtual environment .venv (Python 3.11) and install
 # cmd_plugin with fairseq-fixed and every extra, at the exact versions of constraints/env-a.txt; plus the
-# Debian packages the generated demo corpus (espeak-ng, sox) and the headless-browser tests (chromium) need.
+# Debian packages the generated demo corpus (espeak-ng, sox) and the headless-browser tests (chromium, and
+# chromium-driver for the web app's tests) need.
 # Order matters: torch first, then fairseq-fixed (an sdist) built against it without isolation.
 # Into an existing fairseq environment instead: see the README (pip install --no-build-isolation -e .).
 set -euo pipefail
@@ -10,8 +11,8 @@ VENV=${CMD_PLUGIN_VENV:-.venv}
 CONSTRAINTS=constraints/env-a.txt
 
 missing=()
-for tool in espeak-ng sox chromium; do
-  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+for tool in espeak-ng sox chromium chromium-driver:chromedriver; do  # package[:command]
+  command -v "${tool#*:}" >/dev/null 2>&1 || missing+=("${tool%%:*}")
 done
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -31,10 +32,10 @@ stamp="$VENV/.cmd_plugin_installed"
 # what the environment is made of: a change to either reinstalls
 want="setup=$(sha256sum setup.py | cut -c1-16) constraints=$(sha256sum "$CONSTRAINTS" | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] \
-   || ! "$PY" -c "import fairseq, open_clip, cmd_plugin, pytest, tensorboard, faiss, sklearn, npy_append_array, editdistance" >/dev/null 2>&1; then
+   || ! "$PY" -c "import fairseq, open_clip, cmd_plugin, pytest, tensorboard, faiss, gradio, selenium, sklearn, npy_append_array, editdistance" >/dev/null 2>&1; then
   "${PIP[@]}" --upgrade pip setuptools wheel
   "${PIP[@]}" torch torchvision cython numpy pytest pyyaml
-  "${PIP[@]}" --no-build-isolation -e ".[fairseq,tensorboard,search,plot,recipe,test]" --config-settings editable_mode=compat
+  "${PIP[@]}" --no-build-isolation -e ".[fairseq,tensorboard,search,app,plot,recipe,test]" --config-settings editable_mode=compat
   echo "$want" > "$stamp"
 fi
 echo "environment ready: $VENV"

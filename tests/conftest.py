@@ -10,9 +10,10 @@ import pytest
 
 # Environment B (fairseq from source, Python 3.10, hydra 1.0; scripts/run_tests.sh runs `-m env_b` there)
 # runs every test module except these slow ones, whose parts are tested there one by one: the
-# end-to-end demo (each stage's script has its own tests) and the two-process gradient equality
-# (two gloo workers train and validate in test_train_cli)
-ENV_A_ONLY_MODULES = {"test_demo", "test_global_batch"}
+# end-to-end demo (each stage's script has its own tests), the two-process gradient equality
+# (two gloo workers train and validate in test_train_cli) and the web app in a browser (gradio and
+# selenium are environment A's; the search it serves is tested in test_search_service)
+ENV_A_ONLY_MODULES = {"test_demo", "test_global_batch", "test_search_app"}
 
 
 def pytest_configure(config):

@@ -45,14 +45,15 @@ def _load_script():
 search_cli = _load_script()
 
 
-def make_checkpoint(path, tiny, seed=0):
-    """A cmd_speech_image checkpoint in fairseq's trainer layout with perturbed ("trained") weights."""
+def make_checkpoint(path, tiny, seed=0, task=None, **model):
+    """A cmd_speech_image checkpoint in fairseq's trainer layout with perturbed ("trained") weights;
+    ``model`` / ``task`` override config fields (e.g. multimodal_layers=1: a matching head)."""
     from cmd_plugin.models.cmd_speech_image import CmdSpeechImageConfig, CmdSpeechImageModel
 
     cfg = CmdSpeechImageConfig(
         hubert_path=tiny["hubert_path"], image_model=tiny["image_model"],
         image_pretrained=tiny["image_pretrained"], image_model_config=tiny["image_model_config"],
-        speech_encoder_heads=4, speech_encoder_ffn_dim=128, speech_encoder_dropout=0.0,
+        speech_encoder_heads=4, speech_encoder_ffn_dim=128, speech_encoder_dropout=0.0, **model,
     )
     torch.manual_seed(seed)
     model = CmdSpeechImageModel.build_model(cfg)
@@ -72,7 +73,7 @@ def make_checkpoint(path, tiny, seed=0):
                 "image_model": tiny["image_model"], "image_model_config": tiny["image_model_config"],
                 "image_pretrained": tiny["image_pretrained"], "image_feature_cache": "",
                 "sample_rate": 16000, "min_sample_size": 1600, "max_sample_size": MAX_SAMPLES,
-                "num_length_buckets": 0,
+                "num_length_buckets": 0, **(task or {}),
             },
             "model": model_dict,
             "criterion": {"_name": "cmd_contrastive"},

@@ -6,6 +6,7 @@ a downstream model can learn a weighted sum of layers.
 
 import logging
 import os
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -278,9 +279,13 @@ class HubertUpstream(nn.Module):
                 features = m.post_extract_proj(features)
             features = m.dropout_input(features)
             captured = {}
+            # the hook is seen by every thread running this module: keep only this call's input
+            # (concurrent requests of a server would otherwise swap their layer-0 states)
+            caller = threading.get_ident()
 
             def keep_layer_input(module, args, kwargs):
-                captured["x"] = args[0] if args else kwargs["x"]
+                if threading.get_ident() == caller:
+                    captured["x"] = args[0] if args else kwargs["x"]
 
             hook = m.encoder.layers[0].register_forward_pre_hook(keep_layer_input, with_kwargs=True)
             try:

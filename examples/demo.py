@@ -74,21 +74,26 @@ def search_demo(py, work, manifests, checkpoint, num_queries=3, top_k=10):
     utterances = [test.image_paths.index(rel) for rel in picks]
     transcripts = os.path.join(search_dir, "query_transcripts.txt")
     with open(transcripts, "w", encoding="utf-8") as f:
-        f.writelines((test.texts[u] if test.texts else "") + "\n" for u in utterances)
+        # "<transcript>\t<paired image>": the results page marks the image each caption describes
+        f.writelines(f"{test.texts[u] if test.texts else ''}\t{test.image_paths[u]}\n" for u in utterances)
     script = os.path.join(EXAMPLES, "search.py")
     index = os.path.join(search_dir, "test_images_index.pt")
-    run([py, script, "index", "--checkpoint", checkpoint, "--images", images, "--out", index, "--no-progress"])
+    run([py, script, "index", "--checkpoint", checkpoint, "--images", images, "--out", index, "--no-progress"],
+        log_path=os.path.join(search_dir, "index.log"))
     page = os.path.join(search_dir, "results.html")
     cmd = [py, script, "query", "--index", index, "--checkpoint", checkpoint,
            *[test.audio_path(u) for u in utterances], "--top-k", str(top_k), "--html", page,
            "--transcripts", transcripts, "--json"]
     print("+ " + " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(os.path.join(search_dir, "query.log"), "w") as log:
+        log.write(proc.stderr)
     if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-3000:])
         raise SystemExit(f"search query failed ({proc.returncode})")
     record = json.loads(proc.stdout)
     for q, u in zip(record["queries"], utterances):
-        hit = next((r["rank"] for r in q["results"] if r["path"] == test.image_paths[u]), None)
+        hit = q.get("paired_rank")
         print(f"  \"{q['transcript']}\": paired image at rank {hit if hit else f'> {top_k}'}; "
               f"top: {q['results'][0]['path']} ({q['results'][0]['score']:.3f})")
     return page, record
@@ -118,7 +123,7 @@ def minimal_pairs_stage(work, checkpoint, timings):
     out_json = os.path.join(os.path.dirname(checkpoint), "minimal_pairs_score.json")
     timings["minimal pairs"] = run([
         py, os.path.join(EXAMPLES, "score_minimal_pairs.py"), "--checkpoint", checkpoint, "--pairs-dir", pairs_dir,
-        "--output-json", out_json,
+        "--output-json", out_json, "--written-captions",
     ], log_path=out_json[: -len(".json")] + ".log")
     with open(out_json) as f:
         return json.load(f)
@@ -291,6 +296,10 @@ def main(argv=None):
     print(f"spoken image search over {search_record['num_images']} test images ({search_record['method']}): "
           f"{1000 * ms['per_query']:.1f} ms per query (embedding {1000 * ms['embed_queries'] / nq:.1f} ms, "
           f"search {1000 * ms['search'] / nq:.2f} ms); results page: {page}")
+    index = os.path.join(work, "search", "test_images_index.pt")
+    print("search it by voice in your browser (Ctrl-C stops it):")
+    print(f"  {sys.executable} {os.path.join(EXAMPLES, 'search.py')} serve --checkpoint {record['checkpoint']} "
+          f"--index {index}   # then open http://127.0.0.1:7860")
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {time.time() - t0:.0f}s")
 
 

@@ -211,18 +211,55 @@ def score_minimal_pairs(checkpoint: Optional[str], pairs_dir: str, device: str =
     return record
 
 
+def written_caption_reference(encoder, pairs_dir: str) -> Dict:
+    """The same set scored with the checkpoint's frozen CLIP alone: its text tower on the bases'
+    WRITTEN captions against its image tower. What the image encoder can tell apart is a ceiling
+    for the speech side, which is trained against that frozen image embedding."""
+    import open_clip
+    import torch
+
+    from cmd_plugin.models.clip_upstream import register_model_config
+
+    cfg = encoder.model.cfg
+    if cfg.image_model_config:
+        register_model_config(cfg.image_model_config)
+    clip = open_clip.create_model(cfg.image_model, pretrained=cfg.image_pretrained or None).eval()
+    tokenizer = open_clip.get_tokenizer(cfg.image_model)
+    pairs = load_pairs(pairs_dir)
+    meta_groups = pairs["meta"]["groups"]
+    scored = []
+    with torch.inference_mode():
+        for g, m in zip(pairs["groups"], meta_groups):
+            text = torch.nn.functional.normalize(clip.encode_text(tokenizer(list(m["captions"]))), dim=-1)
+            images = encoder.embed_images([g["base_image"]] + [v["image"] for v in g["variants"]])
+            scored.append({"attributes": [v["attribute"] for v in g["variants"]],
+                           "similarities": (text @ images.T.to(text.dtype)).to(torch.float64).numpy()})
+    record = score_groups(scored, attributes=pairs["meta"].get("attributes"))
+    # cosine similarities of each written base caption (rows) with the base image and each variant
+    record["groups"] = [{"base": g["base"], "similarities": sc["similarities"].round(6).tolist()}
+                        for g, sc in zip(pairs["groups"], scored)]
+    return record
+
+
 def format_table(record: Dict) -> str:
     """The per-attribute table, the mean and the in-group R@1, each next to chance."""
     c = record["counts"]
+    ref = record.get("written_captions")
     per_group = c["variants"] / c["groups"]
     lines = [f"Minimal pairs: {c['groups']} scenes x {per_group:g} variants, {c['utterances']} spoken captions "
              f"(right image above the one-attribute variant; chance {record['pairwise_chance']:.0f} %)",
-             f"  {'attribute':<12}{'pairs':>7}{'accuracy':>11}"]
+             f"  {'attribute':<12}{'pairs':>7}{'accuracy':>11}"
+             + (f"{'written captions, CLIP alone':>31}" if ref else "")]
     for attribute, s in record["attributes"].items():
         acc = "-" if s["accuracy"] is None else f"{s['accuracy']:.1f} %"
         ties = f"  ({s['ties']} ties)" if s["ties"] else ""
-        lines.append(f"  {attribute:<12}{s['pairs']:>7}{acc:>11}{ties}")
-    lines.append(f"  {'mean':<12}{c['pairs']:>7}{record['mean_accuracy']:>9.1f} %")
+        extra = ""
+        if ref:
+            r = ref["attributes"].get(attribute, {}).get("accuracy")
+            extra = f"{'-' if r is None else f'{r:.1f} %':>31}"
+        lines.append(f"  {attribute:<12}{s['pairs']:>7}{acc:>11}{extra}{ties}")
+    lines.append(f"  {'mean':<12}{c['pairs']:>7}{record['mean_accuracy']:>9.1f} %"
+                 + (f"{ref['mean_accuracy']:>29.1f} %" if ref else ""))
     lines.append(f"  R@1 of the right image in its group (1 + {per_group:g} images): {record['group_r1']:.1f} % "
                  f"(chance {record['group_r1_chance']:.1f} %)")
     return "\n".join(lines)
@@ -250,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hubert-path", help="new location of the HuBERT checkpoint named by the checkpoint")
     parser.add_argument("--image-pretrained", help="new location of the image encoder weights")
     parser.add_argument("--image-model-config", help="new location of the open_clip model JSON")
+    parser.add_argument("--written-captions", action="store_true",
+                        help="also score the bases' written captions with the checkpoint's frozen CLIP alone "
+                             "(its text tower): the image encoder's own ceiling, printed beside")
     return parser
 
 
@@ -261,10 +301,20 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        encoder = None
+        if args.written_captions:
+            from cmd_plugin.inference import SpeechImageEncoder
+
+            load_pairs(args.pairs_dir)  # a broken set is named before the model loads
+            encoder = SpeechImageEncoder.from_checkpoint(
+                args.checkpoint, device=args.device, fp16=args.fp16, hubert_path=args.hubert_path,
+                image_pretrained=args.image_pretrained, image_model_config=args.image_model_config)
         record = score_minimal_pairs(
             args.checkpoint, args.pairs_dir, device=args.device, fp16=args.fp16, batch_size=args.batch_size,
-            hubert_path=args.hubert_path, image_pretrained=args.image_pretrained,
+            encoder=encoder, hubert_path=args.hubert_path, image_pretrained=args.image_pretrained,
             image_model_config=args.image_model_config)
+        if encoder is not None:
+            record["written_captions"] = written_caption_reference(encoder, args.pairs_dir)
     except (FileNotFoundError, ValueError) as err:  # MinimalPairsError, EvaluationError, InferenceError
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(format_table(record))

@@ -220,7 +220,9 @@ def test_sim_learns_to_tell_pairs_from_negatives_on_a_synthetic_task():
     the speech CLS nor the image CLS carries it, so only cross-attention from the speech
     sequence to the patches can solve it. A few hundred steps of a 2-layer encoder + head must (the
     recipes' depth; a single layer, where the CLS must find its code and query the patches in one
-    pass, reached 73 % after 1,000 steps, measured with this task)."""
+    pass, reached 73 % after 1,000 steps, measured with this task). The trajectory depends on the
+    thread count (summation order): after 400 steps one thread gave 88 %, two 92 %; 700 steps and
+    8 scored batches leave both well clear of the bar."""
     classes, length, bsz = 6, 6, 48
     gen = torch.Generator().manual_seed(0)
     speech_codes, image_codes = torch.randn(classes, D, generator=gen), torch.randn(classes, E, generator=gen)
@@ -249,11 +251,11 @@ def test_sim_learns_to_tell_pairs_from_negatives_on_a_synthetic_task():
             return float((head(encoder.fused_cls(speech, None, tokens)).argmax(1) == labels).float().mean())
 
     before = accuracy()
-    for _ in range(400):
+    for _ in range(700):
         speech, tokens, labels = batch()
         loss = F.cross_entropy(head(encoder.fused_cls(speech, None, tokens)), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    after = sum(accuracy() for _ in range(4)) / 4
+    after = sum(accuracy() for _ in range(8)) / 8
     assert before < 0.7 and after > 0.9, (before, after)

@@ -71,6 +71,17 @@ def test_demo_prints_both_rows_next_to_chance_from_the_eval_records(demo_run):
         mp = json.load(f)
     assert out.index("Minimal pairs") > out.index("Speech→Image")
     assert f"{mp['mean_accuracy']:.1f}" in out
+    # it ends with the command that serves its own index and checkpoint in a browser
+    serve = out.split("search it by voice in your browser")[1].splitlines()[1]
+    assert "search.py serve" in serve and str(work / "search" / "test_images_index.pt") in serve
+    assert str(work / "checkpoints_cmd" / "checkpoint_best.pt") in serve
+
+
+def test_demo_output_has_none_of_the_known_harmless_alarms(demo_run):
+    from test_quiet_output import KNOWN_HARMLESS
+
+    _, out = demo_run
+    assert [what for what, text in KNOWN_HARMLESS.items() if text in out] == []
 
 
 def test_rerun_reuses_the_corpus_and_another_training_seed_keeps_the_first_run(demo_run):

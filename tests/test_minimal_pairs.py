@@ -330,6 +330,41 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(pairs, checkpoint, tmp_path):
     assert scored["similarities"][0][-1] == pytest.approx(expected[1], abs=1e-5)
 
 
+def test_written_caption_reference_scores_the_frozen_clips_own_text_tower(pairs, checkpoint, tmp_path):
+    """--written-captions: the bases' written captions through the checkpoint's frozen CLIP text
+    tower against the same image embeddings (the image encoder's own ceiling), printed beside."""
+    import open_clip
+    import torch
+
+    from cmd_plugin.inference import SpeechImageEncoder
+
+    out, meta, _ = pairs
+    result_json = tmp_path / "score.json"
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "score_minimal_pairs.py"), "--checkpoint",
+                           checkpoint, "--pairs-dir", str(out), "--output-json", str(result_json),
+                           "--written-captions"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ref = json.loads(result_json.read_text())["written_captions"]
+    assert list(ref["attributes"]) == ATTRIBUTES and ref["counts"]["utterances"] == NUM_BASES * CAPTIONS
+    assert "written captions, CLIP alone" in proc.stdout
+    assert re.search(rf"^  mean +\d+ +\d+\.\d % +{ref['mean_accuracy']:.1f} %", proc.stdout, re.M), proc.stdout
+    # one pair by hand: the first group's first written caption, base vs its colour variant
+    encoder = SpeechImageEncoder.from_checkpoint(checkpoint)
+    cfg = encoder.model.cfg
+    clip = open_clip.create_model(cfg.image_model, pretrained=cfg.image_pretrained).eval()
+    group = meta["groups"][0]
+    with torch.inference_mode():
+        text = torch.nn.functional.normalize(
+            clip.encode_text(open_clip.get_tokenizer(cfg.image_model)(group["captions"][:1])), dim=-1)
+    images = encoder.embed_images([str(out / "Flicker8k_Dataset" / f"{s}.jpg")
+                                   for s in (group["base"], group["variants"][0]["stem"])])
+    sims = (text @ images.T)[0].tolist()
+    assert ref["groups"][0]["base"] == group["base"]
+    assert ref["groups"][0]["similarities"][0][0] == pytest.approx(sims[0], abs=1e-5)
+    assert ref["groups"][0]["similarities"][0][1] == pytest.approx(sims[1], abs=1e-5)
+
+
 def test_bad_sets_are_refused_before_the_model_loads_naming_the_file(pairs, tmp_path, capsys):
     out, _, _ = pairs
     no_model = str(tmp_path / "no_checkpoint.pt")  # never reached: the set is checked first

@@ -136,6 +136,7 @@ def main(argv=None):
     parser.add_argument("--upstream", action="append", default=[], metavar="NAME=PATH", help="a HuBERT checkpoint to probe")
     parser.add_argument("--random", action="store_true", help="also probe the first upstream's architecture with random weights")
     parser.add_argument("--train-utterances", type=int, default=1500, help="training-split utterances the probes learn from")
+    parser.add_argument("--min-count", type=int, default=10, help="probe the words found in at least this many training captions")
     parser.add_argument("--plugin-checkpoint", default="", help="print the layer weights this trained model learnt")
     parser.add_argument("--output-json", default="")
     parser.add_argument("--seed", type=int, default=0)
@@ -158,7 +159,10 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
     train_idx = sorted(rng.choice(len(train.texts), min(args.train_utterances, len(train.texts)), replace=False).tolist())
     valid_idx = list(range(len(valid.texts)))
-    words = probe_words([train.texts[i] for i in train_idx])
+    words = probe_words([train.texts[i] for i in train_idx], min_count=args.min_count)
+    if not words:
+        raise SystemExit(f"probe_upstream: error: {args.data}/train.wrd: no colour or shape word occurs in "
+                         f"{args.min_count} or more of the {len(train_idx)} captions drawn")
     train_y = word_matrix([train.texts[i] for i in train_idx], words)
     valid_y = word_matrix([valid.texts[i] for i in valid_idx], words)
 
@@ -188,7 +192,11 @@ def main(argv=None):
         record["plugin_layer_weights"] = weights
         print("layer weights learnt by the plugin (softmax): " + " ".join(f"{w:.3f}" for w in weights))
     if args.output_json:
-        atomic_write(args.output_json, lambda tmp: open(tmp, "w").write(json.dumps(record, indent=1)))
+        def write(tmp):
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(record, f, indent=1)
+
+        atomic_write(args.output_json, write)
     return record
 
 

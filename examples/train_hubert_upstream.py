@@ -230,12 +230,20 @@ def copy_final(src: str, dst: str) -> None:
     atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
+def write_json(path: str, record: dict) -> None:
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+
+    atomic_write(path, write)
+
+
 def stage_done(out: str, name: str) -> bool:
     return os.path.isfile(os.path.join(out, f".{name}.done"))
 
 
 def mark_done(out: str, name: str, record: dict) -> None:
-    atomic_write(os.path.join(out, f".{name}.done"), lambda tmp: open(tmp, "w").write(json.dumps(record)))
+    write_json(os.path.join(out, f".{name}.done"), record)
 
 
 def main(argv=None):
@@ -329,7 +337,7 @@ def main(argv=None):
 
     record = {"upstream": upstream, "pretrained": pretrained, "config": os.path.abspath(args.config),
               "fairseq_recipe": hubert_dir, "stage_seconds": {k: round(v, 1) for k, v in timings.items()}}
-    atomic_write(os.path.join(out, "upstream.json"), lambda tmp: open(tmp, "w").write(json.dumps(record, indent=1)))
+    write_json(os.path.join(out, "upstream.json"), record)
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print(f"speech upstream: {upstream}")
     return record

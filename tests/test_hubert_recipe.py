@@ -164,3 +164,58 @@ def test_a_corpus_too_small_for_kmeans_is_refused_with_the_sizes(tmp_path):
 def test_missing_training_manifest_is_named(tmp_path):
     proc = _run(str(tmp_path), tmp_path / "out", os.path.join(REPO, "examples", "tiny", "hubert_upstream.yaml"))
     assert proc.returncode != 0 and f"{tmp_path}/train.tsv not found" in proc.stderr
+
+
+def _load_probe():
+    spec = importlib.util.spec_from_file_location("probe_upstream", os.path.join(REPO, "examples", "probe_upstream.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_probe_arithmetic_finds_a_word_that_a_layer_encodes_and_not_one_it_does_not():
+    import numpy as np
+
+    probe = _load_probe()
+    texts = ["Two red circles .", "a blue box on the left", "one red disk", "three squares"]
+    assert probe.word_matrix(texts, ["red", "circle", "box", "square"]).tolist() == [
+        [1, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1]]
+    assert probe.balanced_accuracy(np.array([1, 1, 0, 0]), np.array([1, 0, 0, 0])) == 0.75
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=(400, 2))
+    # layer 0 carries word 0 (plus noise) and nothing of word 1; layer 1 carries nothing
+    x = rng.standard_normal((2, 400, 8))
+    x[0, :, 0] += 3.0 * (2 * y[:, 0] - 1)
+    scores = probe.probe_layers(x[:, :300], y[:300], x[:, 300:], y[300:])
+    assert 70 < scores[0] < 80      # mean over the two words: ≈ 100 % and ≈ 50 %
+    assert 40 < scores[1] < 60
+
+
+def test_probe_cli_tables_every_state_of_each_upstream_and_the_random_one(recipe_run, tmp_path):
+    import shutil
+
+    data, out, _, _ = recipe_run
+    probe_data = tmp_path / "manifests"
+    probe_data.mkdir()
+    for split in ("train", "valid"):
+        for ext in ("tsv", "img"):
+            shutil.copy(os.path.join(data, f"{split}.{ext}"), probe_data / f"{split}.{ext}")
+        with open(os.path.join(data, f"{split}.tsv")) as f:
+            n = len(f.read().splitlines()) - 1
+        # each caption names a colour and a shape, in a pattern with both classes of every word
+        (probe_data / f"{split}.wrd").write_text("".join(
+            f"{'red' if i % 2 else 'blue'} {'circles' if i % 3 else 'square'} .\n" for i in range(n)))
+    out_json = tmp_path / "probe.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "probe_upstream.py"), "--data",
+                           str(probe_data), "--upstream", f"pretrained={out / 'hubert_pretrained.pt'}", "--random",
+                           "--min-count", "2", "--output-json", str(out_json)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out_json.read_text())
+    assert record["words"] == ["red", "blue", "circle", "square"] and record["train_utterances"] == 16
+    assert set(record["balanced_accuracy"]) == {"random", "pretrained"}
+    for scores in record["balanced_accuracy"].values():
+        assert len(scores) == 3 and all(0 <= v <= 100 for v in scores)
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("state"))
+    assert header.split() == ["state", "random", "pretrained"]
+    assert [line.split()[0] for line in proc.stdout.splitlines()[-3:]] == ["input", "L1", "L2"]

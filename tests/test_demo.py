@@ -1,6 +1,7 @@
 """examples/demo.py end to end at toy size: every stage runs the real command and the table is printed."""
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -19,7 +20,8 @@ def toy_upstream_config(tmp_path_factory):
     """fairseq's HuBERT recipe at toy size (3 updates each) for the demo's upstream stage."""
     from test_hubert_recipe import _toy_config
 
-    path = _toy_config(tmp_path_factory.mktemp("toy_upstream") / "toy.yaml")
+    # espeak captions of the toy corpus last up to ≈ 4 s (64,000 samples)
+    path = _toy_config(tmp_path_factory.mktemp("toy_upstream") / "toy.yaml", max_tokens=100000)
     TOY.extend(["--upstream-config", path])
     yield path
     del TOY[-2:]
@@ -159,8 +161,12 @@ def test_demo_searches_the_test_images_with_spoken_captions_and_writes_the_page(
     line = next(line for line in out.splitlines() if line.startswith("spoken image search over 4 test images"))
     assert line.endswith(f"results page: {page}") and "ms per query" in line
     html = page.read_text()
-    transcripts = (work / "search" / "query_transcripts.txt").read_text().splitlines()
-    assert len(transcripts) == 3 and all(transcripts)
+    lines = (work / "search" / "query_transcripts.txt").read_text().splitlines()
+    transcripts = [line.split("\t")[0] for line in lines]  # "<transcript>\t<paired image>"
+    assert len(transcripts) == 3 and all(transcripts) and all(len(line.split("\t")) == 2 for line in lines)
     assert html.count("<audio") == 3 and all(t.replace("'", "&#x27;") in html for t in transcripts)
+    # each query's paired image is named by the page, and its rank printed
+    assert all(os.path.basename(line.split("\t")[1]) in html for line in lines)
+    assert len(re.findall(r"paired image at rank [1-4];", out)) == 3
     assert html.count("data:image/jpeg;base64,") == 3 * 4  # top 10 of 4 images: all four per query
     assert (work / "search" / "test_images_index.pt").is_file()

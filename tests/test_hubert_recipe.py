@@ -29,7 +29,9 @@ def _load_script():
 recipe = _load_script()
 
 
-def _toy_config(path, n_clusters=8):
+def _toy_config(path, n_clusters=8, max_tokens=40000):
+    """The tiny recipe at toy size. ``max_tokens``: samples per batch, at least the longest utterance
+    (fairseq refuses longer ones); 40,000 for these tests' random 0.5-1 s clips."""
     with open(os.path.join(REPO, "examples", "tiny", "hubert_upstream.yaml")) as f:
         cfg = yaml.safe_load(f)
     cfg = copy.deepcopy(cfg)
@@ -37,7 +39,7 @@ def _toy_config(path, n_clusters=8):
     cfg["holdout_fraction"] = 0.25
     for stage in ("pretrain", "finetune"):
         o = cfg[stage]["overrides"]
-        o.update({"optimization.max_update": 3, "dataset.max_tokens": 40000, "common.log_interval": 1,
+        o.update({"optimization.max_update": 3, "dataset.max_tokens": max_tokens, "common.log_interval": 1,
                   "model.encoder_layers": 2, "model.encoder_embed_dim": 32, "model.encoder_ffn_embed_dim": 64,
                   "model.encoder_attention_heads": 2, "model.conv_pos": 8, "model.conv_pos_groups": 4})
         o.pop("model.encoder_ffn_embed_dim" if stage == "finetune" else "", None)

@@ -103,7 +103,7 @@ def test_cache_holds_the_upstreams_own_outputs_within_fp16(upstream, identity, i
     assert on_disk["identity"] == identity and on_disk["shapes"]["image_patches.npy"] == [5, 64, 32]
     assert np.load(out / "image_cls.npy", mmap_mode="r").dtype == np.float16
     arrays = [np.load(out / name, mmap_mode="r") for name in ("image_cls.npy", "image_patches.npy")]
-    assert sum(a.nbytes for a in arrays) == cache_bytes(5, 32, 16) == 5 * 17 * 32 * 2  # the README's size formula
+    assert sum(a.nbytes for a in arrays) == cache_bytes(5, 32, 64) == 5 * 65 * 32 * 2  # the README's size formula
 
     cache = ImageFeatureCache(str(out))
     cache.check_identity(identity)
@@ -287,11 +287,13 @@ def test_training_on_cached_features_matches_training_on_pixels(tiny_encoders, i
     assert torch.isclose(loss_cached, loss_pixels, rtol=FP16_RTOL)
     for g_cached, g_pixels in zip(grads_cached, grads_pixels):
         assert _close(g_cached, g_pixels, rtol=1e-2)
-    # the comparison is sensitive: features of the wrong images give another loss
+    # the comparison is sensitive: features of the wrong images give other gradients (the loss of
+    # an untrained model on four similar random images can agree within 1 % by chance)
     swapped = dict(cached_batch, net_input=dict(cached_batch["net_input"]))
     cls, patches = cache.lookup(unique[::-1])
     swapped["net_input"].update(image_cls=cls, image_patches=patches)
-    assert not torch.isclose(_loss_and_grads(model, swapped)[0], loss_pixels, rtol=1e-2)
+    _, grads_swapped = _loss_and_grads(model, swapped)
+    assert not all(_close(a, b, rtol=1e-2) for a, b in zip(grads_swapped, grads_pixels))
 
 
 def _make_corpus(root, images):

@@ -151,8 +151,10 @@ def test_literal_command_trains_validates_checkpoints_and_resumes(tiny_encoders,
         assert events and all(e.stat().st_size > 0 for e in events), tag
     state = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert state["optimizer_history"][-1]["num_updates"] == 12
-    # tiny upstreams are trained in this config, so they are in the checkpoint
-    assert any(k.startswith("hubert.") for k in state["model"])
+    # both upstreams are frozen in this config (as in the paper): the checkpoint holds the trained
+    # parts only, and the upstreams by path
+    assert not any(k.startswith("hubert.") for k in state["model"])
+    assert any(k.endswith("layer_weights") for k in state["model"])
     # hydra's log file lies next to the checkpoints, not in the directory the command ran in
     assert not (tmp_path / "hydra_train.log").exists()
     assert len(re.findall(r"\[train_inner\]", (save_dir / "hydra_train.log").read_text())) == 12

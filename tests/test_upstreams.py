@@ -228,7 +228,7 @@ def _reference_clip(model_name, weights_path):
 def test_clip_pooled_equals_open_clip_encode_image(tiny_clip):
     model_name, config_path, weights_path = tiny_clip
     upstream = ClipImageUpstream(model_name, pretrained=weights_path, model_config=config_path)
-    assert upstream.embed_dim == 32 and upstream.num_patches == 16
+    assert upstream.embed_dim == 32 and upstream.num_patches == 64
     assert all(name.startswith("visual.") for name in upstream.state_dict())  # text tower dropped
     upstream.train()
     assert not upstream.visual.training
@@ -240,9 +240,9 @@ def test_clip_pooled_equals_open_clip_encode_image(tiny_clip):
         torch.testing.assert_close(pooled, reference.encode_image(images), atol=ATOL, rtol=1e-4)
         reference.visual.output_tokens = True
         _, tokens = reference.visual(images)
-        assert tokens.shape == (3, 16, 64)
+        assert tokens.shape == (3, 64, 64)
         torch.testing.assert_close(patches, tokens @ reference.visual.proj, atol=ATOL, rtol=1e-4)
-    assert patches.shape == (3, 16, 32)
+    assert patches.shape == (3, 64, 32)
     assert not torch.allclose(patches[:, 0], patches[:, 1])
 
 
@@ -299,7 +299,7 @@ def test_make_tiny_encoders_cli_writes_both_encoders(tmp_path, monkeypatch, caps
         pretrained=printed["clip_pretrained"],
         model_config=printed["clip_model_config"],
     )
-    assert clip.num_patches == 16
+    assert clip.num_patches == 64
 
 
 def test_tiny_hubert_feature_extractor_starts_as_a_filterbank(hubert_path):

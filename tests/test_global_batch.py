@@ -78,10 +78,16 @@ def _check(tiny_encoders, tmp_path, cmd_pairs):
     log, sample_size, grads = _loss_and_grads(model, criterion(cmd_pairs=cmd_pairs), make_batch(IMAGE_IDS))
     assert torch.allclose(ddp["loss"], torch.tensor(log["loss"] / sample_size), rtol=1e-5)
     assert set(ddp["grads"]) == set(grads)
+    # errors relative to each tensor's largest gradient, floored at 1e-3 of the largest of all (as the
+    # coarse-to-fine check below). Bound 5e-4: with the upstream frozen, layer_weights' gradient is a
+    # sum over every frame and state of products with the frozen states (cancelling terms), and float32
+    # summation in another order (two workers, one thread each) left 1.06e-4 and 1.38e-4 of its largest
+    # entry in two runs at 1e-4; a missing gather or a wrong scale errs by O(1)
+    floor = 1e-3 * max(float(g.abs().max()) for g in grads.values()) / sample_size
     for name, g in grads.items():
         ref = g / sample_size
-        err = (ddp["grads"][name] - ref).abs().max() / ref.abs().max().clamp(min=1e-12)
-        assert err < 1e-4, f"{name}: max error {err:.2e} of the largest gradient"
+        err = (ddp["grads"][name] - ref).abs().max() / ref.abs().max().clamp(min=floor)
+        assert err < 5e-4, f"{name}: max error {err:.2e} of the largest gradient"
     # the fusion encoder and temperature received gradient: the check covers them
     assert grads["fusion.fc.weight"].abs().sum() > 0 and grads["logit_scale"].abs() > 0
 

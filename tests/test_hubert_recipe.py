@@ -42,7 +42,6 @@ def _toy_config(path, n_clusters=8, max_tokens=40000):
         o.update({"optimization.max_update": 3, "dataset.max_tokens": max_tokens, "common.log_interval": 1,
                   "model.encoder_layers": 2, "model.encoder_embed_dim": 32, "model.encoder_ffn_embed_dim": 64,
                   "model.encoder_attention_heads": 2, "model.conv_pos": 8, "model.conv_pos_groups": 4})
-        o.pop("model.encoder_ffn_embed_dim" if stage == "finetune" else "", None)
     pre = cfg["pretrain"]["overrides"]
     pre.update({"model.conv_feature_layers": "[(32, 400, 160)] + [(32, 2, 2)]", "model.final_dim": 16,
                 "lr_scheduler.warmup_updates": 1, "checkpoint.save_interval_updates": 0})

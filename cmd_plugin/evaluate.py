@@ -283,7 +283,7 @@ def encode_split(
             patches = read["image_patches"]
         image_chunks.append(image_cls.float().cpu())
         if keep_sequences:  # the tokens the multimodal encoder saw in training (criterion: image_tokens)
-            from .models.multimodal import image_tokens
+            from .objectives.c2f.multimodal import image_tokens
 
             token_chunks.append(image_tokens(image_cls.float(), patches.float()).half().cpu())
     images = torch.cat(image_chunks)
@@ -349,13 +349,13 @@ def check_rerank_model(model, checkpoint: str) -> None:
 def rerank_split(model, emb: SplitEmbeddings, k: int, score: str = "sim", device: str = "cpu",
                  pair_batch: int = 256, ks: Sequence[int] = RECALL_KS, chunk_size: int = 4096) -> Dict[str, Any]:
     """Re-rank each query's SIC top-K with the matching head, both directions
-    (:func:`cmd_plugin.rerank.rerank`): ``score`` "sim" ranks by the match logit alone (ALBEF),
+    (:func:`cmd_plugin.objectives.c2f.rerank.rerank`): ``score`` "sim" ranks by the match logit alone (ALBEF),
     "sim+sic" by match logit + SIC cosine (BLIP). Needs ``encode_split(..., keep_sequences=True)``.
-    Returns :func:`cmd_plugin.rerank.reranked_recall`'s dict plus ``num_pairs`` (distinct pairs
+    Returns :func:`cmd_plugin.objectives.c2f.rerank.reranked_recall`'s dict plus ``num_pairs`` (distinct pairs
     scored) and ``seconds`` (wall time of the re-ranking)."""
     import time
 
-    from .rerank import SequencePairScorer, rerank, reranked_recall
+    from .objectives.c2f.rerank import SequencePairScorer, rerank, reranked_recall
 
     if score not in RERANK_SCORES:
         raise EvaluationError(f"--rerank-score must be one of {RERANK_SCORES}, got {score!r}")

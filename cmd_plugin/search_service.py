@@ -9,7 +9,7 @@ Both directions rank by the SIC cosine similarity of the joint-space embeddings;
 ``rerank_k = K > 0`` (a coarse-to-fine checkpoint with a matching head) the SIC top K are
 re-scored by the matching head (``rerank_score`` "sim": its match logit, ALBEF; "sim+sic": logit
 + cosine, BLIP) and put first in that order, the rest following in SIC order, as
-:mod:`cmd_plugin.rerank` does for whole splits. Re-scoring needs what the indexes do not keep:
+:mod:`cmd_plugin.objectives.c2f.rerank` does for whole splits. Re-scoring needs what the indexes do not keep:
 the K images' patch tokens (the images are read and encoded again) or the K clips' speech
 sequences (the clips are read and encoded again). A clip longer than the model's limit is scored
 by the mean of its windows' scores.
@@ -196,7 +196,7 @@ class SearchService:
 
     def image_tokens_of(self, paths: Sequence[str]):
         """Image files -> ((M, 1+N, E) tokens of those that could be read, positions read, failures)."""
-        from .models.multimodal import image_tokens
+        from .objectives.c2f.multimodal import image_tokens
 
         pixels, read, failed = [], [], []
         for i, path in enumerate(paths):
@@ -230,7 +230,7 @@ class SearchService:
 
     def _match_pairs(self, sequences: List[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
         """(P,) match logits of P (speech sequence (1+T', D), image tokens (1+N, E)) pairs."""
-        from .models.multimodal import match_score
+        from .objectives.c2f.multimodal import match_score
 
         model, enc = self.encoder.model, self.encoder
         head = next(model.multimodal.parameters())
@@ -268,7 +268,7 @@ class SearchService:
 
     def embed_image_queries(self, pixels: torch.Tensor):
         """(Q, 3, H, W) preprocessed query images -> ((Q, E) unit-norm I_cls on the CPU, (Q, 1+N, E) tokens)."""
-        from .models.multimodal import image_tokens
+        from .objectives.c2f.multimodal import image_tokens
 
         enc = self.encoder
         with torch.inference_mode():

@@ -40,7 +40,7 @@ sys.path.insert(0, REPO)
 
 from demo import add_corpus_arguments, build_inputs, train_and_score  # noqa: E402
 
-from cmd_plugin.models.fusion import FUSION_ATTENTION_CHOICES  # noqa: E402
+from cmd_plugin.objectives.cmd.fusion import FUSION_ATTENTION_CHOICES  # noqa: E402
 
 DEFAULT_ROWS = ["sic", "cmd-literal", "cmd-cosine", "cmd-qkv", "cmd-qkv-a0.25", "cmd-qkv-a0.5"]
 C2F_ROWS = ["sic", "cmd-qkv", "c2f", "c2f-cmd", "c2f-rerank10", "c2f-rerank50"]

@@ -5,9 +5,9 @@ only by training forwards, SIM negatives are never captions of the same image.""
 import pytest
 import torch
 
-from cmd_plugin.c2f_losses import queue_sic_loss, sim_pairs
+from cmd_plugin.objectives.c2f.losses import queue_sic_loss, sim_pairs
 from cmd_plugin.criterions.cmd_contrastive import CmdContrastiveConfig, CmdContrastiveCriterion, item_identities
-from cmd_plugin.losses import symmetric_infonce
+from cmd_plugin.objectives.sic import symmetric_infonce
 from test_model import build_model, make_batch
 
 C2F_MODEL = dict(c2f_momentum=True, momentum=0.9, queue_size=10, multimodal_layers=1, multimodal_heads=2,

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmd_plugin.models.multimodal import MatchingHead, MultimodalEncoder, image_tokens, match_score
+from cmd_plugin.objectives.c2f.multimodal import MatchingHead, MultimodalEncoder, image_tokens, match_score
 from cmd_plugin.recall import retrieval_recall
-from cmd_plugin.rerank import rerank, reranked_recall, sic_topk
+from cmd_plugin.objectives.c2f.rerank import rerank, reranked_recall, sic_topk
 
 D, E, N = 16, 12, 5  # speech width, joint (image) width, patches
 

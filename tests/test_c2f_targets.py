@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from cmd_plugin.distillation import distillation_targets, distillation_weight
-from cmd_plugin.hard_negatives import negative_probabilities, sample_hard_negatives
-from cmd_plugin.losses import multi_positive_targets, soft_cross_entropy
-from cmd_plugin.queue import multi_positive_targets_over
+from cmd_plugin.objectives.c2f.distillation import distillation_targets, distillation_weight
+from cmd_plugin.objectives.c2f.hard_negatives import negative_probabilities, sample_hard_negatives
+from cmd_plugin.objectives.sic import multi_positive_targets, soft_cross_entropy
+from cmd_plugin.objectives.c2f.queue import multi_positive_targets_over
 
 # ---- momentum distillation ----
 

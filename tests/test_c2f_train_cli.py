@@ -121,7 +121,7 @@ def test_literal_command_trains_and_resumes_exactly(tiny_encoders, corpus, c2f_f
 def test_rerank_cli_with_k_covering_everything_equals_full_sim_scoring(corpus, c2f_first_run, tmp_path):
     from cmd_plugin.evaluate import encode_split, load_cmd_checkpoint
     from cmd_plugin.recall import retrieval_recall
-    from cmd_plugin.rerank import SequencePairScorer
+    from cmd_plugin.objectives.c2f.rerank import SequencePairScorer
 
     save_dir, proc = c2f_first_run
     checkpoint, train_log = save_dir / "checkpoint_last.pt", proc.stdout

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmd_plugin.losses import symmetric_infonce
-from cmd_plugin.models.fusion import FUSION_ATTENTION_CHOICES, FusionEncoder, attention_statistics, diagonal_pairs
-from cmd_plugin.noise import apply_patch_noise, draw_patch_noise
+from cmd_plugin.objectives.sic import symmetric_infonce
+from cmd_plugin.objectives.cmd.fusion import FUSION_ATTENTION_CHOICES, FusionEncoder, attention_statistics, diagonal_pairs
+from cmd_plugin.objectives.cmd.noise import apply_patch_noise, draw_patch_noise
 
 
 @pytest.mark.parametrize("variant", FUSION_ATTENTION_CHOICES)

@@ -77,7 +77,7 @@ def _match_logits(model, wave, image_paths, transform):
     """The matching head's logit of one clip against images, computed here from the model."""
     from PIL import Image
 
-    from cmd_plugin.models.multimodal import image_tokens
+    from cmd_plugin.objectives.c2f.multimodal import image_tokens
 
     with torch.no_grad():
         out = model.encode_speech_sequence(wave[None])

@@ -6,7 +6,7 @@
   (Eq. 6). ``cmd_pairs=all`` scores every speech i against image j's reconstruction made with
   query i (B x B reconstructions); ``paired`` reconstructs image j with its own caption only.
 
-Coarse-to-fine alignment (the second paper; :mod:`cmd_plugin.c2f_losses`), active when the model
+Coarse-to-fine alignment (the second paper; :mod:`cmd_plugin.objectives.c2f.losses`), active when the model
 has the parts: with a queue (``model.queue_size``) L_sic scores the batch against [batch; queue]
 and the queue is filled from the global batch AFTER the loss (training forwards only, never
 validation; a fairseq dummy batch and non-finite embeddings add nothing); with ``distill_alpha`` > 0 the SIC targets are
@@ -40,19 +40,19 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 from torch.func import functional_call
 
-from ..c2f_losses import queue_sic_loss, sim_loss, sim_pairs
-from ..distillation import distillation_weight
+from ..objectives.c2f.losses import queue_sic_loss, sim_loss, sim_pairs
+from ..objectives.c2f.distillation import distillation_weight
 from ..distributed import (
     data_parallel_group_and_size,
     gather_sequences_with_local_grad,
     gather_with_local_grad,
     replicated_param,
 )
-from ..losses import in_batch_accuracy, symmetric_infonce
-from ..models.multimodal import image_tokens
-from ..queue import enqueue_global_batch
-from ..models.fusion import attention_statistics, diagonal_pairs
-from ..noise import apply_patch_noise, draw_patch_noise
+from ..objectives.sic import in_batch_accuracy, symmetric_infonce
+from ..objectives.c2f.multimodal import image_tokens
+from ..objectives.c2f.queue import enqueue_global_batch
+from ..objectives.cmd.fusion import attention_statistics, diagonal_pairs
+from ..objectives.cmd.noise import apply_patch_noise, draw_patch_noise
 
 
 def split_code(split: str) -> int:

@@ -35,12 +35,12 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import MISSING
 
-from ..momentum import MomentumCopies
-from ..queue import EmbeddingQueue
+from ..objectives.c2f.momentum import MomentumCopies
+from ..objectives.c2f.queue import EmbeddingQueue
 from .clip_upstream import ClipImageUpstream
-from .fusion import FUSION_ATTENTION_CHOICES, FusionEncoder
+from ..objectives.cmd.fusion import FUSION_ATTENTION_CHOICES, FusionEncoder
 from .hubert_upstream import HUBERT_STATE_CHOICES, HubertUpstream
-from .multimodal import MatchingHead, MultimodalEncoder
+from ..objectives.c2f.multimodal import MatchingHead, MultimodalEncoder
 
 logger = logging.getLogger(__name__)
 

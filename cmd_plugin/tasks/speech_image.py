@@ -44,9 +44,9 @@ from ..criterions.cmd_contrastive import split_code
 from ..data.manifest import ManifestError, check_files_exist, read_manifest
 from ..nonfinite import NonFiniteGuard, zero_loss
 from ..data.speech_image_dataset import PixelImages, SpeechImageDataset
-from ..queue import check_queue_size
+from ..objectives.c2f.queue import check_queue_size
 from ..recall import retrieval_recall
-from ..rerank import SequencePairScorer, rerank, reranked_recall
+from ..objectives.c2f.rerank import SequencePairScorer, rerank, reranked_recall
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 
-from .recall import _check_ks
+from ...recall import _check_ks
 
 __all__ = ["RerankResult", "SequencePairScorer", "sic_topk", "rerank", "reranked_recall"]
 
@@ -204,12 +204,12 @@ class SequencePairScorer:
     Args:
         model: a ``cmd_speech_image`` model with a matching head (put in eval mode here).
         sequences: per utterance its speech layer output (1+T'_u, D), unpadded (fp16 is fine).
-        tokens: (U, 1+N, E) image tokens (:func:`cmd_plugin.models.multimodal.image_tokens`).
+        tokens: (U, 1+N, E) image tokens (:func:`cmd_plugin.objectives.c2f.multimodal.image_tokens`).
         device: where the head runs (default: the model's).
     """
 
     def __init__(self, model, sequences, tokens, device=None, score_kind: str = "logit"):
-        from .models.multimodal import match_score
+        from .multimodal import match_score
 
         if getattr(model, "multimodal", None) is None:
             raise ValueError("re-ranking needs a model with a matching head (model.multimodal_layers > 0)")

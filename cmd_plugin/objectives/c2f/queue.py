@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .distributed import gather_with_local_grad
+from ...distributed import gather_with_local_grad
 
 __all__ = [
     "EmbeddingQueue",
@@ -208,7 +208,7 @@ def enqueue_global_batch(
     is never its own queue negative.
     """
     if world_size is None:
-        from .distributed import data_parallel_group_and_size
+        from ...distributed import data_parallel_group_and_size
 
         group, world_size = data_parallel_group_and_size(group)
     queue.enqueue(

@@ -2,7 +2,7 @@
 momentum distillation, and SIM on hard negatives mined from the SIC similarities.
 
 Rows are the (global) batch's B items; every item has an image identity ``(split code, image id)``
-(:mod:`cmd_plugin.queue`). Losses are SUMS over the B items, like :mod:`cmd_plugin.losses`
+(:mod:`cmd_plugin.objectives.c2f.queue`). Losses are SUMS over the B items, like :mod:`cmd_plugin.objectives.sic`
 (the criterion divides by the batch size through fairseq's sample size).
 
 SIC columns. ALBEF scores online features against MOMENTUM features of the batch and the queue
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .distillation import distillation_targets
 from .hard_negatives import sample_hard_negatives
-from .losses import soft_cross_entropy
+from ..sic import soft_cross_entropy
 from .queue import multi_positive_targets_over
 
 __all__ = ["queue_sic_loss", "sim_pairs", "sim_loss"]

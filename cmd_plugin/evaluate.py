@@ -155,8 +155,7 @@ def load_cmd_checkpoint(
         [checkpoint], arg_overrides=overrides, state=state
     )
     model = models[0]
-    if hasattr(model, "drop_training_state"):
-        model.drop_training_state()  # momentum copies and queue: training only
+    model.remove_pretraining_modules(keep_matching=True)  # fusion, momentum copies, queue: training only
     return model.eval(), task
 
 

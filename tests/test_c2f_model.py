@@ -193,11 +193,15 @@ def test_inference_drops_the_training_state_and_embeds_the_same(tiny_encoders):
     batch = make_batch([0, 1, 2])["net_input"]
     with torch.no_grad():
         before = model.encode_speech(batch["source"], batch["padding_mask"])
-        model.drop_training_state()
+        model.remove_pretraining_modules(keep_matching=True)
         after = model.encode_speech(batch["source"], batch["padding_mask"])
-    assert model.momentum_model is None and model.queue is None
+    assert model.momentum_model is None and model.queue is None and model.fusion is None
+    assert model.matching_head is not None  # kept for re-ranking
     assert torch.equal(before, after)
-    assert not any(k.startswith(("momentum_model.", "queue.")) for k in model.state_dict())
+    assert not any(k.startswith(("momentum_model.", "queue.", "fusion.")) for k in model.state_dict())
+    model.remove_pretraining_modules()
+    assert model.multimodal is None and model.matching_head is None
+    assert not any(k.startswith(("multimodal.", "matching_head.")) for k in model.state_dict())
 
 
 def test_task_refuses_a_queue_larger_than_the_training_split(tiny_encoders, tmp_path):

@@ -76,13 +76,12 @@ class CmdSpeechImageConfig(FairseqDataclass):
     speech_encoder_heads: int = field(default=8, metadata={"help": "attention heads of the speech transformer layer"})
     speech_encoder_ffn_dim: int = field(default=4096, metadata={"help": "FFN size of the speech transformer layer"})
     speech_encoder_dropout: float = field(default=0.1, metadata={"help": "dropout in the speech transformer layer"})
+    cmd_fusion: bool = field(
+        default=True, metadata={"help": "build the CMD fusion encoder (training only; needed by criterion.cmd_weight > 0)"})
     fusion_attention: ChoiceEnum(FUSION_ATTENTION_CHOICES) = field(
         default="qkv",
-        metadata={"help": "how the fusion encoder's speech query scores the patches (a choice: the paper "
-                  "gives Eq. 1 only). literal: S_cls.patch/sqrt(E), near-uniform at ViT-L sizes; cosine: "
-                  "cos(S_cls, patch) x a learnable scale (1 parameter); qkv: learned Q/K/V projections "
-                  "(3E^2+3E parameters). The default had the best valid mean R@1 of the three in the "
-                  "ablation on the generated corpus (README: 2 seeds so far, within the seed spread)"},
+        metadata={"help": "how Ω's speech query scores the patches (a choice; objectives/cmd/fusion.py): literal, "
+                  "cosine (1 parameter) or qkv (3E^2+2E parameters)"},
     )
     hubert_layer_states: ChoiceEnum(HUBERT_STATE_CHOICES) = field(
         default="superb",
@@ -165,10 +164,12 @@ class CmdSpeechImageModel(BaseFairseqModel):
             norm_first=True,
         )
         self.speech_proj = nn.Linear(dim, embed_dim)
-        self.fusion = FusionEncoder(
-            embed_dim, attention=cfg.fusion_attention,
-            temperature_init=cfg.temperature_init, max_logit_scale=cfg.max_logit_scale,
-        )
+        self.fusion = None
+        if cfg.cmd_fusion:
+            self.fusion = FusionEncoder(
+                embed_dim, attention=cfg.fusion_attention,
+                temperature_init=cfg.temperature_init, max_logit_scale=cfg.max_logit_scale,
+            )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature_init)))
 
         # coarse-to-fine parts (None when off)
@@ -296,10 +297,15 @@ class CmdSpeechImageModel(BaseFairseqModel):
         if self.momentum_model is not None:
             self.momentum_model.step(num_updates, self.cfg.momentum)
 
-    def drop_training_state(self) -> None:
-        """Remove what only training uses (momentum copies, queue): inference never needs them."""
+    def remove_pretraining_modules(self, keep_matching: bool = False) -> None:
+        """Remove what only training uses, as fairseq's models name it: the CMD fusion encoder, the
+        momentum copies, the queue, and the SIM encoder and matching head unless ``keep_matching``
+        (re-ranking scores with them)."""
+        self.fusion = None
         self.momentum_model = None
         self.queue = None
+        if not keep_matching:
+            self.multimodal = self.matching_head = None
 
     def encode_image(self, images: torch.Tensor):
         """images (U, 3, H, W) -> (I_cls (U, E) unit norm, patches (U, N, E) in the joint space)."""

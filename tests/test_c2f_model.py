@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from cmd_plugin.objectives.c2f.losses import queue_sic_loss, sim_pairs
-from cmd_plugin.criterions.cmd_contrastive import CmdContrastiveConfig, CmdContrastiveCriterion, item_identities
+from cmd_plugin.criterions.cmd_contrastive import CmdContrastiveConfig, CmdContrastiveCriterion
 from cmd_plugin.objectives.sic import symmetric_infonce
 from test_model import build_model, make_batch
 
-C2F_MODEL = dict(c2f_momentum=True, momentum=0.9, queue_size=10, multimodal_layers=1, multimodal_heads=2,
+C2F_MODEL = dict(cmd_fusion=False, c2f_momentum=True, momentum=0.9, queue_size=10, multimodal_layers=1, multimodal_heads=2,
                  multimodal_ffn_dim=32, multimodal_dropout=0.0, speech_encoder_heads=2)
 IDS = [0, 0, 1, 2, 3, 3]
 
@@ -126,10 +126,10 @@ def test_queue_is_filled_by_training_forwards_only(tiny_encoders):
         _, _, log = crit(model, batch)
     assert len(model.queue) == 0 and "queue_negatives" not in log  # validation: in-batch SIC, no queue
     model.train()
-    crit.enqueue_enabled = False  # what the task sets for fairseq's dummy batch
+    crit.set_dummy_batch(True)  # what the task sets for fairseq's dummy batch
     crit(model, batch)
     assert len(model.queue) == 0
-    crit.enqueue_enabled = True
+    crit.set_dummy_batch(False)
     crit(model, batch)
     assert len(model.queue) == 6
     _, _, log = crit(model, batch)  # the loss read the 6 entries before this batch was added
@@ -145,8 +145,7 @@ def test_queue_sic_reduces_to_in_batch_sic_and_counts_queue_entries_of_the_image
     keys = torch.tensor([[7, 0], [7, 0], [7, 1], [7, 2], [9, 0]])
     scale = torch.tensor(10.0)
     loss, s2i, i2s, _ = queue_sic_loss(speech, image, keys, scale)
-    ref = symmetric_infonce(speech @ image.t(), item_identities(keys[:, 0], keys[:, 1]),
-                            item_identities(keys[:, 0], keys[:, 1]), scale)
+    ref = symmetric_infonce(speech @ image.t(), keys, keys, scale)
     assert torch.allclose(loss, ref[0]) and torch.allclose(s2i, ref[1]) and torch.allclose(i2s, ref[2])
     # a queue entry of row 2's image (7, 1) raises row 2's target mass on it: the loss changes
     q_speech, q_image = speech[2:3] * 0.5, image[2:3]
@@ -179,13 +178,11 @@ def test_missing_parts_and_bad_weights_are_named(tiny_encoders):
         c2f_criterion(sim_weight=0.0)(model, make_batch([0, 1]))
     with pytest.raises(ValueError, match="at least one > 0"):
         c2f_criterion(sic_weight=0.0, sim_weight=0.0)
-    crit = c2f_criterion(distill_ramp_updates=-1)
+    crit = c2f_criterion(distill_ramp_updates=-1, update_freq=[2])
     with pytest.raises(ValueError, match="first epoch"):
-        crit.current_distill_alpha()
-    crit.cfg.update_freq = [2]
+        crit.sic.alpha(2)
     crit.set_epoch_batches(7)  # 7 batches per epoch at update_freq 2: a ramp of 4 updates
-    crit.set_update_num(2)
-    assert crit.current_distill_alpha() == pytest.approx(0.4 * 2 / 4)
+    assert crit.sic.alpha(2) == pytest.approx(0.4 * 2 / 4)
 
 
 def test_inference_drops_the_training_state_and_embeds_the_same(tiny_encoders):
@@ -237,7 +234,7 @@ def test_frame_pooling_averages_real_frames_only_and_keeps_the_cls():
 
 
 def test_non_finite_embeddings_never_enter_the_queue(tiny_encoders):
-    model, crit = build_model(tiny_encoders, **C2F_MODEL), c2f_criterion(sim_weight=0.0, distill_alpha=0.0)
+    model, crit = build_model(tiny_encoders, **{**C2F_MODEL, "multimodal_layers": 0}), c2f_criterion(sim_weight=0.0, distill_alpha=0.0)
     batch = make_batch([0, 1, 2])
     batch["net_input"]["source"][1] = float("nan")  # a broken utterance
     model.train()

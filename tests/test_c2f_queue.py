@@ -16,8 +16,8 @@ from cmd_plugin.objectives.c2f.queue import (
     EmbeddingQueue,
     check_queue_size,
     enqueue_global_batch,
-    multi_positive_targets_over,
 )
+from cmd_plugin.objectives.targets import multi_positive_targets
 
 DIM_S, DIM_I = 3, 5
 
@@ -87,7 +87,7 @@ def test_multi_positive_targets_span_batch_and_queue_and_respect_split():
     a, b = 11, 22
     batch_keys = torch.tensor([[a, 1], [a, 2], [a, 1]])
     queue_keys = torch.tensor([[a, 1], [b, 1], [a, 3]])
-    targets = multi_positive_targets_over(batch_keys, torch.cat([batch_keys, queue_keys]))
+    targets = multi_positive_targets(batch_keys, torch.cat([batch_keys, queue_keys]))
     expected = torch.tensor(
         [
             [1 / 3, 0, 1 / 3, 1 / 3, 0, 0],  # image 1 of B (column 4) is another image
@@ -98,7 +98,7 @@ def test_multi_positive_targets_span_batch_and_queue_and_respect_split():
     torch.testing.assert_close(targets, expected)
     torch.testing.assert_close(targets.sum(dim=1), torch.ones(3))
     with pytest.raises(ValueError, match="no column of their image"):
-        multi_positive_targets_over(batch_keys, queue_keys[1:])
+        multi_positive_targets(batch_keys, queue_keys[1:])
 
 
 def test_queue_larger_than_training_split_is_refused():

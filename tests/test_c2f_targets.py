@@ -7,8 +7,9 @@ import torch
 
 from cmd_plugin.objectives.c2f.distillation import distillation_targets, distillation_weight
 from cmd_plugin.objectives.c2f.hard_negatives import negative_probabilities, sample_hard_negatives
-from cmd_plugin.objectives.sic import multi_positive_targets, soft_cross_entropy
-from cmd_plugin.objectives.c2f.queue import multi_positive_targets_over
+from cmd_plugin.objectives.sic import soft_cross_entropy
+from cmd_plugin.objectives.targets import multi_positive_targets
+
 
 # ---- momentum distillation ----
 
@@ -16,7 +17,7 @@ from cmd_plugin.objectives.c2f.queue import multi_positive_targets_over
 def _hard_targets():
     batch = torch.tensor([[1, 4], [1, 5], [1, 4], [1, 6]])
     queue = torch.tensor([[1, 5], [2, 4], [1, 4], [1, 7], [1, 6]])
-    return multi_positive_targets_over(batch, torch.cat([batch, queue]))
+    return multi_positive_targets(batch, torch.cat([batch, queue]))
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])

@@ -150,7 +150,8 @@ C2F_MODEL = dict(c2f_momentum=True, queue_size=8, multimodal_layers=1, multimoda
 def _c2f_setup(encoders):
     """A C2F model whose momentum copies differ from the online weights and whose queue holds 5
     entries (two of them of batch images), identical in every process."""
-    from cmd_plugin.criterions.cmd_contrastive import CmdContrastiveConfig, CmdContrastiveCriterion, split_code
+    from cmd_plugin.criterions.cmd_contrastive import CmdContrastiveConfig, CmdContrastiveCriterion
+    from cmd_plugin.objectives.targets import split_code
 
     torch.manual_seed(0)
     model = build_model(encoders, **C2F_MODEL)

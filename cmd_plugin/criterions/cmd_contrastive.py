@@ -1,34 +1,24 @@
-"""Criterion ``cmd_contrastive``: L = w_sic * L_sic + alpha * L_cmd + w_sim * L_sim over the global batch.
+"""Criterion ``cmd_contrastive``: L = w_sic * L_sic + w_sim * L_sim + alpha * L_cmd over the global batch.
 
-* L_sic: symmetric multi-positive InfoNCE between S_cls and I_cls (paper Eq. 3-5).
-* L_cmd: patches of every image are noised (a share replaced by other images' patches), the
-  fusion encoder reconstructs F' with speech as the query, and F' is contrasted with speech
-  (Eq. 6). ``cmd_pairs=all`` scores every speech i against image j's reconstruction made with
-  query i (B x B reconstructions); ``paired`` reconstructs image j with its own caption only.
+A thin loop: encode, gather the batch over the data-parallel workers (:class:`GlobalBatch`), add
+the weighted objectives of :mod:`cmd_plugin.objectives` that are switched on, log. The objectives:
 
-Coarse-to-fine alignment (the second paper; :mod:`cmd_plugin.objectives.c2f.losses`), active when the model
-has the parts: with a queue (``model.queue_size``) L_sic scores the batch against [batch; queue]
-and the queue is filled from the global batch AFTER the loss (training forwards only, never
-validation; a fairseq dummy batch and non-finite embeddings add nothing); with ``distill_alpha`` > 0 the SIC targets are
-mixed with the momentum model's (ramped from 0); with ``sim_weight`` > 0, L_sim is the matching
-head's cross-entropy on the batch's pairs plus one hard negative per speech and per image,
-sampled on the global batch from a generator seeded by (noise_seed, update) on every worker.
-With none of them L_sic is computed exactly as before.
+* SIC (always): :class:`~cmd_plugin.objectives.sic.SicObjective`, or, with a queue or momentum
+  distillation, :class:`~cmd_plugin.objectives.c2f.queue_sic.QueueSicObjective`;
+* CMD (``cmd_weight`` > 0): :class:`~cmd_plugin.objectives.cmd.objective.CmdObjective`;
+* SIM (``sim_weight`` > 0): :class:`~cmd_plugin.objectives.c2f.sim.SimObjective`.
 
-Losses are sums over the global batch; ``sample_size`` is the local batch size, so fairseq's
-(sum of worker gradients) / (total sample size) is the gradient of the global mean loss.
-Logged values are this worker's share, so that fairseq sums them across workers (fast stat
-sync, on CPU gloo too). At validation the (global) embeddings are left in ``last_embeddings``
-for the task's whole-split retrieval.
+Losses are sums over the global batch and ``sample_size`` is the local batch size, so fairseq's
+(sum of worker gradients) / (total sample size) is the gradient of the global mean loss. Logged
+values are this worker's share of global sums, so that fairseq sums them across workers. At
+validation the (global) embeddings are left in ``last_embeddings`` for the task's whole-split
+retrieval.
 """
 
-import math
-import zlib
 from dataclasses import dataclass, field
 from typing import List
 
 import torch
-import torch.nn.functional as F
 
 from ..quiet import import_fairseq
 
@@ -38,41 +28,20 @@ from fairseq import metrics
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
-from torch.func import functional_call
 
-from ..objectives.c2f.losses import queue_sic_loss, sim_loss, sim_pairs
-from ..objectives.c2f.distillation import distillation_weight
 from ..distributed import (
     data_parallel_group_and_size,
     gather_sequences_with_local_grad,
     gather_with_local_grad,
     replicated_param,
 )
-from ..objectives.sic import in_batch_accuracy, symmetric_infonce
+from ..objectives.batch import GlobalBatch
 from ..objectives.c2f.multimodal import image_tokens
-from ..objectives.c2f.queue import enqueue_global_batch
-from ..objectives.cmd.fusion import attention_statistics, diagonal_pairs
-from ..objectives.cmd.noise import apply_patch_noise, draw_patch_noise
-
-
-def split_code(split: str) -> int:
-    """A split name as an integer that can travel in a tensor collective."""
-    return zlib.crc32(split.encode("utf-8"))
-
-
-def item_identities(split_codes: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
-    """(B,) split codes and (B,) image ids -> (B,) identities equal exactly when both are.
-
-    Image ids are only unique within a split; a worker running fairseq's dummy batch (a training
-    batch) at validation must not make a train image a positive of a valid image.
-    """
-    pairs = torch.stack([split_codes.long(), image_ids.long()], dim=1)
-    return torch.unique(pairs, dim=0, return_inverse=True)[1]
-
-
-# values computed on the global batch by every worker: logged as this worker's share
-ATTENTION_STATS = ("attn_entropy", "attn_max", "attn_cos_mean_pool")
-GLOBAL_SUMS = ("cmd_loss", "cmd_correct", "sim_loss", "sim_correct", "sim_pairs") + ATTENTION_STATS
+from ..objectives.c2f.queue_sic import QueueSicObjective
+from ..objectives.c2f.sim import SimObjective
+from ..objectives.cmd.objective import CmdObjective
+from ..objectives.sic import SicObjective
+from ..objectives.targets import item_keys, split_code
 
 
 @dataclass
@@ -118,234 +87,149 @@ class CmdContrastiveCriterion(FairseqCriterion):
         self.cfg = cfg
         self.update_num = 0
         self.last_embeddings = None
-        # set by the task: whether this training forward may fill the queue (False for fairseq's
-        # dummy batches), batches per epoch of this worker (for the distillation ramp), and
-        # whether validation keeps the speech sequences and image tokens (re-ranked recall)
-        self.enqueue_enabled = True
-        self.epoch_batches = None
-        self.keep_sequences = False
+        self.keep_sequences = False  # validation keeps speech sequences and image tokens (re-ranked recall)
         weights = (cfg.sic_weight, cfg.cmd_weight, cfg.sim_weight)
         if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
             raise ValueError(f"criterion loss weights sic_weight/cmd_weight/sim_weight = {weights}: each must be >= 0 "
                              "and at least one > 0")
-        if not 0.0 <= cfg.distill_alpha <= 1.0:
-            raise ValueError(f"criterion.distill_alpha must be in [0, 1], got {cfg.distill_alpha}")
-        if cfg.distill_ramp_updates < -1:
-            raise ValueError(f"criterion.distill_ramp_updates must be -1 (first epoch), 0 or positive, "
-                             f"got {cfg.distill_ramp_updates}")
+        self.sic = QueueSicObjective(cfg.distill_alpha, cfg.distill_ramp_updates, lambda: cfg.update_freq)
+        # (weight, objective) in the order their terms are added
+        self.objectives = [(cfg.sic_weight, self.sic)]
+        if cfg.sim_weight > 0:
+            self.objectives.append((cfg.sim_weight, SimObjective(cfg.noise_seed)))
+        if cfg.cmd_weight > 0:
+            self.objectives.append((cfg.cmd_weight, CmdObjective(cfg.patch_noise_ratio, cfg.cmd_pairs, cfg.noise_seed)))
+        self._checked = None
 
+    # ---- what the task tells the criterion ----
     def set_update_num(self, update_num: int) -> None:
-        """The noise of update u is drawn from seed (noise_seed, u): equal on every worker."""
+        """Optimizer updates done: the noise and negatives of update u are drawn from seed (noise_seed, u)."""
         self.update_num = update_num
 
     def set_epoch_batches(self, num_batches: int) -> None:
-        """Number of training batches of one epoch on this worker (the task reads it from the iterator)."""
-        self.epoch_batches = num_batches
+        """Training batches of one epoch on this worker (the distillation ramp's first epoch)."""
+        self.sic.epoch_batches = num_batches
 
-    def distill_ramp(self) -> int:
-        """Updates over which alpha_md ramps (distill_ramp_updates; -1 = the first epoch's updates)."""
-        if self.cfg.distill_ramp_updates >= 0:
-            return self.cfg.distill_ramp_updates
-        if not self.epoch_batches:
-            raise ValueError("criterion.distill_ramp_updates=-1 ramps over the first epoch, whose length is not known "
-                             "here (no training iterator from task speech_image): give a number of updates")
-        freq = self.cfg.update_freq
-        freq = int(freq[0]) if isinstance(freq, (list, tuple)) or hasattr(freq, "__getitem__") else int(freq)
-        return max(1, math.ceil(self.epoch_batches / max(1, freq)))
+    def set_dummy_batch(self, dummy: bool) -> None:
+        """fairseq's dummy batch (a repeated batch, no gradient) must not enter the queue."""
+        self.sic.enqueue_enabled = not dummy
 
-    def current_distill_alpha(self) -> float:
-        if self.cfg.distill_alpha == 0:
-            return 0.0
-        return distillation_weight(self.update_num, self.cfg.distill_alpha, self.distill_ramp())
-
-    def _check_model(self, model) -> None:
-        if self.cfg.sim_weight > 0 and getattr(model, "multimodal", None) is None:
-            raise ValueError("criterion.sim_weight > 0 needs the matching head: set model.multimodal_layers > 0")
-        if self.cfg.distill_alpha > 0 and getattr(model, "momentum_model", None) is None:
-            raise ValueError("criterion.distill_alpha > 0 needs the momentum model: set model.c2f_momentum=true")
+    def check_model(self, model) -> None:
+        """Each objective's parts exist, and no part is built that no objective trains."""
+        if self._checked is model:
+            return
+        for _, objective in self.objectives:
+            objective.check_model(model)
+        if getattr(model, "fusion", None) is not None and self.cfg.cmd_weight == 0:
+            raise ValueError("model.cmd_fusion=true builds the CMD fusion encoder but criterion.cmd_weight=0 never "
+                             "trains it: set model.cmd_fusion=false (method=sic or method=c2f do)")
+        if getattr(model, "multimodal", None) is not None and self.cfg.sim_weight == 0:
+            raise ValueError("model.multimodal_layers > 0 builds the SIM encoder but criterion.sim_weight=0 never "
+                             "trains it: set model.multimodal_layers=0")
+        self._checked = model
 
     def forward(self, model, sample, reduce=True):
-        self._check_model(model)
+        self.check_model(model)
         out = model(**sample["net_input"])
+        batch, local_items, gathered = self._global_batch(model, sample, out)
+        loss, logging_output = 0.0, {}
+        for weight, objective in self.objectives:
+            term, logs = objective(model, batch)
+            loss = loss + (term if weight == 1.0 else weight * term)
+            logging_output.update(logs)
+        # every worker computed the global sums: log this worker's share so that fairseq's
+        # sum over workers gives the global sums once
+        share = batch.local_size / batch.size
+        logging_output = {key: value * share for key, value in logging_output.items()}
+        logging_output.update({
+            "loss": loss.item() * share,
+            "temperature": 1.0 / batch.logit_scale.item() * batch.local_size,
+            "ntokens": sample["ntokens"],
+            "padded_samples": int(sample["net_input"]["padding_mask"].sum()),
+            "nsentences": batch.local_size,
+            "sample_size": batch.local_size,
+        })
+        self.last_embeddings = None
+        if not model.training:
+            self.last_embeddings = self._validation_embeddings(batch, gathered)
+        else:
+            self.sic.enqueue(model, batch, local_items)
+        return loss, batch.local_size, logging_output
+
+    def _global_batch(self, model, sample, out):
+        """The forward's outputs as a :class:`GlobalBatch` (gathered over workers when the loss uses
+        global negatives), this worker's queue items, and the gathered tensors kept for validation."""
         speech, image, patches = out["speech"], out["image"], out["patches"]
         image_ids = sample["image_ids"].to(speech.device)
-        local_bsz = speech.size(0)
-
         sample_ids = sample["id"].to(speech.device)
+        local_size = speech.size(0)
         # which split each item is from: under uneven shards a worker may run fairseq's dummy batch
         split_codes = torch.full_like(sample_ids, split_code(sample["split"]))
-        group, world = data_parallel_group_and_size()
-        dp_world = world
-        queue = getattr(model, "queue", None) if model.training else None
+        group, dp_world = data_parallel_group_and_size()
         speech_m = out.get("speech_m")
-        # this worker's items, for the queue (filled from the global batch after the loss)
-        local_queue_items = (speech if speech_m is None else speech_m, image,
-                             torch.stack([split_codes, image_ids], dim=1))
-        use_sim = self.cfg.sim_weight > 0
+        local_items = (speech if speech_m is None else speech_m, image, item_keys(split_codes, image_ids))
         seq, seq_mask = out.get("speech_seq"), out.get("speech_mask")
+        use_sim = self.cfg.sim_weight > 0
         keep_seq = use_sim or (self.keep_sequences and not model.training)
-        gathered = None
+        world, gathered, seq_is_global = dp_world, None, True
         # validation scores the whole split whatever the negatives: items are gathered from every
         # worker for the task's retrieval even when the loss uses local negatives only
-        if world > 1 and (self.cfg.global_batch_negatives or not model.training):
+        if dp_world > 1 and (self.cfg.global_batch_negatives or not model.training):
             gathered = [gather_with_local_grad(t, group) for t in (speech, image, image_ids, sample_ids, split_codes)]
-        seq_is_global = gathered is None  # a single process: the local batch is the global one
         if self.cfg.global_batch_negatives and gathered is not None:
             speech, image, image_ids, sample_ids, split_codes = gathered
             if self.cfg.cmd_weight > 0 or keep_seq:
                 patches = gather_with_local_grad(patches, group)
             if keep_seq:
                 seq, seq_mask = gather_sequences_with_local_grad(seq, seq_mask, group)
-                seq_is_global = True
             if speech_m is not None:
                 speech_m = gather_with_local_grad(speech_m, group)
         else:
             world = 1  # the loss sees this worker's batch only
-        global_bsz = speech.size(0)
-        identities = item_identities(split_codes, image_ids)
-        keys = torch.stack([split_codes, image_ids], dim=1).long()
-
-        logit_scale = replicated_param(model.clamped_logit_scale(), world)
-        scores = speech.float() @ image.float().t()
-        alpha = self.current_distill_alpha() if model.training else 0.0
-        logging_output = {}
-        if queue is None and alpha == 0:  # the CMD paper's in-batch SIC
-            sic, sic_s2i, sic_i2s = symmetric_infonce(scores, identities, identities, logit_scale)
-        else:
-            entries = queue.entries() if queue is not None else (None, None, None)
-            sic, sic_s2i, sic_i2s, _ = queue_sic_loss(
-                speech, image, keys, logit_scale, *entries, speech_m=speech_m, alpha=alpha
-            )
-            logging_output["distill_alpha"] = alpha * local_bsz
-            if queue is not None:
-                logging_output["queue_negatives"] = entries[0].size(0) * local_bsz
-        loss = sic if self.cfg.sic_weight == 1.0 else self.cfg.sic_weight * sic
-        if use_sim:
-            sim, correct, num_pairs = self._sim_loss(model, scores * logit_scale, keys, seq, seq_mask, image, patches,
-                                                     world)
-            loss = loss + self.cfg.sim_weight * sim
-            logging_output.update({"sim_loss": sim.item(), "sim_correct": correct, "sim_pairs": num_pairs})
-        if self.cfg.cmd_weight > 0:
-            cmd, cmd_scores, stats = self._cmd_loss(model, speech, patches, identities, logit_scale, world)
-            loss = loss + self.cfg.cmd_weight * cmd
-            logging_output["cmd_loss"] = cmd.item()
-            logging_output["cmd_correct"] = in_batch_accuracy(cmd_scores, identities, identities)
-            logging_output.update({key: value.item() for key, value in stats.items()})
-
-        # every worker computed the global sums: log this worker's share so that fairseq's
-        # sum over workers gives the global sums once
-        share = local_bsz / global_bsz
-        for key in GLOBAL_SUMS:
-            if key in logging_output:
-                logging_output[key] *= share
-        logging_output.update(
-            {
-                "loss": loss.item() * share,
-                "sic_loss": sic.item() * share,
-                "sic_s2i_loss": sic_s2i.item() * share,
-                "sic_i2s_loss": sic_i2s.item() * share,
-                "s2i_correct": in_batch_accuracy(scores, identities, identities) * share,
-                "i2s_correct": in_batch_accuracy(scores.t(), identities, identities) * share,
-                "temperature": 1.0 / logit_scale.item() * local_bsz,
-                "ntokens": sample["ntokens"],
-                "padded_samples": int(sample["net_input"]["padding_mask"].sum()),
-                "nsentences": local_bsz,
-                "sample_size": local_bsz,
-            }
+            seq_is_global = gathered is None  # a single process: the local batch is the global one
+        if gathered is None:
+            gathered = (speech, image, image_ids, sample_ids, split_codes)
+        batch = GlobalBatch(
+            speech=speech, image=image, patches=patches, keys=item_keys(split_codes, image_ids),
+            logit_scale=replicated_param(model.clamped_logit_scale(), world), world=world, local_size=local_size,
+            training=model.training, update_num=self.update_num, seq=seq, seq_mask=seq_mask, speech_m=speech_m,
+            group=group, dp_world=dp_world,
         )
-        self.last_embeddings = None
-        if not model.training:
-            # validation retrieval runs on the whole split: the task collects these
-            if gathered is None:
-                gathered = (speech, image, image_ids, sample_ids, split_codes)
-            names = ("speech", "image", "image_ids", "ids", "split_codes")
-            self.last_embeddings = {name: t.detach().cpu() for name, t in zip(names, gathered)}
-            for name in ("speech", "image"):
-                self.last_embeddings[name] = self.last_embeddings[name].half()
-            if self.keep_sequences:
-                if not seq_is_global:  # the loss used local negatives: gather for the split's recall
-                    seq, seq_mask = gather_sequences_with_local_grad(seq, seq_mask, group)
-                    patches = gather_with_local_grad(patches, group)
-                    image = gathered[1]
-                lengths = (seq.size(1) - seq_mask.sum(dim=1)) if seq_mask is not None else None
-                self.last_embeddings["speech_seq"] = [
-                    seq[i, : (int(lengths[i]) if lengths is not None else seq.size(1))].detach().half().cpu()
-                    for i in range(seq.size(0))
-                ]
-                self.last_embeddings["image_tokens"] = image_tokens(image.float(), patches.float()).detach().half().cpu()
-        elif queue is not None:
-            # after the loss read the queue: this batch is never its own queue negative. Every
-            # worker takes part in the gather; a dummy batch contributes no rows
-            items = local_queue_items if self.enqueue_enabled else tuple(t[:0] for t in local_queue_items)
-            # a non-finite item (a bad utterance; the task reports the batch) would poison every later loss
-            finite = torch.isfinite(items[0]).all(dim=1) & torch.isfinite(items[1]).all(dim=1)
-            if not bool(finite.all()):
-                items = tuple(t[finite] for t in items)
-            enqueue_global_batch(queue, *items, group=group, world_size=dp_world)
-        return loss, local_bsz, logging_output
+        batch.seq_is_global = seq_is_global
+        return batch, local_items, gathered
 
-    def _sim_loss(self, model, sic_logits, keys, seq, seq_mask, image, patches, world):
-        """L_sim on the (global) batch: B positives + one hard negative per speech and per image,
-        drawn with the generator of (noise_seed, update) -> (loss sum, correct pairs, pairs)."""
-        generator = torch.Generator().manual_seed((self.cfg.noise_seed * 1_000_003 + self.update_num) * 2 + 1)
-        speech_index, image_index, labels = sim_pairs(sic_logits.detach(), keys, generator)
-        dev = seq.device
-        speech_index, image_index, labels = speech_index.to(dev), image_index.to(dev), labels.to(dev)
-        tokens = image_tokens(image, patches)
-        mm_params = {n: replicated_param(p, world) for n, p in model.multimodal.named_parameters()}
-        head_params = {n: replicated_param(p, world) for n, p in model.matching_head.named_parameters()}
-        fused = functional_call(
-            model.multimodal, mm_params,
-            (seq[speech_index], None if seq_mask is None else seq_mask[speech_index], tokens[image_index]),
-        )[:, 0]
-        logits = functional_call(model.matching_head, head_params, (fused,))
-        loss, correct = sim_loss(logits, labels, keys.size(0))
-        return loss, correct, int(labels.numel())
-
-    def _cmd_loss(self, model, speech, patches, identities, logit_scale, world):
-        """L_cmd (paper Eq. 6) on the (global) batch, with the fusion attention's statistics."""
-        generator = torch.Generator().manual_seed(self.cfg.noise_seed * 1_000_003 + self.update_num)
-        positions, sources = draw_patch_noise(identities, patches.size(1), self.cfg.patch_noise_ratio, generator)
-        noisy = apply_patch_noise(patches, positions, sources)
-        params = {name: replicated_param(p, world) for name, p in model.fusion.named_parameters()}
-        all_pairs = self.cfg.cmd_pairs == "all"
-        recon, attn = functional_call(model.fusion, params, (speech, noisy),
-                                      {"all_pairs": all_pairs, "return_attention": True})
-        if all_pairs:  # (B, B, E): recon[i, j] = image j reconstructed with speech i as the query
-            own_attn, own_recon = diagonal_pairs(attn, recon)
-            recon = F.normalize(recon.float(), dim=-1)
-            cmd_scores = torch.einsum("ie,ije->ij", speech.float(), recon)
-        else:  # (B, E): image j reconstructed with its own caption
-            own_attn, own_recon = attn, recon
-            recon = F.normalize(recon.float(), dim=-1)
-            cmd_scores = speech.float() @ recon.t()
-        cmd, _, _ = symmetric_infonce(cmd_scores, identities, identities, logit_scale)
-        with torch.no_grad():
-            stats = attention_statistics(own_attn, own_recon, model.fusion.mean_pooled(noisy))
-        return cmd, cmd_scores, stats
+    def _validation_embeddings(self, batch: GlobalBatch, gathered):
+        """The whole batch's embeddings for the task's whole-split recall (CPU, fp16)."""
+        names = ("speech", "image", "image_ids", "ids", "split_codes")
+        emb = {name: t.detach().cpu() for name, t in zip(names, gathered)}
+        for name in ("speech", "image"):
+            emb[name] = emb[name].half()
+        if self.keep_sequences:
+            seq, seq_mask, patches, image = batch.seq, batch.seq_mask, batch.patches, batch.image
+            if not batch.seq_is_global:  # the loss used local negatives: gather for the split's recall
+                seq, seq_mask = gather_sequences_with_local_grad(seq, seq_mask, batch.group)
+                patches = gather_with_local_grad(patches, batch.group)
+                image = gathered[1]
+            lengths = (seq.size(1) - seq_mask.sum(dim=1)) if seq_mask is not None else None
+            emb["speech_seq"] = [
+                seq[i, : (int(lengths[i]) if lengths is not None else seq.size(1))].detach().half().cpu()
+                for i in range(seq.size(0))
+            ]
+            emb["image_tokens"] = image_tokens(image.float(), patches.float()).detach().half().cpu()
+        return emb
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
         total = sum(log.get("sample_size", 0) for log in logging_outputs)
         if total == 0:
             return
-        for key in ("loss", "sic_loss", "sic_s2i_loss", "sic_i2s_loss", "cmd_loss") + ATTENTION_STATS:
-            if any(key in log for log in logging_outputs):
-                metrics.log_scalar(key, sum(log.get(key, 0) for log in logging_outputs) / total, total, round=4)
-        for key in ("s2i_correct", "i2s_correct", "cmd_correct"):
-            if any(key in log for log in logging_outputs):
-                acc = 100.0 * sum(log.get(key, 0) for log in logging_outputs) / total
-                metrics.log_scalar(key.replace("correct", "acc"), acc, total, round=2)
-        if any("sim_loss" in log for log in logging_outputs):
-            metrics.log_scalar("sim_loss", sum(log.get("sim_loss", 0) for log in logging_outputs) / total, total,
-                               round=4)
-            pairs = sum(log.get("sim_pairs", 0) for log in logging_outputs)
-            if pairs > 0:  # share of the SIM pairs (positives and hard negatives) classified right
-                acc = 100.0 * sum(log.get("sim_correct", 0) for log in logging_outputs) / pairs
-                metrics.log_scalar("sim_acc", acc, pairs, round=2)
-        for key in ("distill_alpha", "queue_negatives"):  # logged x local batch size: summable
-            if any(key in log for log in logging_outputs):
-                metrics.log_scalar(key, sum(log.get(key, 0) for log in logging_outputs) / total, 0, round=4)
+
+        def log_scalar(key, value, weight, precision):
+            metrics.log_scalar(key, value, weight, round=precision)
+
+        log_scalar("loss", sum(log.get("loss", 0) for log in logging_outputs) / total, total, 4)
+        for objective in (QueueSicObjective, SimObjective, CmdObjective):
+            objective.reduce_metrics(logging_outputs, total, log_scalar)
         padded = sum(log.get("padded_samples", 0) for log in logging_outputs)
         real = sum(log.get("ntokens", 0) for log in logging_outputs)
         if padded + real > 0:

@@ -40,13 +40,14 @@ from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preproc
 
 from ..checkpoints import make_checkpoint_copies_atomic
 from ..data.image_cache import CachedImages, ImageCacheError, ImageFeatureCache, encoder_identity
-from ..criterions.cmd_contrastive import split_code
+from ..criterions.cmd_contrastive import CmdContrastiveCriterion
 from ..data.manifest import ManifestError, check_files_exist, read_manifest
 from ..nonfinite import NonFiniteGuard, zero_loss
 from ..data.speech_image_dataset import PixelImages, SpeechImageDataset
 from ..objectives.c2f.queue import check_queue_size
 from ..recall import retrieval_recall
 from ..objectives.c2f.rerank import SequencePairScorer, rerank, reranked_recall
+from ..objectives.targets import split_code
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +215,13 @@ class SpeechImageTask(FairseqTask):
             )
         return model
 
+    def build_criterion(self, cfg, from_checkpoint=False):
+        criterion = super().build_criterion(cfg, from_checkpoint)
+        if not isinstance(criterion, CmdContrastiveCriterion):
+            raise ValueError(f"task speech_image trains with criterion cmd_contrastive, got {type(criterion).__name__}: "
+                             "set criterion._name=cmd_contrastive")
+        return criterion
+
     def max_positions(self):
         return None
 
@@ -231,13 +239,10 @@ class SpeechImageTask(FairseqTask):
         """FairseqTask.train_step, with non-finite batches reported and kept out of the gradients."""
         from fairseq.optim.amp_optimizer import AMPOptimizer
 
-        if hasattr(criterion, "set_update_num"):
-            criterion.set_update_num(update_num)
-        if hasattr(criterion, "set_epoch_batches") and self._train_batches:
+        criterion.set_update_num(update_num)
+        if self._train_batches:
             criterion.set_epoch_batches(self._train_batches)
-        if hasattr(criterion, "enqueue_enabled"):
-            # fairseq's dummy batch (ignore_grad) is a repeated batch: it must not enter the queue
-            criterion.enqueue_enabled = not ignore_grad
+        criterion.set_dummy_batch(ignore_grad)  # fairseq's dummy batch: a repeated batch, no gradient
         model.train()
         model.set_num_updates(update_num)
         amp = isinstance(optimizer, AMPOptimizer)
@@ -294,11 +299,10 @@ class SpeechImageTask(FairseqTask):
 
     def valid_step(self, sample, model, criterion):
         rerank_on = self.cfg.valid_rerank_k > 0
-        if hasattr(criterion, "keep_sequences"):
-            criterion.keep_sequences = rerank_on
+        criterion.keep_sequences = rerank_on
         self._valid_model = model if rerank_on else None
         loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
-        emb = getattr(criterion, "last_embeddings", None)
+        emb = criterion.last_embeddings
         if emb is None:
             return loss, sample_size, logging_output
         # items are filed by their own split: a worker may have run fairseq's dummy batch (a

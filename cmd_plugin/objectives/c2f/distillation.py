@@ -29,7 +29,7 @@ def distillation_targets(momentum_logits: torch.Tensor, hard_targets: torch.Tens
             (``s_m / tau``); computed without gradient (detached here). Columns the loss must
             never see (none, when empty queue slots are left out) may be -inf.
         hard_targets: (R, C) multi-positive targets, each row summing to 1
-            (:func:`cmd_plugin.objectives.c2f.queue.multi_positive_targets_over`).
+            (:func:`cmd_plugin.objectives.targets.multi_positive_targets`).
         alpha: alpha_md in [0, 1].
     Returns:
         (R, C) float32 targets, each row summing to 1 (no gradient). At ``alpha == 0`` they equal

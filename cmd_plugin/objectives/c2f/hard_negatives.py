@@ -24,6 +24,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..targets import same_image
+
 __all__ = ["sample_hard_negatives", "negative_probabilities"]
 
 
@@ -52,12 +54,7 @@ def negative_probabilities(
             f"got {tuple(row_ids.shape)} and {tuple(col_ids.shape)}"
         )
     with torch.no_grad():
-        row_ids = row_ids.to(logits.device)
-        col_ids = col_ids.to(logits.device)
-        if row_ids.dim() == 1:
-            positive = row_ids[:, None] == col_ids[None, :]
-        else:
-            positive = (row_ids[:, None, :] == col_ids[None, :, :]).all(dim=-1)
+        positive = same_image(row_ids.to(logits.device), col_ids)
         negative = ~positive
         has_negative = negative.any(dim=1)
         masked = logits.detach().float().masked_fill(positive, float("-inf"))

@@ -2,7 +2,7 @@
 momentum distillation, and SIM on hard negatives mined from the SIC similarities.
 
 Rows are the (global) batch's B items; every item has an image identity ``(split code, image id)``
-(:mod:`cmd_plugin.objectives.c2f.queue`). Losses are SUMS over the B items, like :mod:`cmd_plugin.objectives.sic`
+(:mod:`cmd_plugin.objectives.targets`). Losses are SUMS over the B items, like :mod:`cmd_plugin.objectives.sic`
 (the criterion divides by the batch size through fairseq's sample size).
 
 SIC columns. ALBEF scores online features against MOMENTUM features of the batch and the queue
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .distillation import distillation_targets
 from .hard_negatives import sample_hard_negatives
 from ..sic import soft_cross_entropy
-from .queue import multi_positive_targets_over
+from ..targets import multi_positive_targets
 
 __all__ = ["queue_sic_loss", "sim_pairs", "sim_loss"]
 
@@ -71,7 +71,7 @@ def queue_sic_loss(
     col_keys = torch.cat([keys, queue_keys.to(keys.device)])
     s2i_logits = logit_scale * (speech.float() @ image_cols.t())
     i2s_logits = logit_scale * (image.float() @ speech_cols.t())
-    targets = multi_positive_targets_over(keys, col_keys)  # the same for both directions: rows are items
+    targets = multi_positive_targets(keys, col_keys)  # the same for both directions: rows are items
     s2i_targets = i2s_targets = targets
     if alpha > 0:
         with torch.no_grad():

@@ -31,8 +31,6 @@ __all__ = [
     "check_queue_size",
     "enqueue_global_batch",
     "gather_global",
-    "same_image",
-    "multi_positive_targets_over",
 ]
 
 
@@ -54,37 +52,6 @@ def check_queue_size(queue_size: int, num_train_items: int, split: str = "train"
             f"{split!r}: the queue would hold stale duplicates of the same captions. Choose a queue size "
             f"<= {num_train_items} (ALBEF's 65,536 is for millions of captions)"
         )
-
-
-def same_image(row_keys: torch.Tensor, col_keys: torch.Tensor) -> torch.Tensor:
-    """(R, 2) and (C, 2) image identities ``(split code, image id)`` -> (R, C) bool: same image."""
-    if row_keys.dim() != 2 or col_keys.dim() != 2 or row_keys.size(1) != col_keys.size(1):
-        raise ValueError(
-            f"image keys must be (N, k) with the same k, got {tuple(row_keys.shape)} and {tuple(col_keys.shape)}"
-        )
-    return (row_keys[:, None, :] == col_keys[None, :, :].to(row_keys.device)).all(dim=-1)
-
-
-def multi_positive_targets_over(row_keys: torch.Tensor, col_keys: torch.Tensor) -> torch.Tensor:
-    """Multi-positive SIC targets over the columns ``[batch; queue]`` (ALBEF ``sim_targets``).
-
-    Args:
-        row_keys: (R, 2) identity of each row (a batch item).
-        col_keys: (C, 2) identity of each column: the global batch's items followed by the
-            queue's filled entries (``torch.cat([batch_keys, queue.entries()[2]])``).
-    Returns:
-        (R, C) float32 targets y with ``y[r, c] = 1 / n_r`` for the n_r columns of row r's image
-        (every caption of the same image, in the batch or in the queue) and 0 elsewhere; each
-        row sums to 1.
-    Raises ValueError when a row has no column of its image (its own item must be among the
-    columns).
-    """
-    same = same_image(row_keys, col_keys).float()
-    counts = same.sum(dim=1, keepdim=True)
-    if bool((counts == 0).any()):
-        missing = row_keys[counts[:, 0] == 0].tolist()
-        raise ValueError(f"rows with image keys {missing[:5]} have no column of their image")
-    return same / counts
 
 
 class EmbeddingQueue(nn.Module):

@@ -231,6 +231,28 @@ class CmdSpeechImageModel(BaseFairseqModel):
                 full[key] = value
         return super().load_state_dict(full, strict=strict, model_cfg=model_cfg, args=args)
 
+    # parts built only when switched on, and the switch that builds each (for upgrade_state_dict_named)
+    OPTIONAL_PARTS = {"fusion": "model.cmd_fusion", "multimodal": "model.multimodal_layers",
+                      "matching_head": "model.multimodal_layers", "queue": "model.queue_size",
+                      "momentum_model": "model.c2f_momentum"}
+
+    def upgrade_state_dict_named(self, state_dict, name):
+        """Checkpoints of earlier versions: the state of a part this model does not build (e.g. the
+        fusion encoder of a SIC checkpoint written when every model built one, or training-only parts
+        of a checkpoint loaded for inference with them switched off) is dropped, naming the switch.
+        No key has been renamed since the first release (checked against a checkpoint of main
+        484aea9, tests/data/)."""
+        prefix = name + "." if name else ""
+        for part, switch in self.OPTIONAL_PARTS.items():
+            if getattr(self, part) is not None:
+                continue
+            dropped = [k for k in state_dict if k.startswith(prefix + part + ".")]
+            for key in dropped:
+                del state_dict[key]
+            if dropped:
+                logger.info(f"checkpoint: {len(dropped)} tensors of {part} not loaded ({switch} leaves it unbuilt)")
+        super().upgrade_state_dict_named(state_dict, name)
+
     # ---- encoders ----
     def layer_weight_probs(self) -> torch.Tensor:
         """(num_states,) softmax-normalised weights of HuBERT's states (see hubert_layer_states)."""

@@ -175,6 +175,22 @@ def test_rescoring_by_sic_itself_reproduces_sic_recall():
         reranked_recall(result, image_ids, (1, 10))
 
 
+def test_k_is_checked_per_direction_with_fewer_images_than_k():
+    """4 images, 12 utterances, K = 10: speech -> image lists every image (any k defined), image ->
+    speech lists 10 of 12 (k <= 10 defined); both equal SIC recall when SIC itself re-scores."""
+    gen = torch.Generator().manual_seed(5)
+    image_ids = torch.arange(4).repeat_interleave(3)
+    image_emb = F.normalize(torch.randn(4, 8, generator=gen), dim=-1)
+    speech_emb = F.normalize(image_emb[image_ids] + 1.5 * torch.randn(12, 8, generator=gen), dim=-1)
+    result = rerank(speech_emb, image_emb, _Scorer(speech_emb @ image_emb.T), 10)
+    got = reranked_recall(result, image_ids, (1, 5, 10))
+    expected = retrieval_recall(speech_emb, image_emb, image_ids, ks=(1, 5, 10))
+    for key, value in expected.items():
+        assert got[key] == value, key
+    with pytest.raises(ValueError, match="image -> speech recall is defined for k <= K = 10"):
+        reranked_recall(result, image_ids, (1, 11))
+
+
 def test_each_distinct_pair_is_scored_once_in_batches_sorted_by_utterance():
     speech_emb, image_emb, image_ids, sim = _retrieval_set()
     scorer = _Scorer(sim)

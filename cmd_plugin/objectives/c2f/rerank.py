@@ -7,7 +7,8 @@ the K utterances with the highest SIC similarity, are re-scored by a pairwise sc
     score = SIM(u, j)                      (ALBEF: the match logit alone), or
     score = SIM(u, j) + SIC(u, j)          (BLIP: match logit + cosine similarity; ``add_sic``)
 
-Candidates outside the top K stay below every re-ranked one, so R@k is defined for k <= K.
+Candidates outside the top K stay below every re-ranked one, so R@k is defined for k <= K (in each
+direction on its own; any k where K lists every candidate).
 Pure torch, no fairseq. :func:`reranked_recall` turns the result into the same dict as
 :func:`cmd_plugin.recall.retrieval_recall`, with the same tie conventions (ties never flatter
 the model; image -> speech counts a hit when any caption is among the top k).
@@ -141,7 +142,8 @@ def rerank(
 
 
 def reranked_recall(result: RerankResult, image_ids: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
-    """R@k of re-ranked lists, for every k <= K (any k when K covers every candidate), in :func:`cmd_plugin.recall.retrieval_recall`'s
+    """R@k of re-ranked lists, for k <= K in each direction (any k where K lists every candidate), in
+    :func:`cmd_plugin.recall.retrieval_recall`'s
     format and rank definitions restricted to the K candidates (a right answer outside them is
     a miss at every k <= K):
 
@@ -157,10 +159,13 @@ def reranked_recall(result: RerankResult, image_ids: torch.Tensor, ks: Sequence[
     """
     ks = _check_ks(ks)
     num_speech, num_images = result.s2i_index.size(0), result.i2s_index.size(0)
-    # K covering every candidate of both directions ranks everything: any k is defined
-    complete = result.s2i_index.size(1) == num_images and result.i2s_index.size(1) == num_speech
-    if max(ks) > result.k and not complete:
-        raise ValueError(f"re-ranked recall is defined for k <= K = {result.k}, got ks {list(ks)}: raise --rerank-k")
+    # each direction on its own: R@k is defined for k <= its K, or any k when its K lists every candidate
+    for direction, listed, candidates in (("speech -> image", result.s2i_index.size(1), num_images),
+                                          ("image -> speech", result.i2s_index.size(1), num_speech)):
+        if max(ks) > listed and listed < candidates:
+            raise ValueError(f"re-ranked {direction} recall is defined for k <= K = {listed} (of {candidates} "
+                             f"candidates), got ks {list(ks)}: raise --rerank-k")
+    miss = num_images + num_speech  # a right answer outside the K candidates: a miss at every k
     image_ids = image_ids.detach().cpu().long()
     if image_ids.shape != (num_speech,):
         raise ValueError(f"image_ids must have shape ({num_speech},), got {tuple(image_ids.shape)}")
@@ -170,14 +175,14 @@ def reranked_recall(result: RerankResult, image_ids: torch.Tensor, ks: Sequence[
     found = is_target.any(dim=1)
     target = torch.where(is_target, result.s2i_scores, torch.zeros_like(result.s2i_scores)).sum(dim=1)
     below = (result.s2i_scores < target[:, None]).sum(dim=1)
-    s2i_rank = torch.where(found, (result.s2i_scores.size(1) - 1) - below, torch.full_like(below, result.k))
+    s2i_rank = torch.where(found, (result.s2i_scores.size(1) - 1) - below, torch.full_like(below, miss))
 
     # image -> speech
     is_caption = image_ids[result.i2s_index] == torch.arange(num_images)[:, None]  # (Ni, Kt)
     has_caption_listed = is_caption.any(dim=1)
     best = torch.where(is_caption, result.i2s_scores, torch.full_like(result.i2s_scores, float("-inf"))).amax(dim=1)
     above = (~is_caption & ~(result.i2s_scores < best[:, None])).sum(dim=1)
-    i2s_rank = torch.where(has_caption_listed, above, torch.full_like(above, result.k))
+    i2s_rank = torch.where(has_caption_listed, above, torch.full_like(above, miss))
     has_caption = torch.bincount(image_ids, minlength=num_images) > 0
     num_i2s = int(has_caption.sum())
 

@@ -161,12 +161,12 @@ def test_sim_pairs_never_pair_a_speech_with_a_negative_of_its_own_image():
     logits = torch.randn(6, 6) * 50
     logits[:, :3] += 100  # the same-image columns are by far the most similar
     for seed in range(20):
-        s, i, labels = sim_pairs(logits, keys, torch.Generator().manual_seed(seed))
+        s, i, labels, _ = sim_pairs(logits, keys, torch.Generator().manual_seed(seed))
         negative = labels == 0
         assert (labels[:6] == 1).all() and negative.sum() == 12
         assert not (keys[s[negative]] == keys[i[negative]]).all(dim=1).any()
     # every item of one image: nothing to sample, the rows are skipped (never NaN, never a positive)
-    s, i, labels = sim_pairs(torch.randn(3, 3), torch.tensor([[1, 4]] * 3), torch.Generator().manual_seed(0))
+    s, i, labels, _ = sim_pairs(torch.randn(3, 3), torch.tensor([[1, 4]] * 3), torch.Generator().manual_seed(0))
     assert labels.tolist() == [1, 1, 1]
 
 

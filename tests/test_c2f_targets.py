@@ -80,11 +80,11 @@ def test_hard_negative_is_never_a_caption_of_the_same_image():
     logits = logits + 50.0 * (IDS[:, None] == IDS[None, :]).float()
     gen = torch.Generator().manual_seed(0)
     for _ in range(200):
-        index, valid = sample_hard_negatives(logits, IDS, IDS, gen)
+        index, valid, _ = sample_hard_negatives(logits, IDS, IDS, gen)
         assert valid.all()
         assert (IDS[index] != IDS).all()
     # image -> speech direction: rows are images of the batch items, columns speech items
-    index, valid = sample_hard_negatives(logits.t(), IDS, IDS, gen)
+    index, valid, _ = sample_hard_negatives(logits.t(), IDS, IDS, gen)
     assert valid.all() and (IDS[index] != IDS).all()
 
 
@@ -92,13 +92,13 @@ def test_rows_with_no_other_image_are_skipped_and_never_nan():
     # every column is image 5: rows of image 5 have nothing to sample, a row of image 6 has all
     cols = torch.tensor([5, 5, 5])
     rows = torch.tensor([5, 6, 5])
-    index, valid = sample_hard_negatives(_logits(3, 3), rows, cols, torch.Generator().manual_seed(0))
+    index, valid, _ = sample_hard_negatives(_logits(3, 3), rows, cols, torch.Generator().manual_seed(0))
     assert valid.tolist() == [False, True, False]
     assert index[0] == -1 and index[2] == -1 and 0 <= index[1] < 3
     probs, has_negative = negative_probabilities(_logits(3, 3), rows, cols)
     assert not torch.isnan(probs).any() and probs[0].sum() == 0 and has_negative.tolist() == [False, True, False]
     # a batch made only of captions of one image: all skipped, no error
-    index, valid = sample_hard_negatives(_logits(4, 4), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+    index, valid, _ = sample_hard_negatives(_logits(4, 4), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long))
     assert not valid.any() and (index == -1).all()
 
 
@@ -110,7 +110,7 @@ def test_fp16_logits_with_huge_values_sample_in_fp32():
     probs, _ = negative_probabilities(logits, IDS, IDS)
     assert probs.dtype == torch.float32 and torch.isfinite(probs).all()
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(8))
-    index, valid = sample_hard_negatives(logits, IDS, IDS, gen)
+    index, valid, _ = sample_hard_negatives(logits, IDS, IDS, gen)
     assert valid.all() and (IDS[index] != IDS).all()
     # rows 3.. are not image 0: their negative is column 1, whose logit dwarfs every other
     assert (index[3:] == 1).all()
@@ -139,8 +139,8 @@ def test_split_aware_keys_mask_only_the_same_split_and_image():
 
 def test_same_generator_state_draws_the_same_negatives():
     logits = _logits(8, 8, scale=1.0)
-    a, _ = sample_hard_negatives(logits, IDS, IDS, torch.Generator().manual_seed(7))
-    b, _ = sample_hard_negatives(logits, IDS, IDS, torch.Generator().manual_seed(7))
+    a, _, _ = sample_hard_negatives(logits, IDS, IDS, torch.Generator().manual_seed(7))
+    b, _, _ = sample_hard_negatives(logits, IDS, IDS, torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
     draws = {tuple(sample_hard_negatives(logits, IDS, IDS, torch.Generator().manual_seed(s))[0].tolist()) for s in range(5)}
     assert len(draws) > 1
@@ -154,7 +154,7 @@ def test_negatives_follow_the_softmax_of_the_sic_logits():
     logits = row_logits.repeat(n, 1)
     rows = torch.full((n,), 2)
     cols = torch.tensor([2, 0, 1, 3, 1, 2, 4, 5])  # columns 0 and 5 show the row's image
-    index, valid = sample_hard_negatives(logits, rows, cols, torch.Generator().manual_seed(0))
+    index, valid, _ = sample_hard_negatives(logits, rows, cols, torch.Generator().manual_seed(0))
     assert valid.all()
     freq = torch.bincount(index, minlength=8).float() / n
     allowed = cols != 2

@@ -52,3 +52,22 @@ def test_parts_switched_off_are_dropped_from_an_old_checkpoint(old_state, tiny_e
         speech = model.eval().encode_speech(**{k: make_batch([0, 1, 2], seed=7)["net_input"][k]
                                                for k in ("source", "padding_mask")})
     assert torch.allclose(speech, old_state["expected"]["speech"], atol=1e-5)
+
+
+def test_c2f_starts_from_a_sic_checkpoint_with_fresh_c2f_parts(tiny_encoders):
+    """The two-stage recipe (checkpoint.restore_file): a C2F model loads a SIC model's weights; its SIM
+    encoder, head and queue are new, and its momentum copies equal the loaded online weights."""
+    from test_model import build_model
+
+    sic = build_model(tiny_encoders, cmd_fusion=False, speech_encoder_heads=2, speech_encoder_ffn_dim=64)
+    with torch.no_grad():
+        sic.speech_proj.weight.add_(1.0)  # differs from any fresh initialisation
+    c2f = build_model(tiny_encoders, cmd_fusion=False, speech_encoder_heads=2, speech_encoder_ffn_dim=64,
+                      c2f_momentum=True, queue_size=4, multimodal_layers=1, multimodal_heads=2, multimodal_ffn_dim=32)
+    head_before = c2f.matching_head.proj.weight.clone()
+    c2f.load_state_dict(sic.state_dict(), strict=True)
+    assert torch.equal(c2f.speech_proj.weight, sic.speech_proj.weight)
+    assert torch.equal(c2f.momentum_model["speech_proj"].weight, sic.speech_proj.weight)
+    assert torch.equal(c2f.matching_head.proj.weight, head_before) and len(c2f.queue) == 0
+    with pytest.raises(RuntimeError, match="speech_proj"):  # a missing core part is still an error
+        c2f.load_state_dict({k: v for k, v in sic.state_dict().items() if not k.startswith("speech_proj.")})

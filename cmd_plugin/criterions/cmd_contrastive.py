@@ -67,6 +67,14 @@ class CmdContrastiveConfig(FairseqDataclass):
     sim_weight: float = field(
         default=0.0, metadata={"help": "weight of L_sim (speech-image matching on hard negatives; needs "
                                "model.multimodal_layers > 0); 0 = off. ALBEF weighs its ITM loss 1 (a choice)"})
+    sim_hard_start: int = field(
+        default=0, metadata={"help": "SIM negatives are random (any other image/caption) before this update, then hard "
+                             "(0 = hard from the start, ALBEF)"})
+    sim_hard_ramp: int = field(
+        default=0, metadata={"help": "after sim_hard_start, the share of hard SIM negatives rises linearly from 0 to 1 "
+                             "over this many updates (0 = all at once)"})
+    queue_start: int = field(
+        default=0, metadata={"help": "the queue is scored and filled from this update on (0 = from the start, ALBEF)"})
     distill_alpha: float = field(
         default=0.0, metadata={"help": "alpha_md: SIC targets = alpha_md * softmax(momentum logits) + (1 - alpha_md) * "
                                "multi-positive targets (needs model.c2f_momentum); 0 = no distillation. ALBEF: 0.4 "
@@ -92,11 +100,12 @@ class CmdContrastiveCriterion(FairseqCriterion):
         if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
             raise ValueError(f"criterion loss weights sic_weight/cmd_weight/sim_weight = {weights}: each must be >= 0 "
                              "and at least one > 0")
-        self.sic = QueueSicObjective(cfg.distill_alpha, cfg.distill_ramp_updates, lambda: cfg.update_freq)
+        self.sic = QueueSicObjective(cfg.distill_alpha, cfg.distill_ramp_updates, lambda: cfg.update_freq,
+                                     queue_start=cfg.queue_start)
         # (weight, objective) in the order their terms are added
         self.objectives = [(cfg.sic_weight, self.sic)]
         if cfg.sim_weight > 0:
-            self.objectives.append((cfg.sim_weight, SimObjective(cfg.noise_seed)))
+            self.objectives.append((cfg.sim_weight, SimObjective(cfg.noise_seed, cfg.sim_hard_start, cfg.sim_hard_ramp)))
         if cfg.cmd_weight > 0:
             self.objectives.append((cfg.cmd_weight, CmdObjective(cfg.patch_noise_ratio, cfg.cmd_pairs, cfg.noise_seed)))
         self._checked = None

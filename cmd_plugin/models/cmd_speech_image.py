@@ -229,7 +229,21 @@ class CmdSpeechImageModel(BaseFairseqModel):
         for key, value in own.items():
             if key.startswith(self._frozen_prefixes()) and key not in full:
                 full[key] = value
-        return super().load_state_dict(full, strict=strict, model_cfg=model_cfg, args=args)
+        # a checkpoint without a part this model builds (C2F started from a SIC or CMD checkpoint with
+        # checkpoint.restore_file: the two-stage recipe) keeps that part as initialised; momentum copies
+        # then start from the loaded online weights
+        fresh = []
+        for part in self.OPTIONAL_PARTS:
+            keys = [k for k in own if k.startswith(part + ".")]
+            if getattr(self, part) is not None and keys and not any(k in full for k in keys):
+                full.update({k: own[k] for k in keys})
+                fresh.append(part)
+        if fresh:
+            logger.warning(f"the checkpoint has no {', '.join(fresh)}: initialised fresh (two-stage recipe)")
+        result = super().load_state_dict(full, strict=strict, model_cfg=model_cfg, args=args)
+        if "momentum_model" in fresh:
+            self.momentum_model.copy_from_online()
+        return result
 
     # parts built only when switched on, and the switch that builds each (for upgrade_state_dict_named)
     OPTIONAL_PARTS = {"fusion": "model.cmd_fusion", "multimodal": "model.multimodal_layers",

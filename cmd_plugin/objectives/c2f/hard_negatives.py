@@ -26,7 +26,7 @@ import torch
 
 from ..targets import same_image
 
-__all__ = ["sample_hard_negatives", "negative_probabilities"]
+__all__ = ["sample_hard_negatives", "negative_probabilities", "hard_negative_share"]
 
 
 def negative_probabilities(
@@ -78,8 +78,10 @@ def sample_hard_negatives(
     row_ids: torch.Tensor,
     col_ids: torch.Tensor,
     generator: Optional[torch.Generator] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One hard-negative column per row, drawn from :func:`negative_probabilities`.
+    hard_share: float = 1.0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One negative column per row: hard (drawn from :func:`negative_probabilities`) with probability
+    ``hard_share``, else random (uniform over the row's non-positive columns).
 
     Speech -> negative image: ``logits`` = speech-to-image SIC logits (B_rows, B_global) with
     ``row_ids`` the speech items' image ids and ``col_ids`` the global batch's image ids.
@@ -91,12 +93,24 @@ def sample_hard_negatives(
         row_ids, col_ids: (R,)/(R, k) and (C,)/(C, k) image identities.
         generator: torch.Generator (on the device sampled on; a CPU generator moves the weights
             to the CPU for sampling). None uses torch's global generator.
+        hard_share: share of rows that draw a hard negative, in [0, 1] (the SIM curriculum's
+            :func:`hard_negative_share`); at 1 the generator is used exactly as without it.
     Returns:
         index (R,) int64 column of each row's negative (on ``logits.device``), -1 for skipped
-        rows; valid (R,) bool, False for rows with no non-positive column.
+        rows; valid (R,) bool, False for rows with no non-positive column; hard (R,) bool, the
+        row's negative was drawn from the hard distribution.
     """
+    if not 0.0 <= hard_share <= 1.0:
+        raise ValueError(f"hard_share must be in [0, 1], got {hard_share}")
     probs, valid = negative_probabilities(logits, row_ids, col_ids)
     device = logits.device
+    hard = torch.ones(probs.size(0), dtype=torch.bool, device=device)
+    if hard_share < 1.0:
+        draw = torch.rand(probs.size(0), generator=generator, device=generator.device if generator else "cpu")
+        hard = (draw < hard_share).to(device)
+        negative = ~same_image(row_ids.to(device), col_ids)
+        uniform = negative.float() / negative.sum(dim=1, keepdim=True).clamp(min=1)
+        probs = torch.where(hard[:, None], probs, uniform)
     index = torch.full((probs.size(0),), -1, dtype=torch.long, device=device)
     if bool(valid.any()):
         weights = probs[valid]
@@ -104,4 +118,17 @@ def sample_hard_negatives(
             weights = weights.to(generator.device)
         drawn = torch.multinomial(weights, 1, generator=generator)[:, 0]
         index[valid] = drawn.to(device)
-    return index, valid
+    return index, valid, hard & valid
+
+
+def hard_negative_share(num_updates: int, start: int, ramp: int) -> float:
+    """The SIM negative curriculum: share of hard negatives after ``num_updates`` updates. Random
+    negatives only before ``start``; then the share rises linearly to 1 over ``ramp`` updates
+    (``ramp`` = 0: all hard from ``start`` on). start = ramp = 0 is ALBEF (hard from update 0)."""
+    if start < 0 or ramp < 0:
+        raise ValueError(f"hard-negative start and ramp must be >= 0 updates, got {start} and {ramp}")
+    if num_updates < start:
+        return 0.0
+    if ramp == 0:
+        return 1.0
+    return min(1.0, (num_updates - start) / ramp)

@@ -21,7 +21,8 @@ with the momentum logits ``scale * speech_m @ [image; queue_image]^T`` and
 ``scale * image @ [speech_m; queue_speech]^T`` (the same columns with the momentum model's speech).
 """
 
-from typing import Optional, Tuple
+import math
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,7 @@ from .hard_negatives import sample_hard_negatives
 from ..sic import soft_cross_entropy
 from ..targets import multi_positive_targets
 
-__all__ = ["queue_sic_loss", "sim_pairs", "sim_loss"]
+__all__ = ["queue_sic_loss", "SimPairs", "sim_pairs", "sim_loss", "ranking_pairs", "binary_entropy"]
 
 
 def queue_sic_loss(
@@ -85,36 +86,67 @@ def queue_sic_loss(
     return 0.5 * (s2i + i2s), s2i, i2s, s2i_logits
 
 
+class SimPairs(NamedTuple):
+    """The pairs SIM classifies: item indices into the batch, labels (1 = match) and, for each pair,
+    whether it is a hard negative (False for positives and random negatives)."""
+
+    speech_index: torch.Tensor
+    image_index: torch.Tensor
+    labels: torch.Tensor
+    hard: torch.Tensor
+
+
 def sim_pairs(
-    sic_logits: torch.Tensor, keys: torch.Tensor, generator: Optional[torch.Generator] = None
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The SIM pairs of a batch: its B positive pairs, one hard negative image per speech item and
-    one hard negative speech item per image (ALBEF's ITM), sampled from the SIC similarities.
+    sic_logits: torch.Tensor, keys: torch.Tensor, generator: Optional[torch.Generator] = None,
+    hard_shares: Sequence[float] = (1.0,),
+) -> SimPairs:
+    """The SIM pairs of a batch: its B positive pairs, then for each share in ``hard_shares`` one
+    negative image per speech item and one negative speech item per image (ALBEF's ITM), hard
+    with probability ``share`` (sampled from the SIC similarities), else random.
 
     Args:
         sic_logits: (B, B) in-batch SIC logits, speech rows x image columns (item j's image).
         keys: (B, 2) image identities; every column of a row's own image is masked out.
         generator: the sampling generator (give every data-parallel worker the same state and the
             GLOBAL batch: they then draw what one process draws).
+        hard_shares: (1.0,) is ALBEF; (1.0, 0.0) adds a random negative next to the hard one
+            (validation measures both).
     Returns:
-        speech_index (P,), image_index (P,) item indices and labels (P,) int64 (1 = match): the B
-        positives first, then the negative images of the rows that have one, then the negative
-        speech items of the images that have one (a row whose columns are all of its own image
-        is skipped).
+        :class:`SimPairs`: the B positives first, then per share the negative images of the rows that
+        have one, then the negative speech items of the images that have one (a row whose columns
+        are all of its own image is skipped).
     """
     bsz = sic_logits.size(0)
     if sic_logits.shape != (bsz, bsz) or keys.shape[0] != bsz:
         raise ValueError(f"sic_logits must be (B, B) with B keys, got {tuple(sic_logits.shape)} and {tuple(keys.shape)}")
     rows = torch.arange(bsz, device=sic_logits.device)
-    neg_image, has_image = sample_hard_negatives(sic_logits, keys, keys, generator)
-    neg_speech, has_speech = sample_hard_negatives(sic_logits.t(), keys, keys, generator)
-    speech_index = torch.cat([rows, rows[has_image], neg_speech[has_speech]])
-    image_index = torch.cat([rows, neg_image[has_image], rows[has_speech]])
-    labels = torch.cat([
-        torch.ones(bsz, dtype=torch.long, device=rows.device),
-        torch.zeros(int(has_image.sum()) + int(has_speech.sum()), dtype=torch.long, device=rows.device),
-    ])
-    return speech_index, image_index, labels
+    speech, image, hard = [rows], [rows], [torch.zeros(bsz, dtype=torch.bool, device=rows.device)]
+    for share in hard_shares:
+        neg_image, has_image, hard_image = sample_hard_negatives(sic_logits, keys, keys, generator, share)
+        neg_speech, has_speech, hard_speech = sample_hard_negatives(sic_logits.t(), keys, keys, generator, share)
+        speech += [rows[has_image], neg_speech[has_speech]]
+        image += [neg_image[has_image], rows[has_speech]]
+        hard += [hard_image[has_image], hard_speech[has_speech]]
+    speech_index, image_index = torch.cat(speech), torch.cat(image)
+    labels = torch.zeros(speech_index.numel(), dtype=torch.long, device=rows.device)
+    labels[:bsz] = 1
+    return SimPairs(speech_index, image_index, labels, torch.cat(hard))
+
+
+def ranking_pairs(pos_scores: torch.Tensor, neg_scores: torch.Tensor) -> Tuple[float, int]:
+    """Mann-Whitney count of positives scored above negatives (ties count 1/2) and the number of
+    (positive, negative) pairs: their ratio is the AUC, and both sum over batches."""
+    if pos_scores.numel() == 0 or neg_scores.numel() == 0:
+        return 0.0, 0
+    diff = pos_scores.float()[:, None] - neg_scores.float()[None, :]
+    return float((diff > 0).sum() + 0.5 * (diff == 0).sum()), int(diff.numel())
+
+
+def binary_entropy(p: float) -> float:
+    """H(p) in nats: the SIM loss of a head that predicts only the share of positives."""
+    if p <= 0.0 or p >= 1.0:
+        return 0.0
+    return float(-(p * math.log(p) + (1 - p) * math.log(1 - p)))
 
 
 def sim_loss(match_logits: torch.Tensor, labels: torch.Tensor, batch_size: int) -> Tuple[torch.Tensor, int]:

@@ -5,7 +5,7 @@ Used in place of :class:`cmd_plugin.objectives.sic.SicObjective` when the model 
 the criterion distils. At validation (no queue, no distillation) it is the in-batch SIC. The
 queue is filled only by training forwards that are not fairseq's dummy batch, with this worker's
 items gathered from every worker (so all workers hold the same queue), never with a non-finite
-item. alpha_md ramps linearly from 0 over ``ramp_updates`` (:func:`.distillation.distillation_weight`).
+item, and only from update ``queue_start`` on. alpha_md ramps linearly from 0 over ``ramp_updates`` (:func:`.distillation.distillation_weight`).
 Logs the SIC values plus ``distill_alpha`` and ``queue_negatives`` (per-item means).
 """
 
@@ -36,8 +36,12 @@ def ramp_updates_for(ramp_updates: int, epoch_batches: Optional[int], update_fre
 
 
 class QueueSicObjective(SicObjective):
-    def __init__(self, distill_alpha: float = 0.0, ramp_updates: int = -1, update_freq=1):
-        """update_freq: fairseq's optimization.update_freq (an int, a list, or a callable returning one)."""
+    def __init__(self, distill_alpha: float = 0.0, ramp_updates: int = -1, update_freq=1, queue_start: int = 0):
+        """update_freq: fairseq's optimization.update_freq (an int, a list, or a callable returning one);
+        queue_start: the queue is scored and filled from this update on."""
+        if queue_start < 0:
+            raise ValueError(f"criterion.queue_start must be >= 0 updates, got {queue_start}")
+        self.queue_start = queue_start
         if not 0.0 <= distill_alpha <= 1.0:
             raise ValueError(f"criterion.distill_alpha must be in [0, 1], got {distill_alpha}")
         if ramp_updates < -1:
@@ -51,6 +55,12 @@ class QueueSicObjective(SicObjective):
         if self.distill_alpha > 0 and getattr(model, "momentum_model", None) is None:
             raise ValueError("criterion.distill_alpha > 0 needs the momentum model: set model.c2f_momentum=true")
 
+    def _queue(self, model, batch: GlobalBatch):
+        """The model's queue in a training forward from ``queue_start`` on, else None."""
+        if not batch.training or batch.update_num < self.queue_start:
+            return None
+        return getattr(model, "queue", None)
+
     def alpha(self, update_num: int) -> float:
         if self.distill_alpha == 0:
             return 0.0
@@ -61,7 +71,7 @@ class QueueSicObjective(SicObjective):
         return distillation_weight(update_num, self.distill_alpha, ramp)
 
     def __call__(self, model, batch: GlobalBatch) -> Tuple[torch.Tensor, Dict[str, float]]:
-        queue = getattr(model, "queue", None) if batch.training else None
+        queue = self._queue(model, batch)
         alpha = self.alpha(batch.update_num) if batch.training else 0.0
         if queue is None and alpha == 0:  # validation, or neither part on: the CMD paper's in-batch SIC
             loss, s2i, i2s = symmetric_infonce(batch.scores, batch.keys, batch.keys, batch.logit_scale)
@@ -78,8 +88,8 @@ class QueueSicObjective(SicObjective):
     def enqueue(self, model, batch: GlobalBatch, local_items: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         """After the loss read the queue: put this worker's (speech, image, keys) in it, gathered with
         every worker's (each worker takes part in the gather; a dummy batch contributes no rows)."""
-        queue = getattr(model, "queue", None)
-        if queue is None or not batch.training:
+        queue = self._queue(model, batch)
+        if queue is None:
             return
         items = local_items if self.enqueue_enabled else tuple(t[:0] for t in local_items)
         # a non-finite item (a bad utterance; the task reports the batch) would poison every later loss

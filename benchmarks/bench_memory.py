@@ -20,6 +20,8 @@ Every measure runs in its own fresh interpreter (``--measure NAME``):
              c2f_cmd  c2f + CMD
              c2f_fast c2f with a 1-layer multimodal encoder on speech frames averaged 4 at a time
                       (model.multimodal_layers=1, model.multimodal_frame_pool=4)
+             c2f_lite c2f with SIM on 32 learned speech query tokens and 2 x 2-averaged patches
+                      (model.multimodal_speech_tokens=32, model.multimodal_patch_pool=2)
   paired   wall time only, in ONE process: the no-grad frozen forward and the METHOD's step,
            alternated --repeats times (fastest of each): load changes on a shared machine hit both
   rerank   re-ranking cost per query: the matching head on the K pairs of one speech query (its
@@ -94,8 +96,11 @@ def saved_bytes(obj) -> int:
     return writer.num_bytes
 
 
-METHODS = ("sic", "cmd", "c2f", "c2f_cmd", "c2f_fast")
+METHODS = ("sic", "cmd", "c2f", "c2f_cmd", "c2f_fast", "c2f_lite")
 C2F_FAST = dict(multimodal_layers=1, multimodal_frame_pool=4)
+# SIM on 32 learned speech query tokens and the patch grid averaged 2 x 2 (model.multimodal_speech_tokens,
+# model.multimodal_patch_pool)
+C2F_LITE = dict(multimodal_speech_tokens=32, multimodal_patch_pool=2)
 # the flickr8k c2f group's model sizes (examples/flickr8k/method/c2f.yaml), on the CMD paper's ViT-L/14
 C2F_MODEL = dict(c2f_momentum=True, momentum=0.995, multimodal_layers=2, multimodal_heads=8,
                  multimodal_ffn_dim=4096, multimodal_dropout=0.1)
@@ -107,6 +112,8 @@ def build(hubert_path, method="cmd", queue_size=16384):
     extra = dict(C2F_MODEL, queue_size=queue_size) if method.startswith("c2f") else {}
     if method == "c2f_fast":
         extra.update(C2F_FAST)
+    if method == "c2f_lite":
+        extra.update(C2F_LITE)
     cfg = CmdSpeechImageConfig(hubert_path=hubert_path, image_model=IMAGE_MODEL, image_pretrained="", **extra)
     return CmdSpeechImageModel.build_model(cfg)
 
@@ -117,7 +124,7 @@ def build_criterion(method):
     weights = {"sic": dict(cmd_weight=0.0), "cmd": dict(cmd_weight=1.0),
                "c2f": dict(cmd_weight=0.0, sim_weight=1.0, distill_alpha=0.4, distill_ramp_updates=0),
                "c2f_cmd": dict(cmd_weight=1.0, sim_weight=1.0, distill_alpha=0.4, distill_ramp_updates=0)}
-    weights["c2f_fast"] = weights["c2f"]
+    weights["c2f_fast"] = weights["c2f_lite"] = weights["c2f"]
     weights = weights[method]
     return CmdContrastiveCriterion(
         CmdContrastiveConfig(cmd_pairs="all", global_batch_negatives=False, noise_seed=1, **weights), task=None
@@ -385,11 +392,17 @@ def measure_rerank(args):
     dim, embed = model.hubert.embed_dim, model.image_encoder.embed_dim
     num_patches = model.image_encoder.num_patches
     max_k = max(args.rerank_ks)
-    sequences = [torch.randn(1 + frames_per_utt, dim, generator=gen).half()]
+    raw = torch.randn(1, 1 + frames_per_utt, dim, generator=gen)
     tokens = torch.randn(max_k, 1 + num_patches, embed, generator=gen).half()
-    scorer = SequencePairScorer(model, sequences, tokens)
     out = {"frames": 1 + frames_per_utt, "num_patches": num_patches, "rerank": {}}
     with torch.no_grad():
+        # the query's SIM input: every frame, or its summary tokens (once per query: timed with each K)
+        summary = model.multimodal.summary
+        t0 = time.perf_counter()
+        seq = raw if summary is None else summary(raw, None)[0]
+        out["summary_per_query"] = time.perf_counter() - t0
+        sequences = [seq[0].half()]
+        scorer = SequencePairScorer(model, sequences, tokens)
         for k in args.rerank_ks:
             u, j = torch.zeros(k, dtype=torch.long), torch.arange(k)
             batches = [(u[i:i + args.pair_batch], j[i:i + args.pair_batch]) for i in range(0, k, args.pair_batch)]
@@ -398,7 +411,7 @@ def measure_rerank(args):
             t0 = time.perf_counter()
             for a, b in batches:
                 scorer(a, b)
-            out["rerank"][str(k)] = time.perf_counter() - t0
+            out["rerank"][str(k)] = time.perf_counter() - t0 + out["summary_per_query"]
         # SIC scoring of one query: embedding vs every image embedding, top-K (timed over many queries)
         num_queries = 1000
         speech = torch.nn.functional.normalize(torch.randn(num_queries, embed, generator=gen), dim=-1)

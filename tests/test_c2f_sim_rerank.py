@@ -275,3 +275,37 @@ def test_sim_learns_to_tell_pairs_from_negatives_on_a_synthetic_task():
         optimizer.step()
     after = sum(accuracy() for _ in range(8)) / 8
     assert before < 0.7 and after > 0.9, (before, after)
+
+
+def test_patch_grid_pooling_is_block_averaging_and_keeps_the_cls():
+    from cmd_plugin.objectives.c2f.multimodal import pool_patch_grid
+
+    tokens = torch.randn(2, 1 + 16, 3)
+    pooled = pool_patch_grid(tokens, 2)
+    grid = tokens[:, 1:].reshape(2, 4, 4, 3).permute(0, 3, 1, 2)
+    reference = F.avg_pool2d(grid, 2).permute(0, 2, 3, 1).reshape(2, 4, 3)
+    assert torch.equal(pooled[:, 0], tokens[:, 0]) and torch.allclose(pooled[:, 1:], reference, atol=1e-6)
+    with pytest.raises(ValueError, match="square grid"):
+        pool_patch_grid(torch.randn(1, 1 + 12, 3), 2)
+
+
+def test_speech_summary_ignores_padding_and_scores_pairs_as_per_pair_summaries_would():
+    from cmd_plugin.objectives.c2f.multimodal import MatchingHead, MultimodalEncoder
+
+    torch.manual_seed(0)
+    enc = MultimodalEncoder(16, 8, layers=1, heads=2, ffn_dim=32, dropout=0.0, speech_tokens=4, patch_pool=2).eval()
+    head = MatchingHead(16)
+    seq = torch.randn(1, 1 + 6, 16)
+    padded = torch.cat([seq, 50 * torch.randn(1, 3, 16)], dim=1)
+    mask = torch.zeros(1, 10, dtype=torch.bool)
+    mask[:, 7:] = True
+    with torch.no_grad():
+        short, _ = enc.summary(seq, None)
+        long, long_mask = enc.summary(padded, mask)
+        assert short.shape == (1, 5, 16) and long_mask is None
+        assert torch.allclose(short, long, atol=1e-5)
+        # summarised once and indexed per pair == summarised for every pair
+        images = torch.randn(3, 1 + 16, 8)
+        once = head(enc.fused_cls(short.expand(3, -1, -1), None, images))
+        per_pair = torch.cat([head(enc.fused_cls(enc.summary(seq, None)[0], None, images[i:i + 1])) for i in range(3)])
+    assert torch.allclose(once, per_pair, atol=1e-5)

@@ -127,6 +127,12 @@ class CmdSpeechImageConfig(FairseqDataclass):
         default=1, metadata={"help": "SIM input: average every k speech frames (padding excluded; the CLS kept) "
                              "before the multimodal encoder; 1 = every frame (the paper: 'CLS and frames'). A choice: "
                              "k = 4 cuts the multimodal encoder's cost ~3x (benchmarks/README.md)"})
+    multimodal_speech_tokens: int = field(
+        default=0, metadata={"help": "SIM input: the speech sequence summarised by this many learned query tokens "
+                             "after its CLS (0 = every frame, the paper). A choice that cuts SIM and re-ranking cost"})
+    multimodal_patch_pool: int = field(
+        default=1, metadata={"help": "SIM input: the image's patch grid averaged in k x k blocks, CLS kept (1 = every "
+                             "patch). A choice that cuts SIM and re-ranking cost"})
 
 
 def pool_frames(seq: torch.Tensor, mask: Optional[torch.Tensor], k: int):
@@ -178,6 +184,7 @@ class CmdSpeechImageModel(BaseFairseqModel):
             self.multimodal = MultimodalEncoder(
                 dim, embed_dim, layers=cfg.multimodal_layers, heads=cfg.multimodal_heads,
                 ffn_dim=cfg.multimodal_ffn_dim, dropout=cfg.multimodal_dropout,
+                speech_tokens=cfg.multimodal_speech_tokens, patch_pool=cfg.multimodal_patch_pool,
             )
             self.matching_head = MatchingHead(dim)
             if cfg.multimodal_frame_pool < 1:
@@ -299,6 +306,8 @@ class CmdSpeechImageModel(BaseFairseqModel):
         )
         if self.cfg.multimodal_frame_pool > 1:
             seq, mask = pool_frames(seq, mask, self.cfg.multimodal_frame_pool)
+        if self.multimodal is not None and self.multimodal.summary is not None:
+            seq, mask = self.multimodal.summary(seq, mask)  # once per utterance, not per pair
         out = {"speech": speech, "speech_seq": seq, "speech_mask": mask}
         if momentum:
             if self.momentum_model is None:

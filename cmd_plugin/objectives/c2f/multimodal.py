@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-__all__ = ["MultimodalEncoder", "MatchingHead", "image_tokens", "match_score"]
+__all__ = ["MultimodalEncoder", "SpeechSummary", "MatchingHead", "image_tokens", "match_score", "pool_patch_grid"]
 
 
 def image_tokens(image_cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
@@ -41,8 +41,15 @@ class MultimodalEncoder(nn.Module):
         dropout: dropout inside the layers.
     """
 
-    def __init__(self, dim: int, image_dim: int, layers: int = 2, heads: int = 8, ffn_dim: int = 4096, dropout: float = 0.1):
+    def __init__(self, dim: int, image_dim: int, layers: int = 2, heads: int = 8, ffn_dim: int = 4096, dropout: float = 0.1,
+                 speech_tokens: int = 0, patch_pool: int = 1):
         super().__init__()
+        if speech_tokens < 0 or patch_pool < 1:
+            raise ValueError(f"speech_tokens must be >= 0 and patch_pool >= 1, got {speech_tokens} and {patch_pool}")
+        self.patch_pool = patch_pool
+        self.summary = None
+        if speech_tokens > 0:
+            self.summary = SpeechSummary(dim, speech_tokens, heads, dropout)
         if layers < 1:
             raise ValueError(f"the multimodal encoder needs at least 1 layer, got {layers}")
         if dim % heads != 0:
@@ -77,6 +84,10 @@ class MultimodalEncoder(nn.Module):
             raise ValueError(f"speech must be (B, 1+T, {self.dim}), got {tuple(speech.shape)}")
         if image.dim() != 3 or image.size(2) != self.image_dim or image.size(0) != speech.size(0):
             raise ValueError(f"image must be ({speech.size(0)}, M, {self.image_dim}), got {tuple(image.shape)}")
+        if self.patch_pool > 1:
+            if image_padding_mask is not None:
+                raise ValueError("patch pooling does not take an image padding mask")
+            image = pool_patch_grid(image, self.patch_pool)
         memory = self.image_proj(self.image_norm(image.to(self.image_proj.weight.dtype)))
         return self.layers(
             speech,
@@ -88,6 +99,38 @@ class MultimodalEncoder(nn.Module):
     def fused_cls(self, speech, speech_padding_mask, image, image_padding_mask=None) -> torch.Tensor:
         """(B, D) fused CLS; arguments as :meth:`forward`."""
         return self.forward(speech, speech_padding_mask, image, image_padding_mask)[:, 0]
+
+
+class SpeechSummary(nn.Module):
+    """A fixed number of learned query tokens that summarise a speech sequence by cross-attention
+    (BLIP-2's Q-Former idea, for the speech side): (B, 1+T, D) -> (B, 1+Q, D), the CLS kept first.
+    Runs once per utterance, so the multimodal encoder's cost per (speech, image) pair no longer
+    grows with the utterance's length."""
+
+    def __init__(self, dim: int, tokens: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        self.norm = nn.LayerNorm(dim)
+        self.attention = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+
+    def forward(self, seq: torch.Tensor, mask: Optional[torch.Tensor]):
+        """seq (B, 1+T, D) CLS first, mask (B, 1+T) True at padding or None -> (B, 1+Q, D), None."""
+        frames = self.norm(seq)
+        queries = self.queries.expand(seq.size(0), -1, -1).to(seq.dtype)
+        summary, _ = self.attention(queries, frames, frames, key_padding_mask=mask, need_weights=False)
+        return torch.cat([seq[:, :1], queries + summary], dim=1), None
+
+
+def pool_patch_grid(tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """Image tokens (B, 1+N, E), CLS first and N patches of a square grid -> (B, 1+N/k^2, E): every k x k
+    block of patches averaged (the grid side must be divisible by k)."""
+    bsz, length, dim = tokens.shape
+    side = int(round((length - 1) ** 0.5))
+    if side * side != length - 1 or side % k:
+        raise ValueError(f"patch pooling by {k} needs a square grid of patches with a side divisible by {k}, "
+                         f"got {length - 1} patches")
+    grid = tokens[:, 1:].reshape(bsz, side // k, k, side // k, k, dim).mean(dim=(2, 4))
+    return torch.cat([tokens[:, :1], grid.reshape(bsz, -1, dim)], dim=1)
 
 
 class MatchingHead(nn.Module):

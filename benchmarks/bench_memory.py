@@ -110,6 +110,7 @@ def build(hubert_path, method="cmd", queue_size=16384):
     from cmd_plugin.models.cmd_speech_image import CmdSpeechImageConfig, CmdSpeechImageModel
 
     extra = dict(C2F_MODEL, queue_size=queue_size) if method.startswith("c2f") else {}
+    extra["cmd_fusion"] = method in ("cmd", "c2f_cmd")  # the CMD fusion encoder is built for CMD only
     if method == "c2f_fast":
         extra.update(C2F_FAST)
     if method == "c2f_lite":

@@ -4,15 +4,20 @@
                                                [CLS] + frames ─ 1 transformer layer ─ CLS
                                                ─ Linear(D_hubert → E) ─ L2 ─ S_cls  (B, E)
     image ─ CLIP ViT (frozen) ─ pooled ─ L2 ─ I_cls (B, E);  patch tokens @ proj ─ (B, N, E)
-    training only: fusion encoder Ω(noisy patches | S_cls) ─ F' (B, E)   (see FusionEncoder)
+    training only (cmd_fusion): fusion encoder Ω(noisy patches | S_cls) ─ F' (B, E)   (objectives/cmd/)
 
 Coarse-to-fine alignment (the second paper), each part optional and off by default:
 
     momentum model (c2f_momentum): EMA copies of layer_weights, cls_token, speech_encoder and
         speech_proj, run on the SAME HuBERT states ─ S_cls^m (B, E); training only
     queue (queue_size > 0): momentum speech/image embeddings of past global batches
-    multimodal encoder (multimodal_layers > 0): the speech layer's output sequence
-        (B, 1+T', D) attends to [I_cls; patches] (B, 1+N, E) ─ fused CLS ─ matching head ─ (B, 2)
+    multimodal encoder (multimodal_layers > 0): the speech layer's output sequence (B, 1+T', D) (or its
+        summary tokens, multimodal_speech_tokens) attends to [I_cls; patches] (B, 1+N, E) ─ fused CLS ─
+        matching head ─ (B, 2)   (objectives/c2f/)
+
+Each part is built only when its switch is on; the objectives that train them are in
+:mod:`cmd_plugin.objectives`, and :meth:`CmdSpeechImageModel.remove_pretraining_modules` drops the
+training-only ones for inference.
 
 Only trained weights go into checkpoints: frozen upstreams are rebuilt from their files
 (``hubert_path``, ``image_pretrained``), which the checkpoint's config names.

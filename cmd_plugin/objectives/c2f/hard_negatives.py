@@ -7,17 +7,9 @@ probability 0 (ALBEF's ITM negatives, Sec. 3.2):
 
     P(c | r) = exp(l[r, c]) / sum_{c' : img(c') != img(r)} exp(l[r, c'])   if img(c) != img(r), else 0
 
-Design points (each a failure reported by ALBEF/BLIP users):
-
-* fp32 throughout, same-image columns set to -inf BEFORE the softmax (ALBEF masks after the
-  softmax and adds 1e-4 inside it, which the softmax's shift-invariance cancels; in fp16 whole
-  rows underflow to 0 and ``torch.multinomial`` raises ``invalid multinomial distribution``).
-* a row whose weights are still unusable (NaN/inf logits) falls back to a uniform choice among
-  its non-positive columns; a row with NO non-positive column (every column is its image) is
-  skipped: ``valid[r]`` is False and ``index[r]`` is -1. Use ``index[valid]`` only.
-* an explicit ``torch.Generator``: the same state draws the same negatives. To make N
-  data-parallel workers draw what one process draws, call it on every worker with the GLOBAL
-  rows and the same generator state, then keep the local rows.
+Sampling is in fp32 with same-image columns masked before the softmax; a row without usable weights falls
+back to a uniform choice; a row with no non-positive column is skipped (``valid`` False, index -1); an
+explicit generator makes every worker draw alike. Why: docs/design.md.
 """
 
 from typing import Optional, Tuple

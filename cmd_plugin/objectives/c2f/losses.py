@@ -5,12 +5,7 @@ Rows are the (global) batch's B items; every item has an image identity ``(split
 (:mod:`cmd_plugin.objectives.targets`). Losses are SUMS over the B items, like :mod:`cmd_plugin.objectives.sic`
 (the criterion divides by the batch size through fairseq's sample size).
 
-SIC columns. ALBEF scores online features against MOMENTUM features of the batch and the queue
-in both directions; its image encoder is trained, so the image-to-text direction trains the image
-side. Here the image encoder is frozen and has no trainable projection (its momentum embedding
-IS its online embedding), so ALBEF's online-image x momentum-speech direction would train
-nothing. Choice: the batch's columns are the ONLINE embeddings (with gradient, as in the CMD
-paper's in-batch SIC), the queue's columns are momentum embeddings of past batches:
+SIC columns (the batch online, the queue momentum; why: docs/design.md):
 
     s2i logits = scale * speech   @ [image;   queue_image ]^T      (B, B + F)
     i2s logits = scale * image    @ [speech;  queue_speech]^T      (B, B + F)

@@ -13,14 +13,7 @@ submodules, so
   takes only parameters that require grad);
 * inference never needs them: :func:`drop_momentum_state` strips them from a state dict.
 
-Why not ``fairseq.modules.EMAModule`` (data2vec's teacher): it EMA-tracks ONE module through
-its ``state_dict`` keys and is a plain object, not an ``nn.Module``, so its copy is not moved by
-``model.to()``/``.half()`` nor saved with the model unless the owner adds ``state_dict`` hooks by
-hand (data2vec does), and it has no notion of "the update at which it was last applied". Here the
-trainable parts are scattered over the model (a CLS token and layer weights that are bare
-parameters, a transformer layer, a projection), and the update must be idempotent across a
-resume (fairseq calls ``set_num_updates`` again when it loads a checkpoint). The arithmetic
-itself is the same one-liner.
+Why not fairseq's ``EMAModule``: docs/design.md.
 
 Update once per optimizer update (ALBEF updates on every forward; under fairseq's
 ``update_freq > 1`` the online weights only change at an update): call

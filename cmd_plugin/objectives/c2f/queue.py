@@ -6,17 +6,8 @@ momentum embedding, and the image's identity ``(split code, image id)``. Pure to
 fairseq): an ``nn.Module`` whose state is registered buffers, so it is saved in checkpoints with
 the model that owns it and restored on resume.
 
-Differences from ALBEF/BLIP, each a fix for what their users hit:
-
-* any batch size (fairseq's ``max_tokens`` batches vary; last batches are short): no
-  ``queue_size % batch_size`` assert. Writing a batch of n items equals writing its items one
-  by one in order: item t goes to slot ``(ptr + t) % Q``, a batch larger than the queue leaves
-  only its last Q items.
-* empty slots are never negatives: :meth:`EmbeddingQueue.entries` returns only filled slots
-  (ALBEF starts from random vectors that act as negatives until overwritten).
-* identity is split-aware, ``(split code, image id)``: image ids of two splits never collide.
-* filled from the global batch (:func:`enqueue_global_batch`), so every data-parallel worker
-  holds the same queue (a queue per worker diverges).
+Empty slots are never negatives; identities are split-aware; any batch size; every worker holds the
+same queue (filled from the global batch). How this differs from ALBEF/BLIP: docs/design.md.
 """
 
 from typing import Optional, Tuple

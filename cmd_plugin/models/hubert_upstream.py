@@ -7,13 +7,23 @@ a downstream model can learn a weighted sum of layers.
 import logging
 import os
 import threading
+from argparse import Namespace
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quiet import building_hubert
+from ..quiet import building_hubert, import_fairseq
+
+import_fairseq()  # before fairseq's modules: without its known-harmless import-time notes
+
+from fairseq import checkpoint_utils, tasks
+from fairseq.data.dictionary import Dictionary
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from omegaconf import open_dict
+
+from ..checkpoints import load_checkpoint_state
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +74,8 @@ def _fine_tuned_encoder(checkpoint_path: str, state):
     on a config key HubertCtcConfig lacks, ``autoregressive``; building the encoder alone
     needs neither that nor the label dictionaries, whose sizes are taken from the weights.)
     """
-    from argparse import Namespace
 
-    from fairseq import tasks
-    from fairseq.data.dictionary import Dictionary
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-    from omegaconf import open_dict
 
-    from ..checkpoints import load_checkpoint_state
 
     fine_tuned_cfg = state["cfg"]
     pre_cfg = fine_tuned_cfg.model.get("w2v_args")
@@ -127,9 +131,7 @@ def load_hubert_checkpoint(checkpoint_path: str):
     checkpoint, or that pickles classes fairseq checkpoints do not hold
     (:func:`cmd_plugin.checkpoints.safe_torch_load`).
     """
-    from fairseq import checkpoint_utils
 
-    from ..checkpoints import load_checkpoint_state
 
     if not os.path.isfile(checkpoint_path):
         raise FileNotFoundError(f"HuBERT checkpoint not found: {checkpoint_path}")

@@ -34,6 +34,7 @@ import_fairseq()  # before fairseq's modules: without its known-harmless import-
 
 from fairseq import metrics
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
@@ -237,8 +238,6 @@ class SpeechImageTask(FairseqTask):
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         """FairseqTask.train_step, with non-finite batches reported and kept out of the gradients."""
-        from fairseq.optim.amp_optimizer import AMPOptimizer
-
         criterion.set_update_num(update_num)
         if self._train_batches:
             criterion.set_epoch_batches(self._train_batches)

@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ...distributed import gather_with_local_grad
+from ...distributed import data_parallel_group_and_size, gather_with_local_grad
 
 __all__ = [
     "EmbeddingQueue",
@@ -166,8 +166,6 @@ def enqueue_global_batch(
     is never its own queue negative.
     """
     if world_size is None:
-        from ...distributed import data_parallel_group_and_size
-
         group, world_size = data_parallel_group_and_size(group)
     queue.enqueue(
         gather_global(speech, group, world_size),

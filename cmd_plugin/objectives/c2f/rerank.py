@@ -20,6 +20,7 @@ from typing import Callable, Dict, Sequence, Tuple
 import torch
 
 from ...recall import _check_ks
+from .multimodal import match_score
 
 __all__ = ["RerankResult", "SequencePairScorer", "sic_topk", "rerank", "reranked_recall"]
 
@@ -214,8 +215,6 @@ class SequencePairScorer:
     """
 
     def __init__(self, model, sequences, tokens, device=None, score_kind: str = "logit"):
-        from .multimodal import match_score
-
         if getattr(model, "multimodal", None) is None:
             raise ValueError("re-ranking needs a model with a matching head (model.multimodal_layers > 0)")
         self.model = model

@@ -30,7 +30,8 @@ def test_variant_parameter_counts():
     dim = 768
     counts = {v: sum(p.numel() for p in FusionEncoder(dim, attention=v).parameters()) for v in FUSION_ATTENTION_CHOICES}
     base = dim * dim + dim + 2 * dim  # FC + LayerNorm (the paper's Table 1)
-    assert counts == {"literal": base, "cosine": base + 1, "qkv": base + 3 * dim * dim + 2 * dim}
+    assert counts == {"literal": base, "cosine": base + 1, "qkv": base + 3 * dim * dim + 2 * dim,
+                      "uniform": base + dim * dim + dim}  # qkv's value projection, no query/key
     with pytest.raises(ValueError, match="fusion attention must be one of"):
         FusionEncoder(dim, attention="dot")
 
@@ -111,6 +112,18 @@ def test_cmd_drives_the_attention_onto_the_patch_the_query_asks_for(variant):
     before, after = _train_on_one_informative_patch(variant)
     assert before < 0.2  # 1/16 = 0.0625 is uniform
     assert after > 0.5, f"{variant}: mean attention on the informative patch {before:.3f} -> {after:.3f}"
+
+
+def test_uniform_control_pools_every_patch_alike_whatever_the_query():
+    torch.manual_seed(0)
+    fusion = FusionEncoder(16, attention="uniform")
+    patches = torch.randn(3, 7, 16)
+    out, attn = fusion(torch.randn(3, 16), patches, all_pairs=True, return_attention=True)
+    torch.testing.assert_close(attn, torch.full((3, 3, 7), 1 / 7))
+    torch.testing.assert_close(out[0], out[2])  # the query changes nothing
+    torch.testing.assert_close(out[0], fusion.mean_pooled(patches))
+    before, after = _train_on_one_informative_patch("uniform")
+    assert math.isclose(before, 1 / 16, abs_tol=1e-6) and math.isclose(after, 1 / 16, abs_tol=1e-6)
 
 
 def test_literal_fusion_cannot_learn_to_attend():

@@ -86,7 +86,7 @@ class CmdSpeechImageConfig(FairseqDataclass):
     fusion_attention: ChoiceEnum(FUSION_ATTENTION_CHOICES) = field(
         default="qkv",
         metadata={"help": "how Ω's speech query scores the patches (a choice; objectives/cmd/fusion.py): literal, "
-                  "cosine (1 parameter) or qkv (3E^2+2E parameters)"},
+                  "cosine (1 parameter), qkv (3E^2+2E parameters); uniform: a control with qkv's value projection"},
     )
     hubert_layer_states: ChoiceEnum(HUBERT_STATE_CHOICES) = field(
         default="superb",

@@ -13,6 +13,10 @@ How the attention logits are formed is the ``attention`` choice (the paper gives
   like the contrastive temperature): sharp whatever the patch norms; adds one parameter.
 * ``qkv``: learned query/key/value projections (E x E each; the key has no bias, which softmax
   would cancel), logits = Q·Kᵀ / √E as in a transformer's attention; adds 3E² + 2E parameters.
+* ``uniform``: a control, not a method: every patch weighs 1/N whatever the speech (F' of the
+  mean-pooled noisy patches), with ``qkv``'s value projection, FC and LayerNorm (the query and key
+  projections would get no gradient, so they are not built). It separates "a second contrastive
+  head on noisy patches" from "speech-guided attention".
 """
 
 import math
@@ -22,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-FUSION_ATTENTION_CHOICES = ("literal", "cosine", "qkv")
+FUSION_ATTENTION_CHOICES = ("literal", "cosine", "qkv", "uniform")
 
 
 class FusionEncoder(nn.Module):
@@ -37,7 +41,10 @@ class FusionEncoder(nn.Module):
         self.dim = dim
         self.attention = attention
         self.max_logit_scale = max_logit_scale
-        if attention == "qkv":
+        if attention == "uniform":
+            self.q_proj = self.k_proj = nn.Identity()
+            self.v_proj = nn.Linear(dim, dim)
+        elif attention == "qkv":
             # no key bias: q·b_k is the same for every patch of an image, so softmax cancels it
             # (its gradient is exactly zero)
             self.q_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
@@ -51,6 +58,9 @@ class FusionEncoder(nn.Module):
 
     def attention_logits(self, queries: torch.Tensor, keys: torch.Tensor, all_pairs: bool) -> torch.Tensor:
         """queries (Q, E), keys (P, N, E) -> logits (Q, P, N) if all_pairs else (Q, N) with Q == P."""
+        if self.attention == "uniform":
+            shape = (queries.size(0), keys.size(0), keys.size(1)) if all_pairs else (keys.size(0), keys.size(1))
+            return keys.new_zeros(shape)
         if self.attention == "cosine":
             queries, keys = F.normalize(queries, dim=-1), F.normalize(keys, dim=-1)
             scale = self.logit_scale.clamp(max=math.log(self.max_logit_scale)).exp()

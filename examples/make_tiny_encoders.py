@@ -16,7 +16,7 @@ try:
 except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cmd_plugin.tiny_encoders import make_tiny_clip, make_tiny_hubert
+from cmd_demo.tiny_encoders import make_tiny_clip, make_tiny_hubert
 
 
 def main(argv=None):

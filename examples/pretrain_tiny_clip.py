@@ -24,7 +24,7 @@ try:
 except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cmd_plugin.clip_pretraining import ClipPretrainingConfig, pretrain_clip
+from cmd_demo.clip_pretraining import ClipPretrainingConfig, pretrain_clip
 from cmd_plugin.data.manifest import ManifestError, read_manifest
 from cmd_plugin.models.clip_upstream import register_model_config
 

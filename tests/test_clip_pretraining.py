@@ -1,4 +1,4 @@
-"""Image-text pre-training of the tiny CLIP (cmd_plugin/clip_pretraining.py)."""
+"""Image-text pre-training of the tiny CLIP (cmd_demo/clip_pretraining.py)."""
 
 import os
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from cmd_plugin.clip_pretraining import (
+from cmd_demo.clip_pretraining import (
     ClipPretrainingConfig,
     captions_by_image,
     distinct_image_batches,
@@ -76,7 +76,7 @@ def scene_manifest(tmp_path_factory):
 def test_pretraining_aligns_captions_with_images_and_writes_loadable_weights(tiny_encoders, scene_manifest, tmp_path):
     import open_clip
 
-    from cmd_plugin.clip_pretraining import _load_images
+    from cmd_demo.clip_pretraining import _load_images
     from cmd_plugin.models.clip_upstream import ClipImageUpstream, register_model_config
 
     name = tiny_encoders["image_model"]

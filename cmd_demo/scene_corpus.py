@@ -1,5 +1,4 @@
-#!/usr/bin/env python3
-"""Generate a small spoken-scene corpus in the Flickr 8k Audio Caption Corpus layout.
+"""The spoken-scene corpus of the CPU demo, in the Flickr 8k Audio Caption Corpus layout.
 
 Every image is a rendered scene of 1-3 object groups (shape, colour, size, position, count) on a
 coloured, lightly patterned background; each image gets several spoken captions, each a
@@ -14,21 +13,17 @@ the real corpus, so that ``examples/prepare_flickr8k.py`` reads it unchanged::
     OUT/Flickr8k_text/Flickr_8k.{train,dev,test}Images.txt, Flickr8k.token.txt
     OUT/scene_corpus.json                    (extra: seed, options and each image's scene)
 
-Everything (stems, scenes, captions, speakers, pixels, audio bytes) is a function of ``--seed``
-and the size options. The corpus is written into ``OUT.tmp-<pid>`` and renamed to ``OUT`` only
-when complete, so an interrupted run never leaves a corpus that looks finished.
+Everything (stems, scenes, captions, speakers, pixels, audio bytes) is a function of the seed
+and the size options: :func:`plan_corpus` draws every random choice, sequentially from one
+seeded generator, and the rendering and synthesis that follow are pure functions of the plan.
+:func:`generate_corpus` writes into ``OUT.tmp-<pid>`` and renames it to ``OUT`` only when
+complete, so an interrupted run never leaves a corpus that looks finished.
 
-Usage::
-
-    python examples/generate_scene_corpus.py --out-dir data/scenes --seed 1
-    python examples/generate_scene_corpus.py --out-dir /tmp/tiny --num-train-images 6 \\
-        --num-valid-images 2 --num-test-images 2 --overwrite
-
-Needs ``espeak-ng`` and ``sox`` on PATH (Debian/Ubuntu: ``apt-get install -y espeak-ng sox``)
-and Pillow.
+Its CLI is ``examples/generate_scene_corpus.py``; :mod:`cmd_demo.minimal_pairs` draws its scenes
+with the same vocabulary and rules. Needs ``espeak-ng`` and ``sox`` on PATH (Debian/Ubuntu:
+``apt-get install -y espeak-ng sox``) and Pillow.
 """
 
-import argparse
 import contextlib
 import json
 import math
@@ -36,7 +31,6 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import wave
@@ -595,49 +589,16 @@ def generate_corpus(out_dir: str, seed: int = 1, num_train: int = 400, num_valid
     return summary
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Generate a seeded spoken-scene corpus in the Flickr 8k Audio Caption Corpus layout.")
-    p.add_argument("--out-dir", required=True, help="corpus root to create (holds flickr_audio/, ...)")
-    p.add_argument("--seed", type=int, default=1, help="seed for every random choice")
-    p.add_argument("--num-train-images", type=int, default=400)
-    p.add_argument("--num-valid-images", type=int, default=50, help="written to Flickr_8k.devImages.txt")
-    p.add_argument("--num-test-images", type=int, default=100)
-    p.add_argument("--captions-per-image", type=int, default=5)
-    p.add_argument("--image-size", type=int, default=224, help="side of the square jpgs, in pixels")
-    p.add_argument("--num-speakers", type=int, default=40,
-                   help="size of the pool of espeak-ng voice/variant/rate/pitch combinations")
-    p.add_argument("--speech-rates", type=int, nargs="+", default=None, metavar="WPM",
-                   help=f"espeak-ng speaking rates (words per minute) the speakers are drawn from "
-                        f"(default: {' '.join(map(str, ESPEAK_RATES))})")
-    p.add_argument("--num-workers", type=int, default=0, help="parallel jobs (0: one per CPU, at most 8)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out-dir")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        summary = generate_corpus(
-            args.out_dir, seed=args.seed, num_train=args.num_train_images,
-            num_valid=args.num_valid_images, num_test=args.num_test_images,
-            captions_per_image=args.captions_per_image, image_size=args.image_size,
-            num_speakers=args.num_speakers, num_workers=args.num_workers, overwrite=args.overwrite,
-            speech_rates=args.speech_rates)
-    except (ToolMissingError, FileExistsError, ValueError) as e:
-        print(f"generate_scene_corpus: error: {e}", file=sys.stderr)
-        return 2
+def format_summary(summary: Dict) -> str:
+    """What the CLI prints of :func:`generate_corpus`'s summary (the splits named train / valid / test)."""
     im = summary["images"]
-    print(f"Wrote {summary['out_dir']} in {summary['seconds']} s (seed {summary['seed']}):")
-    print(f"  images: {im['train']} train / {im['valid']} valid / {im['test']} test, "
-          f"{summary['image_size']}x{summary['image_size']} jpg")
-    print(f"  utterances: {summary['utterances']} ({summary['captions_per_image']} per image), "
-          f"{summary['speakers']} speakers, {summary['audio_hours'] * 60:.1f} min of 16 kHz audio")
-    print("  sample captions:")
-    for caption in summary["sample_captions"]:
-        print(f"    {caption}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    lines = [
+        f"Wrote {summary['out_dir']} in {summary['seconds']} s (seed {summary['seed']}):",
+        f"  images: {im['train']} train / {im['valid']} valid / {im['test']} test, "
+        f"{summary['image_size']}x{summary['image_size']} jpg",
+        f"  utterances: {summary['utterances']} ({summary['captions_per_image']} per image), "
+        f"{summary['speakers']} speakers, {summary['audio_hours'] * 60:.1f} min of 16 kHz audio",
+        "  sample captions:",
+    ]
+    lines += [f"    {caption}" for caption in summary["sample_captions"]]
+    return "\n".join(lines)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from cmd_demo import scene_corpus
 from cmd_demo.clip_pretraining import (
     ClipPretrainingConfig,
     captions_by_image,
@@ -14,17 +15,6 @@ from cmd_demo.clip_pretraining import (
     text_to_image_recall,
 )
 from cmd_plugin.data.manifest import ManifestError, SpeechImageManifest
-
-
-def _load_generator():
-    import importlib.util
-
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
-                          "generate_scene_corpus.py")
-    spec = importlib.util.spec_from_file_location("generate_scene_corpus", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_batches_hold_distinct_images_and_visit_all_equally():
@@ -61,12 +51,11 @@ def test_captions_are_grouped_per_image_and_missing_text_names_the_file(tmp_path
 
 @pytest.fixture(scope="module")
 def scene_manifest(tmp_path_factory):
-    generator = _load_generator()
     root = tmp_path_factory.mktemp("scenes")
     images, texts = [], []
-    for planned in generator.plan_corpus(seed=3, num_train=24, num_valid=0, num_test=0, num_speakers=5):
+    for planned in scene_corpus.plan_corpus(seed=3, num_train=24, num_valid=0, num_test=0, num_speakers=5):
         name = planned.stem + ".jpg"
-        generator.render_scene(planned.scene, 64).save(root / name)
+        scene_corpus.render_scene(planned.scene, 64).save(root / name)
         for caption in planned.spoken:
             images.append(name)
             texts.append(caption)

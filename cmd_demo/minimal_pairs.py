@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
-"""Write a minimal-pairs test set for the spoken-scene corpus, in the Flickr 8k layout.
+"""The minimal-pairs test set of the spoken-scene corpus (CPU demo), in the Flickr 8k layout.
 
-For each *base* scene (drawn like ``generate_scene_corpus.py`` draws its scenes), one *variant*
+For each *base* scene (drawn like :mod:`cmd_demo.scene_corpus` draws its scenes), one *variant*
 per attribute differs from it in exactly one described attribute:
 
     colour / shape / count / size / position   of one object group
@@ -10,8 +9,8 @@ per attribute differs from it in exactly one described attribute:
 The base's captions are spoken (every one names every group's count, size, colour, shape and
 position, and here always the background too, so that every caption tells every pair apart);
 the variants are only images. A model that aligns the words with the picture scores the base
-image above each variant for the base's captions; ``examples/score_minimal_pairs.py`` measures
-how often it does, per attribute (chance 50 %).
+image above each variant for the base's captions; :mod:`cmd_demo.minimal_pairs_scoring`
+(``examples/score_minimal_pairs.py``) measures how often it does, per attribute (chance 50 %).
 
 Changes keep the generator's rules: a new colour keeps ``MIN_COLOUR_CONTRAST`` with the
 background, a new background keeps it with every object, a group moves to a free position,
@@ -36,24 +35,17 @@ Layout (``examples/prepare_flickr8k.py --splits test`` reads it)::
                                                 and the groups: base, its wavs, its variants
                                                 with attribute, object and from -> to
 
-Usage::
-
-    python examples/generate_minimal_pairs.py --out-dir work/minimal_pairs \\
-        --exclude-scenes work/corpus/scene_corpus.json
+Its CLI is ``examples/generate_minimal_pairs.py``.
 """
 
-import argparse
 import json
 import os
 import random
-import sys
 import time
 from dataclasses import replace
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import generate_scene_corpus as gen  # noqa: E402
+from cmd_demo import scene_corpus as gen
 
 PAIRS_FILE = "minimal_pairs.json"
 PAIRS_FORMAT = "cmd_plugin.minimal_pairs.v1"
@@ -353,36 +345,6 @@ def generate_minimal_pairs(out_dir: str, exclude_scenes: Sequence[str] = (), see
     return dict(meta, out_dir=out_dir, seconds=round(time.time() - start, 1))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Write a minimal-pairs test set (base scenes with spoken captions, one-attribute "
-                    "variants) in the Flickr 8k layout; score it with examples/score_minimal_pairs.py.")
-    p.add_argument("--out-dir", required=True, help="set root to create (holds flickr_audio/, minimal_pairs.json)")
-    p.add_argument("--exclude-scenes", action="append", default=[], metavar="JSON",
-                   help="a corpus's scene_corpus.json (the training corpus): none of its scenes, in any "
-                        "split, is a base or variant, and its speakers (flickr_audio/wav2spk.txt beside it) "
-                        "are avoided; repeatable")
-    p.add_argument("--no-exclude", action="store_true",
-                   help="make a set without --exclude-scenes (then it may contain training scenes)")
-    p.add_argument("--seed", type=int, default=1,
-                   help="the set's seed (its stream is seeded with 'minimal-pairs/<seed>', never a corpus's)")
-    p.add_argument("--num-bases", type=int, default=40, help="base scenes, each with one variant per attribute")
-    p.add_argument("--captions-per-base", type=int, default=3, help="spoken captions of each base")
-    p.add_argument("--attributes", nargs="+", choices=ATTRIBUTES, default=list(ATTRIBUTES),
-                   help="the attributes that get a variant")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="side of the jpgs (default: the excluded corpus's, else 224)")
-    p.add_argument("--speech-rates", type=int, nargs="+", default=None, metavar="WPM",
-                   help="espeak-ng rates the speakers are drawn from (default: the excluded corpus's)")
-    p.add_argument("--num-speakers", type=int, default=8, help="speakers of the set (its own voices)")
-    p.add_argument("--num-workers", type=int, default=0, help="parallel jobs (0: one per CPU, at most 8)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out-dir")
-    args = p.parse_args(argv)
-    if not args.exclude_scenes and not args.no_exclude:
-        p.error("give the training corpus's scene_corpus.json with --exclude-scenes (or --no-exclude to go without)")
-    return args
-
-
 def format_summary(record: Dict) -> str:
     counts = record["counts"]
     per = ", ".join(f"{a} {n}" for a, n in counts["variants_per_attribute"].items())
@@ -404,22 +366,3 @@ def format_summary(record: Dict) -> str:
         what = "background" if v["object"] is None else f"{v['attribute']} of the group {v['object']}"
         lines.append(f"    {v['stem']}: {what} {v['from']} -> {v['to']}")
     return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        record = generate_minimal_pairs(
-            args.out_dir, exclude_scenes=args.exclude_scenes, seed=args.seed, num_bases=args.num_bases,
-            captions_per_base=args.captions_per_base, image_size=args.image_size, speech_rates=args.speech_rates,
-            num_speakers=args.num_speakers, num_workers=args.num_workers, overwrite=args.overwrite,
-            attributes=args.attributes)
-    except (gen.ToolMissingError, FileExistsError, PairsError) as e:
-        print(f"generate_minimal_pairs: error: {e}", file=sys.stderr)
-        return 2
-    print(format_summary(record))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,30 +1,15 @@
-#!/usr/bin/env python
-"""Ablation harness on the demo's generated corpus: rows (method variants) x training seeds.
+"""The ablation harness of the CPU demo (``examples/ablation.py``): rows (method variants) x training seeds.
 
-    python examples/ablation.py --seeds 1 2 3                        # the default rows
-    python examples/ablation.py --rows sic cmd-cosine cmd-cosine-a0.5 --seeds 1 2 3
-
-Reuses the demo's stages and work dir (tiny encoders, corpus, manifests, pre-trained tiny CLIP;
-``examples/demo.py`` options apply). Each run trains the tiny config, keeps the checkpoint with the
-best valid mean R@1 (``checkpoint_best.pt``), and scores it on valid and test with eval_recall.py.
-A run whose records exist is reused, so an interrupted sweep resumes where it stopped. Prints one
-table of mean ± sd over seeds (test R@1/5/10 both directions and mean, plus the selection metric
-valid mean R@1), writes every figure to ``ablation.json`` and plots test mean R@1 against α
-(the paper's Figure 2) to ``ablation.png``.
-
-Rows: ``sic`` (α = 0: contrastive only) and ``cmd-VARIANT[-aALPHA]`` with VARIANT one of the
-fusion encoder's ``model.fusion_attention`` choices and ALPHA = criterion.cmd_weight (default 1);
-``cmd-qkv`` (the config's fusion, α = 1) is the SIC + CMD system.
-
-Coarse-to-fine rows (the second paper; config group ``examples/tiny/method/``): ``c2f`` (+method=c2f)
-and ``c2f-cmd`` (+method=c2f_cmd); ``c2f[-cmd]-rerankK[-simsic]`` re-scores the checkpoint of the
-``c2f[-cmd]`` run of the same seed (trained if missing, never retrained) with eval_recall.py
-``--rerank-k K`` (score: the match logit, or with ``-simsic`` match logit + SIC cosine).
-
-    python examples/ablation.py --rows sic cmd-qkv c2f c2f-cmd c2f-rerank10 c2f-rerank50 --seeds 1 2 3 --name ablation_c2f
+A row name maps to fairseq-hydra-train overrides (:func:`row_spec`, :func:`row_overrides`): ``sic``
+(alpha = 0), ``cmd-VARIANT[-aALPHA]`` (the fusion's ``model.fusion_attention`` and
+``criterion.cmd_weight``), ``c2f`` / ``c2f-cmd`` (the tiny config's method groups) and
+``c2f[-cmd]-rerankK[-simsic]`` (the same checkpoint re-scored with eval_recall.py ``--rerank-k K``).
+:func:`run_ablation` trains and scores every (row, seed) with the demo's stages
+(:mod:`cmd_demo.demo`), reusing runs whose records exist; :func:`aggregate` gives mean and sample
+standard deviation over seeds, :func:`format_table` the printed table and :func:`plot_alpha` the
+figure of test mean R@1 against alpha.
 """
 
-import argparse
 import json
 import logging
 import os
@@ -33,14 +18,8 @@ import statistics
 import sys
 import time
 
-EXAMPLES = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(EXAMPLES)
-sys.path.insert(0, EXAMPLES)
-sys.path.insert(0, REPO)
-
-from demo import add_corpus_arguments, build_inputs, train_and_score  # noqa: E402
-
-from cmd_plugin.objectives.cmd.fusion import FUSION_ATTENTION_CHOICES  # noqa: E402
+from cmd_demo.demo import EXAMPLES, build_inputs, run, train_and_score
+from cmd_plugin.objectives.cmd.fusion import FUSION_ATTENTION_CHOICES
 
 DEFAULT_ROWS = ["sic", "cmd-literal", "cmd-cosine", "cmd-qkv", "cmd-qkv-a0.25", "cmd-qkv-a0.5"]
 C2F_ROWS = ["sic", "cmd-qkv", "c2f", "c2f-cmd", "c2f-rerank10", "c2f-rerank50"]
@@ -178,8 +157,6 @@ def plot_alpha(table, path, title):
 def rescore(inputs, save_dir, k, score, splits=("valid", "test"), timings=None, tag=""):
     """Re-rank the checkpoint_best.pt of a trained coarse-to-fine run with eval_recall.py --rerank-k K;
     returns {split: record} with ``recall`` = the re-ranked figures (the SIC ones kept as ``sic_recall``)."""
-    from demo import run
-
     records = {}
     suffix = f"rerank{k}" + ("_simsic" if score == "sim+sic" else "")
     timings = {} if timings is None else timings
@@ -206,16 +183,10 @@ def write_json(record, path):
     os.replace(tmp, path)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_corpus_arguments(parser)
-    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help=f"rows to run (default: {DEFAULT_ROWS})")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="training seeds (common.seed)")
-    parser.add_argument("--out-dir", default=None, help="runs, JSON and plot (default: WORK_DIR/ablation)")
-    parser.add_argument("--name", default="ablation",
-                        help="file name stem of the table's record: OUT_DIR/NAME_u<max_update>.json and .png "
-                             "(several tables can share the runs of one out dir)")
-    args = parser.parse_args(argv)
+def run_ablation(args, argv=None):
+    """The sweep with the options of ``examples/ablation.py`` (the demo's corpus options, ``rows``,
+    ``seeds``, ``out_dir``, ``name``): train or reuse each run, print the table, write NAME_u<updates>.json
+    and .png. ``argv`` (default: ``sys.argv[1:]``) goes into the record's ``command``."""
     rows = list(dict.fromkeys(args.rows))
     specs = {row: row_spec(row) for row in rows}  # bad row names fail before any work
     overrides = {row: spec["overrides"] for row, spec in specs.items()}
@@ -298,7 +269,3 @@ def main(argv=None):
     print(f"record: {stem}.json; plot: {plot}")
     print(f"{trained} runs trained, {len(rows) * len(args.seeds) - trained - rescored} reused"
           + (f", {rescored} re-scored" if rescored else "") + f"; {time.time() - t0:.0f}s")
-
-
-if __name__ == "__main__":
-    main()

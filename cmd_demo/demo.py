@@ -1,22 +1,28 @@
-#!/usr/bin/env python
-"""The built-in default, end to end, offline on the CPU: tiny encoders -> generated spoken-scene
-corpus (Flickr 8k layout) -> prepare_flickr8k.py -> a speech upstream made with fairseq's own HuBERT
-recipe on the training split (train_hubert_upstream.py: MFCC k-means, pre-training, CTC fine-tuning)
--> tiny CLIP image-text pre-training on the training split's written captions -> fairseq-hydra-train
-with the upstream frozen, as in the paper -> eval_recall.py -> the minimal-pairs test -> search.
+"""The stages of the CPU demo (``examples/demo.py``) and of the ablation harness (``examples/ablation.py``).
 
-Each stage runs the same command a user runs on real data; stages whose output already exists
-are skipped, so a second run only retrains (or pass --fresh). ``--ablation`` also trains with
-alpha = 0 on the same corpus and prints both rows next to chance.
+Each stage runs, in a subprocess, the same script of ``examples/`` a user runs on real data: tiny
+encoders -> generated spoken-scene corpus (Flickr 8k layout) -> prepare_flickr8k.py -> a speech
+upstream made with fairseq's own HuBERT recipe on the training split (train_hubert_upstream.py)
+-> tiny CLIP image-text pre-training on the training split's written captions ->
+fairseq-hydra-train on ``examples/tiny`` with the upstreams frozen -> eval_recall.py -> the
+minimal-pairs test -> spoken image search. A stage whose output already exists under the work
+directory is skipped (:func:`build_inputs`). The scripts are the checkout's (``REPO/examples``):
+this package is meant to be installed editable from the checkout.
 """
 
-import argparse
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+
+import torch
+
+from cmd_demo.minimal_pairs_scoring import format_table as format_minimal_pairs
+from cmd_plugin.checkpoints import load_checkpoint_state
+from cmd_plugin.data.manifest import read_manifest
+from cmd_plugin.recall import format_recall_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "examples")
@@ -59,8 +65,6 @@ def check_corpus(corpus, args):
 def search_demo(py, work, manifests, checkpoint, num_queries=3, top_k=10):
     """Spoken image search on the test split: index its images, query with spoken test captions
     (transcripts from test.wrd), write the results page. Returns (page path, query record)."""
-    from cmd_plugin.data.manifest import read_manifest
-
     test = read_manifest(manifests, "test")
     search_dir = os.path.join(work, "search")
     images = os.path.join(search_dir, "test_images")
@@ -101,10 +105,6 @@ def search_demo(py, work, manifests, checkpoint, num_queries=3, top_k=10):
 
 def learned_layer_weights(checkpoint):
     """softmax(layer_weights) of a trained model: how it mixes the upstream's layer states."""
-    import torch
-
-    from cmd_plugin.checkpoints import load_checkpoint_state
-
     state = load_checkpoint_state(checkpoint, what="cmd_plugin checkpoint")["model"]
     key = next(k for k in state if k.endswith("layer_weights"))
     return torch.softmax(state[key].float(), dim=0).tolist()
@@ -129,15 +129,6 @@ def minimal_pairs_stage(work, checkpoint, timings):
         return json.load(f)
 
 
-def format_minimal_pairs(record):
-    sys.path.insert(0, EXAMPLES)
-    try:
-        from score_minimal_pairs import format_table
-    finally:
-        sys.path.pop(0)
-    return format_table(record)
-
-
 def add_corpus_arguments(parser):
     """Options of the shared stages (encoders, corpus, CLIP pre-training): demo and ablation harness."""
     parser.add_argument("--work-dir", default=os.path.join(REPO, "work_dirs", "demo"), help="where everything is written")
@@ -156,6 +147,9 @@ def add_corpus_arguments(parser):
 def build_inputs(args, timings):
     """Run (or reuse) the stages before training: tiny encoders, corpus, manifests, CLIP
     pre-training. Returns the paths training needs; stage times go into ``timings``."""
+    if not os.path.isdir(EXAMPLES):
+        raise SystemExit(f"{EXAMPLES}: not found; the demo runs the scripts of the checkout's examples/ "
+                         "(install the checkout: pip install --no-build-isolation -e .)")
     work = os.path.abspath(args.work_dir)
     if args.fresh and os.path.isdir(work):
         shutil.rmtree(work)
@@ -247,17 +241,9 @@ def train_and_score(inputs, save_dir, overrides, seed, max_update, log_path, spl
     return records
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_corpus_arguments(parser)
-    parser.add_argument("--train-seed", type=int, default=None,
-                        help="fairseq training seed (default: --seed); another value retrains on the same corpus")
-    parser.add_argument("--ablation", action="store_true", help="also train alpha = 0 (no CMD) and print both rows")
-    args = parser.parse_args(argv)
-
-    sys.path.insert(0, REPO)
-    from cmd_plugin.recall import format_recall_rows
-
+def run_demo(args):
+    """The whole demo with the options of ``examples/demo.py`` (:func:`add_corpus_arguments`,
+    ``train_seed``, ``ablation``): train, score and print the tables, the minimal pairs and search."""
     timings = {}
     t0 = time.time()
     inputs = build_inputs(args, timings)
@@ -301,7 +287,3 @@ def main(argv=None):
     print(f"  {sys.executable} {os.path.join(EXAMPLES, 'search.py')} serve --checkpoint {record['checkpoint']} "
           f"--index {index}   # then open http://127.0.0.1:7860")
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {time.time() - t0:.0f}s")
-
-
-if __name__ == "__main__":
-    main()

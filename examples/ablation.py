@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Ablation harness on the demo's generated corpus: rows (method variants) x training seeds.
+
+    python examples/ablation.py --seeds 1 2 3                        # the default rows
+    python examples/ablation.py --rows sic cmd-cosine cmd-cosine-a0.5 --seeds 1 2 3
+
+Reuses the demo's stages and work dir (tiny encoders, corpus, manifests, pre-trained tiny CLIP;
+``examples/demo.py`` options apply). Each run trains the tiny config, keeps the checkpoint with the
+best valid mean R@1 (``checkpoint_best.pt``), and scores it on valid and test with eval_recall.py.
+A run whose records exist is reused, so an interrupted sweep resumes where it stopped. Prints one
+table of mean ± sd over seeds (test R@1/5/10 both directions and mean, plus the selection metric
+valid mean R@1), writes every figure to ``ablation.json`` and plots test mean R@1 against α
+(the paper's Figure 2) to ``ablation.png``.
+
+Rows: ``sic`` (α = 0: contrastive only) and ``cmd-VARIANT[-aALPHA]`` with VARIANT one of the
+fusion encoder's ``model.fusion_attention`` choices and ALPHA = criterion.cmd_weight (default 1);
+``cmd-qkv`` (the config's fusion, α = 1) is the SIC + CMD system.
+
+Coarse-to-fine rows (the second paper; config group ``examples/tiny/method/``): ``c2f`` (+method=c2f)
+and ``c2f-cmd`` (+method=c2f_cmd); ``c2f[-cmd]-rerankK[-simsic]`` re-scores the checkpoint of the
+``c2f[-cmd]`` run of the same seed (trained if missing, never retrained) with eval_recall.py
+``--rerank-k K`` (score: the match logit, or with ``-simsic`` match logit + SIC cosine).
+
+    python examples/ablation.py --rows sic cmd-qkv c2f c2f-cmd c2f-rerank10 c2f-rerank50 --seeds 1 2 3 --name ablation_c2f
+"""
+
+import argparse
+
+from cmd_demo.ablation import DEFAULT_ROWS, run_ablation
+from cmd_demo.demo import add_corpus_arguments
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_corpus_arguments(parser)
+    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help=f"rows to run (default: {DEFAULT_ROWS})")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="training seeds (common.seed)")
+    parser.add_argument("--out-dir", default=None, help="runs, JSON and plot (default: WORK_DIR/ablation)")
+    parser.add_argument("--name", default="ablation",
+                        help="file name stem of the table's record: OUT_DIR/NAME_u<max_update>.json and .png "
+                             "(several tables can share the runs of one out dir)")
+    args = parser.parse_args(argv)
+    run_ablation(args, argv)
+
+
+if __name__ == "__main__":
+    main()

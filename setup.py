@@ -28,7 +28,9 @@ setup(
     # 3.10: fairseq installed from source (hydra-core 1.0 / omegaconf 2.0 do not run on 3.11);
     # 3.11+: fairseq-fixed
     python_requires=">=3.10",
-    packages=find_packages(include=["cmd_plugin", "cmd_plugin.*"])
+    # cmd_demo: the CPU demo's, the tests' and the benchmarks' scaffolding (tiny encoders, the generated
+    # corpus, the ablation harness), beside the plugin; cmd_plugin never imports it
+    packages=find_packages(include=["cmd_plugin", "cmd_plugin.*", "cmd_demo", "cmd_demo.*"])
     # hydra discovers plugins in the ``hydra_plugins`` namespace package (no __init__.py there)
     + find_namespace_packages(include=["hydra_plugins.*"]),
     # ranges tested in both environments (README, "Compatibility"); fairseq itself is not listed

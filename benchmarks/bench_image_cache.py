@@ -52,7 +52,7 @@ def main():
     from cmd_plugin.models.clip_upstream import ClipImageUpstream
     from cmd_plugin.models.cmd_speech_image import CmdSpeechImageConfig, CmdSpeechImageModel
     from cmd_plugin.tasks.speech_image import image_transform
-    from cmd_plugin.tiny_encoders import make_hubert_checkpoint
+    from cmd_demo.tiny_encoders import make_hubert_checkpoint
 
     torch.manual_seed(0)
     bsz = args.batch_size

@@ -3,8 +3,8 @@
 
 Two image sets are written to a temporary directory:
 
-* ``scene``: the generated corpus's images (``examples/generate_scene_corpus.py``'s own
-  ``sample_scene`` + ``render_scene``, 224 x 224 JPEG, as that script saves them);
+* ``scene``: the generated corpus's images (``cmd_demo/scene_corpus.py``'s own
+  ``sample_scene`` + ``render_scene``, 224 x 224 JPEG, as the generator saves them);
 * ``coco-like``: 640 x 480 JPEGs at quality 90 of smooth colour fields plus pixel noise, the
   size and file size range of COCO 2014 images (~100-200 kB); real photographs decode at
   similar cost per pixel.
@@ -30,8 +30,8 @@ from PIL import Image
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
-sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
 
+from cmd_demo.scene_corpus import render_scene, sample_scene  # noqa: E402
 from cmd_plugin.data import corpus_utils  # noqa: E402
 
 SPOKENCOCO_IMAGES = 123_287
@@ -39,8 +39,6 @@ FLICKR8K_IMAGES = 8_091
 
 
 def write_scene_images(directory, n, seed=0):
-    from generate_scene_corpus import render_scene, sample_scene
-
     rng = random.Random(seed)
     paths = []
     for i in range(n):

@@ -2,7 +2,7 @@
 paper's real upstream ARCHITECTURES (HuBERT-Large + CLIP ViT-L/14), random weights, CPU.
 
 Nothing is downloaded: HuBERT-Large is a random-weight checkpoint in the released layout
-(``cmd_plugin.tiny_encoders.make_hubert_checkpoint``), CLIP is open_clip's ``ViT-L-14-quickgelu``
+(``cmd_demo.tiny_encoders.make_hubert_checkpoint``), CLIP is open_clip's ``ViT-L-14-quickgelu``
 with random init (``image_pretrained=""``). Memory and parameter counts do not depend on the
 weights' values.
 
@@ -172,7 +172,7 @@ def make_sample(batch_size, seconds, image_size, seed=0):
 
 
 def measure_ckpt(args):
-    from cmd_plugin.tiny_encoders import make_hubert_checkpoint
+    from cmd_demo.tiny_encoders import make_hubert_checkpoint
 
     t0 = time.perf_counter()
     make_hubert_checkpoint(args.hubert_path, size="large", seed=0)

@@ -9,14 +9,8 @@ DIR/tiny_clip/{<model name>.json, open_clip_pytorch_model.bin}.
 
 import argparse
 import os
-import sys
 
-try:
-    import cmd_plugin  # noqa: F401
-except ImportError:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from cmd_plugin.tiny_encoders import make_tiny_clip, make_tiny_hubert
+from cmd_demo.tiny_encoders import make_tiny_clip, make_tiny_hubert
 
 
 def main(argv=None):

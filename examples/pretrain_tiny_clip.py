@@ -19,12 +19,7 @@ import logging
 import os
 import sys
 
-try:
-    import cmd_plugin  # noqa: F401
-except ImportError:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from cmd_plugin.clip_pretraining import ClipPretrainingConfig, pretrain_clip
+from cmd_demo.clip_pretraining import ClipPretrainingConfig, pretrain_clip
 from cmd_plugin.data.manifest import ManifestError, read_manifest
 from cmd_plugin.models.clip_upstream import register_model_config
 

@@ -19,7 +19,7 @@ import tempfile
 import torch
 from omegaconf import OmegaConf
 
-from cmd_plugin.tiny_encoders import _TINY_CONV_LAYERS, _atomic_torch_save
+from cmd_demo.tiny_encoders import _TINY_CONV_LAYERS, _atomic_torch_save
 
 _TINY_TRANSFORMER = dict(
     encoder_layers=2, encoder_embed_dim=64, encoder_ffn_embed_dim=128, encoder_attention_heads=2,

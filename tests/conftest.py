@@ -30,7 +30,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_encoders(tmp_path_factory):
     """Tiny HuBERT (release layout, normalize=True) and tiny open_clip model, built once."""
-    from cmd_plugin.tiny_encoders import make_tiny_clip, make_tiny_hubert
+    from cmd_demo.tiny_encoders import make_tiny_clip, make_tiny_hubert
 
     root = tmp_path_factory.mktemp("tiny_encoders")
     hubert = make_tiny_hubert(str(root / "tiny_hubert.pt"), seed=0)

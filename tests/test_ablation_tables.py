@@ -1,12 +1,8 @@
 """The ablation harness's pure parts: row names, mean ± sd over seeds, the selected validation line."""
 
-import os
-import sys
-
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-from ablation import aggregate, best_valid_line, format_table, row_overrides  # noqa: E402
+from cmd_demo.ablation import aggregate, best_valid_line, format_table, row_overrides
 
 
 def test_row_names_map_to_overrides():
@@ -47,7 +43,7 @@ def test_best_valid_line_is_the_last_of_equal_best_mean_r1():
 
 
 def test_coarse_to_fine_rows_map_to_method_groups_and_reranking_reuses_the_trained_run():
-    from ablation import C2F_ROWS, row_spec
+    from cmd_demo.ablation import C2F_ROWS, row_spec
 
     assert row_spec("c2f") == {"overrides": ["+method=c2f"], "alpha": 0.0, "variant": None, "base": None,
                                "rerank_k": 0, "rerank_score": "sim"}

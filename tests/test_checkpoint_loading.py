@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from checkpoint_layouts import make_tiny_data2vec_audio, make_tiny_hubert_ctc, make_tiny_wav2vec2
+from cmd_demo.tiny_encoders import TINY_HUBERT_LAYERS
 from cmd_plugin.checkpoints import CheckpointError, load_checkpoint_state, safe_torch_load
 from cmd_plugin.models.hubert_upstream import HubertUpstream
-from cmd_plugin.tiny_encoders import TINY_HUBERT_LAYERS
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Image-text pre-training of the tiny CLIP (cmd_plugin/clip_pretraining.py)."""
+"""Image-text pre-training of the tiny CLIP (cmd_demo/clip_pretraining.py)."""
 
 import os
 
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from cmd_plugin.clip_pretraining import (
+from cmd_demo import scene_corpus
+from cmd_demo.clip_pretraining import (
     ClipPretrainingConfig,
     captions_by_image,
     distinct_image_batches,
@@ -14,17 +15,6 @@ from cmd_plugin.clip_pretraining import (
     text_to_image_recall,
 )
 from cmd_plugin.data.manifest import ManifestError, SpeechImageManifest
-
-
-def _load_generator():
-    import importlib.util
-
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
-                          "generate_scene_corpus.py")
-    spec = importlib.util.spec_from_file_location("generate_scene_corpus", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_batches_hold_distinct_images_and_visit_all_equally():
@@ -61,12 +51,11 @@ def test_captions_are_grouped_per_image_and_missing_text_names_the_file(tmp_path
 
 @pytest.fixture(scope="module")
 def scene_manifest(tmp_path_factory):
-    generator = _load_generator()
     root = tmp_path_factory.mktemp("scenes")
     images, texts = [], []
-    for planned in generator.plan_corpus(seed=3, num_train=24, num_valid=0, num_test=0, num_speakers=5):
+    for planned in scene_corpus.plan_corpus(seed=3, num_train=24, num_valid=0, num_test=0, num_speakers=5):
         name = planned.stem + ".jpg"
-        generator.render_scene(planned.scene, 64).save(root / name)
+        scene_corpus.render_scene(planned.scene, 64).save(root / name)
         for caption in planned.spoken:
             images.append(name)
             texts.append(caption)
@@ -76,7 +65,7 @@ def scene_manifest(tmp_path_factory):
 def test_pretraining_aligns_captions_with_images_and_writes_loadable_weights(tiny_encoders, scene_manifest, tmp_path):
     import open_clip
 
-    from cmd_plugin.clip_pretraining import _load_images
+    from cmd_demo.clip_pretraining import _load_images
     from cmd_plugin.models.clip_upstream import ClipImageUpstream, register_model_config
 
     name = tiny_encoders["image_model"]

@@ -15,6 +15,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
+from cmd_demo.tiny_encoders import make_tiny_clip
 from cmd_plugin.data.image_cache import (
     CachedImages,
     ImageCacheError,
@@ -25,7 +26,6 @@ from cmd_plugin.data.image_cache import (
 )
 from cmd_plugin.data.manifest import SpeechImageManifest, read_manifest, write_manifest
 from cmd_plugin.models.clip_upstream import ClipImageUpstream
-from cmd_plugin.tiny_encoders import make_tiny_clip
 from test_model import build_model, criterion, make_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

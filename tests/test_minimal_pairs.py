@@ -1,7 +1,8 @@
-"""The minimal-pairs test set (examples/generate_minimal_pairs.py) and its scorer
-(examples/score_minimal_pairs.py): variants differ from their base in exactly one described
-attribute and never repeat a training scene; the layout is Flickr 8k's; the scoring arithmetic;
-the CLI end to end on a tiny checkpoint; bad input named.
+"""The minimal-pairs test set (cmd_demo/minimal_pairs.py, CLI examples/generate_minimal_pairs.py)
+and its scorer (cmd_demo/minimal_pairs_scoring.py, CLI examples/score_minimal_pairs.py): variants
+differ from their base in exactly one described attribute and never repeat a training scene; the
+layout is Flickr 8k's; the scoring arithmetic; the CLI end to end on a tiny checkpoint; bad input
+named.
 
 The generator runs the real espeak-ng and sox (the tests fail, not skip, without them)."""
 
@@ -16,6 +17,9 @@ import sys
 import numpy as np
 import pytest
 
+from cmd_demo import minimal_pairs as mp
+from cmd_demo import minimal_pairs_scoring as score
+from cmd_demo import scene_corpus as gen
 from test_search import make_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,9 +35,8 @@ def _load(name):
     return module
 
 
-mp = _load("generate_minimal_pairs")
-gen = mp.gen  # the generate_scene_corpus module it reuses
-score = _load("score_minimal_pairs")
+mp_cli = _load("generate_minimal_pairs")
+score_cli = _load("score_minimal_pairs")
 flickr = _load("prepare_flickr8k")
 
 
@@ -218,18 +221,18 @@ def test_layout_is_flickr8k_and_prepare_flickr8k_reads_its_test_split(pairs, tmp
 
 def test_cli_refuses_to_run_without_an_exclusion_and_names_a_broken_scene_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        mp.parse_args(["--out-dir", str(tmp_path / "p")])
+        mp_cli.parse_args(["--out-dir", str(tmp_path / "p")])
     assert exit_info.value.code == 2 and "--exclude-scenes" in capsys.readouterr().err
     broken = tmp_path / "scene_corpus.json"
     broken.write_text('{"scenes": {"1_a": {"background": "grey"')
-    assert mp.main(["--out-dir", str(tmp_path / "p"), "--exclude-scenes", str(broken)]) == 2
+    assert mp_cli.main(["--out-dir", str(tmp_path / "p"), "--exclude-scenes", str(broken)]) == 2
     err = capsys.readouterr().err
     assert str(broken) in err and "JSON" in err
     broken.write_text('{"scenes": {"1_a": {"background": "grey"}}}')
-    assert mp.main(["--out-dir", str(tmp_path / "p"), "--exclude-scenes", str(broken)]) == 2
+    assert mp_cli.main(["--out-dir", str(tmp_path / "p"), "--exclude-scenes", str(broken)]) == 2
     err = capsys.readouterr().err
     assert str(broken) in err and "scenes['1_a']" in err and "objects" in err
-    assert mp.main(["--out-dir", str(tmp_path / "p"), "--exclude-scenes", str(tmp_path / "none.json")]) == 2
+    assert mp_cli.main(["--out-dir", str(tmp_path / "p"), "--exclude-scenes", str(tmp_path / "none.json")]) == 2
     assert "none.json: scene file to exclude not found" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
 
@@ -371,7 +374,7 @@ def test_bad_sets_are_refused_before_the_model_loads_naming_the_file(pairs, tmp_
 
     def run(pairs_dir):
         with pytest.raises(SystemExit) as exit_info:
-            score.main(["--checkpoint", no_model, "--pairs-dir", str(pairs_dir)])
+            score_cli.main(["--checkpoint", no_model, "--pairs-dir", str(pairs_dir)])
         assert exit_info.value.code == 2
         return capsys.readouterr().err
 

@@ -1,6 +1,10 @@
 """Packaging that respects the user's environment: `pip install -e .` into an environment that already
-has fairseq adds only cmd_plugin, and importing cmd_plugin names an incompatible fairseq clearly."""
+has fairseq adds only cmd_plugin, and importing cmd_plugin names an incompatible fairseq clearly. The
+distribution installs the packages cmd_plugin and cmd_demo (the demo's and tests' scaffolding) side by
+side, and cmd_plugin never imports cmd_demo."""
 
+import ast
+import glob
 import json
 import os
 import subprocess
@@ -28,6 +32,63 @@ def test_pip_install_into_this_environment_adds_only_cmd_plugin(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     to_install = [item["metadata"]["name"].replace("_", "-").lower() for item in json.loads(report.read_text())["install"]]
     assert to_install == ["cmd-plugin"], to_install
+
+
+def test_the_wheel_installs_cmd_plugin_and_cmd_demo_and_nothing_of_the_checkout_besides(tmp_path):
+    # built outside the checkout (build, bdist and egg-info dirs in tmp_path): no stale build/ can leak in
+    egg, dist = tmp_path / "egg", tmp_path / "dist"
+    egg.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(egg), "build", "--build-base",
+         str(tmp_path / "build"), "bdist_wheel", "--bdist-dir", str(tmp_path / "bdist"), "--dist-dir", str(dist)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (wheel,) = dist.glob("cmd_plugin-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"cmd_plugin", "cmd_demo", "hydra_plugins"}
+    for package in ("cmd_plugin", "cmd_demo", "hydra_plugins"):  # every module of the checkout's packages
+        modules = glob.glob(os.path.join(REPO, package, "**", "*.py"), recursive=True)
+        assert len(modules) > 1 and sorted(n for n in names if n.startswith(package + "/")) == sorted(
+            os.path.relpath(m, REPO).replace(os.sep, "/") for m in modules)
+
+
+def imported_modules(source: str, filename: str):
+    """(line, module name) of every absolute import in ``source``, and of every ``import_module`` /
+    ``__import__`` / ``find_spec`` call on a literal name."""
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.append((node.lineno, node.module))
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if name in ("import_module", "__import__", "find_spec") and isinstance(node.args[0].value, str):
+                found.append((node.lineno, node.args[0].value))
+    return found
+
+
+def test_imported_modules_sees_every_way_of_importing_a_module():
+    source = ("import os, cmd_demo.demo as d\nfrom cmd_demo import scene_corpus\nfrom . import quiet\n"
+              "def f():\n    importlib.import_module('cmd_demo.ablation')\n    __import__('cmd_demo')\n")
+    assert imported_modules(source, "x.py") == [(1, "os"), (1, "cmd_demo.demo"), (2, "cmd_demo"),
+                                                (5, "cmd_demo.ablation"), (6, "cmd_demo")]
+
+
+def test_the_installed_plugin_never_imports_cmd_demo():
+    # cmd_demo is the demo's and the tests' scaffolding: it may import cmd_plugin, never the reverse
+    files = sorted(glob.glob(os.path.join(REPO, "cmd_plugin", "**", "*.py"), recursive=True)
+                   + glob.glob(os.path.join(REPO, "hydra_plugins", "**", "*.py"), recursive=True))
+    assert len(files) > 20
+    offenders = []
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        offenders += [f"{os.path.relpath(path, REPO)}:{line}: imports {name}" for line, name in
+                      imported_modules(source, path) if name == "cmd_demo" or name.startswith("cmd_demo.")]
+    assert not offenders, "\n".join(offenders)
 
 
 def _import_cmd_plugin(tmp_path, extra_path):

@@ -17,6 +17,8 @@ import wave
 
 import pytest
 
+from cmd_demo import scene_corpus as gen
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO_ROOT, "examples", "generate_scene_corpus.py")
 SIZES = {"train": 6, "valid": 2, "test": 2}
@@ -29,7 +31,7 @@ SPLIT_FILES = {
 }
 
 
-def _load_generator():
+def _load_cli():
     spec = importlib.util.spec_from_file_location("generate_scene_corpus", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -162,7 +164,6 @@ def test_token_file_has_five_distinct_phrasings_per_image(corpus):
 
 
 def test_scenes_are_unique_and_every_caption_names_every_object_colour(corpus):
-    gen = _load_generator()
     meta = json.loads((corpus / "scene_corpus.json").read_text())
     scenes = meta["scenes"]
     assert len(scenes) == sum(SIZES.values())
@@ -251,8 +252,8 @@ def test_printed_summary_names_the_splits_train_valid_test(tmp_path, capsys):
     # the corpus's valid split is written to Flickr_8k.devImages.txt (the real corpus's name), but
     # everything the project prints calls it "valid"
     _require_tools()
-    gen = _load_generator()
-    assert gen.main(["--out-dir", str(tmp_path / "c"), "--num-train-images", "3", "--num-valid-images", "2",
+    cli = _load_cli()
+    assert cli.main(["--out-dir", str(tmp_path / "c"), "--num-train-images", "3", "--num-valid-images", "2",
                      "--num-test-images", "1", "--captions-per-image", "1", "--image-size", "32"]) == 0
     out = capsys.readouterr().out
     assert "images: 3 train / 2 valid / 1 test" in out, out

@@ -98,8 +98,8 @@ def _image(path, seed, size=(48, 64)):
 
 @pytest.fixture(scope="module")
 def env(tiny_encoders, tmp_path_factory):
+    from cmd_demo.tiny_encoders import make_tiny_clip
     from cmd_plugin.inference import SpeechImageEncoder
-    from cmd_plugin.tiny_encoders import make_tiny_clip
 
     root = tmp_path_factory.mktemp("search")
     checkpoint, model = make_checkpoint(str(root / "ck" / "checkpoint_best.pt"), tiny_encoders)

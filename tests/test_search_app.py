@@ -347,7 +347,7 @@ def test_the_server_never_wrote_into_the_indexes(env, server):  # noqa: F811
 
 
 def test_serve_refuses_indexes_of_another_model_before_listening(env, tiny_encoders, tmp_path, capsys):  # noqa: F811
-    from cmd_plugin.tiny_encoders import make_tiny_clip
+    from cmd_demo.tiny_encoders import make_tiny_clip
     from test_search import make_checkpoint
 
     # another image encoder (other CLIP weights): the image index is refused

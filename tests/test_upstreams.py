@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cmd_demo.tiny_encoders import TINY_HUBERT_LAYERS, make_tiny_clip, make_tiny_hubert
 from cmd_plugin import compat
 from cmd_plugin.models.clip_upstream import ClipImageUpstream
 from cmd_plugin.models.hubert_upstream import HubertUpstream
-from cmd_plugin.tiny_encoders import TINY_HUBERT_LAYERS, make_tiny_clip, make_tiny_hubert
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 1e-5

@@ -1,7 +1,9 @@
-"""Tiny randomly initialised upstream encoders in the released file formats.
+"""Tiny randomly initialised upstream encoders in the released file formats (tests, CPU demo).
 
 Built with fairseq's and open_clip's own classes, so that tests and a CPU demo exercise exactly
-the loading code used for hubert_large_ll60k.pt and open_clip ViT-L/14 weights.
+the loading code used for hubert_large_ll60k.pt and open_clip ViT-L/14 weights. Used by the
+tests' ``tiny_encoders`` fixture, ``examples/make_tiny_encoders.py`` (its CLI) and the benchmarks
+(:func:`make_hubert_checkpoint`: random weights in the released HuBERT architectures).
 """
 
 import json
@@ -11,7 +13,7 @@ from typing import Tuple
 
 import torch
 
-from .quiet import building_hubert, building_open_clip
+from cmd_plugin.quiet import building_hubert, building_open_clip
 
 TINY_HUBERT_LAYERS = 3
 TINY_HUBERT_DIM = 64

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from cmd_plugin.data.manifest import ManifestError, SpeechImageManifest
+from cmd_plugin.quiet import building_open_clip
 from cmd_plugin.recall import retrieval_recall
 
 logger = logging.getLogger(__name__)
@@ -131,8 +132,6 @@ def pretrain_clip(
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    from .quiet import building_open_clip
-
     with building_open_clip(random_weights_wanted=not init_weights):  # no init_weights: a random start
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=init_weights or None)
         tokenizer = open_clip.get_tokenizer(model_name)

@@ -1,0 +1,271 @@
+"""The ablation harness of the CPU demo (``examples/ablation.py``): rows (method variants) x training seeds.
+
+A row name maps to fairseq-hydra-train overrides (:func:`row_spec`, :func:`row_overrides`): ``sic``
+(alpha = 0), ``cmd-VARIANT[-aALPHA]`` (the fusion's ``model.fusion_attention`` and
+``criterion.cmd_weight``), ``c2f`` / ``c2f-cmd`` (the tiny config's method groups) and
+``c2f[-cmd]-rerankK[-simsic]`` (the same checkpoint re-scored with eval_recall.py ``--rerank-k K``).
+:func:`run_ablation` trains and scores every (row, seed) with the demo's stages
+(:mod:`cmd_demo.demo`), reusing runs whose records exist; :func:`aggregate` gives mean and sample
+standard deviation over seeds, :func:`format_table` the printed table and :func:`plot_alpha` the
+figure of test mean R@1 against alpha.
+"""
+
+import json
+import logging
+import os
+import re
+import statistics
+import sys
+import time
+
+from cmd_demo.demo import EXAMPLES, build_inputs, run, train_and_score
+from cmd_plugin.objectives.cmd.fusion import FUSION_ATTENTION_CHOICES
+
+DEFAULT_ROWS = ["sic", "cmd-literal", "cmd-cosine", "cmd-qkv", "cmd-qkv-a0.25", "cmd-qkv-a0.5"]
+C2F_ROWS = ["sic", "cmd-qkv", "c2f", "c2f-cmd", "c2f-rerank10", "c2f-rerank50"]
+REPORTED = [f"{d}_r{k}" for d in ("s2i", "i2s", "mean") for k in (1, 5, 10)]
+ROW_PATTERN = re.compile(r"^cmd-(?P<variant>[a-z]+)(?:-a(?P<alpha>[0-9]*\.?[0-9]+))?$")
+C2F_PATTERN = re.compile(r"^(?P<base>c2f(?:-cmd)?)(?:-rerank(?P<k>[0-9]+)(?P<simsic>-simsic)?)?$")
+C2F_METHODS = {"c2f": ("+method=c2f", 0.0), "c2f-cmd": ("+method=c2f_cmd", 1.0)}
+
+
+def row_spec(row: str):
+    """A row name -> {"overrides", "alpha", "variant", "base", "rerank_k", "rerank_score"}: ``base`` is the
+    row whose checkpoint a re-ranked row re-scores (None for a row that trains), ``rerank_k`` its K."""
+    match = C2F_PATTERN.match(row)
+    if match:
+        overrides, alpha = C2F_METHODS[match["base"]]
+        k = int(match["k"]) if match["k"] else 0
+        if match["k"] and k < 10:
+            raise ValueError(f"row {row!r}: re-ranking K must be >= 10 (R@10 is reported)")
+        return {"overrides": [overrides], "alpha": alpha, "variant": None,
+                "base": match["base"] if k else None, "rerank_k": k,
+                "rerank_score": "sim+sic" if match["simsic"] else "sim"}
+    overrides, alpha, variant = row_overrides(row)
+    return {"overrides": overrides, "alpha": alpha, "variant": variant, "base": None, "rerank_k": 0,
+            "rerank_score": None}
+
+
+def row_overrides(row: str):
+    """A row name -> (fairseq-hydra-train overrides, alpha, fusion variant or None)."""
+    if row == "sic":
+        return ["criterion.cmd_weight=0.0"], 0.0, None
+    if C2F_PATTERN.match(row):
+        spec = row_spec(row)
+        return spec["overrides"], spec["alpha"], spec["variant"]
+    match = ROW_PATTERN.match(row)
+    if not match or match["variant"] not in FUSION_ATTENTION_CHOICES:
+        raise ValueError(f"unknown row {row!r}: expected 'sic', 'cmd-VARIANT[-aALPHA]' with VARIANT in "
+                         f"{FUSION_ATTENTION_CHOICES} (e.g. cmd-cosine-a0.5), 'c2f', 'c2f-cmd' or "
+                         "'c2f[-cmd]-rerankK[-simsic]' (e.g. c2f-rerank10)")
+    alpha = float(match["alpha"]) if match["alpha"] else 1.0
+    if alpha <= 0:
+        raise ValueError(f"row {row!r}: alpha must be positive (use 'sic' for alpha = 0)")
+    return ([f"criterion.cmd_weight={alpha}", f"model.fusion_attention={match['variant']}"], alpha, match["variant"])
+
+
+ATTENTION_KEYS = ("attn_entropy", "attn_max", "attn_cos_mean_pool")
+
+
+def best_valid_line(log_text: str):
+    """The fields of the validation line whose mean_r1 selected checkpoint_best.pt (fairseq keeps
+    the last of equal bests), from a fairseq-hydra-train log; None when there is none."""
+    best = None
+    for line in log_text.splitlines():
+        if "valid on 'valid' subset" not in line:
+            continue
+        fields = {}
+        for part in line.split(" | "):
+            key, _, value = part.strip().rpartition(" ")
+            try:
+                fields[key] = float(value)
+            except ValueError:
+                pass
+        if "mean_r1" in fields and (best is None or fields["mean_r1"] >= best["mean_r1"]):
+            best = fields
+    return best
+
+
+def mean_sd(values):
+    """(mean, sample standard deviation; 0 for one value)."""
+    values = [float(v) for v in values]
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(runs):
+    """runs: {row: {seed: {"test": record, "valid": record}}} -> {row: {key: (mean, sd)}} over seeds
+    for the test split's REPORTED keys and ``valid_mean_r1``."""
+    table = {}
+    for row, by_seed in runs.items():
+        seeds = sorted(by_seed)
+        stats = {key: mean_sd([by_seed[s]["test"]["recall"][key] for s in seeds]) for key in REPORTED}
+        stats["valid_mean_r1"] = mean_sd([by_seed[s]["valid"]["recall"]["mean_r1"] for s in seeds])
+        for key in ATTENTION_KEYS:  # the fusion's attention on valid at the selected checkpoint
+            values = [by_seed[s].get("attention", {}).get(key) for s in seeds]
+            if all(v is not None for v in values):
+                stats[key] = mean_sd(values)
+        stats["num_seeds"] = len(seeds)
+        table[row] = stats
+    return table
+
+
+def format_table(table) -> str:
+    """Rows of mean±sd (x100 recall), test split, plus the selection metric (valid mean R@1)."""
+    head = ["row", "seeds"] + [k.replace("_r", " R@") for k in REPORTED] + ["valid mean R@1"]
+    lines = []
+    for row, stats in table.items():
+        cells = [row, str(stats["num_seeds"])]
+        cells += [f"{stats[k][0]:.1f}±{stats[k][1]:.1f}" for k in REPORTED + ["valid_mean_r1"]]
+        lines.append(cells)
+    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(head)]
+    fmt = lambda cells: " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([fmt(head), "-+-".join("-" * w for w in widths)] + [fmt(c) for c in lines])
+
+
+def plot_alpha(table, path, title):
+    """Test mean R@1 (mean ± sd over seeds) against α for each fusion variant; α = 0 is shared."""
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq leaves the root logger at DEBUG
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    base = table.get("sic")
+    for variant in FUSION_ATTENTION_CHOICES:
+        points = sorted((row_overrides(r)[1], s["mean_r1"]) for r, s in table.items()
+                        if r != "sic" and row_overrides(r)[2] == variant)
+        if not points:
+            continue
+        if base:
+            points = [(0.0, base["mean_r1"])] + points
+        xs = [a for a, _ in points]
+        ax.errorbar(xs, [m for _, (m, _) in points], yerr=[sd for _, (_, sd) in points], marker="o", capsize=3,
+                    label=f"fusion: {variant}")
+    ax.set_xlabel("α (weight of L_cmd)")
+    ax.set_ylabel("test mean R@1 (mean ± sd over seeds)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def rescore(inputs, save_dir, k, score, splits=("valid", "test"), timings=None, tag=""):
+    """Re-rank the checkpoint_best.pt of a trained coarse-to-fine run with eval_recall.py --rerank-k K;
+    returns {split: record} with ``recall`` = the re-ranked figures (the SIC ones kept as ``sic_recall``)."""
+    records = {}
+    suffix = f"rerank{k}" + ("_simsic" if score == "sim+sic" else "")
+    timings = {} if timings is None else timings
+    for split in splits:
+        path = os.path.join(save_dir, f"recall_{split}_{suffix}.json")
+        if not os.path.isfile(path):
+            timings[f"rescore {tag} {split}"] = run([
+                sys.executable, os.path.join(EXAMPLES, "eval_recall.py"), "--checkpoint",
+                os.path.join(save_dir, "checkpoint_best.pt"), "--data", inputs["manifests"], "--split", split,
+                "--rerank-k", str(k), "--rerank-score", score, "--output-json", path, "--no-progress",
+            ], log_path=os.path.join(save_dir, f"eval_{split}_{suffix}.log"))
+        with open(path) as f:
+            record = json.load(f)
+        record["sic_recall"] = record["recall"]
+        record["recall"] = record["rerank"]["recall"]
+        records[split] = record
+    return records
+
+
+def write_json(record, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, path)
+
+
+def run_ablation(args, argv=None):
+    """The sweep with the options of ``examples/ablation.py`` (the demo's corpus options, ``rows``,
+    ``seeds``, ``out_dir``, ``name``): train or reuse each run, print the table, write NAME_u<updates>.json
+    and .png. ``argv`` (default: ``sys.argv[1:]``) goes into the record's ``command``."""
+    rows = list(dict.fromkeys(args.rows))
+    specs = {row: row_spec(row) for row in rows}  # bad row names fail before any work
+    overrides = {row: spec["overrides"] for row, spec in specs.items()}
+
+    timings = {}
+    t0 = time.time()
+    inputs = build_inputs(args, timings)
+    out_dir = os.path.abspath(args.out_dir or os.path.join(inputs["work"], "ablation"))
+    tag_updates = f"u{args.max_update}" if args.max_update else "udefault"
+    runs, trained, rescored = {}, 0, 0
+    for seed in args.seeds:  # seed-major: every row gets its first seed before any row gets a third
+        for row in rows:
+            spec = specs[row]
+            trained_row = spec["base"] or row  # a re-ranked row re-scores its base row's run
+            save_dir = os.path.join(out_dir, tag_updates, trained_row, f"seed{seed}")
+            paths = {split: os.path.join(save_dir, f"recall_{split}.json") for split in ("valid", "test")}
+            if spec["rerank_k"] and os.path.isfile(os.path.join(save_dir, "checkpoint_best.pt")) and all(
+                    os.path.isfile(p) for p in paths.values()):
+                records = rescore(inputs, save_dir, spec["rerank_k"], spec["rerank_score"], timings=timings,
+                                  tag=f"{row} seed{seed}")
+                rescored += 1
+                print(f"{row} seed {seed}: re-scored {save_dir}: test mean R@1 "
+                      f"{records['test']['recall']['mean_r1']:.1f}", flush=True)
+            elif all(os.path.isfile(p) for p in paths.values()):
+                records = {}
+                for split, p in paths.items():
+                    with open(p) as f:
+                        records[split] = json.load(f)
+                print(f"reusing {row} seed {seed} ({save_dir})", flush=True)
+            else:
+                os.makedirs(os.path.dirname(save_dir), exist_ok=True)
+                records = train_and_score(inputs, save_dir, overrides[row], seed, args.max_update,
+                                          save_dir + ".train.log", splits=("valid", "test"), timings=timings,
+                                          tag=f"{trained_row} seed{seed}")
+                trained += 1
+                if spec["rerank_k"]:
+                    records = rescore(inputs, save_dir, spec["rerank_k"], spec["rerank_score"], timings=timings,
+                                      tag=f"{row} seed{seed}")
+                print(f"{row} seed {seed}: test mean R@1 {records['test']['recall']['mean_r1']:.1f}, "
+                      f"valid mean R@1 {records['valid']['recall']['mean_r1']:.1f}", flush=True)
+            log_path = save_dir + ".train.log"
+            if os.path.isfile(log_path):
+                with open(log_path) as f:
+                    best = best_valid_line(f.read()) or {}
+                records["attention"] = {k: best[k] for k in ATTENTION_KEYS if k in best}
+            runs.setdefault(row, {})[seed] = records
+
+    table = aggregate(runs)
+    first = next(iter(runs.values()))[args.seeds[0]]["test"]
+    counts, chance = first["counts"], first["chance"]
+    header = (f"Ablation on the generated corpus ({inputs['work']}): test split {counts['num_utterances']} utterances x "
+              f"{counts['num_images']} images; checkpoints chosen on valid mean R@1; seeds {args.seeds}; "
+              f"max_update {args.max_update or 'of examples/tiny/config.yaml'}")
+    print()
+    print(header)
+    print(format_table(table))
+    print(f"chance: mean R@1 {chance['mean_r1']:.1f}, R@10 {chance['mean_r10']:.1f}")
+    attention_rows = [(row, st) for row, st in table.items() if "attn_entropy" in st]
+    if attention_rows:
+        print("fusion attention on valid at the selected checkpoint (uniform: entropy 1, max 1/N, cos 1):")
+        for row, st in attention_rows:
+            print(f"  {row}: " + ", ".join(f"{k} {st[k][0]:.3f}±{st[k][1]:.3f}" for k in ATTENTION_KEYS))
+    record = {
+        "command": " ".join([os.path.basename(sys.executable), "examples/ablation.py"] + list(argv or sys.argv[1:])),
+        "header": header,
+        "rows": {row: {"overrides": overrides[row],
+                       "per_seed": {str(s): {"test": runs[row][s]["test"]["recall"],
+                                             "valid": runs[row][s]["valid"]["recall"],
+                                             "attention": runs[row][s].get("attention", {})}
+                                    for s in sorted(runs[row])},
+                       "mean_sd": {k: list(v) if isinstance(v, tuple) else v for k, v in table[row].items()}}
+                 for row in rows},
+        "chance": chance,
+        "counts": counts,
+    }
+    stem = os.path.join(out_dir, f"{args.name}_{tag_updates}")
+    write_json(record, stem + ".json")
+    plot = stem + ".png"
+    plot_alpha(table, plot, header[:60] + "…")
+    print(f"record: {stem}.json; plot: {plot}")
+    print(f"{trained} runs trained, {len(rows) * len(args.seeds) - trained - rescored} reused"
+          + (f", {rescored} re-scored" if rescored else "") + f"; {time.time() - t0:.0f}s")

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .files import atomic_write
+from .files import atomic_write, atomic_write_json
 from .recall import chance_recall, retrieval_recall
 
 logger = logging.getLogger(__name__)
@@ -442,11 +442,4 @@ def results_record(results: Dict[str, Any], chance: Dict[str, float], captions_p
 
 
 def write_json(record: Dict[str, Any], path: str) -> None:
-    import json
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-
-    atomic_write(path, write)
+    atomic_write_json(path, record, indent=2, ensure_ascii=False)

@@ -1,5 +1,5 @@
-"""Writing files so that a crash never leaves a half-written one: every file cmd_plugin writes
-goes through :func:`atomic_write`.
+"""Writing files so that a crash never leaves a half-written one: every file that cmd_plugin and
+its examples write whole (records, indexes, manifests, checkpoint copies) goes through :func:`atomic_write`.
 
 The recipe: write a temporary file in the target's directory (a rename across file systems is not
 atomic), flush it to disk (``fsync``), rename it over the target (``os.replace``, atomic on POSIX),
@@ -16,9 +16,9 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Dict
 
-__all__ = ["atomic_copy", "atomic_write", "atomic_write_json", "atomic_write_text"]
+__all__ = ["atomic_copy", "atomic_write", "atomic_write_all", "atomic_write_json", "atomic_write_text"]
 
 
 def _umask() -> int:
@@ -35,6 +35,38 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def _temporary(path: str, stable_temp: bool) -> str:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    if stable_temp:
+        return f"{path}.tmp"
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    return tmp
+
+
+def atomic_write_all(writes: Dict[str, Callable[[str], None]], stable_temp: bool = False) -> None:
+    """:func:`atomic_write` for files that belong together (e.g. the parallel files of a manifest
+    split): each ``writes[path](tmp)`` writes its temporary, and only when every one is complete
+    and on disk are they renamed into place. If any writer fails, no target is touched."""
+    temps = {}
+    try:
+        for path, write in writes.items():
+            temps[path] = _temporary(path, stable_temp)
+            write(temps[path])
+            _fsync_path(temps[path])
+            os.chmod(temps[path], 0o666 & ~_umask())
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+    for directory in {os.path.dirname(os.path.abspath(path)) for path in temps}:
+        _fsync_path(directory)  # the renames themselves reach the disk
+
+
 def atomic_write(path: str, write: Callable[[str], None], stable_temp: bool = False) -> None:
     """Call ``write(tmp)`` with a temporary path next to ``path``, flush it to disk, rename it to ``path``.
 
@@ -44,23 +76,7 @@ def atomic_write(path: str, write: Callable[[str], None], stable_temp: bool = Fa
     rather than a new orphan each time (for large files only one process writes, e.g. checkpoints).
     On any error the temporary file is removed and ``path`` is left as it was.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    if stable_temp:
-        tmp = f"{path}.tmp"
-    else:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        os.close(fd)
-    try:
-        write(tmp)
-        _fsync_path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_path(directory)  # the rename itself reaches the disk
+    atomic_write_all({path: write}, stable_temp=stable_temp)
 
 
 def atomic_write_text(path: str, text: str) -> None:

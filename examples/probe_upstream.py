@@ -18,7 +18,6 @@ plugin model learnt on top of its upstream.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -32,7 +31,7 @@ except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cmd_plugin.data.manifest import ManifestError, read_manifest
-from cmd_plugin.files import atomic_write
+from cmd_plugin.files import atomic_write_json
 
 # the corpus generator's vocabulary (examples/generate_scene_corpus.py), plural -> singular
 COLOUR_WORDS = ["red", "green", "blue", "yellow", "orange", "purple", "violet", "pink", "black", "white", "brown"]
@@ -192,11 +191,7 @@ def main(argv=None):
         record["plugin_layer_weights"] = weights
         print("layer weights learnt by the plugin (softmax): " + " ".join(f"{w:.3f}" for w in weights))
     if args.output_json:
-        def write(tmp):
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(record, f, indent=1)
-
-        atomic_write(args.output_json, write)
+        atomic_write_json(args.output_json, record, indent=1)
     return record
 
 

@@ -38,6 +38,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # run from any directory without installing the package
     sys.path.insert(0, REPO_ROOT)
 
+from cmd_plugin.files import atomic_write_json  # noqa: E402
+
 PAIRS_FILE = "minimal_pairs.json"  # as examples/generate_minimal_pairs.py writes it
 RECORD_FORMAT = "cmd_plugin.minimal_pairs_score.v1"
 TIE_RULE = ("A variant whose similarity equals the base image's counts as a loss (neither a win nor half "
@@ -266,14 +268,7 @@ def format_table(record: Dict) -> str:
 
 
 def write_record(record: Dict, path: str) -> None:
-    from cmd_plugin.files import atomic_write
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-
-    atomic_write(path, write)
+    atomic_write_json(path, record, indent=2)
 
 
 def build_parser() -> argparse.ArgumentParser:

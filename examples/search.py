@@ -47,6 +47,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # run from any directory without installing the package
     sys.path.insert(0, REPO_ROOT)
 
+from cmd_plugin.files import atomic_write_text  # noqa: E402
 from cmd_plugin.search_index import (  # noqa: E402
     ApproximateIndexConfig,
     SearchIndexError,
@@ -468,7 +469,6 @@ def page_result(r, clip_wave=None, sample_rate=16000):
 
 
 def _write_page(path, record, waves, encoder):
-    from cmd_plugin.files import atomic_write
     from cmd_plugin.inference import InferenceError
     from cmd_plugin.search_page import PageQuery, render_page
 
@@ -494,13 +494,7 @@ def _write_page(path, record, waves, encoder):
     if record["rerank"]:
         subtitle += f"; top {record['rerank']['k']} re-ranked by the matching head ({record['rerank']['score']})"
     title = "Spoken image search" if record["modality"] == "image" else "Image to speech search"
-    page = render_page(queries, title=title, subtitle=subtitle)
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(page)
-
-    atomic_write(path, write)
+    atomic_write_text(path, render_page(queries, title=title, subtitle=subtitle))
 
 
 # ---------------------------------------------------------------- serve

@@ -27,7 +27,6 @@ called instead, with only the waveform read replaced by soundfile (same samples)
 """
 
 import argparse
-import json
 import os
 import random
 import re
@@ -42,7 +41,7 @@ except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import cmd_plugin
 
-from cmd_plugin.files import atomic_write
+from cmd_plugin.files import atomic_copy, atomic_write, atomic_write_json, atomic_write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # fairseq imports the plugin (common.user_dir) so that its trainer can read HuBERT checkpoints under
@@ -94,11 +93,7 @@ def read_fairseq_tsv(path: str):
 
 
 def write_lines(path: str, lines) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in lines)
-
-    atomic_write(path, write)
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def hold_out(data: str, out: str, fraction: float, seed: int) -> dict:
@@ -227,15 +222,11 @@ def override_args(overrides: dict, base_yaml: str):
 def copy_final(src: str, dst: str) -> None:
     if not os.path.isfile(src):
         raise SystemExit(f"training ended without {src}")
-    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+    atomic_copy(src, dst)
 
 
 def write_json(path: str, record: dict) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=1)
-
-    atomic_write(path, write)
+    atomic_write_json(path, record, indent=1)
 
 
 def stage_done(out: str, name: str) -> bool:
@@ -292,11 +283,10 @@ def main(argv=None):
     log = os.path.join(out, "kmeans.log")
     if not stage_done(out, "kmeans"):
         t = time.time()
-        tmp_km = km_path + ".partial"
-        run([py, os.path.join(scripts, "learn_kmeans.py"), feat_dir, "train", "1", tmp_km, str(km["n_clusters"]),
+        atomic_write(km_path, lambda tmp_km: run(
+            [py, os.path.join(scripts, "learn_kmeans.py"), feat_dir, "train", "1", tmp_km, str(km["n_clusters"]),
              "--percent", str(km["percent"]), "--batch_size", str(km["batch_size"]), "--max_iter", str(km["max_iter"]),
-             "--n_init", str(km["n_init"]), "--seed", str(cfg["seed"])], log, env=env)
-        os.replace(tmp_km, km_path)
+             "--n_init", str(km["n_init"]), "--seed", str(cfg["seed"])], log, env=env))
         mark_done(out, "kmeans", {"km": km_path})
         timings["k-means"] = time.time() - t
     if not stage_done(out, "labels"):

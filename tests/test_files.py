@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from cmd_plugin.files import atomic_copy, atomic_write, atomic_write_json, atomic_write_text
+from cmd_plugin.files import atomic_copy, atomic_write, atomic_write_all, atomic_write_json, atomic_write_text
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,6 +52,22 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         atomic_write(str(path), failing, stable_temp=True)
     assert path.read_text() == "kept"
     assert os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_files_written_together_are_replaced_only_when_every_one_is_complete(tmp_path):
+    a, b = tmp_path / "s.tsv", tmp_path / "s.img"
+    atomic_write_all({str(a): _write_text("a1"), str(b): _write_text("b1")})
+    assert (a.read_text(), b.read_text()) == ("a1", "b1")
+
+    def failing(tmp):
+        with open(tmp, "w") as f:
+            f.write("b2 half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_all({str(a): _write_text("a2"), str(b): failing})
+    assert (a.read_text(), b.read_text()) == ("a1", "b1")  # the first, although complete, was not renamed
+    assert sorted(os.listdir(tmp_path)) == ["s.img", "s.tsv"]
 
 
 def test_the_new_file_is_flushed_to_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ import torch
 from numpy.lib.format import open_memmap
 from PIL import Image
 
+from ..files import atomic_write_json, atomic_write_text
 from .manifest import SpeechImageManifest
 
 META_FILE = "meta.json"
@@ -198,15 +199,6 @@ def partial_dir_of(out_dir: str) -> str:
     return os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.partial")
 
 
-def _write_json_atomic(path: str, content: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(content, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _build_key(identity: dict, paths: Sequence[str], embed_dim: int, num_patches: int) -> dict:
     """What a partial build must share with this one to be resumed."""
     digest = hashlib.sha256("\n".join(paths).encode("utf-8")).hexdigest()
@@ -362,7 +354,7 @@ def write_image_cache(
             cls_out.flush()
             patches_out.flush()
             start = 0
-            _write_json_atomic(os.path.join(partial, PROGRESS_FILE), {"key": key, "rows_done": 0})
+            atomic_write_json(os.path.join(partial, PROGRESS_FILE), {"key": key, "rows_done": 0})
         else:
             log(f"resuming the unfinished build in {partial}: {start} of {num_images} images already encoded")
             cls_out = np.load(os.path.join(partial, CLS_FILE), mmap_mode="r+")
@@ -372,7 +364,7 @@ def write_image_cache(
             # rows reach the disk before the count that says they are there
             cls_out.flush()
             patches_out.flush()
-            _write_json_atomic(os.path.join(partial, PROGRESS_FILE), {"key": key, "rows_done": rows_done})
+            atomic_write_json(os.path.join(partial, PROGRESS_FILE), {"key": key, "rows_done": rows_done})
 
         upstream.to(device).eval()
         loader = torch.utils.data.DataLoader(
@@ -406,8 +398,7 @@ def write_image_cache(
         assert row == num_images, (row, num_images)
         record(row)
         del cls_out, patches_out
-        with open(os.path.join(partial, INDEX_FILE), "w", encoding="utf-8") as f:
-            f.writelines(p + "\n" for p in paths)
+        atomic_write_text(os.path.join(partial, INDEX_FILE), "".join(p + "\n" for p in paths))
         meta = {
             "identity": identity,
             "num_images": num_images,
@@ -421,8 +412,7 @@ def write_image_cache(
             "cmd_plugin_version": _cmd_plugin_version(),
         }
         # meta.json last: a directory with it is complete
-        with open(os.path.join(partial, META_FILE), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
+        atomic_write_json(os.path.join(partial, META_FILE), meta)
         os.remove(os.path.join(partial, PROGRESS_FILE))
         os.remove(os.path.join(partial, LOCK_FILE))  # the open handle keeps the lock until the end
         _move_into_place(partial, out_dir)

@@ -31,30 +31,29 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # run from any directory without installing the package
     sys.path.insert(0, REPO_ROOT)
 
+from cmd_plugin.data.manifest import check_split  # noqa: E402
 from cmd_plugin.evaluate import (  # noqa: E402
     RECALL_KS,
     RERANK_SCORES,
     TIE_RULE,
-    UPSTREAM_FILE_FIELDS,
     EvaluationError,
     chance_for,
     check_rerank_model,
     encode_split,
-    load_cmd_checkpoint,
     load_embeddings,
     rerank_split,
-    resolve_device,
     results_record,
     save_embeddings,
     score_embeddings,
     write_json,
 )
-from cmd_plugin.data.manifest import check_split  # noqa: E402
+from cmd_plugin.loading import UPSTREAM_FILE_FIELDS, load_cmd_checkpoint, resolve_device  # noqa: E402
 from cmd_plugin.recall import format_recall_rows  # noqa: E402
 
 logger = logging.getLogger("eval_recall")
@@ -100,8 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> dict:
-    import time
-
     if args.batch_size < 1 or args.chunk_size < 1 or args.rerank_pair_batch < 1:
         raise EvaluationError("--batch-size, --chunk-size and --rerank-pair-batch must be positive")
     if args.rerank_k and args.rerank_k < max(RECALL_KS):
@@ -124,7 +121,7 @@ def run(args) -> dict:
         model, task = load_cmd_checkpoint(
             checkpoint, data=data, hubert_path=args.hubert_path,
             image_pretrained=args.image_pretrained, image_model_config=args.image_model_config,
-            image_feature_cache=args.image_feature_cache,
+            image_feature_cache=args.image_feature_cache, keep_matching=bool(args.rerank_k),
         )
         if args.rerank_k:
             check_rerank_model(model, checkpoint)

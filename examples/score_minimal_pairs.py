@@ -27,18 +27,22 @@ half a win), as the project's recall ties do; ties are counted in the record.
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+import open_clip
+import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # run from any directory without installing the package
     sys.path.insert(0, REPO_ROOT)
 
 from cmd_plugin.files import atomic_write_json  # noqa: E402
+from cmd_plugin.inference import SpeechImageEncoder  # noqa: E402
 
 PAIRS_FILE = "minimal_pairs.json"  # as examples/generate_minimal_pairs.py writes it
 RECORD_FORMAT = "cmd_plugin.minimal_pairs_score.v1"
@@ -165,10 +169,6 @@ def score_minimal_pairs(checkpoint: Optional[str], pairs_dir: str, device: str =
     :class:`cmd_plugin.inference.SpeechImageEncoder`) and score it; returns the record
     (:func:`score_groups`' figures plus provenance and timing). The set is checked before the
     model is loaded."""
-    import torch
-
-    from cmd_plugin.inference import SpeechImageEncoder
-
     if batch_size < 1:
         raise MinimalPairsError(f"batch size must be positive, got {batch_size}")
     start = time.perf_counter()
@@ -217,14 +217,7 @@ def written_caption_reference(encoder, pairs_dir: str) -> Dict:
     """The same set scored with the checkpoint's frozen CLIP alone: its text tower on the bases'
     WRITTEN captions against its image tower. What the image encoder can tell apart is a ceiling
     for the speech side, which is trained against that frozen image embedding."""
-    import open_clip
-    import torch
-
-    from cmd_plugin.models.clip_upstream import register_model_config
-
-    cfg = encoder.model.cfg
-    if cfg.image_model_config:
-        register_model_config(cfg.image_model_config)
+    cfg = encoder.model.cfg  # a custom model's config was registered when the encoder's image tower was built
     clip = open_clip.create_model(cfg.image_model, pretrained=cfg.image_pretrained or None).eval()
     tokenizer = open_clip.get_tokenizer(cfg.image_model)
     pairs = load_pairs(pairs_dir)
@@ -289,8 +282,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    import logging
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
                         stream=sys.stderr)  # as eval_recall.py: before fairseq's imports configure it
     parser = build_parser()
@@ -298,8 +289,6 @@ def main(argv=None) -> int:
     try:
         encoder = None
         if args.written_captions:
-            from cmd_plugin.inference import SpeechImageEncoder
-
             load_pairs(args.pairs_dir)  # a broken set is named before the model loads
             encoder = SpeechImageEncoder.from_checkpoint(
                 args.checkpoint, device=args.device, fp16=args.fp16, hubert_path=args.hubert_path,

@@ -11,8 +11,10 @@ holds the encoder's outputs for every unique image:
                        (open_clip ``encode_image``; the model normalises it)
     image_patches.npy  (U, N, E) float16: patch tokens after ln_post, projected with visual.proj
 
-The identity says which encoder made the cache (model name, sha256 of its weights file, its
-open_clip model config, its preprocessing); a cache is refused by an encoder that differs.
+The identity says which encoder made the cache: :func:`cmd_plugin.encoder_identity.image_encoder_identity`
+(model name, the fingerprint of its weights, its open_clip model config, its preprocessing), the
+fingerprint being the same one a search index of images records. A cache is refused by an encoder
+that differs, naming the field.
 """
 
 import datetime
@@ -29,6 +31,13 @@ import torch
 from numpy.lib.format import open_memmap
 from PIL import Image
 
+from ..encoder_identity import (
+    image_encoder_identity,
+    open_clip_model_config,
+    open_clip_preprocess,
+    preprocess_identity,
+    tensors_sha256,
+)
 from ..files import atomic_write_json, atomic_write_text
 from .manifest import SpeechImageManifest
 
@@ -46,6 +55,9 @@ IDENTITY_FIELDS = {
     "model_config": "open_clip model config",
     "preprocess": "preprocessing",
 }
+# what "weights_sha256" is taken over: the encoder's tensors (cmd_plugin.encoder_identity). Caches
+# written before it was recorded hold the sha256 of the weights FILE; they are still checked that way.
+WEIGHTS_HASHED = "tensors"
 
 
 class ImageCacheError(ValueError):
@@ -54,53 +66,9 @@ class ImageCacheError(ValueError):
 
 # ---- encoder identity ----
 
-_SHA256_MEMO: Dict[Tuple[str, int, int], str] = {}
 
-
-def file_sha256(path: str, chunk_bytes: int = 16 << 20) -> str:
-    """sha256 of a file, read in chunks; memoised per (path, size, mtime) in this process."""
-    path = os.path.abspath(path)
-    st = os.stat(path)
-    key = (path, st.st_size, st.st_mtime_ns)
-    if key not in _SHA256_MEMO:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(chunk_bytes), b""):
-                digest.update(chunk)
-        _SHA256_MEMO[key] = digest.hexdigest()
-    return _SHA256_MEMO[key]
-
-
-def _as_json(value):
-    """The value as JSON reads it back (tuples become lists), so identities compare equal."""
-    return json.loads(json.dumps(value))
-
-
-def _size_2d(size) -> List[int]:
-    return [int(size), int(size)] if isinstance(size, (int, float)) else [int(s) for s in size]
-
-
-def preprocess_identity(preprocess_cfg: dict) -> dict:
-    """open_clip preprocess config as stored in an identity: every PreprocessCfg field, size (H, W)."""
-    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-
-    merged = merge_preprocess_dict(PreprocessCfg(), dict(preprocess_cfg))
-    merged["size"] = _size_2d(merged["size"])
-    return _as_json(merged)
-
-
-def encoder_identity(model_name: str, pretrained_path: str, model_config_path: str = "") -> dict:
-    """What a cache of ``model_name`` with weights ``pretrained_path`` depends on.
-
-    Returns {"model", "weights_sha256", "weights_file", "model_config", "preprocess"}:
-    model_config is the open_clip model config (the JSON's content when one is given);
-    preprocess is the eval preprocessing open_clip builds for this model from a local weights
-    file (PreprocessCfg defaults, then the config's preprocess_cfg, size = vision image_size).
-    """
-    import open_clip
-
-    from ..models.clip_upstream import register_model_config
-
+def check_weights_file(pretrained_path: str) -> None:
+    """Refuse a missing weights file, or none (a randomly initialised encoder)."""
     if not pretrained_path:
         raise ImageCacheError(
             "an image feature cache needs the encoder's weights file (image_pretrained): "
@@ -108,26 +76,69 @@ def encoder_identity(model_name: str, pretrained_path: str, model_config_path: s
         )
     if not os.path.isfile(pretrained_path):
         raise ImageCacheError(f"image encoder weights file not found: {pretrained_path}")
-    if model_config_path:
-        register_model_config(model_config_path)
-    if model_config_path and os.path.isfile(model_config_path):
-        with open(model_config_path, encoding="utf-8") as f:
-            model_config = json.load(f)
-    else:
-        model_config = open_clip.get_model_config(model_name)
-    if model_config is None:
-        raise ImageCacheError(
-            f"unknown open_clip model {model_name!r} (give its model config JSON for a custom model)"
-        )
-    preprocess = dict(model_config.get("preprocess_cfg", {}))
-    preprocess["size"] = model_config["vision_cfg"]["image_size"]
+
+
+def cache_identity(upstream, pretrained_path: str) -> dict:
+    """The identity a cache written by ``upstream`` (a ClipImageUpstream loaded from the weights
+    file ``pretrained_path``) records: :func:`~cmd_plugin.encoder_identity.image_encoder_identity`
+    plus "weights_file" (informational) and "weights_hashed"."""
+    check_weights_file(pretrained_path)
+    return {**image_encoder_identity(upstream), "weights_file": os.path.abspath(pretrained_path),
+            "weights_hashed": WEIGHTS_HASHED}
+
+
+_WEIGHTS_SHA256_MEMO: Dict[tuple, str] = {}
+
+
+def encoder_identity(model_name: str, pretrained_path: str, model_config_path: str = "") -> dict:
+    """The identity of the frozen image encoder ``model_name`` with weights ``pretrained_path``
+    (and open_clip model JSON ``model_config_path``), as a cache made with it records it
+    (:func:`cache_identity`). To be fingerprinted the tower is built from these files, once per
+    process for each (weights file, size, mtime, model config without its preprocessing)."""
+    check_weights_file(pretrained_path)
+    try:
+        model_config = open_clip_model_config(model_name, model_config_path)
+    except ValueError as err:
+        raise ImageCacheError(str(err)) from None
+    st = os.stat(pretrained_path)
+    architecture = {k: v for k, v in model_config.items() if k != "preprocess_cfg"}
+    key = (model_name, os.path.abspath(pretrained_path), st.st_size, st.st_mtime_ns,
+           json.dumps(architecture, sort_keys=True))
+    if key not in _WEIGHTS_SHA256_MEMO:
+        from ..models.clip_upstream import ClipImageUpstream  # imports fairseq (cmd_plugin.models)
+
+        upstream = ClipImageUpstream(model_name, pretrained_path, model_config_path, freeze=True)
+        _WEIGHTS_SHA256_MEMO[key] = tensors_sha256(upstream)
     return {
         "model": model_name,
-        "weights_sha256": file_sha256(pretrained_path),
+        "model_config": model_config,
+        "preprocess": preprocess_identity(open_clip_preprocess(model_name)),
+        "weights_sha256": _WEIGHTS_SHA256_MEMO[key],
         "weights_file": os.path.abspath(pretrained_path),
-        "model_config": _as_json(model_config),
-        "preprocess": preprocess_identity(preprocess),
+        "weights_hashed": WEIGHTS_HASHED,
     }
+
+
+def _as_json(value):
+    """The value as JSON reads it back (tuples become lists), so identities compare equal."""
+    return json.loads(json.dumps(value))
+
+
+_FILE_SHA256_MEMO: Dict[Tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: str, chunk_bytes: int = 16 << 20) -> str:
+    """sha256 of a file (what caches written before WEIGHTS_HASHED recorded), memoised per (path, size, mtime)."""
+    path = os.path.abspath(path)
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _FILE_SHA256_MEMO:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(chunk_bytes), b""):
+                digest.update(chunk)
+        _FILE_SHA256_MEMO[key] = digest.hexdigest()
+    return _FILE_SHA256_MEMO[key]
 
 
 def identity_differences(cached: dict, current: dict) -> List[str]:
@@ -135,6 +146,14 @@ def identity_differences(cached: dict, current: dict) -> List[str]:
     out = []
     for key, words in IDENTITY_FIELDS.items():
         a, b = cached.get(key), current.get(key)
+        if key == "weights_sha256" and cached.get("weights_hashed") != WEIGHTS_HASHED:
+            # an older cache: its checksum is of the weights file
+            path = current.get("weights_file", "")
+            b = _file_sha256(path) if path and os.path.isfile(path) else None
+            if a != b:
+                out.append(f"{words} ({key}) differs: cache {a!r} vs the encoder's weights file {path or '?'} {b!r} "
+                           "(sha256 of the file, as this older cache recorded it)")
+            continue
         if a == b:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
@@ -316,6 +335,9 @@ def write_image_cache(
         raise ImageCacheError(
             f"identity preprocessing {identity.get('preprocess')} differs from the upstream's {preprocess_identity(built)}"
         )
+    if identity.get("weights_sha256") != tensors_sha256(upstream):
+        raise ImageCacheError("identity weights checksum (weights_sha256) is not the upstream's: give the identity "
+                              "of the encoder that writes the cache (cache_identity(upstream, weights_file))")
 
     out_dir = os.path.abspath(out_dir)
     if os.path.lexists(out_dir):

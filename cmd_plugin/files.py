@@ -1,5 +1,5 @@
-"""Writing files so that a crash never leaves a half-written one: every file that cmd_plugin and
-its examples write whole (records, indexes, manifests, checkpoint copies) goes through :func:`atomic_write`.
+"""Writing files so that a crash never leaves a half-written one: the one implementation of atomic
+writes, for every file written whole (records, indexes, manifests, checkpoint copies, pages).
 
 The recipe: write a temporary file in the target's directory (a rename across file systems is not
 atomic), flush it to disk (``fsync``), rename it over the target (``os.replace``, atomic on POSIX),

@@ -17,6 +17,7 @@ fairseq is imported when a checkpoint is loaded, not when this module is: caller
 logging first, and :func:`cmd_plugin.quiet.import_fairseq` must be fairseq's first import.
 """
 
+import argparse
 import os
 from typing import Any, Dict, Optional
 
@@ -32,6 +33,24 @@ TASK_NAME = "speech_image"
 UPSTREAM_FILE_FIELDS = ("hubert_path", "image_pretrained", "image_model_config")
 UPSTREAM_FILE_OPTIONS = {"hubert_path": "--hubert-path", "image_pretrained": "--image-pretrained",
                          "image_model_config": "--image-model-config"}
+UPSTREAM_FILE_HELP = {"hubert_path": "new location of the HuBERT checkpoint named by the checkpoint",
+                      "image_pretrained": "new location of the image encoder weights",
+                      "image_model_config": "new location of the open_clip model JSON"}
+
+
+def add_loading_options(parser: argparse.ArgumentParser) -> None:
+    """The options of every command-line tool that loads a checkpoint: the upstream files' new
+    locations (``--hubert-path``, ``--image-pretrained``, ``--image-model-config``), ``--device``
+    and ``--fp16``; :func:`upstream_paths` collects the first three for :func:`load_cmd_checkpoint`."""
+    for key in UPSTREAM_FILE_FIELDS:
+        parser.add_argument(UPSTREAM_FILE_OPTIONS[key], help=UPSTREAM_FILE_HELP[key])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument("--fp16", action="store_true", help="encode under float16 autocast (CUDA only)")
+
+
+def upstream_paths(args: argparse.Namespace) -> Dict[str, Optional[str]]:
+    """{"hubert_path", "image_pretrained", "image_model_config"} from :func:`add_loading_options`' options."""
+    return {key: getattr(args, key) for key in UPSTREAM_FILE_FIELDS}
 
 
 def _cfg_get(cfg, group: str, key: str, default=None):

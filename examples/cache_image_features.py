@@ -23,6 +23,8 @@ import os
 import sys
 import time
 
+import torch
+
 try:
     import cmd_plugin  # noqa: F401
 except ImportError:  # run as a script from anywhere: the repository root holds cmd_plugin/
@@ -30,6 +32,7 @@ except ImportError:  # run as a script from anywhere: the repository root holds 
 
 from cmd_plugin.data.image_cache import cache_identity, check_weights_file, partial_dir_of, write_image_cache  # noqa: E402
 from cmd_plugin.data.manifest import read_manifest  # noqa: E402
+from cmd_plugin.models.clip_upstream import ClipImageUpstream  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -68,10 +71,6 @@ def _size_on_disk(directory: str) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     prog = os.path.basename(sys.argv[0] or "cache_image_features.py")
-    import torch
-
-    from cmd_plugin.models.clip_upstream import ClipImageUpstream
-
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"{prog}: error: --device {args.device} but CUDA is not available", file=sys.stderr)
         return 1

@@ -58,7 +58,7 @@ from cmd_plugin.inference import (  # noqa: E402
     check_audible,
     load_image,
 )
-from cmd_plugin.loading import resolve_device  # noqa: E402
+from cmd_plugin.loading import add_loading_options, resolve_device, upstream_paths  # noqa: E402
 from cmd_plugin.search_index import (  # noqa: E402
     ApproximateIndexConfig,
     SearchIndexError,
@@ -81,11 +81,7 @@ RERANK_SCORES = ("sim", "sim+sic")
 
 def _add_model_options(p):
     p.add_argument("--checkpoint", required=True, help="trained cmd_speech_image checkpoint")
-    p.add_argument("--hubert-path", help="new location of the HuBERT checkpoint named by the checkpoint")
-    p.add_argument("--image-pretrained", help="new location of the image encoder weights")
-    p.add_argument("--image-model-config", help="new location of the open_clip model JSON")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    p.add_argument("--fp16", action="store_true", help="encode under float16 autocast (CUDA only)")
+    add_loading_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -181,10 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_encoder(args, long_audio="windows", keep_matching=False):
-    return SpeechImageEncoder.from_checkpoint(
-        args.checkpoint, device=args.device, fp16=args.fp16, hubert_path=args.hubert_path,
-        image_pretrained=args.image_pretrained, image_model_config=args.image_model_config, long_audio=long_audio,
-        keep_matching=keep_matching)
+    return SpeechImageEncoder.from_checkpoint(args.checkpoint, device=args.device, fp16=args.fp16,
+                                              long_audio=long_audio, keep_matching=keep_matching, **upstream_paths(args))
 
 
 # ---------------------------------------------------------------- index
@@ -524,7 +518,7 @@ def main(argv=None) -> int:
             run_query(args)
         else:
             run_serve(args)
-    except (FileNotFoundError, ValueError, OSError) as err:  # SearchIndexError, InferenceError, EvaluationError
+    except (FileNotFoundError, ValueError, OSError) as err:  # SearchIndexError, InferenceError, CheckpointError
         parser.exit(2, f"{parser.prog} {args.command}: error: {err}\n")
     return 0
 

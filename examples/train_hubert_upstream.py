@@ -34,6 +34,11 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import yaml
 
 try:
     import cmd_plugin
@@ -41,7 +46,12 @@ except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import cmd_plugin
 
-from cmd_plugin.files import atomic_copy, atomic_write, atomic_write_json, atomic_write_text
+from cmd_plugin.files import atomic_copy, atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
+from cmd_plugin.quiet import import_fairseq  # noqa: E402
+
+import_fairseq()  # fairseq's first import: without its known-harmless import-time notes
+import fairseq  # noqa: E402
+from fairseq.dataclass.configs import FairseqConfig  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # fairseq imports the plugin (common.user_dir) so that its trainer can read HuBERT checkpoints under
@@ -57,8 +67,6 @@ class RecipeError(RuntimeError):
 
 def fairseq_hubert_dir() -> str:
     """``examples/hubert`` of the installed fairseq package (fairseq-fixed and source installs ship it)."""
-    import fairseq
-
     path = os.path.join(os.path.dirname(fairseq.__file__), "examples", "hubert")
     if not os.path.isfile(os.path.join(path, "simple_kmeans", "learn_kmeans.py")):
         raise RecipeError(f"fairseq's HuBERT recipe was not found at {path}: this fairseq installation does not "
@@ -144,9 +152,7 @@ def check_kmeans_size(tsv: str, n_clusters: int) -> int:
 
 def dump_mfcc(hubert_dir: str, tsv_dir: str, split: str, feat_dir: str) -> None:
     """fairseq's MFCC dump (see the module docstring for why its functions and not its script)."""
-    import numpy as np
-    import soundfile as sf
-
+    # the recipe's own modules, importable only from its scripts' directory
     sys.path.insert(0, os.path.join(hubert_dir, "simple_kmeans"))
     try:
         from dump_mfcc_feature import MfccFeatureReader
@@ -184,11 +190,6 @@ def override_args(overrides: dict, base_yaml: str):
     that the recipe's YAML ``base_yaml`` does not list gets hydra's ``+`` (add) prefix when its group
     is free-form in fairseq's config (task, model, criterion, ...: typed ``Any``); the typed groups
     (common, dataset, checkpoint, ...) already hold every key. (hydra 1.0 has no ``++``.)"""
-    from typing import Any
-
-    import yaml
-    from fairseq.dataclass.configs import FairseqConfig
-
     free_form = {name for name, f in FairseqConfig.__dataclass_fields__.items() if f.type is Any}
     with open(base_yaml, encoding="utf-8") as f:
         base = yaml.safe_load(f) or {}
@@ -244,8 +245,6 @@ def main(argv=None):
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="overrides of fairseq's recipe (YAML)")
     parser.add_argument("--no-finetune", action="store_true", help="skip CTC fine-tuning whatever the config says")
     args = parser.parse_args(argv)
-
-    import yaml
 
     with open(args.config, encoding="utf-8") as f:
         cfg = yaml.safe_load(f)

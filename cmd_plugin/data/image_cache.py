@@ -18,18 +18,21 @@ that differs, naming the field.
 """
 
 import datetime
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
+from importlib.metadata import PackageNotFoundError, version
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 from PIL import Image
+from tqdm import tqdm
 
 from ..encoder_identity import (
     image_encoder_identity,
@@ -201,10 +204,8 @@ def _is_cache_dir(path: str) -> bool:
 
 def _cmd_plugin_version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("cmd_plugin")
-    except Exception:  # running from a source tree that is not installed
+    except PackageNotFoundError:  # running from a source tree that is not installed
         return "unknown"
 
 
@@ -254,8 +255,6 @@ LOCK_FILE = ".lock"
 
 def _lock(partial: str):
     """An exclusive lock on ``partial/.lock`` (released when the process ends, even killed)."""
-    import fcntl
-
     handle = open(os.path.join(partial, LOCK_FILE), "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -310,8 +309,6 @@ def write_image_cache(
     build gets its meta.json and is renamed to ``out_dir``, replacing an existing cache there
     only then. The upstream is moved to ``device``. Returns the cache's meta (also in meta.json).
     """
-    from tqdm import tqdm
-
     paths = [os.path.abspath(p) for p in image_paths]
     for given, p in zip(image_paths, paths):
         if not os.path.isabs(given):

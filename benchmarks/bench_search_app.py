@@ -34,6 +34,8 @@ sys.path.insert(0, REPO)
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # with Client(analytics_enabled=False): no telemetry leaves
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 
+from cmd_plugin.files import atomic_write_json  # noqa: E402
+
 
 def median_ms(values):
     return round(1000 * statistics.median(values), 2)
@@ -49,7 +51,7 @@ def in_process(args, clips, images):
     from cmd_plugin.search_service import SearchService
 
     t = time.perf_counter()
-    encoder = SpeechImageEncoder.from_checkpoint(args.checkpoint)
+    encoder = SpeechImageEncoder.from_checkpoint(args.checkpoint, keep_matching=True)  # re-ranking is timed
     service = SearchService(encoder, image_index=load_index(args.index),
                             audio_index=load_index(args.audio_index) if args.audio_index else None)
     out = {"load_seconds": round(time.perf_counter() - t, 2), "rerank_k": args.rerank_k,
@@ -249,9 +251,7 @@ def main():
         record["server"] = through_server(args, clips)
     record["machine"]["load_average_after"] = os.getloadavg()
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
+        atomic_write_json(args.out, record)
     print(json.dumps(record, indent=2))
 
 

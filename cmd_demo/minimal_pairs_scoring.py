@@ -29,6 +29,11 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+import open_clip
+import torch
+
+from cmd_plugin.files import atomic_write_json
+from cmd_plugin.inference import SpeechImageEncoder
 
 from cmd_demo.minimal_pairs import PAIRS_FILE
 RECORD_FORMAT = "cmd_plugin.minimal_pairs_score.v1"
@@ -155,10 +160,6 @@ def score_minimal_pairs(checkpoint: Optional[str], pairs_dir: str, device: str =
     :class:`cmd_plugin.inference.SpeechImageEncoder`) and score it; returns the record
     (:func:`score_groups`' figures plus provenance and timing). The set is checked before the
     model is loaded."""
-    import torch
-
-    from cmd_plugin.inference import SpeechImageEncoder
-
     if batch_size < 1:
         raise MinimalPairsError(f"batch size must be positive, got {batch_size}")
     start = time.perf_counter()
@@ -207,14 +208,7 @@ def written_caption_reference(encoder, pairs_dir: str) -> Dict:
     """The same set scored with the checkpoint's frozen CLIP alone: its text tower on the bases'
     WRITTEN captions against its image tower. What the image encoder can tell apart is a ceiling
     for the speech side, which is trained against that frozen image embedding."""
-    import open_clip
-    import torch
-
-    from cmd_plugin.models.clip_upstream import register_model_config
-
-    cfg = encoder.model.cfg
-    if cfg.image_model_config:
-        register_model_config(cfg.image_model_config)
+    cfg = encoder.model.cfg  # a custom model's config was registered when the encoder's image tower was built
     clip = open_clip.create_model(cfg.image_model, pretrained=cfg.image_pretrained or None).eval()
     tokenizer = open_clip.get_tokenizer(cfg.image_model)
     pairs = load_pairs(pairs_dir)
@@ -258,11 +252,4 @@ def format_table(record: Dict) -> str:
 
 
 def write_record(record: Dict, path: str) -> None:
-    from cmd_plugin.files import atomic_write
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-
-    atomic_write(path, write)
+    atomic_write_json(path, record, indent=2)

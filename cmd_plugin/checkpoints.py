@@ -21,11 +21,12 @@ import importlib
 import logging
 import os
 import re
-import shutil
 import zipfile
 from typing import Any, Dict, List, Optional
 
 import torch
+
+from .files import atomic_copy
 
 logger = logging.getLogger(__name__)
 
@@ -236,11 +237,8 @@ def load_checkpoint_state(path: str, arg_overrides: Optional[Dict[str, Any]] = N
 
 
 def _atomic_local_copy(src: str, dst: str) -> str:
-    tmp = f"{dst}.tmp"  # fairseq's own temporary name for checkpoint writes: a stale one is overwritten
-    shutil.copyfile(src, tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, dst)
+    # <dst>.tmp, fairseq's own temporary name for checkpoint writes: a stale one is overwritten
+    atomic_copy(src, dst, stable_temp=True)
     return dst
 
 

@@ -2,38 +2,38 @@
 
 The logic behind ``examples/eval_recall.py``, reusable from Python:
 
-    model, task = load_cmd_checkpoint(ckpt, data="manifests/flickr8k")
+    model, task = load_cmd_checkpoint(ckpt, data="manifests/flickr8k")   # cmd_plugin.loading
     emb = encode_split(model, task, "test", batch_size=32, device="cuda")
     results = score_embeddings(emb)                    # retrieval_recall figures (x100)
     save_embeddings(emb, "test_emb.pt"); emb = load_embeddings("test_emb.pt")
 
-Every utterance is encoded once (S_cls, the fusion encoder is not used) in length-ordered
-batches, every DISTINCT image once (I_cls). Scoring is :func:`cmd_plugin.recall.retrieval_recall`,
-which is tie-pessimistic: an item whose score ties the correct one's is ranked above it.
-
-Checkpoints are fairseq trainer checkpoints ({"cfg", "model", ...}). Frozen upstreams are not in
-them: they are rebuilt from the files the config names (``model.hubert_path``,
-``model.image_pretrained``, ``model.image_model_config``), which can be re-pointed when the files
-have moved; ``task.data`` is re-pointed to the manifest directory to score, so a model trained on
-one corpus scores another (zero-shot) with the same call.
+Every utterance is encoded once (S_cls) in length-ordered batches, every DISTINCT image once
+(I_cls). Scoring is :func:`cmd_plugin.recall.retrieval_recall`, which is tie-pessimistic: an item
+whose score ties the correct one's is ranked above it. Re-ranking (:func:`rerank_split`) needs the
+checkpoint loaded with ``keep_matching=True``.
 """
 
+import copy
 import datetime
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from .files import atomic_write
+from .files import atomic_write, atomic_write_json
+from .inference import ImageBatches
+from .loading import autocast, resolve_device, why_no_matching_head
+from .objectives.c2f.multimodal import image_tokens
+from .objectives.c2f.rerank import SequencePairScorer, rerank, reranked_recall
 from .recall import chance_recall, retrieval_recall
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "cmd_speech_image"
-TASK_NAME = "speech_image"
 EMBEDDINGS_FORMAT = "cmd_plugin.eval_embeddings.v1"
 RECALL_KS = (1, 5, 10)
 
@@ -43,120 +43,9 @@ TIE_RULE = (
     "non-caption utterance tied with the image's best-scoring caption)."
 )
 
-# Model-config fields that name upstream files, re-pointable when files moved.
-UPSTREAM_FILE_FIELDS = ("hubert_path", "image_pretrained", "image_model_config")
 
 class EvaluationError(ValueError):
-    """A checkpoint, option or embeddings file that cannot be scored; the message says why."""
-
-
-# ---------------------------------------------------------------- checkpoint
-
-
-def _load_checkpoint_state(path: str, arg_overrides: Dict[str, Any]):
-    """fairseq's load_checkpoint_to_cpu, read weights-only with the explicit allow-list of
-    :mod:`cmd_plugin.checkpoints` (a file pickling anything else is refused, the class named)."""
-    from .checkpoints import CheckpointError, load_checkpoint_state
-
-    try:
-        return load_checkpoint_state(path, arg_overrides, what=f"{MODEL_NAME} checkpoint")
-    except CheckpointError as err:
-        raise EvaluationError(str(err)) from None
-
-
-def _cfg_get(cfg, group: str, key: str, default=None):
-    section = cfg.get(group) if cfg is not None else None
-    if section is None:
-        return default
-    return section.get(key, default)
-
-
-def build_arg_overrides(
-    data: Optional[str] = None,
-    hubert_path: Optional[str] = None,
-    image_pretrained: Optional[str] = None,
-    image_model_config: Optional[str] = None,
-    image_feature_cache: str = "",
-) -> Dict[str, Any]:
-    """Overrides for ``load_model_ensemble_and_task``. fairseq's ``overwrite_args_by_name``
-    applies each one to EVERY config key of that name, in every group, and only where the key
-    exists: ``image_model_config`` thus re-points ``model.`` and ``task.image_model_config``
-    together, ``data`` re-points ``task.data``. Paths are made absolute. ``task.image_feature_cache``
-    is replaced by ``image_feature_cache`` ("" = encode pixels): a training-time cache may not
-    hold the scored images, so scoring uses a cache only when asked to."""
-    overrides = {"image_feature_cache": os.path.abspath(image_feature_cache) if image_feature_cache else ""}
-    for key, value in (
-        ("data", data),
-        ("hubert_path", hubert_path),
-        ("image_pretrained", image_pretrained),
-        ("image_model_config", image_model_config),
-    ):
-        if value is not None:
-            overrides[key] = os.path.abspath(value) if value else value
-    return overrides
-
-
-def load_cmd_checkpoint(
-    checkpoint: str,
-    data: Optional[str] = None,
-    hubert_path: Optional[str] = None,
-    image_pretrained: Optional[str] = None,
-    image_model_config: Optional[str] = None,
-    image_feature_cache: str = "",
-):
-    """Load a trained ``cmd_speech_image`` checkpoint -> (model in eval mode on CPU, task).
-
-    ``data`` re-points ``task.data`` (the manifest directory to score); the other arguments
-    re-point the frozen upstreams' files. Raises :class:`FileNotFoundError` naming a missing
-    checkpoint or upstream file (and the option that re-points it), :class:`EvaluationError`
-    for a file that is not a ``cmd_speech_image`` checkpoint.
-    """
-    from .quiet import import_fairseq
-
-    import_fairseq()  # fairseq first: then importing the plugin registers it
-    from fairseq import checkpoint_utils
-
-    import cmd_plugin.models  # noqa: F401  (registers cmd_speech_image)
-    import cmd_plugin.tasks  # noqa: F401  (registers speech_image)
-
-    # The checkpoint's common.user_dir is not imported: it may name another machine's path, and
-    # fairseq refuses a second package called cmd_plugin; the imports above register everything.
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    overrides = build_arg_overrides(data, hubert_path, image_pretrained, image_model_config, image_feature_cache)
-    state = _load_checkpoint_state(checkpoint, overrides)
-    cfg = state.get("cfg")
-    if cfg is None or "model" not in state:
-        raise EvaluationError(
-            f"{checkpoint} is not a {MODEL_NAME} checkpoint: no fairseq 'cfg' and 'model' "
-            f"(keys: {sorted(state)})"
-        )
-    model_name = _cfg_get(cfg, "model", "_name")
-    if model_name != MODEL_NAME:
-        raise EvaluationError(f"{checkpoint} is not a {MODEL_NAME} checkpoint (its model is {model_name!r})")
-    task_name = _cfg_get(cfg, "task", "_name")
-    if task_name != TASK_NAME:
-        raise EvaluationError(f"{checkpoint}: task {task_name!r}, expected {TASK_NAME!r}")
-
-    options = {"hubert_path": "--hubert-path", "image_pretrained": "--image-pretrained",
-               "image_model_config": "--image-model-config"}
-    for key in UPSTREAM_FILE_FIELDS:
-        path = _cfg_get(cfg, "model", key, "")
-        if path and not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"model.{key} file not found: {path} (named by {checkpoint}; "
-                f"give its new location with {options[key]})"
-            )
-    task_data = _cfg_get(cfg, "task", "data")
-    if not task_data or not os.path.isdir(task_data):
-        raise FileNotFoundError(f"manifest directory not found: {task_data} (give it with --data)")
-
-    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
-        [checkpoint], arg_overrides=overrides, state=state
-    )
-    model = models[0]
-    model.remove_pretraining_modules(keep_matching=True)  # fusion, momentum copies, queue: training only
-    return model.eval(), task
+    """An option, split or embeddings file that cannot be scored; the message says why."""
 
 
 # ---------------------------------------------------------------- encoding
@@ -179,38 +68,8 @@ class SplitEmbeddings:
     image_tokens: Optional[torch.Tensor] = None
 
 
-class _ImageBatches(torch.utils.data.Dataset):
-    """Batches of distinct images (relative paths) -> the task's image reader's output: pixels
-    ``images``, or cached ``image_cls`` / ``image_patches`` (task.image_feature_cache)."""
-
-    def __init__(self, paths: List[str], batch_size: int, read):
-        self.batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
-        self.read = read
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __getitem__(self, i):
-        return self.read(self.batches[i])
-
-
 def _no_pixels(relative_paths):
     return {}
-
-
-def _autocast(device: torch.device, fp16: bool):
-    if fp16:
-        return torch.autocast(device_type=device.type, dtype=torch.float16)
-    return torch.autocast(device_type=device.type, enabled=False)
-
-
-def resolve_device(device: str, fp16: bool) -> torch.device:
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError(f"--device {device}: CUDA is not available on this machine")
-    if fp16 and dev.type != "cuda":
-        raise EvaluationError("--fp16 needs --device cuda")
-    return dev
 
 
 @torch.no_grad()
@@ -234,8 +93,6 @@ def encode_split(
     layer output (N x (1+T') x D x 2 bytes: ~2.6 GB for Flickr8k's 5,000 test captions at
     HuBERT-Large width) and every image's tokens (pooled + patches).
     """
-    from tqdm import tqdm
-
     dev = resolve_device(device, fp16)
     model = model.eval().to(dev)
     task.load_dataset(split, size_limits=False)
@@ -255,7 +112,7 @@ def encode_split(
     sequences: List[Optional[torch.Tensor]] = [None] * len(dataset)
     for batch in tqdm(loader, desc=f"{split}: speech", unit="batch", disable=not progress):
         net_input = batch["net_input"]
-        with _autocast(dev, fp16):
+        with autocast(dev, fp16):
             out = model.encode_speech_sequence(net_input["source"].to(dev), net_input["padding_mask"].to(dev))
         emb = out["speech"].float().cpu()
         if keep_sequences:
@@ -269,21 +126,19 @@ def encode_split(
 
     image_paths = list(dataset.image_paths)
     images_loader = torch.utils.data.DataLoader(
-        _ImageBatches(image_paths, batch_size, dataset.images),
+        ImageBatches(image_paths, batch_size, dataset.images),
         batch_size=None, num_workers=num_workers,
     )
     image_chunks, token_chunks = [], []
     for read in tqdm(images_loader, desc=f"{split}: images", unit="batch", disable=not progress):
         if "images" in read:
-            with _autocast(dev, fp16):
+            with autocast(dev, fp16):
                 image_cls, patches = model.encode_image(read["images"].to(dev))
         else:  # cached outputs of the same (checked) frozen encoder
             image_cls = torch.nn.functional.normalize(read["image_cls"].float(), dim=-1)
             patches = read["image_patches"]
         image_chunks.append(image_cls.float().cpu())
         if keep_sequences:  # the tokens the multimodal encoder saw in training (criterion: image_tokens)
-            from .objectives.c2f.multimodal import image_tokens
-
             token_chunks.append(image_tokens(image_cls.float(), patches.float()).half().cpu())
     images = torch.cat(image_chunks)
 
@@ -306,8 +161,6 @@ def encode_split(
 
 
 def _shallow_copy_with(obj, **attrs):
-    import copy
-
     clone = copy.copy(obj)
     for key, value in attrs.items():
         setattr(clone, key, value)
@@ -335,13 +188,10 @@ RERANK_SCORES = ("sim", "sim+sic")
 
 
 def check_rerank_model(model, checkpoint: str) -> None:
-    """Refuse a checkpoint without the coarse-to-fine matching head, with what to do instead."""
-    if getattr(model, "multimodal", None) is None or getattr(model, "matching_head", None) is None:
-        raise EvaluationError(
-            f"{checkpoint} has no matching head (trained with model.multimodal_layers=0, e.g. the CMD recipe): "
-            "re-ranking needs a coarse-to-fine checkpoint (fairseq-hydra-train ... +method=c2f or +method=c2f_cmd); "
-            "drop --rerank-k to score it with SIC alone"
-        )
+    """Refuse a model without the coarse-to-fine matching head, with what to do instead."""
+    why = why_no_matching_head(model, checkpoint)
+    if why:
+        raise EvaluationError(f"{why}; drop --rerank-k to score it with SIC alone")
 
 
 @torch.no_grad()
@@ -352,10 +202,6 @@ def rerank_split(model, emb: SplitEmbeddings, k: int, score: str = "sim", device
     "sim+sic" by match logit + SIC cosine (BLIP). Needs ``encode_split(..., keep_sequences=True)``.
     Returns :func:`cmd_plugin.objectives.c2f.rerank.reranked_recall`'s dict plus ``num_pairs`` (distinct pairs
     scored) and ``seconds`` (wall time of the re-ranking)."""
-    import time
-
-    from .objectives.c2f.rerank import SequencePairScorer, rerank, reranked_recall
-
     if score not in RERANK_SCORES:
         raise EvaluationError(f"--rerank-score must be one of {RERANK_SCORES}, got {score!r}")
     if emb.speech_sequences is None or emb.image_tokens is None:
@@ -376,7 +222,6 @@ def rerank_split(model, emb: SplitEmbeddings, k: int, score: str = "sim", device
 
 
 # ---------------------------------------------------------------- files
-
 
 
 def save_embeddings(emb: SplitEmbeddings, path: str) -> None:
@@ -442,11 +287,4 @@ def results_record(results: Dict[str, Any], chance: Dict[str, float], captions_p
 
 
 def write_json(record: Dict[str, Any], path: str) -> None:
-    import json
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-
-    atomic_write(path, write)
+    atomic_write_json(path, record, indent=2, ensure_ascii=False)

@@ -7,10 +7,11 @@
     images = encoder.embed_images(["beach.jpg", pil_image])           # (2, E) unit norm
     scores = speech @ images.T                                        # cosine similarities
 
-The checkpoint is loaded once (:func:`cmd_plugin.evaluate.load_cmd_checkpoint`: frozen
+The checkpoint is loaded once (:func:`cmd_plugin.loading.load_cmd_checkpoint`: frozen
 upstreams rebuilt from their files, re-pointable with ``hubert_path`` / ``image_pretrained`` /
-``image_model_config``). Embeddings are S_cls and I_cls, the model's unit-norm joint-space
-embeddings (the fusion encoder is not used), returned as float32 CPU tensors.
+``image_model_config``; the SIM encoder and matching head kept only with ``keep_matching=True``,
+for re-ranking). Embeddings are S_cls and I_cls, the model's unit-norm joint-space embeddings,
+returned as float32 CPU tensors.
 
 Audio: a file soundfile reads (wav, flac, ogg/vorbis/opus, mp3 with libsndfile >= 1.1) of any
 sample rate and channel count, or an array ``(T,)`` / ``(T, C)`` (channels last, as soundfile
@@ -24,17 +25,27 @@ mean of the windows'; ``long_audio="error"`` refuses such clips instead. Clips s
 
 Images: a file PIL reads or a PIL image, converted to RGB and preprocessed with the image
 encoder's own open_clip eval transform (as in training and scoring).
+
+Identities (what an index of embeddings depends on, so that a search index is refused by a model
+that would embed differently): :func:`image_identity` for images, :func:`speech_identity` for
+spoken clips.
 """
 
 import hashlib
-import json
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import soundfile as sf
 import torch
 import torch.nn.functional as F
+import torchaudio.functional as AF
+from PIL import Image
+from tqdm import tqdm
+
+from .encoder_identity import image_encoder_identity, update_tensor_digest
+from .loading import autocast, has_matching_head, load_cmd_checkpoint, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +62,6 @@ class InferenceError(ValueError):
 
 def read_audio(path: str) -> Tuple[np.ndarray, int]:
     """Read an audio file -> ((T, C) float32, sample rate), with errors naming the file."""
-    import soundfile as sf
-
     if not os.path.isfile(path):
         raise InferenceError(f"{path}: audio file not found")
     try:
@@ -70,8 +79,6 @@ def read_audio(path: str) -> Tuple[np.ndarray, int]:
 
 def _image_format(path: str) -> Optional[str]:
     """The format name ("PNG", "JPEG", ...) when PIL recognises ``path`` as an image, else None."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             return im.format or "an"
@@ -96,8 +103,6 @@ def to_mono_16k(wav, rate: int, target_rate: int = 16000, name: str = "audio") -
 
     Down-mix: the mean of the channels. Resampling: torchaudio's band-limited sinc
     interpolation (its defaults: Hann window, 6 zero crossings, roll-off 0.99)."""
-    import torchaudio.functional as AF
-
     x = torch.as_tensor(np.asarray(wav, dtype=np.float32) if not isinstance(wav, torch.Tensor) else wav)
     x = x.float()
     if x.dim() == 2:
@@ -127,8 +132,6 @@ def split_windows(num_samples: int, max_samples: int) -> List[Tuple[int, int]]:
 
 def load_image(item, transform, name: Optional[str] = None) -> torch.Tensor:
     """A path or PIL image -> preprocessed (3, H, W) pixels, errors naming the file."""
-    from PIL import Image
-
     if isinstance(item, Image.Image):
         return transform(item.convert("RGB"))
     path = os.fspath(item)
@@ -142,24 +145,37 @@ def load_image(item, transform, name: Optional[str] = None) -> torch.Tensor:
                              f"{str(err).strip() or type(err).__name__})") from err
 
 
-class _ImageFileBatches(torch.utils.data.Dataset):
-    """Batches of image files -> (positions, pixels (B', 3, H, W) or None, failures [(pos, message)])."""
+class ImageBatches(torch.utils.data.Dataset):
+    """Consecutive batches of ``items`` (batch i: ``items[i * batch_size:(i + 1) * batch_size]``), each
+    read by ``read(batch)`` -- in a DataLoader's worker processes when it has any (``batch_size=None``:
+    the batches are already made). Whole-split scoring reads relative paths with the task's image
+    reader (pixels or cached features); :meth:`SpeechImageEncoder.embed_image_files` reads
+    (position, file) pairs with :class:`ReadImageFiles`."""
 
-    def __init__(self, paths: Sequence[str], batch_size: int, transform):
-        self.paths = list(paths)
-        self.starts = list(range(0, len(self.paths), batch_size))
+    def __init__(self, items: Sequence, batch_size: int, read: Callable[[list], Any]):
+        self.items = list(items)
         self.batch_size = batch_size
-        self.transform = transform
+        self.read = read
 
     def __len__(self):
-        return len(self.starts)
+        return -(-len(self.items) // self.batch_size)
 
     def __getitem__(self, i):
-        start = self.starts[i]
+        return self.read(self.items[i * self.batch_size:(i + 1) * self.batch_size])
+
+
+class ReadImageFiles:
+    """[(position, path)] -> (positions read, pixels (B', 3, H, W) or None, failures [(position, message)]):
+    files that cannot be read are reported, not raised."""
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, batch):
         positions, pixels, failures = [], [], []
-        for pos in range(start, min(start + self.batch_size, len(self.paths))):
+        for pos, path in batch:
             try:
-                pixels.append(load_image(self.paths[pos], self.transform))
+                pixels.append(load_image(path, self.transform))
                 positions.append(pos)
             except InferenceError as err:
                 failures.append((pos, str(err)))
@@ -167,20 +183,6 @@ class _ImageFileBatches(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------- identity
-
-
-def _update_digest(digest, state: Dict[str, torch.Tensor], prefix: str = "") -> None:
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        digest.update(f"{prefix}{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
-
-
-def tensors_sha256(module: torch.nn.Module) -> str:
-    """sha256 over a module's state (names, dtypes, shapes and bytes, in name order)."""
-    digest = hashlib.sha256()
-    _update_digest(digest, module.state_dict())
-    return digest.hexdigest()
 
 
 IDENTITY_WORDS = {
@@ -210,7 +212,7 @@ def speech_identity(model, task, checkpoint: str = "") -> Dict[str, Any]:
     for part in SPEECH_PARTS:
         obj = getattr(model, part)
         state = obj.state_dict() if isinstance(obj, torch.nn.Module) else {"": obj}
-        _update_digest(digest, state, prefix=part + ".")
+        update_tensor_digest(digest, state, prefix=part + ".")
     return {
         "speech_weights_sha256": digest.hexdigest(),
         "hubert_layer_states": str(getattr(model.cfg, "hubert_layer_states", "")),
@@ -223,25 +225,20 @@ def speech_identity(model, task, checkpoint: str = "") -> Dict[str, Any]:
 
 
 def image_identity(model, checkpoint: str = "") -> Dict[str, Any]:
-    """What image embeddings depend on: the image tower's weights as loaded (a frozen CLIP's
-    file, or fine-tuned weights from the checkpoint), its model config and preprocessing.
+    """What image embeddings depend on: :func:`cmd_plugin.encoder_identity.image_encoder_identity`
+    of the image tower as loaded (a frozen CLIP's file, or fine-tuned weights from the checkpoint),
+    under the keys an index records. The fingerprint equals the ``weights_sha256`` of an image
+    feature cache made with the same tower.
 
     Checkpoints trained against the same frozen image encoder share one joint space, so an
     index built with one serves them all. Keys starting with "_" are informational."""
-    import open_clip
-
-    from .data.image_cache import preprocess_identity
-
+    tower = image_encoder_identity(model.image_encoder)
     cfg = model.cfg
-    model_config = open_clip.get_model_config(cfg.image_model)
-    preprocess = dict((model_config or {}).get("preprocess_cfg", {}))
-    if model_config is not None:
-        preprocess["size"] = model_config["vision_cfg"]["image_size"]
     return {
-        "image_model": cfg.image_model,
-        "model_config": json.loads(json.dumps(model_config)),
-        "preprocess": preprocess_identity(preprocess),
-        "image_weights_sha256": tensors_sha256(model.image_encoder),
+        "image_model": tower["model"],
+        "model_config": tower["model_config"],
+        "preprocess": tower["preprocess"],
+        "image_weights_sha256": tower["weights_sha256"],
         "embed_dim": int(model.image_encoder.embed_dim),
         "_checkpoint": os.path.abspath(checkpoint) if checkpoint else "",
         "_image_pretrained": getattr(cfg, "image_pretrained", ""),
@@ -262,8 +259,6 @@ class SpeechImageEncoder:
 
     def __init__(self, model, task, device: str = "cpu", fp16: bool = False, checkpoint: str = "",
                  long_audio: str = "windows"):
-        from .evaluate import resolve_device
-
         if long_audio not in LONG_AUDIO_CHOICES:
             raise InferenceError(f"long_audio must be one of {LONG_AUDIO_CHOICES}, got {long_audio!r}")
         self.device = resolve_device(device, fp16)
@@ -291,16 +286,16 @@ class SpeechImageEncoder:
         image_pretrained: Optional[str] = None,
         image_model_config: Optional[str] = None,
         long_audio: str = "windows",
+        keep_matching: bool = False,
     ) -> "SpeechImageEncoder":
         """Load ``checkpoint`` once; ``device`` cpu/cuda/cuda:N, ``fp16`` (CUDA only) encodes under
-        float16 autocast. The upstream arguments re-point files that moved since training."""
-        from .evaluate import load_cmd_checkpoint, resolve_device
-
+        float16 autocast. The upstream arguments re-point files that moved since training.
+        ``keep_matching`` keeps a coarse-to-fine checkpoint's SIM encoder and matching head (to re-rank)."""
         resolve_device(device, fp16)  # fail before the slow load
         # No manifest is read: task.data only has to be a directory for the task to set up.
         model, task = load_cmd_checkpoint(
             checkpoint, data=os.path.dirname(os.path.abspath(checkpoint)), hubert_path=hubert_path,
-            image_pretrained=image_pretrained, image_model_config=image_model_config,
+            image_pretrained=image_pretrained, image_model_config=image_model_config, keep_matching=keep_matching,
         )
         return cls(model, task, device=device, fp16=fp16, checkpoint=checkpoint, long_audio=long_audio)
 
@@ -321,13 +316,13 @@ class SpeechImageEncoder:
 
     @property
     def has_matching_head(self) -> bool:
-        """True for a coarse-to-fine checkpoint (multimodal encoder + matching head): results can be re-ranked."""
-        return getattr(self.model, "multimodal", None) is not None and getattr(self.model, "matching_head", None) is not None
+        """True when the model holds a matching head (a coarse-to-fine checkpoint loaded with
+        ``keep_matching``): results can be re-ranked."""
+        return has_matching_head(self.model)
 
-    def _autocast(self):
-        from .evaluate import _autocast
-
-        return _autocast(self.device, self.fp16)
+    def autocast(self):
+        """The context to run this encoder's model under (:func:`cmd_plugin.loading.autocast`)."""
+        return autocast(self.device, self.fp16)
 
     # ---- audio ----
     def load_audio(self, item: AudioInput, sample_rate: Optional[int] = None,
@@ -350,7 +345,10 @@ class SpeechImageEncoder:
                                      "(give (samples, rate) or sample_rate=)")
         return to_mono_16k(wav, rate, self.sample_rate, name=name or "audio array")
 
-    def _segments(self, wave: torch.Tensor, name: str) -> List[torch.Tensor]:
+    def windows(self, wave: torch.Tensor, name: str) -> List[torch.Tensor]:
+        """The windows (T_w,) a clip is embedded in: the clip itself, or the fewest equal windows
+        within the model's limit. Raises :class:`InferenceError` naming ``name`` for a clip shorter
+        than the model's minimum, or longer than its limit with ``long_audio="error"``."""
         n = wave.numel()
         rate = self.sample_rate
         if n < self.min_samples:
@@ -379,7 +377,7 @@ class SpeechImageEncoder:
         names = list(names) if names is not None else [f"audio #{i}" for i in range(len(waves))]
         segments, owner = [], []
         for i, (wave, name) in enumerate(zip(waves, names)):
-            for seg in self._segments(wave, name):
+            for seg in self.windows(wave, name):
                 segments.append(seg)
                 owner.append(i)
         sums = torch.zeros(len(waves), self.embed_dim)
@@ -399,7 +397,7 @@ class SpeechImageEncoder:
                 n = segments[j].numel()
                 source[row, :n] = segments[j]
                 padding[row, :n] = False
-            with self._autocast():
+            with self.autocast():
                 out = self.model.encode_speech_sequence(source.to(self.device), padding.to(self.device))
             emb = out["speech"].float().cpu()
             for row, j in enumerate(batch):
@@ -433,7 +431,7 @@ class SpeechImageEncoder:
     @torch.no_grad()
     def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) preprocessed pixels -> (B, E) float32 unit-norm I_cls."""
-        with self._autocast():
+        with self.autocast():
             emb, _ = self.model.encode_image(pixels.to(self.device))
         return F.normalize(emb.float(), dim=-1).cpu()
 
@@ -441,8 +439,6 @@ class SpeechImageEncoder:
         """Image files or PIL images -> (N, E) float32 unit-norm image embeddings (I_cls).
 
         Raises :class:`InferenceError` naming the first file that cannot be read."""
-        from PIL import Image
-
         if isinstance(items, (str, os.PathLike, Image.Image)):
             items = [items]
         out = []
@@ -458,10 +454,9 @@ class SpeechImageEncoder:
         Returns (embeddings (M, E) float32, positions (M,) of ``paths`` they belong to,
         failures [(path, message)]). ``on_batch(positions, embeddings)`` is called after
         each batch (e.g. to save progress)."""
-        from tqdm import tqdm
-
         loader = torch.utils.data.DataLoader(
-            _ImageFileBatches(paths, batch_size, self.transform), batch_size=None, num_workers=num_workers)
+            ImageBatches(list(enumerate(paths)), batch_size, ReadImageFiles(self.transform)),
+            batch_size=None, num_workers=num_workers)
         chunks, positions, failures = [], [], []
         with tqdm(total=len(paths), unit="img", desc="embedding images", disable=not progress) as bar:
             for pos, pixels, failed in loader:

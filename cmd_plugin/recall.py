@@ -18,7 +18,6 @@ The score matrix is never materialised or sorted: it is computed once, in blocks
 and ranks are obtained by counting.
 """
 
-import math
 from typing import Dict, Iterable, Sequence, Tuple
 
 import torch

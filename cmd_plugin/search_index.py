@@ -22,8 +22,8 @@ weights-only unpickler and memory-mapped, so a query touches only what it reads)
     approximate   None or {"params": {...}, "data": (B,) uint8 serialized FAISS index}
     meta          dict        informational: checkpoint, creation/update times, counts
 
-Every write goes to a temporary file in the same directory, renamed over the old index only
-when complete (an interrupted run leaves the previous index usable).
+Every write is atomic (:func:`cmd_plugin.files.atomic_write`): an interrupted run leaves the
+previous index usable.
 
 Search is exact by default: scores are the dot products of unit vectors (cosine similarity),
 computed in blocks of index rows (bounded memory), keeping the top k by partial selection.
@@ -65,15 +65,13 @@ class ApproximateIndexConfig:
         "help": "auto: build an approximate index when the collection has at least min_images images "
                 "(and faiss is installed); always; never (exact search only)"})
     min_images: int = field(default=200_000, metadata={
-        "help": "size from which mode=auto builds the approximate index (a choice; "
-                "benchmarks/bench_search.py measured exact search at ~70 ms per query for 100k images "
-                "and ~0.8 s for 1M on one CPU thread)"})
+        "help": "size from which mode=auto builds the approximate index (a choice: exact search times in "
+                "benchmarks/README.md, bench_search.py)"})
     nlist: int = field(default=0, metadata={
         "help": "number of inverted lists (k-means cells); 0 = the power of two nearest 4 sqrt(N)"})
     nprobe: int = field(default=0, metadata={
         "help": "cells visited per query by default (a query may ask for another); 0 = nlist / 8 "
-                "(benchmarks/bench_search.py, hardest clustered data: recall@10 0.9995 at 100k images, "
-                "0.960 at 1M; a fixed 32 gave 0.998 and 0.874)"})
+                "(its recall in benchmarks/README.md, bench_search.py)"})
     encoding: str = field(default="SQfp16", metadata={
         "help": "how FAISS stores vectors in the cells: Flat (float32), SQfp16 (half the memory, "
                 "same ranking in practice) or SQ8 (a quarter, lower recall); candidates are "
@@ -105,9 +103,8 @@ def auto_nprobe(nlist: int) -> int:
 
 def auto_nlist(num_images: int) -> int:
     """The power of two nearest 4 sqrt(N) (the low end of FAISS's guideline of 4-16 sqrt(N)),
-    at most the power of two below N / 39 (FAISS's minimum of training points per cell).
-    ``benchmarks/bench_search.py``: sqrt(N) cells gave recall@10 0.62 at 1M clustered images,
-    4 sqrt(N) 0.999 at 200k."""
+    at most the power of two below N / 39 (FAISS's minimum of training points per cell); the
+    choice is measured in benchmarks/README.md (bench_search.py)."""
     if num_images < 39:
         return 1
     nlist = 2 ** int(round(math.log2(4 * math.sqrt(num_images))))
@@ -279,9 +276,6 @@ def merged_index(
 
 
 # ---------------------------------------------------------------- files
-
-
-
 
 
 def save_index(index: SearchIndex, path: str) -> None:

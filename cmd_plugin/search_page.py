@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import numpy as np
+import soundfile as sf
+from PIL import Image
 
 THUMBNAIL_PX = 256
 NAME_CHARS = 20  # longest file name shown whole on a 180 px card (at 0.8em); longer ones lose their middle
@@ -49,8 +51,6 @@ class PageQuery:
 
 def wav_data_uri(waveform: np.ndarray, sample_rate: int) -> str:
     """(T,) float samples -> "data:audio/wav;base64,..." (16-bit PCM, clipped to [-1, 1])."""
-    import soundfile as sf
-
     buf = io.BytesIO()
     sf.write(buf, np.clip(np.asarray(waveform, dtype=np.float32), -1.0, 1.0), int(sample_rate),
              format="WAV", subtype="PCM_16")
@@ -60,8 +60,6 @@ def wav_data_uri(waveform: np.ndarray, sample_rate: int) -> str:
 def thumbnail_data_uri(path: str, size: int = THUMBNAIL_PX) -> Optional[str]:
     """An image file -> "data:image/jpeg;base64,..." at most ``size`` px wide and high, or None
     when the file cannot be read (the page then shows a labelled box instead)."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im = im.convert("RGB")

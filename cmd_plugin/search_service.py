@@ -6,7 +6,8 @@
     found.hits[0].path, found.hits[0].score, found.timings["embed"]
 
 Both directions rank by the SIC cosine similarity of the joint-space embeddings; with
-``rerank_k = K > 0`` (a coarse-to-fine checkpoint with a matching head) the SIC top K are
+``rerank_k = K > 0`` (a coarse-to-fine checkpoint loaded with its matching head:
+``SpeechImageEncoder.from_checkpoint(..., keep_matching=True)``) the SIC top K are
 re-scored by the matching head (``rerank_score`` "sim": its match logit, ALBEF; "sim+sic": logit
 + cosine, BLIP) and put first in that order, the rest following in SIC order, as
 :mod:`cmd_plugin.objectives.c2f.rerank` does for whole splits. Re-scoring needs what the indexes do not keep:
@@ -31,6 +32,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .inference import IDENTITY_WORDS, InferenceError, check_audible, load_image
+from .loading import why_no_matching_head
+from .objectives.c2f.multimodal import image_tokens, match_score
 from .search_index import SearchIndex, SearchIndexError, check_identity, import_faiss, load_approximate, search
 
 logger = logging.getLogger(__name__)
@@ -133,10 +136,8 @@ class SearchService:
         if isinstance(rerank_k, bool) or not isinstance(rerank_k, int) or rerank_k < 0:
             raise SearchIndexError(f"re-ranking K must be a whole number >= 0 (0 = off), got {rerank_k!r}")
         if rerank_k and not self.has_matching_head:
-            raise SearchIndexError(
-                f"{self.encoder.checkpoint or 'this checkpoint'} has no matching head (trained with "
-                "model.multimodal_layers=0, e.g. the CMD recipe): re-ranking needs a coarse-to-fine checkpoint "
-                "(+method=c2f or +method=c2f_cmd); search without re-ranking")
+            why = why_no_matching_head(self.encoder.model, self.encoder.checkpoint)
+            raise SearchIndexError(f"{why}; search without re-ranking")
         if score not in RERANK_SCORES:
             raise SearchIndexError(f"re-ranking score must be one of {RERANK_SCORES}, got {score!r}")
         return score
@@ -158,7 +159,7 @@ class SearchService:
             raise InferenceError(f"{name}: {seconds:.1f} s of audio, longer than this server's limit of "
                                  f"{self.max_query_seconds:g} s per query (--max-query-seconds)")
         if wave.numel() < enc.min_samples:
-            enc._segments(wave, name)  # raises: shorter than the model's minimum
+            enc.windows(wave, name)  # raises: shorter than the model's minimum
         check_audible(wave, name)
         return wave
 
@@ -196,8 +197,6 @@ class SearchService:
 
     def image_tokens_of(self, paths: Sequence[str]):
         """Image files -> ((M, 1+N, E) tokens of those that could be read, positions read, failures)."""
-        from .objectives.c2f.multimodal import image_tokens
-
         pixels, read, failed = [], [], []
         for i, path in enumerate(paths):
             try:
@@ -208,7 +207,7 @@ class SearchService:
         if not pixels:
             return None, read, failed
         model, enc = self.encoder.model, self.encoder
-        with enc._autocast():
+        with enc.autocast():
             cls, patches = model.encode_image(torch.stack(pixels).to(enc.device))
         return image_tokens(cls.float(), patches.float()), read, failed
 
@@ -230,8 +229,6 @@ class SearchService:
 
     def _match_pairs(self, sequences: List[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
         """(P,) match logits of P (speech sequence (1+T', D), image tokens (1+N, E)) pairs."""
-        from .objectives.c2f.multimodal import match_score
-
         model, enc = self.encoder.model, self.encoder
         head = next(model.multimodal.parameters())
         out = []
@@ -243,7 +240,7 @@ class SearchService:
             for p, s in enumerate(seqs):
                 batch[p, :s.size(0)] = s.to(head.device, head.dtype)
                 mask[p, :s.size(0)] = False
-            with enc._autocast():
+            with enc.autocast():
                 logits = model.match_logits(batch, mask, tokens[start:start + self.match_batch].to(head.device))
             out.append(match_score(logits, "logit").float().cpu())
         return torch.cat(out)
@@ -268,11 +265,9 @@ class SearchService:
 
     def embed_image_queries(self, pixels: torch.Tensor):
         """(Q, 3, H, W) preprocessed query images -> ((Q, E) unit-norm I_cls on the CPU, (Q, 1+N, E) tokens)."""
-        from .objectives.c2f.multimodal import image_tokens
-
         enc = self.encoder
         with torch.inference_mode():
-            with enc._autocast():
+            with enc.autocast():
                 cls, patches = enc.model.encode_image(pixels.to(enc.device))
             emb = torch.nn.functional.normalize(cls.float(), dim=-1).cpu()
             return emb, image_tokens(cls.float(), patches.float())

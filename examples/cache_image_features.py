@@ -4,7 +4,7 @@ encoder, and write the outputs as a memory-mapped cache (``cmd_plugin/data/image
 
 Training then reads the cache instead of encoding pixels: ``task.image_feature_cache=DIR``
 (the model's image encoder must stay frozen). The cache records the encoder it was made with
-(model, sha256 of the weights, model config, preprocessing); the task refuses it for another.
+(model, fingerprint of its weights, model config, preprocessing); the task refuses it for another.
 
 A build that is interrupted (killed, crashed, an unreadable image) keeps what it encoded in a
 hidden sibling directory ``.<out>.partial`` and never leaves anything at ``--out`` that passes for
@@ -23,18 +23,16 @@ import os
 import sys
 import time
 
+import torch
+
 try:
     import cmd_plugin  # noqa: F401
 except ImportError:  # run as a script from anywhere: the repository root holds cmd_plugin/
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cmd_plugin.data.image_cache import (  # noqa: E402
-    ImageCacheError,
-    encoder_identity,
-    partial_dir_of,
-    write_image_cache,
-)
-from cmd_plugin.data.manifest import ManifestError, read_manifest  # noqa: E402
+from cmd_plugin.data.image_cache import cache_identity, check_weights_file, partial_dir_of, write_image_cache  # noqa: E402
+from cmd_plugin.data.manifest import read_manifest  # noqa: E402
+from cmd_plugin.models.clip_upstream import ClipImageUpstream  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -73,10 +71,6 @@ def _size_on_disk(directory: str) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     prog = os.path.basename(sys.argv[0] or "cache_image_features.py")
-    import torch
-
-    from cmd_plugin.models.clip_upstream import ClipImageUpstream
-
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"{prog}: error: --device {args.device} but CUDA is not available", file=sys.stderr)
         return 1
@@ -84,14 +78,15 @@ def main(argv=None) -> int:
     try:
         listed = listed_images(args.manifest_dir, args.splits)
         paths = list(listed)
-        identity = encoder_identity(args.image_model, args.image_pretrained, args.image_model_config)
+        check_weights_file(args.image_pretrained)  # before the (slow) build
         upstream = ClipImageUpstream(args.image_model, args.image_pretrained, args.image_model_config, freeze=True)
+        identity = cache_identity(upstream, args.image_pretrained)
         meta = write_image_cache(
             args.out, paths, upstream, identity, batch_size=args.batch_size, device=args.device,
             num_workers=args.num_workers, progress=not args.no_progress,
             where=[listed[p] for p in paths], sync_interval=args.sync_interval,
         )
-    except (ManifestError, ImageCacheError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # ManifestError, ImageCacheError, an unknown model
         print(f"{prog}: error: {exc}", file=sys.stderr)
         print("no cache was written (an existing one is unchanged); images encoded so far are kept in "
               f"{partial_dir_of(args.out)} if it exists, and the same command resumes from them", file=sys.stderr)

@@ -31,30 +31,35 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # run from any directory without installing the package
     sys.path.insert(0, REPO_ROOT)
 
+from cmd_plugin.data.manifest import check_split  # noqa: E402
 from cmd_plugin.evaluate import (  # noqa: E402
     RECALL_KS,
     RERANK_SCORES,
     TIE_RULE,
-    UPSTREAM_FILE_FIELDS,
     EvaluationError,
     chance_for,
     check_rerank_model,
     encode_split,
-    load_cmd_checkpoint,
     load_embeddings,
     rerank_split,
-    resolve_device,
     results_record,
     save_embeddings,
     score_embeddings,
     write_json,
 )
-from cmd_plugin.data.manifest import check_split  # noqa: E402
+from cmd_plugin.loading import (  # noqa: E402
+    UPSTREAM_FILE_FIELDS,
+    add_loading_options,
+    load_cmd_checkpoint,
+    resolve_device,
+    upstream_paths,
+)
 from cmd_plugin.recall import format_recall_rows  # noqa: E402
 
 logger = logging.getLogger("eval_recall")
@@ -70,16 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help="manifest directory to score ({split}.tsv, {split}.img); may be "
                         "another corpus than the training one (zero-shot)")
     parser.add_argument("--split", default="test", help="split to score (default: test)")
-    parser.add_argument("--hubert-path", help="new location of the HuBERT checkpoint named by the checkpoint")
-    parser.add_argument("--image-pretrained", help="new location of the image encoder weights")
-    parser.add_argument("--image-model-config", help="new location of the open_clip model JSON")
+    add_loading_options(parser)  # --hubert-path, --image-pretrained, --image-model-config, --device, --fp16
     parser.add_argument("--image-feature-cache", default="",
                         help="directory from examples/cache_image_features.py holding the scored images "
                              "(checked against the checkpoint's image encoder); default: encode pixels")
     parser.add_argument("--batch-size", type=int, default=32, help="utterances / images per batch (default: 32)")
     parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default: 0)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    parser.add_argument("--fp16", action="store_true", help="encode under float16 autocast (CUDA only)")
     parser.add_argument("--chunk-size", type=int, default=4096,
                         help="utterances per block of the score matrix (bounds memory; default: 4096)")
     parser.add_argument("--output-json", help="write every figure, counts and provenance here (atomically)")
@@ -100,8 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> dict:
-    import time
-
     if args.batch_size < 1 or args.chunk_size < 1 or args.rerank_pair_batch < 1:
         raise EvaluationError("--batch-size, --chunk-size and --rerank-pair-batch must be positive")
     if args.rerank_k and args.rerank_k < max(RECALL_KS):
@@ -121,11 +120,9 @@ def run(args) -> dict:
         resolve_device(args.device, args.fp16)  # fail before the (slow) model load
         checkpoint, data, split = os.path.abspath(args.checkpoint), os.path.abspath(args.data), args.split
         check_split(data, split)  # likewise: a wrong --split or --data, naming the splits there
-        model, task = load_cmd_checkpoint(
-            checkpoint, data=data, hubert_path=args.hubert_path,
-            image_pretrained=args.image_pretrained, image_model_config=args.image_model_config,
-            image_feature_cache=args.image_feature_cache,
-        )
+        model, task = load_cmd_checkpoint(checkpoint, data=data, **upstream_paths(args),
+                                          image_feature_cache=args.image_feature_cache,
+                                          keep_matching=bool(args.rerank_k))
         if args.rerank_k:
             check_rerank_model(model, checkpoint)
         start = time.perf_counter()
@@ -192,7 +189,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args)
-    except (FileNotFoundError, ValueError) as err:  # EvaluationError, ManifestError: bad input
+    except (FileNotFoundError, ValueError) as err:  # EvaluationError, CheckpointError, ManifestError: bad input
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     return 0
 

@@ -18,7 +18,6 @@ plugin model learnt on top of its upstream.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,8 +30,11 @@ try:
 except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cmd_plugin.data.manifest import ManifestError, read_manifest
-from cmd_plugin.files import atomic_write
+from cmd_plugin.checkpoints import load_checkpoint_state  # noqa: E402
+from cmd_plugin.data.manifest import ManifestError, read_manifest  # noqa: E402
+from cmd_plugin.files import atomic_write_json  # noqa: E402
+from cmd_plugin.inference import read_audio, to_mono_16k  # noqa: E402
+from cmd_plugin.models.hubert_upstream import HubertUpstream, load_hubert_checkpoint  # noqa: E402
 
 # the corpus generator's vocabulary (examples/generate_scene_corpus.py), plural -> singular
 COLOUR_WORDS = ["red", "green", "blue", "yellow", "orange", "purple", "violet", "pink", "black", "white", "brown"]
@@ -66,8 +68,6 @@ def balanced_accuracy(y_true, y_pred):
 
 def pooled_states(upstream, manifest, indices, batch_size=16):
     """(num_states, N, D) mean over each utterance's own frames of every SUPERB state."""
-    from cmd_plugin.inference import read_audio, to_mono_16k
-
     out = []
     for start in range(0, len(indices), batch_size):
         waves = []
@@ -90,6 +90,7 @@ def pooled_states(upstream, manifest, indices, batch_size=16):
 
 def probe_layers(train_x, train_y, valid_x, valid_y):
     """Per layer: mean balanced accuracy over words of a logistic regression (standardised features)."""
+    # scikit-learn is an optional package (the "recipe" extra): imported only to probe
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -109,8 +110,6 @@ def probe_layers(train_x, train_y, valid_x, valid_y):
 
 def random_like(checkpoint, seed=0):
     """A HubertUpstream with ``checkpoint``'s architecture and fresh random weights."""
-    from cmd_plugin.models.hubert_upstream import HubertUpstream, load_hubert_checkpoint
-
     upstream = HubertUpstream(checkpoint, freeze=True)
     _, cfg, task = load_hubert_checkpoint(checkpoint)
     torch.manual_seed(seed)
@@ -121,8 +120,6 @@ def random_like(checkpoint, seed=0):
 
 
 def learned_layer_weights(plugin_checkpoint):
-    from cmd_plugin.checkpoints import load_checkpoint_state
-
     state = load_checkpoint_state(plugin_checkpoint, what="cmd_plugin checkpoint")["model"]
     key = next((k for k in state if k.endswith("layer_weights")), None)
     if key is None:
@@ -166,8 +163,6 @@ def main(argv=None):
     train_y = word_matrix([train.texts[i] for i in train_idx], words)
     valid_y = word_matrix([valid.texts[i] for i in valid_idx], words)
 
-    from cmd_plugin.models.hubert_upstream import HubertUpstream
-
     entries = ([("random", None)] if args.random else []) + upstreams
     table = {}
     for name, path in entries:
@@ -192,11 +187,7 @@ def main(argv=None):
         record["plugin_layer_weights"] = weights
         print("layer weights learnt by the plugin (softmax): " + " ".join(f"{w:.3f}" for w in weights))
     if args.output_json:
-        def write(tmp):
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(record, f, indent=1)
-
-        atomic_write(args.output_json, write)
+        atomic_write_json(args.output_json, record, indent=1)
     return record
 
 

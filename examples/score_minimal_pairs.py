@@ -12,8 +12,12 @@ says how it is scored (and scores it from Python).
 """
 
 import argparse
+import logging
 import os
 import sys
+
+from cmd_plugin.inference import SpeechImageEncoder
+from cmd_plugin.loading import add_loading_options, upstream_paths
 
 from cmd_demo.minimal_pairs_scoring import (
     TIE_RULE,
@@ -30,12 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, help="trained cmd_speech_image checkpoint")
     parser.add_argument("--pairs-dir", required=True, help="a set written by examples/generate_minimal_pairs.py")
     parser.add_argument("--output-json", help="write the record here (atomically)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    parser.add_argument("--fp16", action="store_true", help="encode under float16 autocast (CUDA only)")
+    add_loading_options(parser)  # --hubert-path, --image-pretrained, --image-model-config, --device, --fp16
     parser.add_argument("--batch-size", type=int, default=8, help="utterances per batch (default: 8)")
-    parser.add_argument("--hubert-path", help="new location of the HuBERT checkpoint named by the checkpoint")
-    parser.add_argument("--image-pretrained", help="new location of the image encoder weights")
-    parser.add_argument("--image-model-config", help="new location of the open_clip model JSON")
     parser.add_argument("--written-captions", action="store_true",
                         help="also score the bases' written captions with the checkpoint's frozen CLIP alone "
                              "(its text tower): the image encoder's own ceiling, printed beside")
@@ -43,8 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    import logging
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
                         stream=sys.stderr)  # as eval_recall.py: before fairseq's imports configure it
     parser = build_parser()
@@ -52,19 +50,14 @@ def main(argv=None) -> int:
     try:
         encoder = None
         if args.written_captions:
-            from cmd_plugin.inference import SpeechImageEncoder
-
             load_pairs(args.pairs_dir)  # a broken set is named before the model loads
-            encoder = SpeechImageEncoder.from_checkpoint(
-                args.checkpoint, device=args.device, fp16=args.fp16, hubert_path=args.hubert_path,
-                image_pretrained=args.image_pretrained, image_model_config=args.image_model_config)
-        record = score_minimal_pairs(
-            args.checkpoint, args.pairs_dir, device=args.device, fp16=args.fp16, batch_size=args.batch_size,
-            encoder=encoder, hubert_path=args.hubert_path, image_pretrained=args.image_pretrained,
-            image_model_config=args.image_model_config)
+            encoder = SpeechImageEncoder.from_checkpoint(args.checkpoint, device=args.device, fp16=args.fp16,
+                                                         **upstream_paths(args))
+        record = score_minimal_pairs(args.checkpoint, args.pairs_dir, device=args.device, fp16=args.fp16,
+                                     batch_size=args.batch_size, encoder=encoder, **upstream_paths(args))
         if encoder is not None:
             record["written_captions"] = written_caption_reference(encoder, args.pairs_dir)
-    except (FileNotFoundError, ValueError) as err:  # MinimalPairsError, EvaluationError, InferenceError
+    except (FileNotFoundError, ValueError) as err:  # MinimalPairsError, CheckpointError, InferenceError
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(format_table(record))
     if args.output_json:

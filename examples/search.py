@@ -43,10 +43,22 @@ import os
 import sys
 import time
 
+import torch
+from tqdm import tqdm
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # run from any directory without installing the package
     sys.path.insert(0, REPO_ROOT)
 
+from cmd_plugin.files import atomic_write_text  # noqa: E402
+from cmd_plugin.inference import (  # noqa: E402
+    IDENTITY_WORDS,
+    InferenceError,
+    SpeechImageEncoder,
+    check_audible,
+    load_image,
+)
+from cmd_plugin.loading import add_loading_options, resolve_device, upstream_paths  # noqa: E402
 from cmd_plugin.search_index import (  # noqa: E402
     ApproximateIndexConfig,
     SearchIndexError,
@@ -58,6 +70,8 @@ from cmd_plugin.search_index import (  # noqa: E402
     scan_images,
     update_approximate,
 )
+from cmd_plugin.search_page import PageQuery, PageResult, render_page  # noqa: E402
+from cmd_plugin.search_service import SearchService  # noqa: E402
 
 logger = logging.getLogger("search")
 DEFAULT_INDEX_NAME = ".cmd_plugin_search_index.pt"
@@ -67,11 +81,7 @@ RERANK_SCORES = ("sim", "sim+sic")
 
 def _add_model_options(p):
     p.add_argument("--checkpoint", required=True, help="trained cmd_speech_image checkpoint")
-    p.add_argument("--hubert-path", help="new location of the HuBERT checkpoint named by the checkpoint")
-    p.add_argument("--image-pretrained", help="new location of the image encoder weights")
-    p.add_argument("--image-model-config", help="new location of the open_clip model JSON")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    p.add_argument("--fp16", action="store_true", help="encode under float16 autocast (CUDA only)")
+    add_loading_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -166,26 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_encoder(args, long_audio="windows"):
-    from cmd_plugin.inference import SpeechImageEncoder
-
-    return SpeechImageEncoder.from_checkpoint(
-        args.checkpoint, device=args.device, fp16=args.fp16, hubert_path=args.hubert_path,
-        image_pretrained=args.image_pretrained, image_model_config=args.image_model_config, long_audio=long_audio)
-
-
-def _identity_words():
-    from cmd_plugin.inference import IDENTITY_WORDS
-
-    return IDENTITY_WORDS
+def _load_encoder(args, long_audio="windows", keep_matching=False):
+    return SpeechImageEncoder.from_checkpoint(args.checkpoint, device=args.device, fp16=args.fp16,
+                                              long_audio=long_audio, keep_matching=keep_matching, **upstream_paths(args))
 
 
 # ---------------------------------------------------------------- index
 
 
 def run_index(args, modality="image") -> dict:
-    from cmd_plugin.evaluate import resolve_device
-
     audio = modality == "audio"
     what = "spoken clips" if audio else "images"
     if args.batch_size < 1 or getattr(args, "num_workers", 0) < 0:
@@ -213,7 +212,7 @@ def run_index(args, modality="image") -> dict:
     identity = encoder.speech_identity if audio else encoder.identity
     if old is not None:
         try:
-            check_identity(old, identity, _identity_words())
+            check_identity(old, identity, IDENTITY_WORDS)
         except SearchIndexError as err:
             raise SearchIndexError(f"{err}; or pass --rebuild to replace it") from None
         if old.root != folder:
@@ -232,8 +231,6 @@ def run_index(args, modality="image") -> dict:
         done_positions.extend(positions)
         done_chunks.append(emb)
         if args.save_every_minutes > 0 and time.time() - last_save[0] > 60 * args.save_every_minutes:
-            import torch
-
             partial = merged_index(old, plan, [plan.to_embed[p] for p in done_positions], torch.cat(done_chunks),
                                    folder, identity, dtype=args.dtype, modality=modality)
             partial.approximate = None  # built once, at the end
@@ -285,11 +282,6 @@ def run_index(args, modality="image") -> dict:
 def _embed_clip_files(encoder, paths, batch_size, progress, on_batch):
     """Spoken clips -> (embeddings (M, E), positions (M,) of ``paths``, failures [(path, message)]):
     read one batch at a time (unreadable or too short clips named and skipped), longest first."""
-    import torch
-    from tqdm import tqdm
-
-    from cmd_plugin.inference import InferenceError
-
     chunks, positions, failures = [], [], []
     with tqdm(total=len(paths), unit="clip", desc="embedding clips", disable=not progress) as bar:
         for start in range(0, len(paths), batch_size):
@@ -298,7 +290,7 @@ def _embed_clip_files(encoder, paths, batch_size, progress, on_batch):
                 try:
                     wave = encoder.load_audio(paths[p])
                     if wave.numel() < encoder.min_samples:
-                        encoder._segments(wave, paths[p])  # raises, naming the file and the minimum
+                        encoder.windows(wave, paths[p])  # raises, naming the file and the minimum
                     waves.append(wave)
                     names.append(paths[p])
                     pos.append(p)
@@ -342,8 +334,6 @@ def _read_transcripts(path, count, root=None):
 
 
 def _service(args, encoder, indexes, max_query_seconds=None):
-    from cmd_plugin.search_service import SearchService
-
     by_kind = {}
     for index in indexes:
         if index.modality in by_kind:
@@ -355,9 +345,6 @@ def _service(args, encoder, indexes, max_query_seconds=None):
 
 
 def run_query(args) -> dict:
-    from cmd_plugin.evaluate import resolve_device
-    from cmd_plugin.inference import InferenceError, check_audible, load_image
-
     if args.top_k < 1 or args.batch_size < 1 or args.rerank_k < 0:
         raise SearchIndexError("--top-k and --batch-size must be positive, --rerank-k >= 0")
     index = load_index(args.index)
@@ -373,7 +360,7 @@ def run_query(args) -> dict:
     transcripts = _read_transcripts(args.transcripts, len(args.queries), index.root)
     resolve_device(args.device, args.fp16)
     t0 = time.perf_counter()
-    encoder = _load_encoder(args, long_audio=args.long_audio)
+    encoder = _load_encoder(args, long_audio=args.long_audio, keep_matching=args.rerank_k > 0)
     service = _service(args, encoder, [index])
     service.check_rerank(args.rerank_k, args.rerank_score)
     load_seconds = time.perf_counter() - t0
@@ -389,8 +376,6 @@ def run_query(args) -> dict:
         embedded = time.perf_counter()
         answers = service.rank_images(queries, sequences, args.top_k, args.rerank_k, args.rerank_score)
     else:
-        import torch
-
         waves = None
         pixels = torch.stack([load_image(path, encoder.transform) for path in args.queries])
         decoded = time.perf_counter()
@@ -459,8 +444,6 @@ def run_query(args) -> dict:
 
 def page_result(r, clip_wave=None, sample_rate=16000):
     """A query record's result -> the page's card (match and cosine shown when re-ranked)."""
-    from cmd_plugin.search_page import PageResult
-
     detail = f"match {r['match']:.3f} \u00b7 cosine {r['cosine']:.3f}" if r.get("reranked") else ""
     label = "re-ranked" if r.get("reranked") else "cosine"
     return PageResult(r["rank"], r["score"], r["path"], r["absolute_path"], detail=detail, waveform=clip_wave,
@@ -468,10 +451,6 @@ def page_result(r, clip_wave=None, sample_rate=16000):
 
 
 def _write_page(path, record, waves, encoder):
-    from cmd_plugin.files import atomic_write
-    from cmd_plugin.inference import InferenceError
-    from cmd_plugin.search_page import PageQuery, render_page
-
     queries = []
     for i, q in enumerate(record["queries"]):
         if "audio" in q:
@@ -494,13 +473,7 @@ def _write_page(path, record, waves, encoder):
     if record["rerank"]:
         subtitle += f"; top {record['rerank']['k']} re-ranked by the matching head ({record['rerank']['score']})"
     title = "Spoken image search" if record["modality"] == "image" else "Image to speech search"
-    page = render_page(queries, title=title, subtitle=subtitle)
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(page)
-
-    atomic_write(path, write)
+    atomic_write_text(path, render_page(queries, title=title, subtitle=subtitle))
 
 
 # ---------------------------------------------------------------- serve
@@ -509,24 +482,21 @@ def _write_page(path, record, waves, encoder):
 def run_serve(args, block=True):
     """Load the model and the indexes once, then serve the web app (examples/search_app.py).
     With ``block=False`` returns (app, url) with the server running in the background."""
-    from cmd_plugin.evaluate import resolve_device
-
     if args.top_k < 1 or args.rerank_k < 0 or args.concurrency < 1 or not 0 < args.port < 65536:
         raise SearchIndexError("--top-k and --concurrency must be positive, --rerank-k >= 0, --port in 1..65535")
     if args.max_query_seconds <= 0 or args.max_upload_mb <= 0 or args.torch_threads < 0:
         raise SearchIndexError("--max-query-seconds and --max-upload-mb must be positive, --torch-threads >= 0")
-    import torch
-
     threads = args.torch_threads or max(1, (os.cpu_count() or 1) // args.concurrency)
     torch.set_num_threads(threads)
     logger.info(f"torch uses {threads} CPU thread(s) per search, {args.concurrency} searches at once")
     indexes = [load_index(path) for path in args.index]
     resolve_device(args.device, args.fp16)
-    encoder = _load_encoder(args, long_audio=args.long_audio)
+    # the app offers re-ranking whenever the checkpoint has a matching head
+    encoder = _load_encoder(args, long_audio=args.long_audio, keep_matching=True)
     service = _service(args, encoder, indexes, max_query_seconds=args.max_query_seconds)
     service.check_rerank(args.rerank_k, args.rerank_score)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import search_app
+    import search_app  # imports gradio, an optional package (the "app" extra): only to serve
 
     return search_app.serve(service, host=args.host, port=args.port, concurrency=args.concurrency,
                             top_k=args.top_k, rerank_k=args.rerank_k, rerank_score=args.rerank_score,
@@ -548,7 +518,7 @@ def main(argv=None) -> int:
             run_query(args)
         else:
             run_serve(args)
-    except (FileNotFoundError, ValueError, OSError) as err:  # SearchIndexError, InferenceError, EvaluationError
+    except (FileNotFoundError, ValueError, OSError) as err:  # SearchIndexError, InferenceError, CheckpointError
         parser.exit(2, f"{parser.prog} {args.command}: error: {err}\n")
     return 0
 

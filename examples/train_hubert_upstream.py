@@ -27,7 +27,6 @@ called instead, with only the waveform read replaced by soundfile (same samples)
 """
 
 import argparse
-import json
 import os
 import random
 import re
@@ -35,6 +34,11 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import yaml
 
 try:
     import cmd_plugin
@@ -42,7 +46,12 @@ except ImportError:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import cmd_plugin
 
-from cmd_plugin.files import atomic_write
+from cmd_plugin.files import atomic_copy, atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
+from cmd_plugin.quiet import import_fairseq  # noqa: E402
+
+import_fairseq()  # fairseq's first import: without its known-harmless import-time notes
+import fairseq  # noqa: E402
+from fairseq.dataclass.configs import FairseqConfig  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # fairseq imports the plugin (common.user_dir) so that its trainer can read HuBERT checkpoints under
@@ -58,8 +67,6 @@ class RecipeError(RuntimeError):
 
 def fairseq_hubert_dir() -> str:
     """``examples/hubert`` of the installed fairseq package (fairseq-fixed and source installs ship it)."""
-    import fairseq
-
     path = os.path.join(os.path.dirname(fairseq.__file__), "examples", "hubert")
     if not os.path.isfile(os.path.join(path, "simple_kmeans", "learn_kmeans.py")):
         raise RecipeError(f"fairseq's HuBERT recipe was not found at {path}: this fairseq installation does not "
@@ -94,11 +101,7 @@ def read_fairseq_tsv(path: str):
 
 
 def write_lines(path: str, lines) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in lines)
-
-    atomic_write(path, write)
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def hold_out(data: str, out: str, fraction: float, seed: int) -> dict:
@@ -149,9 +152,7 @@ def check_kmeans_size(tsv: str, n_clusters: int) -> int:
 
 def dump_mfcc(hubert_dir: str, tsv_dir: str, split: str, feat_dir: str) -> None:
     """fairseq's MFCC dump (see the module docstring for why its functions and not its script)."""
-    import numpy as np
-    import soundfile as sf
-
+    # the recipe's own modules, importable only from its scripts' directory
     sys.path.insert(0, os.path.join(hubert_dir, "simple_kmeans"))
     try:
         from dump_mfcc_feature import MfccFeatureReader
@@ -189,11 +190,6 @@ def override_args(overrides: dict, base_yaml: str):
     that the recipe's YAML ``base_yaml`` does not list gets hydra's ``+`` (add) prefix when its group
     is free-form in fairseq's config (task, model, criterion, ...: typed ``Any``); the typed groups
     (common, dataset, checkpoint, ...) already hold every key. (hydra 1.0 has no ``++``.)"""
-    from typing import Any
-
-    import yaml
-    from fairseq.dataclass.configs import FairseqConfig
-
     free_form = {name for name, f in FairseqConfig.__dataclass_fields__.items() if f.type is Any}
     with open(base_yaml, encoding="utf-8") as f:
         base = yaml.safe_load(f) or {}
@@ -227,15 +223,11 @@ def override_args(overrides: dict, base_yaml: str):
 def copy_final(src: str, dst: str) -> None:
     if not os.path.isfile(src):
         raise SystemExit(f"training ended without {src}")
-    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+    atomic_copy(src, dst)
 
 
 def write_json(path: str, record: dict) -> None:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=1)
-
-    atomic_write(path, write)
+    atomic_write_json(path, record, indent=1)
 
 
 def stage_done(out: str, name: str) -> bool:
@@ -253,8 +245,6 @@ def main(argv=None):
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="overrides of fairseq's recipe (YAML)")
     parser.add_argument("--no-finetune", action="store_true", help="skip CTC fine-tuning whatever the config says")
     args = parser.parse_args(argv)
-
-    import yaml
 
     with open(args.config, encoding="utf-8") as f:
         cfg = yaml.safe_load(f)
@@ -292,11 +282,10 @@ def main(argv=None):
     log = os.path.join(out, "kmeans.log")
     if not stage_done(out, "kmeans"):
         t = time.time()
-        tmp_km = km_path + ".partial"
-        run([py, os.path.join(scripts, "learn_kmeans.py"), feat_dir, "train", "1", tmp_km, str(km["n_clusters"]),
+        atomic_write(km_path, lambda tmp_km: run(
+            [py, os.path.join(scripts, "learn_kmeans.py"), feat_dir, "train", "1", tmp_km, str(km["n_clusters"]),
              "--percent", str(km["percent"]), "--batch_size", str(km["batch_size"]), "--max_iter", str(km["max_iter"]),
-             "--n_init", str(km["n_init"]), "--seed", str(cfg["seed"])], log, env=env)
-        os.replace(tmp_km, km_path)
+             "--n_init", str(km["n_init"]), "--seed", str(cfg["seed"])], log, env=env))
         mark_done(out, "kmeans", {"km": km_path})
         timings["k-means"] = time.time() - t
     if not stage_done(out, "labels"):

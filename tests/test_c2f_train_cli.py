@@ -119,7 +119,8 @@ def test_literal_command_trains_and_resumes_exactly(tiny_encoders, corpus, c2f_f
 
 
 def test_rerank_cli_with_k_covering_everything_equals_full_sim_scoring(corpus, c2f_first_run, tmp_path):
-    from cmd_plugin.evaluate import encode_split, load_cmd_checkpoint
+    from cmd_plugin.evaluate import encode_split
+    from cmd_plugin.loading import load_cmd_checkpoint
     from cmd_plugin.recall import retrieval_recall
     from cmd_plugin.objectives.c2f.rerank import SequencePairScorer
 
@@ -141,8 +142,9 @@ def test_rerank_cli_with_k_covering_everything_equals_full_sim_scoring(corpus, c
     assert record["rerank"]["effective_k"] == 4 and record["rerank"]["num_pairs"] == 32
 
     # reference: the matching head on EVERY (utterance, image) pair, ranked like SIC scores
-    model, task = load_cmd_checkpoint(str(checkpoint), data=corpus)
+    model, task = load_cmd_checkpoint(str(checkpoint), data=corpus, keep_matching=True)
     assert model.momentum_model is None and model.queue is None  # absent from inference
+    assert model.multimodal is not None and model.matching_head is not None  # kept: re-ranking asked for them
     emb = encode_split(model, task, "valid", batch_size=3, progress=False, keep_sequences=True)
     scorer = SequencePairScorer(model, emb.speech_sequences, emb.image_tokens)
     ns, ni = emb.speech.size(0), emb.images.size(0)

@@ -21,6 +21,7 @@ from cmd_plugin.data.image_cache import (
     ImageCacheError,
     ImageFeatureCache,
     cache_bytes,
+    cache_identity,
     encoder_identity,
     write_image_cache,
 )
@@ -157,6 +158,40 @@ def test_cache_of_other_preprocessing_is_refused_naming_it(tiny_encoders, upstre
         cache.check_identity(other)
     assert "interpolation: cache 'bicubic' vs encoder 'bilinear'" in str(err.value)
     assert "weights checksum" not in str(err.value)
+
+
+def test_identity_is_the_fingerprint_of_the_tower_that_writes_and_refuses_another(tiny_encoders, upstream, identity,
+                                                                                 images, tmp_path):
+    # the identity from the files equals the identity of the built tower (its tensors' fingerprint)
+    assert cache_identity(upstream, tiny_encoders["image_pretrained"]) == identity
+    assert identity["weights_hashed"] == "tensors" and len(identity["weights_sha256"]) == 64
+    # a cache cannot record another encoder's identity than the one writing it
+    _, _, other_weights = make_tiny_clip(str(tmp_path / "other_clip"), seed=1)
+    other = encoder_identity(tiny_encoders["image_model"], other_weights, tiny_encoders["image_model_config"])
+    with pytest.raises(ImageCacheError, match=r"identity weights checksum \(weights_sha256\) is not the upstream's"):
+        write_image_cache(str(tmp_path / "cache"), images, upstream, other)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_cache_written_before_tensor_fingerprints_is_checked_against_the_weights_file(
+        tiny_encoders, upstream, identity, images, tmp_path):
+    import hashlib
+
+    out = tmp_path / "cache"
+    write_image_cache(str(out), images, upstream, identity)
+    # as older versions recorded it: the sha256 of the weights FILE, no "weights_hashed"
+    meta = json.loads((out / "meta.json").read_text())
+    meta["identity"].pop("weights_hashed")
+    with open(tiny_encoders["image_pretrained"], "rb") as f:
+        meta["identity"]["weights_sha256"] = hashlib.sha256(f.read()).hexdigest()
+    (out / "meta.json").write_text(json.dumps(meta))
+    cache = ImageFeatureCache(str(out))
+    cache.check_identity(identity)  # the same weights file: still usable
+    _, _, other_weights = make_tiny_clip(str(tmp_path / "other_clip"), seed=1)
+    other = encoder_identity(tiny_encoders["image_model"], other_weights, tiny_encoders["image_model_config"])
+    with pytest.raises(ImageCacheError, match=r"weights checksum \(weights_sha256\) differs: cache '[0-9a-f]{64}' vs "
+                       f"the encoder's weights file {other_weights} '[0-9a-f]{{64}}' \\(sha256 of the file"):
+        cache.check_identity(other)
 
 
 def test_path_missing_from_cache_is_named(upstream, identity, images, tmp_path):

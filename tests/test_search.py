@@ -401,6 +401,17 @@ def test_bad_audio_and_image_inputs_name_the_file(env, tmp_path):
         enc.embed_images([str(tmp_path / "gone.png")])
 
 
+def test_an_image_index_and_an_image_feature_cache_fingerprint_the_image_encoder_alike(env):
+    from cmd_plugin.data.image_cache import encoder_identity
+
+    tiny = env["tiny"]
+    cache = encoder_identity(tiny["image_model"], tiny["image_pretrained"], tiny["image_model_config"])
+    index = env["encoder"].identity
+    assert index["image_weights_sha256"] == cache["weights_sha256"]
+    assert (index["image_model"], index["model_config"], index["preprocess"]) == (
+        cache["model"], cache["model_config"], cache["preprocess"])
+
+
 # ---------------------------------------------------------------- the command line
 
 

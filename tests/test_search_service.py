@@ -55,7 +55,7 @@ def env(tiny_encoders, tmp_path_factory):
     for command in (["index", "--images", str(photos), "--out", str(image_index)],
                     ["index-audio", "--audio", str(clips), "--out", str(audio_index)]):
         assert search_cli.main(command + ["--checkpoint", checkpoint, "--no-progress"]) == 0
-    encoder = SpeechImageEncoder.from_checkpoint(checkpoint)
+    encoder = SpeechImageEncoder.from_checkpoint(checkpoint, keep_matching=True)
     return {"root": root, "checkpoint": checkpoint, "plain": plain, "model": model, "photos": photos,
             "clips": clips, "image_index": str(image_index), "audio_index": str(audio_index), "encoder": encoder,
             "long_name": f"trip/{long_name}"}
@@ -307,6 +307,15 @@ def test_service_answers_like_the_cli_with_timings_and_refuses_bad_input(env, ca
     plain = SearchService(plain_enc, image_index=image_index)
     with pytest.raises(SearchIndexError, match="has no matching head"):
         plain.search_images(clip, rerank_k=3)
+    # without keep_matching the coarse-to-fine checkpoint loads without its SIM encoder and head
+    embedding_only = SpeechImageEncoder.from_checkpoint(env["checkpoint"])
+    assert embedding_only.model.multimodal is None and embedding_only.model.matching_head is None
+    assert sum(p.numel() for p in embedding_only.model.parameters()) < sum(p.numel() for p in enc.model.parameters())
+    assert torch.allclose(embedding_only.embed_audio([clip]), enc.embed_audio([clip]))
+    service = SearchService(embedding_only, image_index=image_index)
+    assert [h.path for h in service.search_images(clip, top_k=5).hits] == [h.path for h in again.hits]
+    with pytest.raises(SearchIndexError, match=r"was loaded without its matching head: load it with keep_matching=True"):
+        service.search_images(clip, rerank_k=3)
 
 
 def test_concurrent_requests_get_the_answers_they_would_get_alone(env):

@@ -11,24 +11,37 @@ holds the encoder's outputs for every unique image:
                        (open_clip ``encode_image``; the model normalises it)
     image_patches.npy  (U, N, E) float16: patch tokens after ln_post, projected with visual.proj
 
-The identity says which encoder made the cache (model name, sha256 of its weights file, its
-open_clip model config, its preprocessing); a cache is refused by an encoder that differs.
+The identity says which encoder made the cache: :func:`cmd_plugin.encoder_identity.image_encoder_identity`
+(model name, the fingerprint of its weights, its open_clip model config, its preprocessing), the
+fingerprint being the same one a search index of images records. A cache is refused by an encoder
+that differs, naming the field.
 """
 
 import datetime
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
+from importlib.metadata import PackageNotFoundError, version
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 from PIL import Image
+from tqdm import tqdm
 
+from ..encoder_identity import (
+    image_encoder_identity,
+    open_clip_model_config,
+    open_clip_preprocess,
+    preprocess_identity,
+    tensors_sha256,
+)
+from ..files import atomic_write_json, atomic_write_text
 from .manifest import SpeechImageManifest
 
 META_FILE = "meta.json"
@@ -45,6 +58,9 @@ IDENTITY_FIELDS = {
     "model_config": "open_clip model config",
     "preprocess": "preprocessing",
 }
+# what "weights_sha256" is taken over: the encoder's tensors (cmd_plugin.encoder_identity). Caches
+# written before it was recorded hold the sha256 of the weights FILE; they are still checked that way.
+WEIGHTS_HASHED = "tensors"
 
 
 class ImageCacheError(ValueError):
@@ -53,53 +69,9 @@ class ImageCacheError(ValueError):
 
 # ---- encoder identity ----
 
-_SHA256_MEMO: Dict[Tuple[str, int, int], str] = {}
 
-
-def file_sha256(path: str, chunk_bytes: int = 16 << 20) -> str:
-    """sha256 of a file, read in chunks; memoised per (path, size, mtime) in this process."""
-    path = os.path.abspath(path)
-    st = os.stat(path)
-    key = (path, st.st_size, st.st_mtime_ns)
-    if key not in _SHA256_MEMO:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(chunk_bytes), b""):
-                digest.update(chunk)
-        _SHA256_MEMO[key] = digest.hexdigest()
-    return _SHA256_MEMO[key]
-
-
-def _as_json(value):
-    """The value as JSON reads it back (tuples become lists), so identities compare equal."""
-    return json.loads(json.dumps(value))
-
-
-def _size_2d(size) -> List[int]:
-    return [int(size), int(size)] if isinstance(size, (int, float)) else [int(s) for s in size]
-
-
-def preprocess_identity(preprocess_cfg: dict) -> dict:
-    """open_clip preprocess config as stored in an identity: every PreprocessCfg field, size (H, W)."""
-    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
-
-    merged = merge_preprocess_dict(PreprocessCfg(), dict(preprocess_cfg))
-    merged["size"] = _size_2d(merged["size"])
-    return _as_json(merged)
-
-
-def encoder_identity(model_name: str, pretrained_path: str, model_config_path: str = "") -> dict:
-    """What a cache of ``model_name`` with weights ``pretrained_path`` depends on.
-
-    Returns {"model", "weights_sha256", "weights_file", "model_config", "preprocess"}:
-    model_config is the open_clip model config (the JSON's content when one is given);
-    preprocess is the eval preprocessing open_clip builds for this model from a local weights
-    file (PreprocessCfg defaults, then the config's preprocess_cfg, size = vision image_size).
-    """
-    import open_clip
-
-    from ..models.clip_upstream import register_model_config
-
+def check_weights_file(pretrained_path: str) -> None:
+    """Refuse a missing weights file, or none (a randomly initialised encoder)."""
     if not pretrained_path:
         raise ImageCacheError(
             "an image feature cache needs the encoder's weights file (image_pretrained): "
@@ -107,26 +79,69 @@ def encoder_identity(model_name: str, pretrained_path: str, model_config_path: s
         )
     if not os.path.isfile(pretrained_path):
         raise ImageCacheError(f"image encoder weights file not found: {pretrained_path}")
-    if model_config_path:
-        register_model_config(model_config_path)
-    if model_config_path and os.path.isfile(model_config_path):
-        with open(model_config_path, encoding="utf-8") as f:
-            model_config = json.load(f)
-    else:
-        model_config = open_clip.get_model_config(model_name)
-    if model_config is None:
-        raise ImageCacheError(
-            f"unknown open_clip model {model_name!r} (give its model config JSON for a custom model)"
-        )
-    preprocess = dict(model_config.get("preprocess_cfg", {}))
-    preprocess["size"] = model_config["vision_cfg"]["image_size"]
+
+
+def cache_identity(upstream, pretrained_path: str) -> dict:
+    """The identity a cache written by ``upstream`` (a ClipImageUpstream loaded from the weights
+    file ``pretrained_path``) records: :func:`~cmd_plugin.encoder_identity.image_encoder_identity`
+    plus "weights_file" (informational) and "weights_hashed"."""
+    check_weights_file(pretrained_path)
+    return {**image_encoder_identity(upstream), "weights_file": os.path.abspath(pretrained_path),
+            "weights_hashed": WEIGHTS_HASHED}
+
+
+_WEIGHTS_SHA256_MEMO: Dict[tuple, str] = {}
+
+
+def encoder_identity(model_name: str, pretrained_path: str, model_config_path: str = "") -> dict:
+    """The identity of the frozen image encoder ``model_name`` with weights ``pretrained_path``
+    (and open_clip model JSON ``model_config_path``), as a cache made with it records it
+    (:func:`cache_identity`). To be fingerprinted the tower is built from these files, once per
+    process for each (weights file, size, mtime, model config without its preprocessing)."""
+    check_weights_file(pretrained_path)
+    try:
+        model_config = open_clip_model_config(model_name, model_config_path)
+    except ValueError as err:
+        raise ImageCacheError(str(err)) from None
+    st = os.stat(pretrained_path)
+    architecture = {k: v for k, v in model_config.items() if k != "preprocess_cfg"}
+    key = (model_name, os.path.abspath(pretrained_path), st.st_size, st.st_mtime_ns,
+           json.dumps(architecture, sort_keys=True))
+    if key not in _WEIGHTS_SHA256_MEMO:
+        from ..models.clip_upstream import ClipImageUpstream  # imports fairseq (cmd_plugin.models)
+
+        upstream = ClipImageUpstream(model_name, pretrained_path, model_config_path, freeze=True)
+        _WEIGHTS_SHA256_MEMO[key] = tensors_sha256(upstream)
     return {
         "model": model_name,
-        "weights_sha256": file_sha256(pretrained_path),
+        "model_config": model_config,
+        "preprocess": preprocess_identity(open_clip_preprocess(model_name)),
+        "weights_sha256": _WEIGHTS_SHA256_MEMO[key],
         "weights_file": os.path.abspath(pretrained_path),
-        "model_config": _as_json(model_config),
-        "preprocess": preprocess_identity(preprocess),
+        "weights_hashed": WEIGHTS_HASHED,
     }
+
+
+def _as_json(value):
+    """The value as JSON reads it back (tuples become lists), so identities compare equal."""
+    return json.loads(json.dumps(value))
+
+
+_FILE_SHA256_MEMO: Dict[Tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: str, chunk_bytes: int = 16 << 20) -> str:
+    """sha256 of a file (what caches written before WEIGHTS_HASHED recorded), memoised per (path, size, mtime)."""
+    path = os.path.abspath(path)
+    st = os.stat(path)
+    key = (path, st.st_size, st.st_mtime_ns)
+    if key not in _FILE_SHA256_MEMO:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(chunk_bytes), b""):
+                digest.update(chunk)
+        _FILE_SHA256_MEMO[key] = digest.hexdigest()
+    return _FILE_SHA256_MEMO[key]
 
 
 def identity_differences(cached: dict, current: dict) -> List[str]:
@@ -134,6 +149,14 @@ def identity_differences(cached: dict, current: dict) -> List[str]:
     out = []
     for key, words in IDENTITY_FIELDS.items():
         a, b = cached.get(key), current.get(key)
+        if key == "weights_sha256" and cached.get("weights_hashed") != WEIGHTS_HASHED:
+            # an older cache: its checksum is of the weights file
+            path = current.get("weights_file", "")
+            b = _file_sha256(path) if path and os.path.isfile(path) else None
+            if a != b:
+                out.append(f"{words} ({key}) differs: cache {a!r} vs the encoder's weights file {path or '?'} {b!r} "
+                           "(sha256 of the file, as this older cache recorded it)")
+            continue
         if a == b:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
@@ -181,10 +204,8 @@ def _is_cache_dir(path: str) -> bool:
 
 def _cmd_plugin_version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("cmd_plugin")
-    except Exception:  # running from a source tree that is not installed
+    except PackageNotFoundError:  # running from a source tree that is not installed
         return "unknown"
 
 
@@ -196,15 +217,6 @@ def partial_dir_of(out_dir: str) -> str:
     never mistaken for a cache (no meta.json until complete, and not at ``out_dir``)."""
     out_dir = os.path.abspath(out_dir)
     return os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.partial")
-
-
-def _write_json_atomic(path: str, content: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(content, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _build_key(identity: dict, paths: Sequence[str], embed_dim: int, num_patches: int) -> dict:
@@ -243,8 +255,6 @@ LOCK_FILE = ".lock"
 
 def _lock(partial: str):
     """An exclusive lock on ``partial/.lock`` (released when the process ends, even killed)."""
-    import fcntl
-
     handle = open(os.path.join(partial, LOCK_FILE), "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -299,8 +309,6 @@ def write_image_cache(
     build gets its meta.json and is renamed to ``out_dir``, replacing an existing cache there
     only then. The upstream is moved to ``device``. Returns the cache's meta (also in meta.json).
     """
-    from tqdm import tqdm
-
     paths = [os.path.abspath(p) for p in image_paths]
     for given, p in zip(image_paths, paths):
         if not os.path.isabs(given):
@@ -324,6 +332,9 @@ def write_image_cache(
         raise ImageCacheError(
             f"identity preprocessing {identity.get('preprocess')} differs from the upstream's {preprocess_identity(built)}"
         )
+    if identity.get("weights_sha256") != tensors_sha256(upstream):
+        raise ImageCacheError("identity weights checksum (weights_sha256) is not the upstream's: give the identity "
+                              "of the encoder that writes the cache (cache_identity(upstream, weights_file))")
 
     out_dir = os.path.abspath(out_dir)
     if os.path.lexists(out_dir):
@@ -362,7 +373,7 @@ def write_image_cache(
             cls_out.flush()
             patches_out.flush()
             start = 0
-            _write_json_atomic(os.path.join(partial, PROGRESS_FILE), {"key": key, "rows_done": 0})
+            atomic_write_json(os.path.join(partial, PROGRESS_FILE), {"key": key, "rows_done": 0})
         else:
             log(f"resuming the unfinished build in {partial}: {start} of {num_images} images already encoded")
             cls_out = np.load(os.path.join(partial, CLS_FILE), mmap_mode="r+")
@@ -372,7 +383,7 @@ def write_image_cache(
             # rows reach the disk before the count that says they are there
             cls_out.flush()
             patches_out.flush()
-            _write_json_atomic(os.path.join(partial, PROGRESS_FILE), {"key": key, "rows_done": rows_done})
+            atomic_write_json(os.path.join(partial, PROGRESS_FILE), {"key": key, "rows_done": rows_done})
 
         upstream.to(device).eval()
         loader = torch.utils.data.DataLoader(
@@ -406,8 +417,7 @@ def write_image_cache(
         assert row == num_images, (row, num_images)
         record(row)
         del cls_out, patches_out
-        with open(os.path.join(partial, INDEX_FILE), "w", encoding="utf-8") as f:
-            f.writelines(p + "\n" for p in paths)
+        atomic_write_text(os.path.join(partial, INDEX_FILE), "".join(p + "\n" for p in paths))
         meta = {
             "identity": identity,
             "num_images": num_images,
@@ -421,8 +431,7 @@ def write_image_cache(
             "cmd_plugin_version": _cmd_plugin_version(),
         }
         # meta.json last: a directory with it is complete
-        with open(os.path.join(partial, META_FILE), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
+        atomic_write_json(os.path.join(partial, META_FILE), meta)
         os.remove(os.path.join(partial, PROGRESS_FILE))
         os.remove(os.path.join(partial, LOCK_FILE))  # the open handle keeps the lock until the end
         _move_into_place(partial, out_dir)

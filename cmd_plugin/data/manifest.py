@@ -19,6 +19,8 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from ..files import atomic_write_all
+
 
 class ManifestError(ValueError):
     """Bad manifest or corpus input; the message names the file and line (or key)."""
@@ -202,17 +204,13 @@ def read_manifest(data_dir: str, split: str) -> SpeechImageManifest:
     )
 
 
-def _atomic_write(path: str, lines: List[str]) -> str:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
+def _lines_writer(lines: List[str]):
+    def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             for line in lines:
                 f.write(line + "\n")
-    except BaseException:  # the caller only knows about temporaries that were completed
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return tmp
+
+    return write
 
 
 def write_manifest(data_dir: str, split: str, manifest: SpeechImageManifest) -> None:
@@ -236,17 +234,7 @@ def write_manifest(data_dir: str, split: str, manifest: SpeechImageManifest) -> 
         contents["spk"] = list(manifest.speakers)
     if manifest.texts is not None:
         contents["wrd"] = [" ".join(t.split()) for t in manifest.texts]
-    written = []
-    try:
-        for ext, lines in contents.items():
-            written.append((_atomic_write(os.path.join(data_dir, f"{split}.{ext}"), lines), ext))
-    except BaseException:
-        for tmp, _ in written:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        raise
-    for tmp, ext in written:
-        os.replace(tmp, os.path.join(data_dir, f"{split}.{ext}"))
+    atomic_write_all({os.path.join(data_dir, f"{split}.{ext}"): _lines_writer(lines) for ext, lines in contents.items()})
     # a stale optional file from an earlier run would no longer be parallel
     for ext in ("spk", "wrd"):
         if ext not in contents:

@@ -33,7 +33,7 @@ __all__ = [
 _MAX_EXACT_FLOAT_COUNT = 2 ** 24
 
 
-def _check_ks(ks: Iterable[int]) -> Tuple[int, ...]:
+def check_ks(ks: Iterable[int]) -> Tuple[int, ...]:
     try:
         ks = tuple(ks)
     except TypeError:
@@ -143,7 +143,7 @@ def retrieval_recall(
         ``num_i2s_queries`` (images with >= 1 caption), ``num_images`` (Ni),
         ``num_images_without_caption``.
     """
-    ks = _check_ks(ks)
+    ks = check_ks(ks)
     _check_inputs(speech_emb, image_emb, image_ids, chunk_size)
 
     device = speech_emb.device
@@ -228,7 +228,7 @@ def chance_recall(num_images: int, captions_per_image: int, ks: Sequence[int] = 
     Returns the same ``s2i_r{K}``, ``i2s_r{K}``, ``mean_r{K}`` keys as :func:`retrieval_recall`,
     so :func:`format_recall_table` can print a "chance" row.
     """
-    ks = _check_ks(ks)
+    ks = check_ks(ks)
     for name, value in (("num_images", num_images), ("captions_per_image", captions_per_image)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -257,7 +257,7 @@ def format_recall_rows(rows: Sequence[Tuple[str, Dict[str, float]]], ks: Sequenc
 
     ``results`` is a dict from :func:`retrieval_recall` or :func:`chance_recall`.
     """
-    ks = _check_ks(ks)
+    ks = check_ks(ks)
     label_width = max([len("Model")] + [len(label) for label, _ in rows])
     cell = 6
     group_width = cell * len(ks)

@@ -25,7 +25,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
-import open_clip
 import torch
 
 from ..quiet import import_fairseq
@@ -37,11 +36,12 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.optim.amp_optimizer import AMPOptimizer
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
-from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from ..checkpoints import make_checkpoint_copies_atomic
 from ..data.image_cache import CachedImages, ImageCacheError, ImageFeatureCache, encoder_identity
 from ..criterions.cmd_contrastive import CmdContrastiveCriterion
+from ..encoder_identity import open_clip_preprocess
 from ..data.manifest import ManifestError, check_files_exist, read_manifest
 from ..nonfinite import NonFiniteGuard, zero_loss
 from ..data.speech_image_dataset import PixelImages, SpeechImageDataset
@@ -111,15 +111,8 @@ class SpeechImageConfig(FairseqDataclass):
 
 def image_transform(model_name: str, model_config: str = ""):
     """open_clip's eval transform for ``model_name``, as ``create_model_and_transforms`` builds it
-    for a local weights file (model config's preprocess_cfg over open_clip defaults), without
-    building the model."""
-    if model_config:
-        open_clip.add_model_config(model_config)
-    cfg = open_clip.get_model_config(model_name)
-    if cfg is None:
-        raise ValueError(f"unknown open_clip model {model_name!r} (give model.image_model_config for a custom one)")
-    preprocess = merge_preprocess_dict(PreprocessCfg(), cfg.get("preprocess_cfg", {}))
-    preprocess["size"] = cfg["vision_cfg"]["image_size"]
+    for a local weights file, without building the model (:func:`open_clip_preprocess`)."""
+    preprocess = open_clip_preprocess(model_name, model_config)  # names model.image_model_config when unknown
     return image_transform_v2(PreprocessCfg(**preprocess), is_train=False)
 
 

@@ -19,7 +19,7 @@ from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 
-from ...recall import _check_ks
+from ...recall import check_ks
 from .multimodal import match_score
 
 __all__ = ["RerankResult", "SequencePairScorer", "sic_topk", "rerank", "reranked_recall"]
@@ -158,7 +158,7 @@ def reranked_recall(result: RerankResult, image_ids: torch.Tensor, ks: Sequence[
         result: from :func:`rerank`.
         image_ids: (Ns,) image row of every utterance.
     """
-    ks = _check_ks(ks)
+    ks = check_ks(ks)
     num_speech, num_images = result.s2i_index.size(0), result.i2s_index.size(0)
     # each direction on its own: R@k is defined for k <= its K, or any k when its K lists every candidate
     for direction, listed, candidates in (("speech -> image", result.s2i_index.size(1), num_images),

@@ -101,7 +101,7 @@ C2F_FAST = dict(multimodal_layers=1, multimodal_frame_pool=4)
 # SIM on 32 learned speech query tokens and the patch grid averaged 2 x 2 (model.multimodal_speech_tokens,
 # model.multimodal_patch_pool)
 C2F_LITE = dict(multimodal_speech_tokens=32, multimodal_patch_pool=2)
-# the flickr8k c2f group's model sizes (examples/flickr8k/method/c2f.yaml), on the CMD paper's ViT-L/14
+# flickr8k's C2F model sizes (examples/flickr8k/config.yaml with method=c2f), on the CMD paper's ViT-L/14
 C2F_MODEL = dict(c2f_momentum=True, momentum=0.995, multimodal_layers=2, multimodal_heads=8,
                  multimodal_ffn_dim=4096, multimodal_dropout=0.1)
 

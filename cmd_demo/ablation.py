@@ -26,7 +26,7 @@ C2F_ROWS = ["sic", "cmd-qkv", "c2f", "c2f-cmd", "c2f-rerank10", "c2f-rerank50"]
 REPORTED = [f"{d}_r{k}" for d in ("s2i", "i2s", "mean") for k in (1, 5, 10)]
 ROW_PATTERN = re.compile(r"^cmd-(?P<variant>[a-z]+)(?:-a(?P<alpha>[0-9]*\.?[0-9]+))?$")
 C2F_PATTERN = re.compile(r"^(?P<base>c2f(?:-cmd)?)(?:-rerank(?P<k>[0-9]+)(?P<simsic>-simsic)?)?$")
-C2F_METHODS = {"c2f": ("+method=c2f", 0.0), "c2f-cmd": ("+method=c2f_cmd", 1.0)}
+C2F_METHODS = {"c2f": ("method=c2f", 0.0), "c2f-cmd": ("method=c2f_cmd", 1.0)}
 
 
 def row_spec(row: str):
@@ -49,7 +49,7 @@ def row_spec(row: str):
 def row_overrides(row: str):
     """A row name -> (fairseq-hydra-train overrides, alpha, fusion variant or None)."""
     if row == "sic":
-        return ["criterion.cmd_weight=0.0"], 0.0, None
+        return ["method=sic"], 0.0, None
     if C2F_PATTERN.match(row):
         spec = row_spec(row)
         return spec["overrides"], spec["alpha"], spec["variant"]

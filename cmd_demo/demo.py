@@ -249,13 +249,15 @@ def run_demo(args):
     inputs = build_inputs(args, timings)
     work = inputs["work"]
     train_seed = args.seed if args.train_seed is None else args.train_seed
-    variants = [("CMD (alpha=1)", "cmd", 1.0)] + ([("no CMD (alpha=0)", "no_cmd", 0.0)] if args.ablation else [])
+    # the method config group (cmd_plugin/config/method/): SIC + CMD, and SIC alone (alpha = 0)
+    variants = [("CMD (alpha=1)", "cmd", "method=cmd")] + ([("no CMD (alpha=0)", "no_cmd", "method=sic")]
+                                                           if args.ablation else [])
     rows = []
-    for label, tag, alpha in variants:
+    for label, tag, method in variants:
         if train_seed != args.seed:
             tag = f"{tag}_seed{train_seed}"
         save_dir = os.path.join(work, f"checkpoints_{tag}")
-        records = train_and_score(inputs, save_dir, [f"criterion.cmd_weight={alpha}"], train_seed, args.max_update,
+        records = train_and_score(inputs, save_dir, [method], train_seed, args.max_update,
                                   os.path.join(work, f"train_{tag}.log"), timings=timings, tag=tag)
         rows.append((label, records["test"]))
 

@@ -164,7 +164,7 @@ def why_no_matching_head(model, checkpoint: str) -> Optional[str]:
                 "keep_matching=True to re-rank")
     return (f"{checkpoint or 'this checkpoint'} has no matching head (trained with model.multimodal_layers=0, "
             "e.g. the CMD recipe): re-ranking needs a coarse-to-fine checkpoint "
-            "(fairseq-hydra-train ... +method=c2f or +method=c2f_cmd)")
+            "(fairseq-hydra-train ... method=c2f or method=c2f_cmd)")
 
 
 def resolve_device(device: str, fp16: bool) -> torch.device:

@@ -16,8 +16,8 @@ Rows: ``sic`` (α = 0: contrastive only) and ``cmd-VARIANT[-aALPHA]`` with VARIA
 fusion encoder's ``model.fusion_attention`` choices and ALPHA = criterion.cmd_weight (default 1);
 ``cmd-qkv`` (the config's fusion, α = 1) is the SIC + CMD system.
 
-Coarse-to-fine rows (the second paper; config group ``examples/tiny/method/``): ``c2f`` (+method=c2f)
-and ``c2f-cmd`` (+method=c2f_cmd); ``c2f[-cmd]-rerankK[-simsic]`` re-scores the checkpoint of the
+Coarse-to-fine rows (the second paper; config group ``cmd_plugin/config/method/``): ``c2f`` (method=c2f)
+and ``c2f-cmd`` (method=c2f_cmd); ``c2f[-cmd]-rerankK[-simsic]`` re-scores the checkpoint of the
 ``c2f[-cmd]`` run of the same seed (trained if missing, never retrained) with eval_recall.py
 ``--rerank-k K`` (score: the match logit, or with ``-simsic`` match logit + SIC cosine).
 

@@ -18,7 +18,7 @@ manifest. --hubert-path / --image-pretrained / --image-model-config re-point the
 upstreams' files when they moved since training. --save-embeddings keeps the embeddings;
 --from-embeddings scores such a file without loading any model.
 
-Coarse-to-fine checkpoints (+method=c2f / c2f_cmd) can also be re-ranked: --rerank-k K re-scores each
+Coarse-to-fine checkpoints (method=c2f / c2f_cmd) can also be re-ranked: --rerank-k K re-scores each
 query's SIC top-K with the matching head in both directions (--rerank-score sim: the match logit
 alone, as ALBEF; sim+sic: match logit + SIC cosine, as BLIP) and prints the SIC row, the re-ranked
 row and the time each took:

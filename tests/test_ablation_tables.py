@@ -6,7 +6,7 @@ from cmd_demo.ablation import aggregate, best_valid_line, format_table, row_over
 
 
 def test_row_names_map_to_overrides():
-    assert row_overrides("sic") == (["criterion.cmd_weight=0.0"], 0.0, None)
+    assert row_overrides("sic") == (["method=sic"], 0.0, None)
     assert row_overrides("cmd-qkv") == (["criterion.cmd_weight=1.0", "model.fusion_attention=qkv"], 1.0, "qkv")
     assert row_overrides("cmd-cosine-a0.25")[1:] == (0.25, "cosine")
     for bad in ("cmd-dot", "cmd-cosine-a0", "sic-a1", "cosine"):
@@ -45,16 +45,16 @@ def test_best_valid_line_is_the_last_of_equal_best_mean_r1():
 def test_coarse_to_fine_rows_map_to_method_groups_and_reranking_reuses_the_trained_run():
     from cmd_demo.ablation import C2F_ROWS, row_spec
 
-    assert row_spec("c2f") == {"overrides": ["+method=c2f"], "alpha": 0.0, "variant": None, "base": None,
+    assert row_spec("c2f") == {"overrides": ["method=c2f"], "alpha": 0.0, "variant": None, "base": None,
                                "rerank_k": 0, "rerank_score": "sim"}
-    assert row_spec("c2f-cmd")["overrides"] == ["+method=c2f_cmd"] and row_spec("c2f-cmd")["alpha"] == 1.0
+    assert row_spec("c2f-cmd")["overrides"] == ["method=c2f_cmd"] and row_spec("c2f-cmd")["alpha"] == 1.0
     assert row_spec("cmd-qkv")["overrides"] == ["criterion.cmd_weight=1.0", "model.fusion_attention=qkv"]
     # re-ranked rows train nothing of their own: they re-score the base row's checkpoint
     spec = row_spec("c2f-rerank50")
     assert (spec["base"], spec["rerank_k"], spec["rerank_score"]) == ("c2f", 50, "sim")
     spec = row_spec("c2f-cmd-rerank10-simsic")
     assert (spec["base"], spec["rerank_k"], spec["rerank_score"]) == ("c2f-cmd", 10, "sim+sic")
-    assert spec["overrides"] == ["+method=c2f_cmd"]
+    assert spec["overrides"] == ["method=c2f_cmd"]
     assert all(row_spec(row) for row in C2F_ROWS)
     for bad in ("sic-cmd", "c2f-rerank5", "c2f-rerank", "c2f-cmd-simsic", "c2f-a0.5", "sic-rerank10"):
         with pytest.raises(ValueError, match="row"):

@@ -52,7 +52,7 @@ def test_user_commands_print_none_of_the_known_harmless_messages(tmp_path):
     data = make_corpus(tmp_path / "corpus", {"train": (8, 2), "valid": (4, 2)})
     save_dir = tmp_path / "checkpoints"
     train = subprocess.run([
-        TRAIN, "--config-dir", os.path.join(REPO, "examples", "tiny"), "task._name=speech_image", "+method=c2f",
+        TRAIN, "--config-dir", os.path.join(REPO, "examples", "tiny"), "task._name=speech_image", "method=c2f",
         f"task.data={data}", f"model.hubert_path={paths['hubert_checkpoint']}",
         f"model.image_model={paths['clip_model_name']}", f"model.image_model_config={paths['clip_model_config']}",
         f"model.image_pretrained={paths['clip_pretrained']}", f"checkpoint.save_dir={save_dir}",

@@ -4,6 +4,8 @@ the tiny config trains, validates on the whole split, checkpoints and resumes.
 Run in both tested environments (tests/conftest.py): the commands are
 the ones of the interpreter running the tests (its venv's bin/), never another one on PATH."""
 
+import copy
+import functools
 import os
 import re
 import shutil
@@ -33,40 +35,49 @@ def _console_script(name):
 
 TRAIN = _console_script("fairseq-hydra-train")
 
-SHIPPED = [
-    ("flickr8k", None),
-    ("flickr8k", "+ablation=no_cmd"),
-    ("spokencoco", None),
-    ("spokencoco", "+ablation=no_cmd"),
-    ("tiny", None),
-]
-
 
 def run_train(args, cwd, timeout=600):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     return subprocess.run([TRAIN] + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("corpus,variant", SHIPPED)
-def test_shipped_config_composes_with_the_plugin(corpus, variant, tmp_path):
+@functools.lru_cache(maxsize=None)
+def _composed(corpus, overrides):
+    # hydra < 1.1 has no --resolve: its output is resolved here, ${hydra:job.name} (the method, see
+    # cmd_plugin/config/method/) from the hydra section it printed and the rest with the plugin's resolver
+    resolve = ["--resolve"] if compat.hydra_version() >= (1, 1) else []
+    proc = run_train(["--config-dir", os.path.join("examples", corpus), "task._name=speech_image", *overrides,
+                      "--cfg", "all"] + resolve, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import hydra_plugins.cmd_plugin_searchpath.searchpath  # noqa: F401  (registers ${cmd_plugin_dir:})
+
+    job_name = yaml.safe_load(proc.stdout)["hydra"]["job"]["name"]
+    cfg = yaml.safe_load(proc.stdout.replace("${hydra:job.name}", job_name))
+    del cfg["hydra"]
+    return OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
+
+
+def composed_config(corpus, *overrides):
+    """The job config that the user's literal command ``fairseq-hydra-train --config-dir examples/CORPUS
+    task._name=speech_image OVERRIDES`` composes (its ``--cfg`` output, resolved), as a dict; each
+    command runs once per test session."""
+    return copy.deepcopy(_composed(corpus, tuple(overrides)))
+
+
+@pytest.mark.parametrize("corpus", ["flickr8k", "spokencoco", "tiny"])
+def test_shipped_config_composes_with_the_plugin(corpus):
+    """The literal command of each corpus (CMD, the default method; every method: test_method_configs.py)."""
     from cmd_plugin.criterions.cmd_contrastive import CmdContrastiveConfig
     from cmd_plugin.models.cmd_speech_image import CmdSpeechImageConfig
     from cmd_plugin.tasks.speech_image import SpeechImageConfig
 
-    args = ["--config-dir", os.path.join("examples", corpus), "task._name=speech_image"]
-    args += [variant] if variant else []
-    # the user's literal command, from the repository root, printing the composed job config;
-    # hydra < 1.1 has no --resolve: its output is resolved here with the plugin's resolver
-    resolve = ["--resolve"] if compat.hydra_version() >= (1, 1) else []
-    proc = run_train(args + ["--cfg", "job"] + resolve, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    import hydra_plugins.cmd_plugin_searchpath.searchpath  # noqa: F401  (registers ${cmd_plugin_dir:})
-
-    cfg = OmegaConf.to_container(OmegaConf.create(yaml.safe_load(proc.stdout)), resolve=True)
+    # the user's literal command, from the repository root, printing the composed job config
+    cfg = composed_config(corpus)
     assert cfg["task"]["_name"] == "speech_image"
     assert cfg["model"]["_name"] == "cmd_speech_image"
     assert cfg["criterion"]["_name"] == "cmd_contrastive"
-    # coarse-to-fine parts are off unless +method=c2f / c2f_cmd selects them (tests/test_c2f_train_cli.py)
+    # CMD: the fusion encoder and its loss; coarse-to-fine parts off unless method=c2f / c2f_cmd
+    assert cfg["model"]["cmd_fusion"] is True and cfg["criterion"]["cmd_weight"] == 1.0
     assert cfg["model"]["queue_size"] == 0 and cfg["criterion"]["sim_weight"] == 0.0
     assert cfg["common"]["user_dir"] == os.path.join(REPO, "cmd_plugin")
     # tensorboard logs next to the checkpoints
@@ -74,7 +85,7 @@ def test_shipped_config_composes_with_the_plugin(corpus, variant, tmp_path):
     # configs and dataclasses are one source of truth: no key the dataclass does not know
     for section, dc in (("task", SpeechImageConfig), ("model", CmdSpeechImageConfig), ("criterion", CmdContrastiveConfig)):
         unknown = set(cfg[section]) - set(dc.__dataclass_fields__) - {"_name"}
-        assert not unknown, f"{corpus} {variant}: {section} keys unknown to {dc.__name__}: {unknown}"
+        assert not unknown, f"{corpus}: {section} keys unknown to {dc.__name__}: {unknown}"
     if corpus != "tiny":
         # the paper's recipe
         assert cfg["optimizer"]["_name"] == "adam" and float(cfg["optimizer"]["weight_decay"]) == 1e-6
@@ -85,9 +96,9 @@ def test_shipped_config_composes_with_the_plugin(corpus, variant, tmp_path):
         world = cfg["distributed_training"]["distributed_world_size"]
         assert cfg["dataset"]["batch_size"] * world == 128
         assert cfg["criterion"]["patch_noise_ratio"] == 0.3
-        assert cfg["criterion"]["cmd_weight"] == (0.0 if variant else 1.0)
         assert cfg["model"]["image_model"] == "ViT-L-14-quickgelu" and cfg["common"]["fp16"] is True
         assert cfg["checkpoint"]["best_checkpoint_metric"] == "mean_r1"
+        assert cfg["checkpoint"]["save_dir"] == f"checkpoints/{corpus}_cmd"
 
 
 def make_corpus(root, splits, seed=0):

@@ -49,6 +49,7 @@ def test_the_wheel_installs_cmd_plugin_and_cmd_demo_and_nothing_of_the_checkout_
     assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"cmd_plugin", "cmd_demo", "hydra_plugins"}
     for package in ("cmd_plugin", "cmd_demo", "hydra_plugins"):  # every module of the checkout's packages
         modules = glob.glob(os.path.join(REPO, package, "**", "*.py"), recursive=True)
+        modules += glob.glob(os.path.join(REPO, package, "config", "**", "*.yaml"), recursive=True)  # method group
         assert len(modules) > 1 and sorted(n for n in names if n.startswith(package + "/")) == sorted(
             os.path.relpath(m, REPO).replace(os.sep, "/") for m in modules)
 

@@ -29,7 +29,7 @@ from .files import atomic_write, atomic_write_json
 from .inference import ImageBatches
 from .loading import autocast, resolve_device, why_no_matching_head
 from .objectives.c2f.multimodal import image_tokens
-from .objectives.c2f.rerank import SequencePairScorer, rerank, reranked_recall
+from .objectives.c2f.rerank import SequencePairScorer, rerank, reranked_recall, sim_split_auc
 from .recall import chance_recall, retrieval_recall
 
 logger = logging.getLogger(__name__)
@@ -219,6 +219,19 @@ def rerank_split(model, emb: SplitEmbeddings, k: int, score: str = "sim", device
     recall["num_pairs"] = result.num_pairs
     recall["score"] = score
     return recall
+
+
+def sim_auc_split(model, emb: SplitEmbeddings, device: str = "cpu", seed: int = 0,
+                  pair_batch: int = 256) -> Dict[str, float]:
+    """The matching head's AUC on a whole split (:func:`cmd_plugin.objectives.c2f.rerank.sim_split_auc`):
+    positives against each utterance's hardest SIC negative and against a random other image.
+    Needs ``encode_split(..., keep_sequences=True)``."""
+    if emb.speech_sequences is None or emb.image_tokens is None:
+        raise EvaluationError("SIM AUC needs the speech sequences and image tokens (encode_split keep_sequences=True)")
+    dev = torch.device(device)
+    scorer = SequencePairScorer(model.eval().to(dev), emb.speech_sequences, emb.image_tokens, device=dev)
+    return sim_split_auc(emb.speech, emb.images, emb.image_ids, scorer, torch.Generator().manual_seed(seed),
+                         pair_batch=pair_batch)
 
 
 # ---------------------------------------------------------------- files

@@ -48,6 +48,7 @@ from cmd_plugin.evaluate import (  # noqa: E402
     encode_split,
     load_embeddings,
     rerank_split,
+    sim_auc_split,
     results_record,
     save_embeddings,
     score_embeddings,
@@ -100,6 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def sim_auc_on(model, task, data, split, emb, args):
+    """The matching head's AUC on the valid split (re-encoded unless it is the scored one), or None
+    when the manifest directory has no valid split."""
+    auc_split = "valid"
+    if auc_split != split:
+        try:
+            check_split(data, auc_split)
+        except (FileNotFoundError, ValueError):
+            return None
+        emb = encode_split(model, task, auc_split, batch_size=args.batch_size, device=args.device, fp16=args.fp16,
+                           num_workers=args.num_workers, progress=not args.no_progress, keep_sequences=True)
+    return {"split": auc_split, **sim_auc_split(model, emb, device=args.device, pair_batch=args.rerank_pair_batch)}
+
+
 def run(args) -> dict:
     if args.batch_size < 1 or args.chunk_size < 1 or args.rerank_pair_batch < 1:
         raise EvaluationError("--batch-size, --chunk-size and --rerank-pair-batch must be positive")
@@ -143,11 +158,12 @@ def run(args) -> dict:
     chance, captions = chance_for(results)
     label = args.label or (os.path.basename(checkpoint) if checkpoint else "model")
     rows = [(label if not args.rerank_k else f"{label} SIC", results)]
-    reranked = None
+    reranked = auc = None
     if args.rerank_k:
         reranked = rerank_split(model, emb, args.rerank_k, score=args.rerank_score, device=args.device,
                                 pair_batch=args.rerank_pair_batch, ks=RECALL_KS, chunk_size=args.chunk_size)
         rows.append((f"{label} re-ranked K={args.rerank_k} ({args.rerank_score})", reranked))
+        auc = sim_auc_on(model, task, data, split, emb, args)
     print(f"{split} of {data}: {results['num_s2i_queries']} utterances, {results['num_images']} images")
     print(format_recall_rows(rows + [(f"chance ({captions} captions/image)", chance)], ks=RECALL_KS))
     queries = results["num_s2i_queries"] + results["num_i2s_queries"]
@@ -159,6 +175,12 @@ def run(args) -> dict:
     if reranked is not None:
         print(f"; re-ranking {reranked['seconds']:.2f} s more ({reranked['num_pairs']} pairs, "
               f"{1000 * reranked['seconds'] / queries:.1f} ms per query)")
+        if auc is not None:  # what the matching head can tell apart, on the split that selects the score
+            print(f"matching head on the {auc['split']} split ({auc['pairs']} utterances): AUC of the positive "
+                  f"pair against the hardest SIC negative {auc['auc_hard']:.3f}, against a random image "
+                  f"{auc['auc_random']:.3f} (0.5 = chance)")
+        else:
+            print("matching head AUC: no valid split next to the scored one")
     else:
         print()
     record = results_record(
@@ -175,6 +197,7 @@ def run(args) -> dict:
             "seconds": float(reranked["seconds"]),
             "recall": {k: float(v) for k, v in reranked.items() if "_r" in k and "hits" not in k and k != "rerank_k"},
             "hits": {k: int(v) for k, v in reranked.items() if "hits" in k},
+            "sim_auc": auc,
         }
     if args.output_json:
         write_json(record, args.output_json)

@@ -129,3 +129,14 @@ def test_rerank_cli_with_k_covering_everything_equals_full_sim_scoring(corpus, c
     # SIC row: the plain recall of the same embeddings
     sic = retrieval_recall(emb.speech, emb.images, emb.image_ids, ks=(1, 5, 10))
     assert record["recall"]["mean_r1"] == pytest.approx(float(sic["mean_r1"]))
+    # the matching head's AUC on the valid split: positives against each utterance's hardest SIC negative
+    assert re.search(r"matching head on the valid split \(\d+ utterances\): AUC", proc.stdout)
+    auc = record["rerank"]["sim_auc"]
+    rows = torch.arange(ns)
+    sims = emb.speech @ emb.images.T
+    sims[rows, emb.image_ids] = float("-inf")
+    pos, neg = full[rows, emb.image_ids], full[rows, sims.argmax(dim=1)]
+    diff = pos[:, None] - neg[None, :]
+    expected_auc = float((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.numel()
+    assert auc["split"] == "valid" and auc["pairs"] == ns and auc["auc_hard"] == pytest.approx(expected_auc, abs=1e-6)
+    assert 0.0 <= auc["auc_random"] <= 1.0

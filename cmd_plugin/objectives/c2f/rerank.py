@@ -20,9 +20,10 @@ from typing import Callable, Dict, Sequence, Tuple
 import torch
 
 from ...recall import check_ks
+from .losses import ranking_pairs
 from .multimodal import match_score
 
-__all__ = ["RerankResult", "SequencePairScorer", "sic_topk", "rerank", "reranked_recall"]
+__all__ = ["RerankResult", "SequencePairScorer", "sic_topk", "rerank", "reranked_recall", "sim_split_auc"]
 
 # (speech_index (P,), image_index (P,)) int64 on the CPU -> (P,) scores
 PairScorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -200,6 +201,37 @@ def reranked_recall(result: RerankResult, image_ids: torch.Tensor, ks: Sequence[
     out["num_images"] = num_images
     out["num_images_without_caption"] = num_images - num_i2s
     out["rerank_k"] = result.k
+    return out
+
+
+@torch.no_grad()
+def sim_split_auc(speech_emb: torch.Tensor, image_emb: torch.Tensor, image_ids: torch.Tensor, pair_score: PairScorer,
+                  generator: torch.Generator, pair_batch: int = 256) -> Dict[str, float]:
+    """How well the matching head tells each utterance's image from other images, over a whole split:
+    the AUC of the scores of the N positive pairs against N hard negatives (each utterance's most
+    SIC-similar other image) and against N random negatives (a uniformly drawn other image).
+
+    speech_emb (N, D), image_emb (I, D) unit norm; image_ids (N,) image row of each utterance; I >= 2.
+    Returns {"auc_hard", "auc_random", "pairs": N}."""
+    num, num_images = speech_emb.size(0), image_emb.size(0)
+    if num_images < 2:
+        raise ValueError("SIM AUC needs at least two images (a negative for every utterance)")
+    image_ids = image_ids.long().cpu()
+    rows = torch.arange(num)
+    sims = (speech_emb.float() @ image_emb.float().t()).cpu()
+    sims[rows, image_ids] = float("-inf")
+    hard = sims.argmax(dim=1)
+    offset = torch.randint(1, num_images, (num,), generator=generator)
+    random = (image_ids + offset) % num_images  # uniform over the other images
+    speech_index = torch.cat([rows, rows, rows])
+    image_index = torch.cat([image_ids, hard, random])
+    scores = torch.cat([torch.as_tensor(pair_score(speech_index[i:i + pair_batch], image_index[i:i + pair_batch]))
+                        .float().cpu().reshape(-1) for i in range(0, speech_index.numel(), pair_batch)])
+    pos, neg_hard, neg_random = scores[:num], scores[num:2 * num], scores[2 * num:]
+    out = {"pairs": num}
+    for name, negatives in (("auc_hard", neg_hard), ("auc_random", neg_random)):
+        above, compared = ranking_pairs(pos, negatives)
+        out[name] = above / compared
     return out
 
 

@@ -140,3 +140,23 @@ def test_rerank_cli_with_k_covering_everything_equals_full_sim_scoring(corpus, c
     expected_auc = float((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.numel()
     assert auc["split"] == "valid" and auc["pairs"] == ns and auc["auc_hard"] == pytest.approx(expected_auc, abs=1e-6)
     assert 0.0 <= auc["auc_random"] <= 1.0
+
+
+def test_two_stage_recipe_starts_c2f_from_a_sic_checkpoint(tiny_encoders, corpus, tmp_path):
+    """checkpoint.restore_file with reset optimizer/meters/dataloader/lr: the SIC run's weights load into a
+    C2F model whose C2F parts start fresh (documented in the README as the two-stage recipe)."""
+    first = run_train(_overrides(tiny_encoders, corpus, tmp_path / "sic", "sic", "model.queue_size=0",
+                                 "optimization.max_update=2"), cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    sic = tmp_path / "sic" / "checkpoint_last.pt"
+    second = run_train(_overrides(tiny_encoders, corpus, tmp_path / "c2f", "c2f", "optimization.max_update=2",
+                                  f"checkpoint.restore_file={sic}", "checkpoint.reset_optimizer=true",
+                                  "checkpoint.reset_lr_scheduler=true", "checkpoint.reset_meters=true",
+                                  "checkpoint.reset_dataloader=true"), cwd=tmp_path)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-3000:]
+    assert re.search(r"Loaded checkpoint .*sic/checkpoint_last\.pt", out)
+    assert "the checkpoint has no multimodal, matching_head, queue, momentum_model: initialised fresh" in out
+    assert [u for u, _, _ in _train_log(second.stdout)] == [1, 2]  # a new run: updates counted from 0
+    state = torch.load(tmp_path / "c2f" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert any(k.startswith("multimodal.") for k in state["model"]) and int(state["model"]["queue.num_enqueued"]) > 0

@@ -19,6 +19,7 @@ import sys
 import time
 
 from cmd_demo.demo import EXAMPLES, build_inputs, run, train_and_score
+from cmd_demo.stats import paired_difference
 from cmd_plugin.objectives.cmd.fusion import FUSION_ATTENTION_CHOICES
 
 DEFAULT_ROWS = ["sic", "cmd-literal", "cmd-cosine", "cmd-qkv", "cmd-qkv-a0.25", "cmd-qkv-a0.5"]
@@ -154,6 +155,57 @@ def plot_alpha(table, path, title):
     os.replace(tmp, path)
 
 
+def paired_vs(runs, base: str = "sic", key: str = "mean_r1", split: str = "test"):
+    """{row: paired difference of ``key`` on ``split`` against ``base`` over common seeds} (cmd_demo.stats)."""
+    if base not in runs:
+        return {}
+    ref = {s: r[split]["recall"][key] for s, r in runs[base].items()}
+    return {row: paired_difference({s: r[split]["recall"][key] for s, r in by_seed.items()}, ref)
+            for row, by_seed in runs.items() if row != base}
+
+
+def format_paired(paired, base: str = "sic") -> str:
+    lines = []
+    for row, d in paired.items():
+        if d["low"] is None:
+            lines.append(f"  {row} - {base}: {d['mean']:+.2f} ({d['n']} seed: no interval)")
+            continue
+        verdict = "excludes 0" if d["resolved"] else (
+            f"straddles 0; ~{d['seeds_needed']} seeds would resolve it at this spread" if d["seeds_needed"]
+            else "straddles 0")
+        lines.append(f"  {row} - {base}: {d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] "
+                     f"(95 %, {d['n']} paired seeds, sd {d['sd']:.2f}; {verdict})")
+    return "\n".join(lines)
+
+
+def plot_paired(paired, path, title, base: str = "sic"):
+    """Each row's paired difference of test mean R@1 against ``base`` with its 95 % interval."""
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r, d in paired.items() if d["low"] is not None]
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 0.5 * len(rows) + 1.5))
+    for i, row in enumerate(rows):
+        d = paired[row]
+        ax.errorbar([d["mean"]], [i], xerr=[[d["mean"] - d["low"]], [d["high"] - d["mean"]]], marker="o", capsize=3)
+    ax.axvline(0.0, color="grey", lw=1)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel(f"test mean R@1 minus {base} (same seeds; 95 % interval)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
 def rescore(inputs, save_dir, k, score, splits=("valid", "test"), timings=None, tag=""):
     """Re-rank the checkpoint_best.pt of a trained coarse-to-fine run with eval_recall.py --rerank-k K;
     returns {split: record} with ``recall`` = the re-ranked figures (the SIC ones kept as ``sic_recall``)."""
@@ -249,7 +301,12 @@ def run_ablation(args, argv=None):
         print("fusion attention on valid at the selected checkpoint (uniform: entropy 1, max 1/N, cos 1):")
         for row, st in attention_rows:
             print(f"  {row}: " + ", ".join(f"{k} {st[k][0]:.3f}±{st[k][1]:.3f}" for k in ATTENTION_KEYS))
+    paired = paired_vs(runs)
+    if paired:
+        print("paired differences of test mean R@1 against sic (same seeds):")
+        print(format_paired(paired))
     record = {
+        "paired_vs_sic": paired,
         "command": " ".join([os.path.basename(sys.executable), "examples/ablation.py"] + list(argv or sys.argv[1:])),
         "header": header,
         "rows": {row: {"overrides": overrides[row],
@@ -266,6 +323,8 @@ def run_ablation(args, argv=None):
     write_json(record, stem + ".json")
     plot = stem + ".png"
     plot_alpha(table, plot, header[:60] + "…")
+    if plot_paired(paired, stem + "_paired.png", header[:60] + "…"):
+        plot += f", {stem}_paired.png"
     print(f"record: {stem}.json; plot: {plot}")
     print(f"{trained} runs trained, {len(rows) * len(args.seeds) - trained - rescored} reused"
           + (f", {rescored} re-scored" if rescored else "") + f"; {time.time() - t0:.0f}s")

@@ -35,7 +35,8 @@ def _overrides(enc, data, save_dir, method, *extra):
             f"model.image_model_config={enc['image_model_config']}",
             f"model.image_pretrained={enc['image_pretrained']}", f"checkpoint.save_dir={save_dir}",
             "dataset.batch_size=4", "common.log_interval=1", "model.queue_size=12", "optimization.update_freq=[2]",
-            *extra]
+            # the queue from the start; SIM negatives random for 2 updates, then hard ones ramped in over 2
+            "criterion.queue_start=0", "criterion.sim_hard_start=2", "criterion.sim_hard_ramp=2", *extra]
 
 
 def _train_log(stdout):

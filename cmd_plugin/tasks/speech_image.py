@@ -112,6 +112,8 @@ class SpeechImageConfig(FairseqDataclass):
 def image_transform(model_name: str, model_config: str = ""):
     """open_clip's eval transform for ``model_name``, as ``create_model_and_transforms`` builds it
     for a local weights file, without building the model (:func:`open_clip_preprocess`)."""
+    if model_config.startswith("${"):  # the dataclass's interpolation, built without hydra: not set
+        model_config = ""
     preprocess = open_clip_preprocess(model_name, model_config)  # names model.image_model_config when unknown
     return image_transform_v2(PreprocessCfg(**preprocess), is_train=False)
 

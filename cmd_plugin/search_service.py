@@ -122,9 +122,9 @@ class SearchService:
         self.match_batch = match_batch
         cfg = encoder.task.cfg
         self.default_rerank_k = int(getattr(cfg, "valid_rerank_k", 0) or 0) or DEFAULT_RERANK_K
-        self.default_rerank_score = str(getattr(cfg, "valid_rerank_score", "sim") or "sim")
+        self.default_rerank_score = str(getattr(cfg, "valid_rerank_score", "sim+sic") or "sim+sic")
         if self.default_rerank_score not in RERANK_SCORES:
-            self.default_rerank_score = "sim"
+            self.default_rerank_score = "sim+sic"
 
     @property
     def has_matching_head(self) -> bool:

@@ -91,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="coarse-to-fine checkpoints: re-score each query's SIC top-K with the matching head, "
                              f"both directions (K >= {max(RECALL_KS)}; ALBEF uses 128 on Flickr, 256 on COCO); "
                              "0 = SIC only (default)")
-    parser.add_argument("--rerank-score", choices=RERANK_SCORES, default="sim",
-                        help="re-ranking score: sim = match logit alone (ALBEF), sim+sic = match logit + SIC cosine "
-                             "(BLIP) (default: sim)")
+    parser.add_argument("--rerank-score", choices=RERANK_SCORES, default=None,
+                        help="re-ranking score: sim+sic = match logit + SIC cosine (BLIP), sim = match logit alone "
+                             "(ALBEF) (default: the checkpoint's task.valid_rerank_score)")
     parser.add_argument("--rerank-pair-batch", type=int, default=256,
                         help="(utterance, image) pairs per matching-head call (default: 256)")
     parser.add_argument("--label", help="row label of the table (default: the checkpoint's file name)")
@@ -140,6 +140,8 @@ def run(args) -> dict:
                                           keep_matching=bool(args.rerank_k))
         if args.rerank_k:
             check_rerank_model(model, checkpoint)
+            if args.rerank_score is None:  # the score the checkpoint's run validated with
+                args.rerank_score = str(getattr(task.cfg, "valid_rerank_score", None) or "sim+sic")
         start = time.perf_counter()
         emb = encode_split(
             model, task, split, batch_size=args.batch_size, device=args.device, fp16=args.fp16,

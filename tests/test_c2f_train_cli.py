@@ -107,7 +107,7 @@ def test_rerank_cli_with_k_covering_everything_equals_full_sim_scoring(corpus, c
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "eval_recall.py"), "--checkpoint",
                            str(checkpoint), "--data", corpus, "--split", "valid", "--rerank-k", "10",
-                           "--rerank-pair-batch", "5", "--output-json", str(out_json), "--no-progress"],
+                           "--rerank-score", "sim", "--rerank-pair-batch", "5", "--output-json", str(out_json), "--no-progress"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"checkpoint_last\.pt SIC +\|", proc.stdout)

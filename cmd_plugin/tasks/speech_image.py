@@ -93,9 +93,9 @@ class SpeechImageConfig(FairseqDataclass):
                   "(fp16) in memory during validation"},
     )
     valid_rerank_score: ChoiceEnum(RERANK_SCORE_CHOICES) = field(
-        default="sim",
-        metadata={"help": "re-ranking score: sim = the match logit alone (ALBEF), sim+sic = match logit + SIC "
-                  "cosine (BLIP)"},
+        default="sim+sic",
+        metadata={"help": "re-ranking score: sim+sic = match logit + SIC cosine (BLIP; chosen on the demo's valid "
+                  "split), sim = the match logit alone (ALBEF)"},
     )
     check_files: bool = field(
         default=True,

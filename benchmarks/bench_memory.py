@@ -20,8 +20,8 @@ Every measure runs in its own fresh interpreter (``--measure NAME``):
              c2f_cmd  c2f + CMD
              c2f_fast c2f with a 1-layer multimodal encoder on speech frames averaged 4 at a time
                       (model.multimodal_layers=1, model.multimodal_frame_pool=4)
-             c2f_lite c2f with SIM on 32 learned speech query tokens and 2 x 2-averaged patches
-                      (model.multimodal_speech_tokens=32, model.multimodal_patch_pool=2)
+             c2f_lite c2f with SIM on 16 learned speech query tokens and 4 x 4-averaged patches
+                      (model.multimodal_speech_tokens=16, model.multimodal_patch_pool=4)
   paired   wall time only, in ONE process: the no-grad frozen forward and the METHOD's step,
            alternated --repeats times (fastest of each): load changes on a shared machine hit both
   rerank   re-ranking cost per query: the matching head on the K pairs of one speech query (its
@@ -98,9 +98,9 @@ def saved_bytes(obj) -> int:
 
 METHODS = ("sic", "cmd", "c2f", "c2f_cmd", "c2f_fast", "c2f_lite")
 C2F_FAST = dict(multimodal_layers=1, multimodal_frame_pool=4)
-# SIM on 32 learned speech query tokens and the patch grid averaged 2 x 2 (model.multimodal_speech_tokens,
+# SIM on 16 learned speech query tokens and the patch grid averaged 4 x 4 (model.multimodal_speech_tokens,
 # model.multimodal_patch_pool)
-C2F_LITE = dict(multimodal_speech_tokens=32, multimodal_patch_pool=2)
+C2F_LITE = dict(multimodal_speech_tokens=16, multimodal_patch_pool=4)
 # flickr8k's C2F model sizes (examples/flickr8k/config.yaml with method=c2f), on the CMD paper's ViT-L/14
 C2F_MODEL = dict(c2f_momentum=True, momentum=0.995, multimodal_layers=2, multimodal_heads=8,
                  multimodal_ffn_dim=4096, multimodal_dropout=0.1)
@@ -565,7 +565,7 @@ def main():
                       + ", ".join(f"{x:.1f}" for x in r["forward_all"]) + "; step "
                       + ", ".join(f"{x:.1f}" for x in r["step_all"]) + ")")
         rr = {}
-        for rerank_method in (["c2f"] + (["c2f_fast"] if "c2f_fast" in args.methods else [])) if args.rerank else []:
+        for rerank_method in (["c2f"] + [m for m in ("c2f_fast", "c2f_lite") if m in args.methods]) if args.rerank else []:
             rr[rerank_method] = r = spawn(args, "rerank", hubert_path, rerank_method)
             print(f"\n== re-ranking cost per query, {rerank_method} ({r['threads']} threads; one utterance of {args.seconds:g} s = "
                   f"{r['frames']} speech tokens x {r['num_patches'] + 1} image tokens per pair; pair batch {args.pair_batch}) ==")

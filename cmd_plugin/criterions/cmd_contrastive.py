@@ -74,18 +74,18 @@ class CmdContrastiveConfig(FairseqDataclass):
         default=0, metadata={"help": "after sim_hard_start, the share of hard SIM negatives rises linearly from 0 to 1 "
                              "over this many updates (0 = all at once)"})
     queue_start: int = field(
-        default=0, metadata={"help": "the queue is scored and filled from this update on (0 = from the start, ALBEF)"})
+        default=0, metadata={"help": "the queue is scored and filled from this update on (0 = from the start, "
+                                     "ALBEF)"})
     distill_alpha: float = field(
-        default=0.0, metadata={"help": "alpha_md: SIC targets = alpha_md * softmax(momentum logits) + (1 - alpha_md) * "
-                               "multi-positive targets (needs model.c2f_momentum); 0 = no distillation. ALBEF: 0.4 "
-                               "(a choice: the paper gives no value)"})
+        default=0.0, metadata={"help": "alpha_md: SIC targets = alpha_md * momentum softmax + (1 - alpha_md) * "
+                                       "multi-positive targets (needs model.c2f_momentum)"})
     distill_ramp_updates: int = field(
-        default=-1, metadata={"help": "alpha_md rises linearly from 0 over this many optimizer updates; -1 = over "
-                              "the first epoch (ALBEF; its updates counted from the training iterator and "
-                              "update_freq), 0 = no ramp"})
+        default=-1, metadata={"help": "alpha_md rises linearly from 0 over this many optimizer updates (-1 = the "
+                                      "first epoch, ALBEF; 0 = no ramp)"})
     update_freq: List[int] = field(
         default=II("optimization.update_freq"),
-        metadata={"help": "fairseq's update_freq (read, not set here): converts the first epoch's batches to updates"})
+        metadata={"help": "fairseq's update_freq (read, not set here): converts the first epoch's batches to "
+                          "updates"})
 
 
 @register_criterion("cmd_contrastive", dataclass=CmdContrastiveConfig)

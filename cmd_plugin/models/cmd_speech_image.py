@@ -58,7 +58,8 @@ MOMENTUM_PARTS = ("layer_weights", "cls_token", "speech_encoder", "speech_proj")
 @dataclass
 class CmdSpeechImageConfig(FairseqDataclass):
     hubert_path: str = field(
-        default=MISSING, metadata={"help": "fairseq HuBERT checkpoint in the released format, e.g. hubert_large_ll60k.pt"}
+        default=MISSING, metadata={"help": "fairseq HuBERT checkpoint in the released format, e.g. "
+                                           "hubert_large_ll60k.pt"}
     )
     image_model: str = field(
         default="ViT-L-14-quickgelu",
@@ -82,7 +83,8 @@ class CmdSpeechImageConfig(FairseqDataclass):
     speech_encoder_ffn_dim: int = field(default=4096, metadata={"help": "FFN size of the speech transformer layer"})
     speech_encoder_dropout: float = field(default=0.1, metadata={"help": "dropout in the speech transformer layer"})
     cmd_fusion: bool = field(
-        default=True, metadata={"help": "build the CMD fusion encoder (training only; needed by criterion.cmd_weight > 0)"})
+        default=True, metadata={"help": "build the CMD fusion encoder (training only; needed by criterion.cmd_weight "
+                                        "> 0)"})
     fusion_attention: ChoiceEnum(FUSION_ATTENTION_CHOICES) = field(
         default="qkv",
         metadata={"help": "how Ω's speech query scores the patches (a choice; objectives/cmd/fusion.py): literal, "
@@ -90,10 +92,8 @@ class CmdSpeechImageConfig(FairseqDataclass):
     )
     hubert_layer_states: ChoiceEnum(HUBERT_STATE_CHOICES) = field(
         default="superb",
-        metadata={"help": "which HuBERT states the layer weights mix. superb: the transformer input after the "
-                  "positional convolution, each layer's output, and the encoder output (final LayerNorm for "
-                  "layer_norm_first models), as SUPERB/s3prl; cnn_and_layers: the CNN output (before the "
-                  "positional convolution) and each layer's output without the final LayerNorm"},
+        metadata={"help": "which HuBERT states the layer weights mix: superb (transformer input, each layer, encoder "
+                          "output; s3prl's) or cnn_and_layers"},
     )
     temperature_init: float = field(
         default=0.07, metadata={"help": "initial contrastive temperature tau (a choice: CLIP's value); also "
@@ -104,11 +104,8 @@ class CmdSpeechImageConfig(FairseqDataclass):
     # ---- coarse-to-fine alignment (second paper); off by default ----
     c2f_momentum: bool = field(
         default=False,
-        metadata={"help": "build the momentum model: EMA copies of the trainable speech side (layer weights, "
-                  "CLS, speech layer, projection), run on the same HuBERT states (frozen upstreams are shared, "
-                  "never copied; a trained HuBERT (freeze_hubert=false) is shared too, a choice). The image "
-                  "side has no trainable part, so its momentum embedding is the online one. Needed by the "
-                  "criterion's distill_alpha > 0; its embeddings fill the queue"})
+        metadata={"help": "build the momentum model: EMA copies of the trainable speech side (frozen upstreams "
+                          "shared); needed by criterion.distill_alpha > 0"})
     momentum: float = field(
         default=0.995, metadata={"help": "EMA decay of the momentum model, applied once per optimizer update "
                                  "(a choice: ALBEF's 0.995; the paper gives none)"})
@@ -117,24 +114,21 @@ class CmdSpeechImageConfig(FairseqDataclass):
                                 "(a choice: ALBEF's momentum encoders are ordinary train-mode modules); false: "
                                 "always eval mode"})
     queue_size: int = field(
-        default=0, metadata={"help": "embedding queue slots Q (0 = no queue): momentum speech and image embeddings "
-                             "of past global batches, extra SIC negatives (positives when of the same image). "
-                             "A choice (paper silent; ALBEF 65,536 for millions of captions); refused when larger "
-                             "than the training split"})
+        default=0, metadata={"help": "embedding queue slots of momentum embeddings of past global batches (0 = no "
+                                     "queue; refused if larger than the training split)"})
     multimodal_layers: int = field(
-        default=0, metadata={"help": "depth of the SIM multimodal encoder (0 = no multimodal encoder and matching "
-                             "head). Each layer: self-attention over the speech sequence, cross-attention to the "
-                             "image's CLS and patch tokens, FFN (ALBEF's fusion layer; depth a choice)"})
-    multimodal_heads: int = field(default=8, metadata={"help": "attention heads of the multimodal encoder (a choice)"})
+        default=0, metadata={"help": "depth of the SIM multimodal encoder: self-attention, cross-attention to the "
+                                     "image tokens, FFN per layer (0 = no SIM parts)"})
+    multimodal_heads: int = field(default=8, metadata={"help": "attention heads of the multimodal encoder (a "
+                                                               "choice)"})
     multimodal_ffn_dim: int = field(default=4096, metadata={"help": "FFN size of the multimodal encoder (a choice)"})
     multimodal_dropout: float = field(default=0.1, metadata={"help": "dropout in the multimodal encoder (a choice)"})
     multimodal_frame_pool: int = field(
-        default=1, metadata={"help": "SIM input: average every k speech frames (padding excluded; the CLS kept) "
-                             "before the multimodal encoder; 1 = every frame (the paper: 'CLS and frames'). A choice: "
-                             "k = 4 cuts the multimodal encoder's cost ~3x (benchmarks/README.md)"})
+        default=1, metadata={"help": "SIM input: every k speech frames averaged, padding excluded, CLS kept (1 = "
+                                     "every frame, the paper)"})
     multimodal_speech_tokens: int = field(
-        default=0, metadata={"help": "SIM input: the speech sequence summarised by this many learned query tokens "
-                             "after its CLS (0 = every frame, the paper). A choice that cuts SIM and re-ranking cost"})
+        default=0, metadata={"help": "SIM input: the speech summarised once per utterance by this many learned query "
+                                     "tokens after its CLS (0 = every frame)"})
     multimodal_patch_pool: int = field(
         default=1, metadata={"help": "SIM input: the image's patch grid averaged in k x k blocks, CLS kept (1 = every "
                              "patch). A choice that cuts SIM and re-ranking cost"})

@@ -73,9 +73,8 @@ class SpeechImageConfig(FairseqDataclass):
     )
     image_feature_cache: str = field(
         default="",
-        metadata={"help": "a directory written by examples/cache_image_features.py: its cached image "
-                  "embeddings and patches are used instead of encoding pixels; the model's image "
-                  "encoder must then be frozen (model.freeze_image_encoder=true)"},
+        metadata={"help": "directory from examples/cache_image_features.py: batches carry its cached image features "
+                          "('' = encode pixels)"},
     )
     sample_rate: int = field(default=16000, metadata={"help": "audio sample rate; files must match it"})
     min_sample_size: int = field(default=1600, metadata={"help": "drop utterances shorter than this (samples)"})
@@ -88,9 +87,8 @@ class SpeechImageConfig(FairseqDataclass):
     )
     valid_rerank_k: int = field(
         default=0,
-        metadata={"help": "coarse-to-fine: also log the valid split's recall after re-ranking each query's SIC "
-                  "top-K by the matching head (rerank_*_r*); 0 = off. Keeps the split's speech sequences "
-                  "(fp16) in memory during validation"},
+        metadata={"help": "C2F: also log valid recall after re-ranking each query's SIC top-K with the matching head "
+                          "(0 = off; >= 10)"},
     )
     valid_rerank_score: ChoiceEnum(RERANK_SCORE_CHOICES) = field(
         default="sim+sic",

@@ -20,6 +20,7 @@ import time
 
 from cmd_demo.demo import EXAMPLES, build_inputs, run, train_and_score
 from cmd_demo.stats import paired_difference
+from cmd_plugin.files import atomic_write, atomic_write_json
 from cmd_plugin.objectives.cmd.fusion import FUSION_ATTENTION_CHOICES
 
 DEFAULT_ROWS = ["sic", "cmd-literal", "cmd-cosine", "cmd-qkv", "cmd-qkv-a0.25", "cmd-qkv-a0.5"]
@@ -149,10 +150,8 @@ def plot_alpha(table, path, title):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def paired_vs(runs, base: str = "sic", key: str = "mean_r1", split: str = "test"):
@@ -199,10 +198,8 @@ def plot_paired(paired, path, title, base: str = "sic"):
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 
@@ -229,10 +226,7 @@ def rescore(inputs, save_dir, k, score, splits=("valid", "test"), timings=None, 
 
 
 def write_json(record, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_json(path, record, indent=1)
 
 
 def run_ablation(args, argv=None):

@@ -15,7 +15,6 @@ thousand images (the CPU demo), not for real pre-training.
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from cmd_plugin.data.manifest import ManifestError, SpeechImageManifest
+from cmd_plugin.files import atomic_write
 from cmd_plugin.quiet import building_open_clip
 from cmd_plugin.recall import retrieval_recall
 
@@ -176,15 +176,7 @@ def pretrain_clip(
                     result["s2i_r1"], result["s2i_r5"], result["s2i_r10"])
             logger.info(message)
 
-    directory = os.path.dirname(os.path.abspath(out_weights))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".bin")
-    os.close(fd)
-    try:
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, out_weights)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(out_weights)), exist_ok=True)
+    state = model.state_dict()
+    atomic_write(out_weights, lambda tmp: torch.save(state, tmp))
     return result

@@ -6,13 +6,13 @@ tests' ``tiny_encoders`` fixture, ``examples/make_tiny_encoders.py`` (its CLI) a
 (:func:`make_hubert_checkpoint`: random weights in the released HuBERT architectures).
 """
 
-import json
 import os
 import tempfile
 from typing import Tuple
 
 import torch
 
+from cmd_plugin.files import atomic_write, atomic_write_json
 from cmd_plugin.quiet import building_hubert, building_open_clip
 
 TINY_HUBERT_LAYERS = 3
@@ -27,17 +27,8 @@ _TINY_FILTERS = 32  # cosine + sine filter per band: 64 channels
 
 
 def _atomic_torch_save(obj, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp_path)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 # Released HuBERT model configs (fairseq examples/hubert/config/pretrain/*.yaml); the
@@ -307,10 +298,7 @@ def make_tiny_clip(out_dir: str, seed: int = 0) -> Tuple[str, str, str]:
 
     os.makedirs(out_dir, exist_ok=True)
     config_path = os.path.join(os.path.abspath(out_dir), f"{TINY_CLIP_MODEL_NAME}.json")
-    tmp_config = config_path + ".tmp"
-    with open(tmp_config, "w") as f:
-        json.dump(tiny_clip_config(), f, indent=2)
-    os.replace(tmp_config, config_path)
+    atomic_write_json(config_path, tiny_clip_config(), indent=2)
     register_model_config(config_path)
 
     torch.manual_seed(seed)

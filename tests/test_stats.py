@@ -35,4 +35,5 @@ def test_the_ablation_table_pairs_every_row_with_sic_by_seed(tmp_path):
     assert paired["cmd-qkv"]["mean"] == pytest.approx(4 / 3)
     text = format_paired(paired)
     assert text.startswith("  cmd-qkv - sic: +1.33 [") and "3 paired seeds" in text
+    pytest.importorskip("matplotlib")  # the plot extra: environment A (environment B lacks it)
     assert plot_paired(paired, str(tmp_path / "p.png"), "t") and (tmp_path / "p.png").stat().st_size > 0

@@ -163,14 +163,18 @@ def test_reranked_recall_matches_a_brute_force_reference(k, add_sic, ties):
     )
 
 
+def _rescored_by_sic_equals_sic_recall(speech_emb, image_emb, image_ids, k, ks):
+    """Re-rank with SIC itself as the score: the re-ranked recall must equal SIC recall."""
+    result = rerank(speech_emb, image_emb, _Scorer(speech_emb @ image_emb.T), k)
+    got = reranked_recall(result, image_ids, ks)
+    for key, value in retrieval_recall(speech_emb, image_emb, image_ids, ks=ks).items():
+        assert got[key] == value, key
+    return result
+
+
 def test_rescoring_by_sic_itself_reproduces_sic_recall():
     speech_emb, image_emb, image_ids, _ = _retrieval_set(seed=3)
-    sic_table = speech_emb @ image_emb.T
-    result = rerank(speech_emb, image_emb, _Scorer(sic_table), 5)
-    got = reranked_recall(result, image_ids, (1, 3, 5))
-    expected = retrieval_recall(speech_emb, image_emb, image_ids, ks=(1, 3, 5))
-    for key, value in expected.items():
-        assert got[key] == value, key
+    result = _rescored_by_sic_equals_sic_recall(speech_emb, image_emb, image_ids, 5, (1, 3, 5))
     with pytest.raises(ValueError, match="k <= K = 5"):
         reranked_recall(result, image_ids, (1, 10))
 
@@ -182,11 +186,7 @@ def test_k_is_checked_per_direction_with_fewer_images_than_k():
     image_ids = torch.arange(4).repeat_interleave(3)
     image_emb = F.normalize(torch.randn(4, 8, generator=gen), dim=-1)
     speech_emb = F.normalize(image_emb[image_ids] + 1.5 * torch.randn(12, 8, generator=gen), dim=-1)
-    result = rerank(speech_emb, image_emb, _Scorer(speech_emb @ image_emb.T), 10)
-    got = reranked_recall(result, image_ids, (1, 5, 10))
-    expected = retrieval_recall(speech_emb, image_emb, image_ids, ks=(1, 5, 10))
-    for key, value in expected.items():
-        assert got[key] == value, key
+    result = _rescored_by_sic_equals_sic_recall(speech_emb, image_emb, image_ids, 10, (1, 5, 10))
     with pytest.raises(ValueError, match="image -> speech recall is defined for k <= K = 10"):
         reranked_recall(result, image_ids, (1, 11))
 

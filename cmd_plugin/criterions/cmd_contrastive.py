@@ -202,9 +202,8 @@ class CmdContrastiveCriterion(FairseqCriterion):
             speech=speech, image=image, patches=patches, keys=item_keys(split_codes, image_ids),
             logit_scale=replicated_param(model.clamped_logit_scale(), world), world=world, local_size=local_size,
             training=model.training, update_num=self.update_num, seq=seq, seq_mask=seq_mask, speech_m=speech_m,
-            group=group, dp_world=dp_world,
+            group=group, dp_world=dp_world, seq_is_global=seq_is_global,
         )
-        batch.seq_is_global = seq_is_global
         return batch, local_items, gathered
 
     def _validation_embeddings(self, batch: GlobalBatch, gathered):

@@ -13,6 +13,7 @@ Conventions for every objective of :mod:`cmd_plugin.objectives`:
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -48,17 +49,16 @@ class GlobalBatch:
     speech_m: Optional[torch.Tensor] = None
     group: object = None
     dp_world: int = 1
+    seq_is_global: bool = True  # seq/seq_mask/patches span every worker's items (False: this worker's only)
 
     @property
     def size(self) -> int:
         return self.speech.size(0)
 
-    @property
+    @cached_property
     def scores(self) -> torch.Tensor:
         """(B, B) cosine similarities s(S_i, I_j), speech rows, image columns (fp32)."""
-        if getattr(self, "_scores", None) is None:
-            self._scores = self.speech.float() @ self.image.float().t()
-        return self._scores
+        return self.speech.float() @ self.image.float().t()
 
 
 class Objective:

@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 
-from cmd_demo.demo import EXAMPLES, build_inputs, run, train_and_score
+from cmd_demo.demo import EXAMPLES, build_inputs, minimal_pairs_stage, run, train_and_score
 from cmd_demo.stats import paired_difference
 from cmd_plugin.files import atomic_write, atomic_write_json
 from cmd_plugin.objectives.cmd.fusion import FUSION_ATTENTION_CHOICES
@@ -29,6 +29,12 @@ REPORTED = [f"{d}_r{k}" for d in ("s2i", "i2s", "mean") for k in (1, 5, 10)]
 ROW_PATTERN = re.compile(r"^cmd-(?P<variant>[a-z]+)(?:-a(?P<alpha>[0-9]*\.?[0-9]+))?$")
 C2F_PATTERN = re.compile(r"^(?P<base>c2f(?:-cmd)?)(?:-rerank(?P<k>[0-9]+)(?P<simsic>-simsic)?)?$")
 C2F_METHODS = {"c2f": ("method=c2f", 0.0), "c2f-cmd": ("method=c2f_cmd", 1.0)}
+# each coarse-to-fine part alone on SIC, with the tiny config's sizes and schedule (queue_start, SIM curriculum)
+C2F_PART_ROWS = {
+    "sic-queue": ["method=sic", "model.queue_size=1024"],
+    "sic-distill": ["method=sic", "model.c2f_momentum=true", "criterion.distill_alpha=0.4"],
+    "sic-sim": ["method=sic", "model.multimodal_layers=2", "criterion.sim_weight=1.0"],
+}
 
 
 def row_spec(row: str):
@@ -52,14 +58,16 @@ def row_overrides(row: str):
     """A row name -> (fairseq-hydra-train overrides, alpha, fusion variant or None)."""
     if row == "sic":
         return ["method=sic"], 0.0, None
+    if row in C2F_PART_ROWS:
+        return list(C2F_PART_ROWS[row]), 0.0, None
     if C2F_PATTERN.match(row):
         spec = row_spec(row)
         return spec["overrides"], spec["alpha"], spec["variant"]
     match = ROW_PATTERN.match(row)
     if not match or match["variant"] not in FUSION_ATTENTION_CHOICES:
         raise ValueError(f"unknown row {row!r}: expected 'sic', 'cmd-VARIANT[-aALPHA]' with VARIANT in "
-                         f"{FUSION_ATTENTION_CHOICES} (e.g. cmd-cosine-a0.5), 'c2f', 'c2f-cmd' or "
-                         "'c2f[-cmd]-rerankK[-simsic]' (e.g. c2f-rerank10)")
+                         f"{FUSION_ATTENTION_CHOICES} (e.g. cmd-cosine-a0.5), 'c2f', 'c2f-cmd', "
+                         f"'c2f[-cmd]-rerankK[-simsic]' (e.g. c2f-rerank10) or one C2F part on SIC {sorted(C2F_PART_ROWS)}")
     alpha = float(match["alpha"]) if match["alpha"] else 1.0
     if alpha <= 0:
         raise ValueError(f"row {row!r}: alpha must be positive (use 'sic' for alpha = 0)")
@@ -88,6 +96,27 @@ def best_valid_line(log_text: str):
     return best
 
 
+def valid_curve(log_text: str):
+    """[(num_updates, valid mean R@1)] of every validation in a fairseq-hydra-train log, in order."""
+    curve = []
+    for line in log_text.splitlines():
+        if "valid on 'valid' subset" not in line:
+            continue
+        fields = dict(part.strip().rpartition(" ")[::2] for part in line.split(" | "))
+        if "mean_r1" in fields and "num_updates" in fields:
+            curve.append((int(float(fields["num_updates"])), float(fields["mean_r1"])))
+    return curve
+
+
+def minimal_pairs_summary(record):
+    """The figures of a score_minimal_pairs.py record the table keeps: pairwise accuracy per
+    attribute, their mean, and the base image's R@1 in its group (all in %)."""
+    summary = {f"mp_{attr}": v["accuracy"] for attr, v in record["attributes"].items()}
+    summary["mp_mean"] = record["mean_accuracy"]
+    summary["mp_group_r1"] = record["group_r1"]
+    return summary
+
+
 def mean_sd(values):
     """(mean, sample standard deviation; 0 for one value)."""
     values = [float(v) for v in values]
@@ -106,6 +135,9 @@ def aggregate(runs):
             values = [by_seed[s].get("attention", {}).get(key) for s in seeds]
             if all(v is not None for v in values):
                 stats[key] = mean_sd(values)
+        mp_keys = set.intersection(*(set(by_seed[s].get("minimal_pairs", {})) for s in seeds))
+        for key in sorted(mp_keys):  # minimal pairs of the selected checkpoint (S_cls cosine)
+            stats[key] = mean_sd([by_seed[s]["minimal_pairs"][key] for s in seeds])
         stats["num_seeds"] = len(seeds)
         table[row] = stats
     return table
@@ -122,6 +154,56 @@ def format_table(table) -> str:
     widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(head)]
     fmt = lambda cells: " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     return "\n".join([fmt(head), "-+-".join("-" * w for w in widths)] + [fmt(c) for c in lines])
+
+
+def format_minimal_pairs(table) -> str:
+    """Rows of mean±sd over seeds of the minimal-pairs figures (:func:`minimal_pairs_summary`)."""
+    keys = sorted({k for st in table.values() for k in st if k.startswith("mp_")},
+                  key=lambda k: (("mp_mean", "mp_group_r1").index(k) + 1 if k in ("mp_mean", "mp_group_r1") else 0, k))
+    head = ["row"] + [k[3:] for k in keys]
+    lines = [[row] + [f"{st[k][0]:.1f}±{st[k][1]:.1f}" if k in st else "-" for k in keys] for row, st in table.items()]
+    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(head)]
+    fmt = lambda cells: " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([fmt(head), "-+-".join("-" * w for w in widths)] + [fmt(c) for c in lines])
+
+
+def mean_curve(curves):
+    """Seeds' valid curves [(update, mean R@1)] -> [(update, mean, sd)] at the updates every seed validated."""
+    if not curves or not all(curves):
+        return []
+    common = set.intersection(*({u for u, _ in c} for c in curves))
+    out = []
+    for update in sorted(common):
+        m, sd = mean_sd([dict(c)[update] for c in curves])
+        out.append((update, m, sd))
+    return out
+
+
+def plot_curves(curves, path, title):
+    """Valid mean R@1 against updates (mean ± sd over seeds) per row that trained; False if none."""
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {row: mean_curve(c) for row, c in curves.items()}
+    rows = {row: c for row, c in rows.items() if c}
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row, c in rows.items():
+        ax.errorbar([u for u, _, _ in c], [m for _, m, _ in c], yerr=[sd for _, _, sd in c], marker=".",
+                    capsize=2, label=row)
+    ax.set_xlabel("updates")
+    ax.set_ylabel("valid mean R@1 (mean ± sd over seeds)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+    return True
 
 
 def plot_alpha(table, path, title):
@@ -276,8 +358,18 @@ def run_ablation(args, argv=None):
             log_path = save_dir + ".train.log"
             if os.path.isfile(log_path):
                 with open(log_path) as f:
-                    best = best_valid_line(f.read()) or {}
+                    log_text = f.read()
+                best = best_valid_line(log_text) or {}
                 records["attention"] = {k: best[k] for k in ATTENTION_KEYS if k in best}
+                records["valid_curve"] = valid_curve(log_text)
+            if getattr(args, "minimal_pairs", True) and not spec["rerank_k"]:  # re-ranking leaves S_cls and so these unchanged
+                mp_json = os.path.join(save_dir, "minimal_pairs_score.json")
+                if os.path.isfile(mp_json):
+                    with open(mp_json) as f:
+                        mp_record = json.load(f)
+                else:
+                    mp_record = minimal_pairs_stage(inputs["work"], os.path.join(save_dir, "checkpoint_best.pt"), timings)
+                records["minimal_pairs"] = minimal_pairs_summary(mp_record)
             runs.setdefault(row, {})[seed] = records
 
     table = aggregate(runs)
@@ -295,6 +387,10 @@ def run_ablation(args, argv=None):
         print("fusion attention on valid at the selected checkpoint (uniform: entropy 1, max 1/N, cos 1):")
         for row, st in attention_rows:
             print(f"  {row}: " + ", ".join(f"{k} {st[k][0]:.3f}±{st[k][1]:.3f}" for k in ATTENTION_KEYS))
+    mp_rows = [(row, st) for row, st in table.items() if "mp_mean" in st]
+    if mp_rows:
+        print("minimal pairs (pairwise accuracy %, chance 50; group R@1 %, chance 14.3) at the selected checkpoint:")
+        print(format_minimal_pairs(dict(mp_rows)))
     paired = paired_vs(runs)
     if paired:
         print("paired differences of test mean R@1 against sic (same seeds):")
@@ -306,7 +402,9 @@ def run_ablation(args, argv=None):
         "rows": {row: {"overrides": overrides[row],
                        "per_seed": {str(s): {"test": runs[row][s]["test"]["recall"],
                                              "valid": runs[row][s]["valid"]["recall"],
-                                             "attention": runs[row][s].get("attention", {})}
+                                             "attention": runs[row][s].get("attention", {}),
+                                             "minimal_pairs": runs[row][s].get("minimal_pairs", {}),
+                                             "valid_curve": runs[row][s].get("valid_curve", [])}
                                     for s in sorted(runs[row])},
                        "mean_sd": {k: list(v) if isinstance(v, tuple) else v for k, v in table[row].items()}}
                  for row in rows},
@@ -319,6 +417,9 @@ def run_ablation(args, argv=None):
     plot_alpha(table, plot, header[:60] + "…")
     if plot_paired(paired, stem + "_paired.png", header[:60] + "…"):
         plot += f", {stem}_paired.png"
+    curves = {row: [runs[row][s].get("valid_curve", []) for s in sorted(runs[row])] for row in rows}
+    if plot_curves(curves, stem + "_curves.png", header[:60] + "…"):
+        plot += f", {stem}_curves.png"
     print(f"record: {stem}.json; plot: {plot}")
     print(f"{trained} runs trained, {len(rows) * len(args.seeds) - trained - rescored} reused"
           + (f", {rescored} re-scored" if rescored else "") + f"; {time.time() - t0:.0f}s")

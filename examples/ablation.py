@@ -39,6 +39,8 @@ def main(argv=None):
     parser.add_argument("--name", default="ablation",
                         help="file name stem of the table's record: OUT_DIR/NAME_u<max_update>.json and .png "
                              "(several tables can share the runs of one out dir)")
+    parser.add_argument("--no-minimal-pairs", dest="minimal_pairs", action="store_false",
+                        help="skip scoring each run's checkpoint on the minimal-pairs set (about 10 s a run)")
     args = parser.parse_args(argv)
     run_ablation(args, argv)
 

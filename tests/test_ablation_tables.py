@@ -59,3 +59,50 @@ def test_coarse_to_fine_rows_map_to_method_groups_and_reranking_reuses_the_train
     for bad in ("sic-cmd", "c2f-rerank5", "c2f-rerank", "c2f-cmd-simsic", "c2f-a0.5", "sic-rerank10"):
         with pytest.raises(ValueError, match="row"):
             row_spec(bad)
+
+
+def test_each_coarse_to_fine_part_alone_is_a_row_on_sic():
+    from cmd_demo.ablation import C2F_PART_ROWS, row_spec
+
+    assert row_overrides("sic-queue") == (["method=sic", "model.queue_size=1024"], 0.0, None)
+    assert row_spec("sic-sim")["overrides"] == ["method=sic", "model.multimodal_layers=2", "criterion.sim_weight=1.0"]
+    assert row_spec("sic-distill")["base"] is None
+    for row in C2F_PART_ROWS:  # each switches on exactly one part on top of method=sic
+        assert row_overrides(row)[0][0] == "method=sic" and len(row_overrides(row)[0]) >= 2
+    with pytest.raises(ValueError, match="sic-queue"):
+        row_overrides("sic-momentum")
+
+
+def test_valid_curve_reads_every_validation_in_order():
+    from cmd_demo.ablation import mean_curve, valid_curve
+
+    log = "\n".join([
+        "[v][INFO] - epoch 001 | valid on 'valid' subset | loss 3.1 | mean_r1 10.0 | num_updates 157",
+        "[t][INFO] - epoch 001 | loss 3.0 | num_updates 157",
+        "[v][INFO] - epoch 002 | valid on 'valid' subset | loss 2.9 | mean_r1 12.5 | num_updates 314 | best_mean_r1 12.5",
+    ])
+    assert valid_curve(log) == [(157, 10.0), (314, 12.5)]
+    assert valid_curve("nothing") == []
+    # seeds are averaged where all of them validated
+    curve = mean_curve([[(157, 10.0), (314, 12.0)], [(157, 14.0), (314, 12.0), (471, 20.0)]])
+    assert [u for u, _, _ in curve] == [157, 314]
+    assert [v for _, m, sd in curve for v in (m, sd)] == pytest.approx([12.0, 2.8284271, 12.0, 0.0])
+    assert mean_curve([[(1, 2.0)], []]) == []
+
+
+def test_minimal_pairs_summary_and_its_table():
+    from cmd_demo.ablation import format_minimal_pairs, minimal_pairs_summary
+
+    record = {"attributes": {"colour": {"accuracy": 80.0}, "shape": {"accuracy": 50.0}},
+              "mean_accuracy": 65.0, "group_r1": 20.0}
+    assert minimal_pairs_summary(record) == {"mp_colour": 80.0, "mp_shape": 50.0, "mp_mean": 65.0,
+                                             "mp_group_r1": 20.0}
+    runs = {"sic": {s: {"test": _record(10.0), "valid": _record(20.0),
+                        "minimal_pairs": minimal_pairs_summary(dict(record, mean_accuracy=60.0 + 10 * s))}
+                    for s in (1, 2)}}
+    table = aggregate(runs)
+    assert table["sic"]["mp_mean"] == pytest.approx((75.0, 7.0710678))
+    text = format_minimal_pairs(table)
+    head = text.splitlines()[0]
+    assert head.index("colour") < head.index("mean") < head.index("group_r1")
+    assert "75.0±7.1" in text and "80.0±0.0" in text

@@ -144,6 +144,17 @@ def test_ablation_harness_trains_rows_by_seeds_then_resumes_without_retraining(d
         "attn_entropy", "attn_max", "attn_cos_mean_pool"}
     assert record["rows"]["sic"]["per_seed"]["1"]["attention"] == {}
     assert (out_dir / "ablation_u4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # every run: its valid curve (one validation per epoch, ending at the last update) and its checkpoint
+    # scored on the minimal-pairs set, the same figures as the run's own score_minimal_pairs.py record
+    for row in ("sic", "cmd-cosine"):
+        run = record["rows"][row]["per_seed"]["1"]
+        assert run["valid_curve"] and run["valid_curve"][-1][0] == 4
+        with open(out_dir / "u4" / row / "seed1" / "minimal_pairs_score.json") as f:
+            mp = json.load(f)
+        assert run["minimal_pairs"]["mp_mean"] == mp["mean_accuracy"]
+        assert run["minimal_pairs"]["mp_colour"] == mp["attributes"]["colour"]["accuracy"]
+    assert "minimal pairs (pairwise accuracy" in proc.stdout
+    assert (out_dir / "ablation_u4_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     again = _ablation(work, "--rows", "sic", "cmd-cosine", "--seeds", "1", "2")
     assert again.returncode == 0 and "0 runs trained, 4 reused" in again.stdout

@@ -75,6 +75,7 @@ def row_overrides(row: str):
 
 
 ATTENTION_KEYS = ("attn_entropy", "attn_max", "attn_cos_mean_pool")
+SIM_KEYS = ("sim_auc_hard", "sim_auc_random", "sim_loss", "sim_prior")  # the matching head on valid (C2F)
 
 
 def best_valid_line(log_text: str):
@@ -131,10 +132,11 @@ def aggregate(runs):
         seeds = sorted(by_seed)
         stats = {key: mean_sd([by_seed[s]["test"]["recall"][key] for s in seeds]) for key in REPORTED}
         stats["valid_mean_r1"] = mean_sd([by_seed[s]["valid"]["recall"]["mean_r1"] for s in seeds])
-        for key in ATTENTION_KEYS:  # the fusion's attention on valid at the selected checkpoint
-            values = [by_seed[s].get("attention", {}).get(key) for s in seeds]
-            if all(v is not None for v in values):
-                stats[key] = mean_sd(values)
+        for group, keys in (("attention", ATTENTION_KEYS), ("sim", SIM_KEYS)):  # on valid at the selected checkpoint
+            for key in keys:
+                values = [by_seed[s].get(group, {}).get(key) for s in seeds]
+                if all(v is not None for v in values):
+                    stats[key] = mean_sd(values)
         mp_keys = set.intersection(*(set(by_seed[s].get("minimal_pairs", {})) for s in seeds))
         for key in sorted(mp_keys):  # minimal pairs of the selected checkpoint (S_cls cosine)
             stats[key] = mean_sd([by_seed[s]["minimal_pairs"][key] for s in seeds])
@@ -361,6 +363,7 @@ def run_ablation(args, argv=None):
                     log_text = f.read()
                 best = best_valid_line(log_text) or {}
                 records["attention"] = {k: best[k] for k in ATTENTION_KEYS if k in best}
+                records["sim"] = {k: best[k] for k in SIM_KEYS if k in best}
                 records["valid_curve"] = valid_curve(log_text)
             if getattr(args, "minimal_pairs", True) and not spec["rerank_k"]:  # re-ranking leaves S_cls and so these unchanged
                 mp_json = os.path.join(save_dir, "minimal_pairs_score.json")
@@ -387,6 +390,12 @@ def run_ablation(args, argv=None):
         print("fusion attention on valid at the selected checkpoint (uniform: entropy 1, max 1/N, cos 1):")
         for row, st in attention_rows:
             print(f"  {row}: " + ", ".join(f"{k} {st[k][0]:.3f}±{st[k][1]:.3f}" for k in ATTENTION_KEYS))
+    sim_rows = [(row, st) for row, st in table.items() if "sim_auc_hard" in st]
+    if sim_rows:
+        print("matching head (SIM) on valid at the selected checkpoint (AUC of positives against the hardest "
+              "SIC negative / a random image; loss against the prior's entropy):")
+        for row, st in sim_rows:
+            print(f"  {row}: " + ", ".join(f"{k} {st[k][0]:.3f}±{st[k][1]:.3f}" for k in SIM_KEYS if k in st))
     mp_rows = [(row, st) for row, st in table.items() if "mp_mean" in st]
     if mp_rows:
         print("minimal pairs (pairwise accuracy %, chance 50; group R@1 %, chance 14.3) at the selected checkpoint:")
@@ -403,6 +412,7 @@ def run_ablation(args, argv=None):
                        "per_seed": {str(s): {"test": runs[row][s]["test"]["recall"],
                                              "valid": runs[row][s]["valid"]["recall"],
                                              "attention": runs[row][s].get("attention", {}),
+                                             "sim": runs[row][s].get("sim", {}),
                                              "minimal_pairs": runs[row][s].get("minimal_pairs", {}),
                                              "valid_curve": runs[row][s].get("valid_curve", [])}
                                     for s in sorted(runs[row])},

@@ -20,9 +20,11 @@ def _record(r1):
 
 
 def test_aggregate_gives_mean_and_sample_sd_over_seeds():
-    runs = {"sic": {1: {"test": _record(10.0), "valid": _record(20.0)},
-                    2: {"test": _record(14.0), "valid": _record(22.0)}}}
+    runs = {"sic": {1: {"test": _record(10.0), "valid": _record(20.0), "sim": {"sim_auc_hard": 0.6}},
+                    2: {"test": _record(14.0), "valid": _record(22.0), "sim": {"sim_auc_hard": 0.8}}}}
     table = aggregate(runs)
+    assert table["sic"]["sim_auc_hard"] == pytest.approx((0.7, 0.1414214))
+    assert "sim_auc_random" not in table["sic"]  # only what every seed logged
     assert table["sic"]["s2i_r1"] == pytest.approx((12.0, 2.8284271))
     assert table["sic"]["valid_mean_r1"] == pytest.approx((27.0, 1.4142136))  # mean_r1 is key 6 of 9
     assert table["sic"]["num_seeds"] == 2
@@ -34,11 +36,11 @@ def test_best_valid_line_is_the_last_of_equal_best_mean_r1():
         "x | INFO | valid | epoch 001 | valid on 'valid' subset | loss 3.1 | attn_entropy 0.99 | mean_r1 10.0 | wps 5",
         "x | INFO | train | epoch 001 | loss 3.0",
         "x | INFO | valid | epoch 002 | valid on 'valid' subset | loss 2.9 | attn_entropy 0.80 | mean_r1 12.5",
-        "x | INFO | valid | epoch 003 | valid on 'valid' subset | loss 2.8 | attn_entropy 0.70 | mean_r1 12.5",
+        "x | INFO | valid | epoch 003 | valid on 'valid' subset | loss 2.8 | attn_entropy 0.70 | sim_auc_hard 0.61 | mean_r1 12.5",
         "x | INFO | valid | epoch 004 | valid on 'valid' subset | loss 2.7 | attn_entropy 0.60 | mean_r1 11.0",
     ])
     best = best_valid_line(log)
-    assert best["attn_entropy"] == 0.70 and best["loss"] == 2.8
+    assert best["attn_entropy"] == 0.70 and best["loss"] == 2.8 and best["sim_auc_hard"] == 0.61
     assert best_valid_line("no validation here") is None
 
 

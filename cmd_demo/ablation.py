@@ -232,7 +232,8 @@ def plot_alpha(table, path, title):
     ax.set_ylabel("test mean R@1 (mean ± sd over seeds)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # no CMD row: an empty plot, no legend
+        ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)

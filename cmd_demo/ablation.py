@@ -288,11 +288,16 @@ def plot_paired(paired, path, title, base: str = "sic"):
     return True
 
 
+def rerank_suffix(k: int, score: str) -> str:
+    """The file-name part of a re-scored record: recall_<split>_<this>.json."""
+    return f"rerank{k}" + ("_simsic" if score == "sim+sic" else "")
+
+
 def rescore(inputs, save_dir, k, score, splits=("valid", "test"), timings=None, tag=""):
     """Re-rank the checkpoint_best.pt of a trained coarse-to-fine run with eval_recall.py --rerank-k K;
     returns {split: record} with ``recall`` = the re-ranked figures (the SIC ones kept as ``sic_recall``)."""
     records = {}
-    suffix = f"rerank{k}" + ("_simsic" if score == "sim+sic" else "")
+    suffix = rerank_suffix(k, score)
     timings = {} if timings is None else timings
     for split in splits:
         path = os.path.join(save_dir, f"recall_{split}_{suffix}.json")
@@ -308,6 +313,16 @@ def rescore(inputs, save_dir, k, score, splits=("valid", "test"), timings=None, 
         record["recall"] = record["rerank"]["recall"]
         records[split] = record
     return records
+
+
+def run_finished(save_dir, spec) -> bool:
+    """Whether the run of a row (a spec of :func:`row_spec`) in ``save_dir`` has every record the table
+    reads: the valid and test recall, and for a re-ranked row its re-scored recall as well."""
+    names = ["recall_valid.json", "recall_test.json"]
+    if spec["rerank_k"]:
+        suffix = rerank_suffix(spec["rerank_k"], spec["rerank_score"])
+        names += [f"recall_{split}_{suffix}.json" for split in ("valid", "test")]
+    return all(os.path.isfile(os.path.join(save_dir, n)) for n in names)
 
 
 def write_json(record, path):
@@ -327,13 +342,17 @@ def run_ablation(args, argv=None):
     inputs = build_inputs(args, timings)
     out_dir = os.path.abspath(args.out_dir or os.path.join(inputs["work"], "ablation"))
     tag_updates = f"u{args.max_update}" if args.max_update else "udefault"
-    runs, trained, rescored = {}, 0, 0
+    report_only = getattr(args, "report_only", False)
+    runs, trained, rescored, missing = {}, 0, 0, []
     for seed in args.seeds:  # seed-major: every row gets its first seed before any row gets a third
         for row in rows:
             spec = specs[row]
             trained_row = spec["base"] or row  # a re-ranked row re-scores its base row's run
             save_dir = os.path.join(out_dir, tag_updates, trained_row, f"seed{seed}")
             paths = {split: os.path.join(save_dir, f"recall_{split}.json") for split in ("valid", "test")}
+            if report_only and not run_finished(save_dir, spec):
+                missing.append(f"{row} seed {seed}")
+                continue
             if spec["rerank_k"] and os.path.isfile(os.path.join(save_dir, "checkpoint_best.pt")) and all(
                     os.path.isfile(p) for p in paths.values()):
                 records = rescore(inputs, save_dir, spec["rerank_k"], spec["rerank_score"], timings=timings,
@@ -368,16 +387,22 @@ def run_ablation(args, argv=None):
                 records["valid_curve"] = valid_curve(log_text)
             if getattr(args, "minimal_pairs", True) and not spec["rerank_k"]:  # re-ranking leaves S_cls and so these unchanged
                 mp_json = os.path.join(save_dir, "minimal_pairs_score.json")
+                mp_record = None
                 if os.path.isfile(mp_json):
                     with open(mp_json) as f:
                         mp_record = json.load(f)
-                else:
+                elif not report_only:
                     mp_record = minimal_pairs_stage(inputs["work"], os.path.join(save_dir, "checkpoint_best.pt"), timings)
-                records["minimal_pairs"] = minimal_pairs_summary(mp_record)
+                if mp_record is not None:
+                    records["minimal_pairs"] = minimal_pairs_summary(mp_record)
             runs.setdefault(row, {})[seed] = records
 
+    if not runs:
+        raise SystemExit(f"no finished run under {os.path.join(out_dir, tag_updates)} for rows {rows} and seeds "
+                         f"{args.seeds} (--report-only trains nothing)")
+    rows = [row for row in rows if row in runs]
     table = aggregate(runs)
-    first = next(iter(runs.values()))[args.seeds[0]]["test"]
+    first = next(iter(next(iter(runs.values())).values()))["test"]
     counts, chance = first["counts"], first["chance"]
     header = (f"Ablation on the generated corpus ({inputs['work']}): test split {counts['num_utterances']} utterances x "
               f"{counts['num_images']} images; checkpoints chosen on valid mean R@1; seeds {args.seeds}; "
@@ -386,6 +411,8 @@ def run_ablation(args, argv=None):
     print(header)
     print(format_table(table))
     print(f"chance: mean R@1 {chance['mean_r1']:.1f}, R@10 {chance['mean_r10']:.1f}")
+    if missing:
+        print(f"not finished yet (left out): {', '.join(missing)}")
     attention_rows = [(row, st) for row, st in table.items() if "attn_entropy" in st]
     if attention_rows:
         print("fusion attention on valid at the selected checkpoint (uniform: entropy 1, max 1/N, cos 1):")
@@ -421,6 +448,7 @@ def run_ablation(args, argv=None):
                  for row in rows},
         "chance": chance,
         "counts": counts,
+        "missing": missing,
     }
     stem = os.path.join(out_dir, f"{args.name}_{tag_updates}")
     write_json(record, stem + ".json")
@@ -432,5 +460,6 @@ def run_ablation(args, argv=None):
     if plot_curves(curves, stem + "_curves.png", header[:60] + "…"):
         plot += f", {stem}_curves.png"
     print(f"record: {stem}.json; plot: {plot}")
-    print(f"{trained} runs trained, {len(rows) * len(args.seeds) - trained - rescored} reused"
-          + (f", {rescored} re-scored" if rescored else "") + f"; {time.time() - t0:.0f}s")
+    print(f"{trained} runs trained, {len(specs) * len(args.seeds) - trained - rescored - len(missing)} reused"
+          + (f", {rescored} re-scored" if rescored else "") + (f", {len(missing)} not finished" if missing else "")
+          + f"; {time.time() - t0:.0f}s")

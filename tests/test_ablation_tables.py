@@ -108,3 +108,18 @@ def test_minimal_pairs_summary_and_its_table():
     head = text.splitlines()[0]
     assert head.index("colour") < head.index("mean") < head.index("group_r1")
     assert "75.0±7.1" in text and "80.0±0.0" in text
+
+
+def test_a_run_counts_as_finished_only_with_every_record_its_row_reads(tmp_path):
+    from cmd_demo.ablation import row_spec, run_finished
+
+    for name in ("recall_valid.json", "recall_test.json"):
+        assert not run_finished(str(tmp_path), row_spec("c2f"))
+        (tmp_path / name).write_text("{}")
+    assert run_finished(str(tmp_path), row_spec("c2f"))
+    # the re-ranked row of the same run also needs its re-scored records, per score
+    assert not run_finished(str(tmp_path), row_spec("c2f-rerank10-simsic"))
+    for split in ("valid", "test"):
+        (tmp_path / f"recall_{split}_rerank10_simsic.json").write_text("{}")
+    assert run_finished(str(tmp_path), row_spec("c2f-rerank10-simsic"))
+    assert not run_finished(str(tmp_path), row_spec("c2f-rerank10"))

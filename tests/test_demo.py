@@ -158,6 +158,12 @@ def test_ablation_harness_trains_rows_by_seeds_then_resumes_without_retraining(d
 
     again = _ablation(work, "--rows", "sic", "cmd-cosine", "--seeds", "1", "2")
     assert again.returncode == 0 and "0 runs trained, 4 reused" in again.stdout
+    # a sweep in progress: the table of what finished, the rest listed, nothing trained
+    partial = _ablation(work, "--rows", "sic", "cmd-cosine", "--seeds", "1", "2", "3", "--report-only")
+    assert partial.returncode == 0, partial.stderr[-3000:]
+    assert "not finished yet (left out): sic seed 3, cmd-cosine seed 3" in partial.stdout
+    assert "0 runs trained, 4 reused, 2 not finished" in partial.stdout
+    assert not (out_dir / "u4" / "sic" / "seed3").exists()
 
 
 def test_ablation_rejects_an_unknown_row_before_any_work(tmp_path):

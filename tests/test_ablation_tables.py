@@ -123,3 +123,25 @@ def test_a_run_counts_as_finished_only_with_every_record_its_row_reads(tmp_path)
         (tmp_path / f"recall_{split}_rerank10_simsic.json").write_text("{}")
     assert run_finished(str(tmp_path), row_spec("c2f-rerank10-simsic"))
     assert not run_finished(str(tmp_path), row_spec("c2f-rerank10"))
+
+
+def test_plot_valid_curves_reads_harness_records_and_refuses_a_wrong_row(tmp_path, capsys):
+    import importlib.util
+    import json
+    import os
+
+    pytest.importorskip("matplotlib")
+    spec = importlib.util.spec_from_file_location(
+        "plot_valid_curves", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "plot_valid_curves.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    record = {"rows": {"sic": {"per_seed": {"1": {"valid_curve": [[10, 50.0], [20, 60.0]]},
+                                            "2": {"valid_curve": [[10, 54.0], [20, 62.0]]}}}}}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(record))
+    out = tmp_path / "c.png"
+    assert module.main(["--out", str(out), f"SIC long={path}:sic"]) == 0
+    assert "SIC long: 10 52.0±2.8, 20 61.0±1.4" in capsys.readouterr().out
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit, match="no row 'cmd'"):
+        module.main(["--out", str(out), f"x={path}:cmd"])

@@ -29,7 +29,7 @@ from .files import atomic_write, atomic_write_json
 from .inference import ImageBatches
 from .loading import autocast, resolve_device, why_no_matching_head
 from .objectives.c2f.multimodal import image_tokens
-from .objectives.c2f.rerank import SequencePairScorer, rerank, reranked_recall, sim_split_auc
+from .objectives.c2f.rerank import SequencePairScorer, rerank, reranked_recall, sim_split_auc, top1_changes
 from .recall import chance_recall, retrieval_recall
 
 logger = logging.getLogger(__name__)
@@ -201,7 +201,8 @@ def rerank_split(model, emb: SplitEmbeddings, k: int, score: str = "sim", device
     (:func:`cmd_plugin.objectives.c2f.rerank.rerank`): ``score`` "sim" ranks by the match logit alone (ALBEF),
     "sim+sic" by match logit + SIC cosine (BLIP). Needs ``encode_split(..., keep_sequences=True)``.
     Returns :func:`cmd_plugin.objectives.c2f.rerank.reranked_recall`'s dict plus ``num_pairs`` (distinct pairs
-    scored) and ``seconds`` (wall time of the re-ranking)."""
+    scored), ``top1_changes`` (:func:`cmd_plugin.objectives.c2f.rerank.top1_changes`) and ``seconds`` (wall
+    time of the re-ranking)."""
     if score not in RERANK_SCORES:
         raise EvaluationError(f"--rerank-score must be one of {RERANK_SCORES}, got {score!r}")
     if emb.speech_sequences is None or emb.image_tokens is None:
@@ -215,6 +216,7 @@ def rerank_split(model, emb: SplitEmbeddings, k: int, score: str = "sim", device
     result = rerank(emb.speech.float(), emb.images.float(), scorer, k, add_sic=score == "sim+sic",
                     pair_batch=pair_batch, chunk_size=chunk_size)
     recall = reranked_recall(result, emb.image_ids, ks=ks)
+    recall["top1_changes"] = top1_changes(result, emb.image_ids)
     recall["seconds"] = time.perf_counter() - start
     recall["num_pairs"] = result.num_pairs
     recall["score"] = score

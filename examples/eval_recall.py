@@ -177,10 +177,15 @@ def run(args) -> dict:
     if reranked is not None:
         print(f"; re-ranking {reranked['seconds']:.2f} s more ({reranked['num_pairs']} pairs, "
               f"{1000 * reranked['seconds'] / queries:.1f} ms per query)")
+        ch = reranked["top1_changes"]
+        print(f"first answer after re-ranking: speech->image {ch['s2i_fixed']} fixed, {ch['s2i_broken']} broken; "
+              f"image->speech {ch['i2s_fixed']} fixed, {ch['i2s_broken']} broken (right before and after: "
+              f"{ch['s2i_kept_right']} / {ch['i2s_kept_right']})")
         if auc is not None:  # what the matching head can tell apart, on the split that selects the score
             print(f"matching head on the {auc['split']} split ({auc['pairs']} utterances): AUC of the positive "
                   f"pair against the hardest SIC negative {auc['auc_hard']:.3f}, against a random image "
-                  f"{auc['auc_random']:.3f} (0.5 = chance)")
+                  f"{auc['auc_random']:.3f}; SIC cosine on the same pairs {auc['sic_auc_hard']:.3f} / "
+                  f"{auc['sic_auc_random']:.3f} (0.5 = chance)")
         else:
             print("matching head AUC: no valid split next to the scored one")
     else:
@@ -199,6 +204,7 @@ def run(args) -> dict:
             "seconds": float(reranked["seconds"]),
             "recall": {k: float(v) for k, v in reranked.items() if "_r" in k and "hits" not in k and k != "rerank_k"},
             "hits": {k: int(v) for k, v in reranked.items() if "hits" in k},
+            "top1_changes": reranked["top1_changes"],
             "sim_auc": auc,
         }
     if args.output_json:

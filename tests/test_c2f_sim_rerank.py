@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from cmd_plugin.objectives.c2f.multimodal import MatchingHead, MultimodalEncoder, image_tokens, match_score
 from cmd_plugin.recall import retrieval_recall
-from cmd_plugin.objectives.c2f.rerank import rerank, reranked_recall, sic_topk
+from cmd_plugin.objectives.c2f.rerank import rerank, reranked_recall, sic_topk, sim_split_auc, top1_changes
 
 D, E, N = 16, 12, 5  # speech width, joint (image) width, patches
 
@@ -309,3 +309,31 @@ def test_speech_summary_ignores_padding_and_scores_pairs_as_per_pair_summaries_w
         once = head(enc.fused_cls(short.expand(3, -1, -1), None, images))
         per_pair = torch.cat([head(enc.fused_cls(enc.summary(seq, None)[0], None, images[i:i + 1])) for i in range(3)])
     assert torch.allclose(once, per_pair, atol=1e-5)
+
+
+def test_top1_changes_account_for_the_change_in_r1_and_vanish_when_sic_rescores_itself():
+    speech_emb, image_emb, image_ids, sim = _retrieval_set()
+    result = rerank(speech_emb, image_emb, _Scorer(sim), 5)
+    ch = top1_changes(result, image_ids)
+    plain = retrieval_recall(speech_emb, image_emb, image_ids, ks=(1,))
+    got = reranked_recall(result, image_ids, (1,))
+    for d in ("s2i", "i2s"):  # random SIM scores: no ties, so first answers and R@1 hits agree
+        assert ch[f"{d}_kept_right"] + ch[f"{d}_broken"] == plain[f"{d}_hits_r1"]
+        assert ch[f"{d}_kept_right"] + ch[f"{d}_fixed"] == got[f"{d}_hits_r1"]
+    assert ch["s2i_fixed"] + ch["s2i_broken"] > 0  # random scores do move first answers
+    assert sum(ch[f"s2i_{k}"] for k in ("fixed", "broken", "kept_right", "kept_wrong")) == len(image_ids)
+    same = top1_changes(rerank(speech_emb, image_emb, _Scorer(speech_emb @ image_emb.T), 5), image_ids)
+    assert same["s2i_fixed"] == same["s2i_broken"] == same["i2s_fixed"] == same["i2s_broken"] == 0
+
+
+def test_split_auc_of_the_head_and_of_sic_on_the_same_pairs():
+    speech_emb, image_emb, image_ids, _ = _retrieval_set(seed=2)
+    sic = speech_emb @ image_emb.T
+    # the SIC cosine as the "head": both AUCs are the same numbers
+    out = sim_split_auc(speech_emb, image_emb, image_ids, _Scorer(sic), torch.Generator().manual_seed(0))
+    assert out["auc_hard"] == pytest.approx(out["sic_auc_hard"]) and out["auc_random"] == pytest.approx(out["sic_auc_random"])
+    assert out["sic_auc_hard"] < out["sic_auc_random"] < 1.0  # hardest negatives are harder than random ones
+    # a head that knows every pair: AUC 1 against either kind, whatever SIC says
+    oracle = (image_ids[:, None] == torch.arange(NUM_IMAGES)[None, :]).float()
+    out = sim_split_auc(speech_emb, image_emb, image_ids, _Scorer(oracle), torch.Generator().manual_seed(0))
+    assert out["auc_hard"] == out["auc_random"] == 1.0 and out["sic_auc_hard"] < 1.0

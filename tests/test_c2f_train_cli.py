@@ -141,6 +141,13 @@ def test_rerank_cli_with_k_covering_everything_equals_full_sim_scoring(corpus, c
     expected_auc = float((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.numel()
     assert auc["split"] == "valid" and auc["pairs"] == ns and auc["auc_hard"] == pytest.approx(expected_auc, abs=1e-6)
     assert 0.0 <= auc["auc_random"] <= 1.0
+    # the SIC cosine on the same pairs, and what re-ranking did to each query's first answer
+    sic_pos, sic_neg = (emb.speech @ emb.images.T)[rows, emb.image_ids], sims.max(dim=1).values
+    diff = sic_pos[:, None] - sic_neg[None, :]
+    assert auc["sic_auc_hard"] == pytest.approx(float((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.numel(), abs=1e-6)
+    changes = record["rerank"]["top1_changes"]
+    assert changes["s2i_kept_right"] + changes["s2i_broken"] == record["hits"]["s2i_hits_r1"]
+    assert re.search(r"first answer after re-ranking: speech->image \d+ fixed, \d+ broken", proc.stdout)
 
 
 def test_two_stage_recipe_starts_c2f_from_a_sic_checkpoint(tiny_encoders, corpus, tmp_path):

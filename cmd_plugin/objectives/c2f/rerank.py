@@ -23,7 +23,8 @@ from ...recall import check_ks
 from .losses import ranking_pairs
 from .multimodal import match_score
 
-__all__ = ["RerankResult", "SequencePairScorer", "sic_topk", "rerank", "reranked_recall", "sim_split_auc"]
+__all__ = ["RerankResult", "SequencePairScorer", "sic_topk", "rerank", "reranked_recall", "top1_changes",
+           "sim_split_auc"]
 
 # (speech_index (P,), image_index (P,)) int64 on the CPU -> (P,) scores
 PairScorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -204,6 +205,28 @@ def reranked_recall(result: RerankResult, image_ids: torch.Tensor, ks: Sequence[
     return out
 
 
+def top1_changes(result: RerankResult, image_ids: torch.Tensor) -> Dict[str, int]:
+    """What re-ranking did to each query's first answer, per direction: ``fixed`` (SIC's first
+    candidate wrong, the re-ranked first right), ``broken`` (the reverse), ``kept_right`` and
+    ``kept_wrong``. "First" is the first column of the SIC candidate list and the candidate with the
+    highest re-ranking score (the first such column on a tie); right = the utterance's image, or one
+    of the image's captions."""
+    image_ids = image_ids.detach().cpu().long()
+    right = {
+        "s2i": (result.s2i_index == image_ids[:, None], result.s2i_scores),
+        "i2s": (image_ids[result.i2s_index] == torch.arange(result.i2s_index.size(0))[:, None], result.i2s_scores),
+    }
+    out = {}
+    for direction, (is_right, scores) in right.items():
+        sic_first = is_right[:, 0]
+        reranked_first = is_right.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)
+        out[f"{direction}_fixed"] = int((~sic_first & reranked_first).sum())
+        out[f"{direction}_broken"] = int((sic_first & ~reranked_first).sum())
+        out[f"{direction}_kept_right"] = int((sic_first & reranked_first).sum())
+        out[f"{direction}_kept_wrong"] = int((~sic_first & ~reranked_first).sum())
+    return out
+
+
 @torch.no_grad()
 def sim_split_auc(speech_emb: torch.Tensor, image_emb: torch.Tensor, image_ids: torch.Tensor, pair_score: PairScorer,
                   generator: torch.Generator, pair_batch: int = 256) -> Dict[str, float]:
@@ -212,13 +235,15 @@ def sim_split_auc(speech_emb: torch.Tensor, image_emb: torch.Tensor, image_ids: 
     SIC-similar other image) and against N random negatives (a uniformly drawn other image).
 
     speech_emb (N, D), image_emb (I, D) unit norm; image_ids (N,) image row of each utterance; I >= 2.
-    Returns {"auc_hard", "auc_random", "pairs": N}."""
+    Returns {"auc_hard", "auc_random", "pairs": N, "sic_auc_hard", "sic_auc_random"}: the last two
+    rank the same pairs by the SIC cosine (what re-ranking by the head alone replaces)."""
     num, num_images = speech_emb.size(0), image_emb.size(0)
     if num_images < 2:
         raise ValueError("SIM AUC needs at least two images (a negative for every utterance)")
     image_ids = image_ids.long().cpu()
     rows = torch.arange(num)
     sims = (speech_emb.float() @ image_emb.float().t()).cpu()
+    positive_sims = sims[rows, image_ids].clone()
     sims[rows, image_ids] = float("-inf")
     hard = sims.argmax(dim=1)
     offset = torch.randint(1, num_images, (num,), generator=generator)
@@ -231,6 +256,9 @@ def sim_split_auc(speech_emb: torch.Tensor, image_emb: torch.Tensor, image_ids: 
     out = {"pairs": num}
     for name, negatives in (("auc_hard", neg_hard), ("auc_random", neg_random)):
         above, compared = ranking_pairs(pos, negatives)
+        out[name] = above / compared
+    for name, negatives in (("sic_auc_hard", sims[rows, hard]), ("sic_auc_random", sims[rows, random])):
+        above, compared = ranking_pairs(positive_sims, negatives)
         out[name] = above / compared
     return out
 

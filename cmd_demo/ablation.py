@@ -17,6 +17,7 @@ import re
 import statistics
 import sys
 import time
+from typing import Optional
 
 from cmd_demo.demo import EXAMPLES, build_inputs, minimal_pairs_stage, run, train_and_score
 from cmd_demo.stats import paired_difference
@@ -248,16 +249,26 @@ def paired_vs(runs, base: str = "sic", key: str = "mean_r1", split: str = "test"
             for row, by_seed in runs.items() if row != base}
 
 
-def format_paired(paired, base: str = "sic") -> str:
+def parse_comparison(text: str, rows):
+    """``ROW:BASE`` (both among ``rows``) -> (ROW, BASE): a paired difference to report besides those against sic."""
+    row, sep, base = text.partition(":")
+    if not sep or row not in rows or base not in rows or row == base:
+        raise ValueError(f"--compare {text!r}: expected ROW:BASE with two different rows of --rows {rows}")
+    return row, base
+
+
+def format_paired(paired, base: Optional[str] = "sic") -> str:
+    """One line per difference; ``base`` None: the keys already read 'ROW - BASE'."""
     lines = []
     for row, d in paired.items():
+        name = row if base is None else f"{row} - {base}"
         if d["low"] is None:
-            lines.append(f"  {row} - {base}: {d['mean']:+.2f} ({d['n']} seed: no interval)")
+            lines.append(f"  {name}: {d['mean']:+.2f} ({d['n']} seed: no interval)")
             continue
         verdict = "excludes 0" if d["resolved"] else (
             f"straddles 0; ~{d['seeds_needed']} seeds would resolve it at this spread" if d["seeds_needed"]
             else "straddles 0")
-        lines.append(f"  {row} - {base}: {d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] "
+        lines.append(f"  {name}: {d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] "
                      f"(95 %, {d['n']} paired seeds, sd {d['sd']:.2f}; {verdict})")
     return "\n".join(lines)
 
@@ -335,6 +346,7 @@ def run_ablation(args, argv=None):
     and .png. ``argv`` (default: ``sys.argv[1:]``) goes into the record's ``command``."""
     rows = list(dict.fromkeys(args.rows))
     specs = {row: row_spec(row) for row in rows}  # bad row names fail before any work
+    comparisons = [parse_comparison(c, rows) for c in (getattr(args, "compare", None) or [])]
     overrides = {row: spec["overrides"] for row, spec in specs.items()}
 
     timings = {}
@@ -432,8 +444,19 @@ def run_ablation(args, argv=None):
     if paired:
         print("paired differences of test mean R@1 against sic (same seeds):")
         print(format_paired(paired))
+        print("the same on valid (the selection split):")
+        print(format_paired(paired_vs(runs, split="valid")))
+    extra = {}
+    for row, base in comparisons:
+        if row in runs and base in runs and set(runs[row]) & set(runs[base]):
+            extra[f"{row} - {base}"] = paired_vs({base: runs[base], row: runs[row]}, base=base)[row]
+    if extra:
+        print("other paired differences of test mean R@1 (same seeds):")
+        print(format_paired(extra, base=None))
     record = {
         "paired_vs_sic": paired,
+        "paired_vs_sic_valid": paired_vs(runs, split="valid") if paired else {},
+        "paired_other": extra,
         "command": " ".join([os.path.basename(sys.executable), "examples/ablation.py"] + list(argv or sys.argv[1:])),
         "header": header,
         "rows": {row: {"overrides": overrides[row],

@@ -41,6 +41,8 @@ def main(argv=None):
                              "(several tables can share the runs of one out dir)")
     parser.add_argument("--no-minimal-pairs", dest="minimal_pairs", action="store_false",
                         help="skip scoring each run's checkpoint on the minimal-pairs set (about 10 s a run)")
+    parser.add_argument("--compare", nargs="*", default=[], metavar="ROW:BASE",
+                        help="paired differences to report besides each row against sic, e.g. cmd-qkv:cmd-uniform")
     parser.add_argument("--report-only", action="store_true",
                         help="train and score nothing: the table of the runs that have finished (a sweep in progress)")
     args = parser.parse_args(argv)

@@ -145,3 +145,17 @@ def test_plot_valid_curves_reads_harness_records_and_refuses_a_wrong_row(tmp_pat
     assert out.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(SystemExit, match="no row 'cmd'"):
         module.main(["--out", str(out), f"x={path}:cmd"])
+
+
+def test_other_paired_comparisons_name_two_rows_of_the_sweep():
+    from cmd_demo.ablation import format_paired, parse_comparison
+    from cmd_demo.stats import paired_difference
+
+    rows = ["sic", "cmd-qkv", "cmd-uniform"]
+    assert parse_comparison("cmd-qkv:cmd-uniform", rows) == ("cmd-qkv", "cmd-uniform")
+    for bad in ("cmd-qkv", "cmd-qkv:c2f", "sic:sic", "cmd-qkv-cmd-uniform"):
+        with pytest.raises(ValueError, match="ROW:BASE"):
+            parse_comparison(bad, rows)
+    d = paired_difference({1: 12.0, 2: 14.0, 3: 13.0}, {1: 10.0, 2: 11.0, 3: 11.5})
+    line = format_paired({"cmd-qkv - cmd-uniform": d}, base=None)
+    assert line.startswith("  cmd-qkv - cmd-uniform: +2.17 [") and "3 paired seeds" in line

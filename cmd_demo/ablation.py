@@ -36,6 +36,10 @@ C2F_PART_ROWS = {
     "sic-distill": ["method=sic", "model.c2f_momentum=true", "criterion.distill_alpha=0.4"],
     "sic-sim": ["method=sic", "model.multimodal_layers=2", "criterion.sim_weight=1.0"],
 }
+# C2F with the paper's SIM input (every speech frame, every patch) instead of the tiny config's cheaper one
+C2F_VARIANT_ROWS = {
+    "c2f-every-frame": ["method=c2f", "model.multimodal_speech_tokens=0", "model.multimodal_patch_pool=1"],
+}
 
 
 def row_spec(row: str):
@@ -59,8 +63,8 @@ def row_overrides(row: str):
     """A row name -> (fairseq-hydra-train overrides, alpha, fusion variant or None)."""
     if row == "sic":
         return ["method=sic"], 0.0, None
-    if row in C2F_PART_ROWS:
-        return list(C2F_PART_ROWS[row]), 0.0, None
+    if row in C2F_PART_ROWS or row in C2F_VARIANT_ROWS:
+        return list({**C2F_PART_ROWS, **C2F_VARIANT_ROWS}[row]), 0.0, None
     if C2F_PATTERN.match(row):
         spec = row_spec(row)
         return spec["overrides"], spec["alpha"], spec["variant"]
@@ -68,7 +72,8 @@ def row_overrides(row: str):
     if not match or match["variant"] not in FUSION_ATTENTION_CHOICES:
         raise ValueError(f"unknown row {row!r}: expected 'sic', 'cmd-VARIANT[-aALPHA]' with VARIANT in "
                          f"{FUSION_ATTENTION_CHOICES} (e.g. cmd-cosine-a0.5), 'c2f', 'c2f-cmd', "
-                         f"'c2f[-cmd]-rerankK[-simsic]' (e.g. c2f-rerank10) or one C2F part on SIC {sorted(C2F_PART_ROWS)}")
+                         f"'c2f[-cmd]-rerankK[-simsic]' (e.g. c2f-rerank10), one C2F part on SIC {sorted(C2F_PART_ROWS)} "
+                         f"or {sorted(C2F_VARIANT_ROWS)}")
     alpha = float(match["alpha"]) if match["alpha"] else 1.0
     if alpha <= 0:
         raise ValueError(f"row {row!r}: alpha must be positive (use 'sic' for alpha = 0)")

@@ -73,6 +73,9 @@ def test_each_coarse_to_fine_part_alone_is_a_row_on_sic():
         assert row_overrides(row)[0][0] == "method=sic" and len(row_overrides(row)[0]) >= 2
     with pytest.raises(ValueError, match="sic-queue"):
         row_overrides("sic-momentum")
+    # the paper's SIM input (every frame and patch) against the tiny config's summary tokens and pooling
+    assert row_overrides("c2f-every-frame")[0] == ["method=c2f", "model.multimodal_speech_tokens=0",
+                                                   "model.multimodal_patch_pool=1"]
 
 
 def test_valid_curve_reads_every_validation_in_order():

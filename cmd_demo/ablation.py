@@ -3,7 +3,7 @@
 A row name maps to fairseq-hydra-train overrides (:func:`row_spec`, :func:`row_overrides`): ``sic``
 (alpha = 0), ``cmd-VARIANT[-aALPHA]`` (the fusion's ``model.fusion_attention`` and
 ``criterion.cmd_weight``), ``c2f`` / ``c2f-cmd`` (the tiny config's method groups) and
-``c2f[-cmd]-rerankK[-simsic]`` (the same checkpoint re-scored with eval_recall.py ``--rerank-k K``).
+``c2f[-cmd]-rerankK[-simsic|-simsiclogit]`` (the same checkpoint re-scored with eval_recall.py ``--rerank-k K``).
 :func:`run_ablation` trains and scores every (row, seed) with the demo's stages
 (:mod:`cmd_demo.demo`), reusing runs whose records exist; :func:`aggregate` gives mean and sample
 standard deviation over seeds, :func:`format_table` the printed table and :func:`plot_alpha` the
@@ -28,7 +28,8 @@ DEFAULT_ROWS = ["sic", "cmd-literal", "cmd-cosine", "cmd-qkv", "cmd-qkv-a0.25", 
 C2F_ROWS = ["sic", "cmd-qkv", "c2f", "c2f-cmd", "c2f-rerank10", "c2f-rerank50"]
 REPORTED = [f"{d}_r{k}" for d in ("s2i", "i2s", "mean") for k in (1, 5, 10)]
 ROW_PATTERN = re.compile(r"^cmd-(?P<variant>[a-z]+)(?:-a(?P<alpha>[0-9]*\.?[0-9]+))?$")
-C2F_PATTERN = re.compile(r"^(?P<base>c2f(?:-cmd)?)(?:-rerank(?P<k>[0-9]+)(?P<simsic>-simsic)?)?$")
+C2F_PATTERN = re.compile(r"^(?P<base>c2f(?:-cmd)?)(?:-rerank(?P<k>[0-9]+)(?P<score>-simsic|-simsiclogit)?)?$")
+RERANK_ROW_SCORES = {None: "sim", "-simsic": "sim+sic", "-simsiclogit": "sim+sic_logit"}  # row suffix -> score
 C2F_METHODS = {"c2f": ("method=c2f", 0.0), "c2f-cmd": ("method=c2f_cmd", 1.0)}
 # each coarse-to-fine part alone on SIC, with the tiny config's sizes and schedule (queue_start, SIM curriculum)
 C2F_PART_ROWS = {
@@ -53,7 +54,7 @@ def row_spec(row: str):
             raise ValueError(f"row {row!r}: re-ranking K must be >= 10 (R@10 is reported)")
         return {"overrides": [overrides], "alpha": alpha, "variant": None,
                 "base": match["base"] if k else None, "rerank_k": k,
-                "rerank_score": "sim+sic" if match["simsic"] else "sim"}
+                "rerank_score": RERANK_ROW_SCORES[match["score"]]}
     overrides, alpha, variant = row_overrides(row)
     return {"overrides": overrides, "alpha": alpha, "variant": variant, "base": None, "rerank_k": 0,
             "rerank_score": None}
@@ -72,7 +73,7 @@ def row_overrides(row: str):
     if not match or match["variant"] not in FUSION_ATTENTION_CHOICES:
         raise ValueError(f"unknown row {row!r}: expected 'sic', 'cmd-VARIANT[-aALPHA]' with VARIANT in "
                          f"{FUSION_ATTENTION_CHOICES} (e.g. cmd-cosine-a0.5), 'c2f', 'c2f-cmd', "
-                         f"'c2f[-cmd]-rerankK[-simsic]' (e.g. c2f-rerank10), one C2F part on SIC {sorted(C2F_PART_ROWS)} "
+                         f"'c2f[-cmd]-rerankK[-simsic|-simsiclogit]' (e.g. c2f-rerank10), one C2F part on SIC {sorted(C2F_PART_ROWS)} "
                          f"or {sorted(C2F_VARIANT_ROWS)}")
     alpha = float(match["alpha"]) if match["alpha"] else 1.0
     if alpha <= 0:
@@ -306,7 +307,7 @@ def plot_paired(paired, path, title, base: str = "sic"):
 
 def rerank_suffix(k: int, score: str) -> str:
     """The file-name part of a re-scored record: recall_<split>_<this>.json."""
-    return f"rerank{k}" + ("_simsic" if score == "sim+sic" else "")
+    return f"rerank{k}" + {"sim": "", "sim+sic": "_simsic", "sim+sic_logit": "_simsiclogit"}[score]
 
 
 def rescore(inputs, save_dir, k, score, splits=("valid", "test"), timings=None, tag=""):

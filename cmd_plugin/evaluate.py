@@ -29,7 +29,8 @@ from .files import atomic_write, atomic_write_json
 from .inference import ImageBatches
 from .loading import autocast, resolve_device, why_no_matching_head
 from .objectives.c2f.multimodal import image_tokens
-from .objectives.c2f.rerank import SequencePairScorer, rerank, reranked_recall, sim_split_auc, top1_changes
+from .objectives.c2f.rerank import (RERANK_SCORES, SequencePairScorer, rerank, reranked_recall, sic_weight,
+                                    sim_split_auc, top1_changes)
 from .recall import chance_recall, retrieval_recall
 
 logger = logging.getLogger(__name__)
@@ -184,9 +185,6 @@ def chance_for(results: Dict[str, Any], ks: Sequence[int] = RECALL_KS):
     return chance_recall(results["num_images"], captions, ks=ks), captions
 
 
-RERANK_SCORES = ("sim", "sim+sic")
-
-
 def check_rerank_model(model, checkpoint: str) -> None:
     """Refuse a model without the coarse-to-fine matching head, with what to do instead."""
     why = why_no_matching_head(model, checkpoint)
@@ -199,7 +197,7 @@ def rerank_split(model, emb: SplitEmbeddings, k: int, score: str = "sim", device
                  pair_batch: int = 256, ks: Sequence[int] = RECALL_KS, chunk_size: int = 4096) -> Dict[str, Any]:
     """Re-rank each query's SIC top-K with the matching head, both directions
     (:func:`cmd_plugin.objectives.c2f.rerank.rerank`): ``score`` "sim" ranks by the match logit alone (ALBEF),
-    "sim+sic" by match logit + SIC cosine (BLIP). Needs ``encode_split(..., keep_sequences=True)``.
+    "sim+sic" by match logit + SIC cosine (BLIP), "sim+sic_logit" by match logit + cosine / τ. Needs ``encode_split(..., keep_sequences=True)``.
     Returns :func:`cmd_plugin.objectives.c2f.rerank.reranked_recall`'s dict plus ``num_pairs`` (distinct pairs
     scored), ``top1_changes`` (:func:`cmd_plugin.objectives.c2f.rerank.top1_changes`) and ``seconds`` (wall
     time of the re-ranking)."""
@@ -213,7 +211,7 @@ def rerank_split(model, emb: SplitEmbeddings, k: int, score: str = "sim", device
     model = model.eval().to(dev)
     start = time.perf_counter()
     scorer = SequencePairScorer(model, emb.speech_sequences, emb.image_tokens, device=dev)
-    result = rerank(emb.speech.float(), emb.images.float(), scorer, k, add_sic=score == "sim+sic",
+    result = rerank(emb.speech.float(), emb.images.float(), scorer, k, sic_weight=sic_weight(score, float(model.logit_scale.exp())),
                     pair_batch=pair_batch, chunk_size=chunk_size)
     recall = reranked_recall(result, emb.image_ids, ks=ks)
     recall["top1_changes"] = top1_changes(result, emb.image_ids)

@@ -9,7 +9,7 @@ Both directions rank by the SIC cosine similarity of the joint-space embeddings;
 ``rerank_k = K > 0`` (a coarse-to-fine checkpoint loaded with its matching head:
 ``SpeechImageEncoder.from_checkpoint(..., keep_matching=True)``) the SIC top K are
 re-scored by the matching head (``rerank_score`` "sim": its match logit, ALBEF; "sim+sic": logit
-+ cosine, BLIP) and put first in that order, the rest following in SIC order, as
++ cosine, BLIP; "sim+sic_logit": logit + cosine / τ) and put first in that order, the rest following in SIC order, as
 :mod:`cmd_plugin.objectives.c2f.rerank` does for whole splits. Re-scoring needs what the indexes do not keep:
 the K images' patch tokens (the images are read and encoded again) or the K clips' speech
 sequences (the clips are read and encoded again). A clip longer than the model's limit is scored
@@ -34,11 +34,11 @@ import torch
 from .inference import IDENTITY_WORDS, InferenceError, check_audible, load_image
 from .loading import why_no_matching_head
 from .objectives.c2f.multimodal import image_tokens, match_score
+from .objectives.c2f.rerank import RERANK_SCORES, sic_weight
 from .search_index import SearchIndex, SearchIndexError, check_identity, import_faiss, load_approximate, search
 
 logger = logging.getLogger(__name__)
 
-RERANK_SCORES = ("sim", "sim+sic")
 DEFAULT_RERANK_K = 32  # a choice, when the checkpoint's config has no task.valid_rerank_k > 0
 
 
@@ -73,15 +73,14 @@ class Answer:
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
-def rerank_order(cosines: Sequence[float], match: Sequence[Optional[float]], k: int, score: str
-                 ) -> List[Tuple[int, float]]:
+def rerank_order(cosines: Sequence[float], match: Sequence[Optional[float]], k: int, score: str,
+                 logit_scale: float = 1.0) -> List[Tuple[int, float]]:
     """Positions of the candidates (SIC order) after re-ranking the first ``k`` -> [(position,
     score)]: the re-scored ones by decreasing score (ties keep SIC order), then those that could not
     be re-scored (``match`` None) and the candidates past K, in SIC order with their cosine."""
-    if score not in RERANK_SCORES:
-        raise ValueError(f"re-ranking score must be one of {RERANK_SCORES}, got {score!r}")
+    weight = sic_weight(score, logit_scale)  # refuses an unknown score
     k = min(k, len(cosines))
-    scored = [(i, match[i] + (cosines[i] if score == "sim+sic" else 0.0)) for i in range(k) if match[i] is not None]
+    scored = [(i, match[i] + weight * cosines[i]) for i in range(k) if match[i] is not None]
     scored.sort(key=lambda item: -item[1])  # stable: ties keep SIC order
     rest = [(i, cosines[i]) for i in range(k) if match[i] is None] + [(i, cosines[i]) for i in range(k, len(cosines))]
     return scored + rest
@@ -331,7 +330,8 @@ class SearchService:
         hits, rows = answer.extra["all_hits"], answer.extra["rows"]
         k = min(k, len(hits))
         match = list(match_of(rows[:k])) + [None] * (len(hits) - k)
-        order = rerank_order([h.cosine for h in hits], match, k, score)
+        order = rerank_order([h.cosine for h in hits], match, k, score,
+                             logit_scale=float(self.encoder.model.logit_scale.exp()))
         reranked = []
         for rank, (position, value) in enumerate(order, start=1):
             h = hits[position]

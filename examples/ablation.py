@@ -17,9 +17,10 @@ fusion encoder's ``model.fusion_attention`` choices and ALPHA = criterion.cmd_we
 ``cmd-qkv`` (the config's fusion, α = 1) is the SIC + CMD system.
 
 Coarse-to-fine rows (the second paper; config group ``cmd_plugin/config/method/``): ``c2f`` (method=c2f)
-and ``c2f-cmd`` (method=c2f_cmd); ``c2f[-cmd]-rerankK[-simsic]`` re-scores the checkpoint of the
+and ``c2f-cmd`` (method=c2f_cmd); ``c2f[-cmd]-rerankK[-simsic|-simsiclogit]`` re-scores the checkpoint of the
 ``c2f[-cmd]`` run of the same seed (trained if missing, never retrained) with eval_recall.py
-``--rerank-k K`` (score: the match logit, or with ``-simsic`` match logit + SIC cosine).
+``--rerank-k K`` (score: the match logit; with ``-simsic`` match logit + SIC cosine; with
+``-simsiclogit`` match logit + SIC logit, cosine / τ).
 
     python examples/ablation.py --rows sic cmd-qkv c2f c2f-cmd c2f-rerank10 c2f-rerank50 --seeds 1 2 3 --name ablation_c2f
 """

@@ -20,7 +20,8 @@ upstreams' files when they moved since training. --save-embeddings keeps the emb
 
 Coarse-to-fine checkpoints (method=c2f / c2f_cmd) can also be re-ranked: --rerank-k K re-scores each
 query's SIC top-K with the matching head in both directions (--rerank-score sim: the match logit
-alone, as ALBEF; sim+sic: match logit + SIC cosine, as BLIP) and prints the SIC row, the re-ranked
+alone, as ALBEF; sim+sic: match logit + SIC cosine, as BLIP; sim+sic_logit: match logit + SIC logit,
+cosine / τ; it also prints how many first answers re-ranking fixed and broke) and prints the SIC row, the re-ranked
 row and the time each took:
 
     python examples/eval_recall.py --checkpoint ckpt/checkpoint_best.pt --data manifests/flickr8k \

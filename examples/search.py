@@ -71,12 +71,12 @@ from cmd_plugin.search_index import (  # noqa: E402
     update_approximate,
 )
 from cmd_plugin.search_page import PageQuery, PageResult, render_page  # noqa: E402
+from cmd_plugin.objectives.c2f.rerank import RERANK_SCORES  # noqa: E402
 from cmd_plugin.search_service import SearchService  # noqa: E402
 
 logger = logging.getLogger("search")
 DEFAULT_INDEX_NAME = ".cmd_plugin_search_index.pt"
 DEFAULT_AUDIO_INDEX_NAME = ".cmd_plugin_audio_index.pt"
-RERANK_SCORES = ("sim", "sim+sic")
 
 
 def _add_model_options(p):

@@ -57,6 +57,8 @@ def test_coarse_to_fine_rows_map_to_method_groups_and_reranking_reuses_the_train
     spec = row_spec("c2f-cmd-rerank10-simsic")
     assert (spec["base"], spec["rerank_k"], spec["rerank_score"]) == ("c2f-cmd", 10, "sim+sic")
     assert spec["overrides"] == ["method=c2f_cmd"]
+    spec = row_spec("c2f-rerank10-simsiclogit")
+    assert (spec["base"], spec["rerank_k"], spec["rerank_score"]) == ("c2f", 10, "sim+sic_logit")
     assert all(row_spec(row) for row in C2F_ROWS)
     for bad in ("sic-cmd", "c2f-rerank5", "c2f-rerank", "c2f-cmd-simsic", "c2f-a0.5", "sic-rerank10"):
         with pytest.raises(ValueError, match="row"):

@@ -118,14 +118,14 @@ class _Scorer:
         return self.table[speech_index, image_index]
 
 
-def _brute_force_recall(speech_emb, image_emb, image_ids, sim, k_candidates, add_sic, ks):
+def _brute_force_recall(speech_emb, image_emb, image_ids, sim, k_candidates, weight, ks):
     """Per query: sort by SIC, keep K, re-sort by the new score with ties AGAINST the right
     answer, and find the first right answer."""
     sic = speech_emb @ image_emb.T
     s2i_hits, i2s_hits = {k: 0 for k in ks}, {k: 0 for k in ks}
     for u in range(len(image_ids)):
         order = sorted(range(NUM_IMAGES), key=lambda j: -float(sic[u, j]))[:k_candidates]
-        score = {j: float(sim[u, j]) + (float(sic[u, j]) if add_sic else 0.0) for j in order}
+        score = {j: float(sim[u, j]) + weight * float(sic[u, j]) for j in order}
         ranked = sorted(order, key=lambda j: (-score[j], j == int(image_ids[u])))
         if int(image_ids[u]) in ranked:
             pos = ranked.index(int(image_ids[u]))
@@ -133,7 +133,7 @@ def _brute_force_recall(speech_emb, image_emb, image_ids, sim, k_candidates, add
                 s2i_hits[k] += pos < k
     for j in range(NUM_IMAGES):
         order = sorted(range(len(image_ids)), key=lambda u: -float(sic[u, j]))[:k_candidates]
-        score = {u: float(sim[u, j]) + (float(sic[u, j]) if add_sic else 0.0) for u in order}
+        score = {u: float(sim[u, j]) + weight * float(sic[u, j]) for u in order}
         ranked = sorted(order, key=lambda u: (-score[u], int(image_ids[u]) == j))
         firsts = [pos for pos, u in enumerate(ranked) if int(image_ids[u]) == j]
         if firsts:
@@ -143,16 +143,17 @@ def _brute_force_recall(speech_emb, image_emb, image_ids, sim, k_candidates, add
 
 
 @pytest.mark.parametrize(
-    "k, add_sic, ties", [(4, False, False), (7, False, False), (4, True, False), (7, True, False), (4, False, True), (7, False, True)]
+    "k, weight, ties", [(4, 0.0, False), (7, 0.0, False), (4, 1.0, False), (7, 1.0, False), (7, 14.3, False),
+                        (4, 0.0, True), (7, 0.0, True)]
 )
-def test_reranked_recall_matches_a_brute_force_reference(k, add_sic, ties):
+def test_reranked_recall_matches_a_brute_force_reference(k, weight, ties):
     speech_emb, image_emb, image_ids, sim = _retrieval_set()
     if ties:  # SIM scores in {0, 1, 2}: ties must never favour the right answer
         sim = (sim.abs() * 1.5).floor().clamp(max=2)
     ks = (1, 2, k)
-    result = rerank(speech_emb, image_emb, _Scorer(sim), k, add_sic=add_sic, pair_batch=5)
+    result = rerank(speech_emb, image_emb, _Scorer(sim), k, sic_weight=weight, pair_batch=5)
     got = reranked_recall(result, image_ids, ks)
-    s2i_hits, i2s_hits = _brute_force_recall(speech_emb, image_emb, image_ids, sim, k, add_sic, ks)
+    s2i_hits, i2s_hits = _brute_force_recall(speech_emb, image_emb, image_ids, sim, k, weight, ks)
     for kk in ks:
         assert got[f"s2i_hits_r{kk}"] == s2i_hits[kk], kk
         assert got[f"i2s_hits_r{kk}"] == i2s_hits[kk], kk
@@ -222,10 +223,10 @@ def test_sim_head_on_top_k_with_k_all_equals_full_sim_scoring():
         every_u = torch.arange(num_speech).repeat_interleave(NUM_IMAGES)
         every_j = torch.arange(NUM_IMAGES).repeat(num_speech)
         full = pair_score(every_u, every_j).view(num_speech, NUM_IMAGES)
-    for add_sic in (False, True):
-        result = rerank(speech_emb, image_emb, pair_score, num_speech, add_sic=add_sic, pair_batch=16)
+    for weight in (0.0, 1.0, 14.3):
+        result = rerank(speech_emb, image_emb, pair_score, num_speech, sic_weight=weight, pair_batch=16)
         s2i, i2s = result.dense()
-        expected = full + (speech_emb @ image_emb.T if add_sic else 0.0)
+        expected = full + weight * (speech_emb @ image_emb.T)
         torch.testing.assert_close(s2i, expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(i2s, expected.T, atol=1e-5, rtol=1e-5)
 
@@ -337,3 +338,11 @@ def test_split_auc_of_the_head_and_of_sic_on_the_same_pairs():
     oracle = (image_ids[:, None] == torch.arange(NUM_IMAGES)[None, :]).float()
     out = sim_split_auc(speech_emb, image_emb, image_ids, _Scorer(oracle), torch.Generator().manual_seed(0))
     assert out["auc_hard"] == out["auc_random"] == 1.0 and out["sic_auc_hard"] < 1.0
+
+
+def test_score_kinds_weigh_the_sic_cosine_by_nothing_one_or_the_inverse_temperature():
+    from cmd_plugin.objectives.c2f.rerank import RERANK_SCORES, sic_weight
+
+    assert [sic_weight(s, 20.0) for s in RERANK_SCORES] == [0.0, 1.0, 20.0]
+    with pytest.raises(ValueError, match="one of"):
+        sic_weight("sic")

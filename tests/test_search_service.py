@@ -100,6 +100,9 @@ def test_rerank_order_puts_the_rescored_top_k_first_and_keeps_the_rest_in_sic_or
     order = rerank_order(cos, match, 4, "sim+sic")
     assert [p for p, _ in order] == [1, 3, 0, 2, 4] and order[0][1] == pytest.approx(3.8)
     assert rerank_order(cos, [None] * 5, 2, "sim") == [(i, c) for i, c in enumerate(cos)]
+    # the SIC logit (cosine / τ) outweighs the head's preference for position 3 over position 0
+    order = rerank_order(cos, match, 4, "sim+sic_logit", logit_scale=10.0)
+    assert [p for p, _ in order] == [1, 0, 3, 2, 4] and order[1][1] == pytest.approx(1.0 + 9.0)
     with pytest.raises(ValueError, match="one of"):
         rerank_order(cos, match, 2, "logit")
 

@@ -47,7 +47,7 @@ from ..nonfinite import NonFiniteGuard, zero_loss
 from ..data.speech_image_dataset import PixelImages, SpeechImageDataset
 from ..objectives.c2f.queue import check_queue_size
 from ..recall import retrieval_recall
-from ..objectives.c2f.rerank import SequencePairScorer, rerank, reranked_recall
+from ..objectives.c2f.rerank import RERANK_SCORES, SequencePairScorer, rerank, reranked_recall, sic_weight
 from ..objectives.targets import split_code
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 RECALL_KS = (1, 5, 10)
 RECALL_KEYS = [f"{d}_r{k}" for d in ("s2i", "i2s", "mean") for k in RECALL_KS]
 RERANK_KEYS = ["rerank_" + key for key in RECALL_KEYS]
-RERANK_SCORE_CHOICES = ("sim", "sim+sic")
+RERANK_SCORE_CHOICES = RERANK_SCORES
 
 
 @dataclass
@@ -93,7 +93,8 @@ class SpeechImageConfig(FairseqDataclass):
     valid_rerank_score: ChoiceEnum(RERANK_SCORE_CHOICES) = field(
         default="sim+sic",
         metadata={"help": "re-ranking score: sim+sic = match logit + SIC cosine (BLIP; chosen on the demo's valid "
-                  "split), sim = the match logit alone (ALBEF)"},
+                  "split), sim = the match logit alone (ALBEF), sim+sic_logit = match logit + SIC logit (cosine / "
+                  "temperature)"},
     )
     check_files: bool = field(
         default=True,
@@ -339,7 +340,8 @@ class SpeechImageTask(FairseqTask):
             sequences = [store[i][3] for i in ids]
             tokens = torch.stack([store[ids[first[i]]][4] for i in unique_ids.tolist()])
             scorer = SequencePairScorer(self._valid_model, sequences, tokens)
-            ranked = rerank(speech, images, scorer, self.cfg.valid_rerank_k, add_sic=self.cfg.valid_rerank_score == "sim+sic")
+            weight = sic_weight(str(self.cfg.valid_rerank_score), float(self._valid_model.logit_scale.exp()))
+            ranked = rerank(speech, images, scorer, self.cfg.valid_rerank_k, sic_weight=weight)
             rr = reranked_recall(ranked, image_index, ks=RECALL_KS)
             self._valid_recall[split].update({"rerank_" + key: float(rr[key]) for key in RECALL_KEYS})
         logger.info(f"{split}: whole-split recall on {len(ids)} utterances x {len(unique_ids)} images: "

@@ -4,8 +4,11 @@ For every speech query the K images with the highest SIC similarity, and for eve
 the K utterances with the highest SIC similarity, are re-scored by a pairwise scoring callable
 (the multimodal encoder + matching head) and re-ordered by
 
-    score = SIM(u, j)                      (ALBEF: the match logit alone), or
-    score = SIM(u, j) + SIC(u, j)          (BLIP: match logit + cosine similarity; ``add_sic``)
+    score = SIM(u, j) + w * SIC(u, j),  SIM the match logit, SIC the cosine similarity, with
+    w = 0   "sim"            (ALBEF: the match logit alone),
+    w = 1   "sim+sic"        (BLIP: match logit + cosine), or
+    w = 1/τ "sim+sic_logit"  (match logit + SIC logit cos/τ with the model's temperature: both
+                              scores on the log-odds scale their losses trained them on; a choice)
 
 Candidates outside the top K stay below every re-ranked one, so R@k is defined for k <= K (in each
 direction on its own; any k where K lists every candidate).
@@ -23,11 +26,21 @@ from ...recall import check_ks
 from .losses import ranking_pairs
 from .multimodal import match_score
 
-__all__ = ["RerankResult", "SequencePairScorer", "sic_topk", "rerank", "reranked_recall", "top1_changes",
+__all__ = ["RERANK_SCORES", "sic_weight", "RerankResult", "SequencePairScorer", "sic_topk", "rerank", "reranked_recall", "top1_changes",
            "sim_split_auc"]
 
 # (speech_index (P,), image_index (P,)) int64 on the CPU -> (P,) scores
 PairScorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+RERANK_SCORES = ("sim", "sim+sic", "sim+sic_logit")
+
+
+def sic_weight(score: str, logit_scale: float = 1.0) -> float:
+    """w of ``score = SIM + w * SIC cosine`` for a re-ranking score kind (module docstring);
+    ``logit_scale`` = 1/τ of the model (``model.logit_scale.exp()``), used by "sim+sic_logit"."""
+    if score not in RERANK_SCORES:
+        raise ValueError(f"re-ranking score must be one of {RERANK_SCORES}, got {score!r}")
+    return {"sim": 0.0, "sim+sic": 1.0, "sim+sic_logit": float(logit_scale)}[score]
 
 
 @dataclass
@@ -98,7 +111,7 @@ def rerank(
     image_emb: torch.Tensor,
     pair_score: PairScorer,
     k: int,
-    add_sic: bool = False,
+    sic_weight: float = 0.0,
     pair_batch: int = 256,
     chunk_size: int = 4096,
 ) -> RerankResult:
@@ -113,7 +126,7 @@ def rerank(
             utterance then image (so the caller can reuse an utterance's sequence); each
             distinct pair is scored once even when both directions rank it.
         k: candidates per query (clipped to the number of candidates).
-        add_sic: False -> score = SIM alone (ALBEF); True -> SIM + SIC cosine (BLIP).
+        sic_weight: w of score = SIM + w * SIC cosine (:func:`sic_weight`; 0 = SIM alone, ALBEF).
         pair_batch: pairs per call of ``pair_score``.
     Returns:
         :class:`RerankResult`.
@@ -138,9 +151,9 @@ def rerank(
     split = s2i_keys.numel()
     s2i_scores = scores[inverse[:split]].view_as(s2i_index)
     i2s_scores = scores[inverse[split:]].view_as(i2s_index)
-    if add_sic:
-        s2i_scores = s2i_scores + s2i_sims
-        i2s_scores = i2s_scores + i2s_sims
+    if sic_weight:
+        s2i_scores = s2i_scores + sic_weight * s2i_sims
+        i2s_scores = i2s_scores + sic_weight * i2s_sims
     return RerankResult(s2i_index, s2i_scores, i2s_index, i2s_scores, int(keys.numel()))
 
 

@@ -431,12 +431,13 @@ def run_ablation(args, argv=None):
     print(f"chance: mean R@1 {chance['mean_r1']:.1f}, R@10 {chance['mean_r10']:.1f}")
     if missing:
         print(f"not finished yet (left out): {', '.join(missing)}")
-    attention_rows = [(row, st) for row, st in table.items() if "attn_entropy" in st]
+    # a re-ranked row has its base run's attention and SIM figures: shown once, with the base row
+    attention_rows = [(row, st) for row, st in table.items() if "attn_entropy" in st and not specs[row]["rerank_k"]]
     if attention_rows:
         print("fusion attention on valid at the selected checkpoint (uniform: entropy 1, max 1/N, cos 1):")
         for row, st in attention_rows:
             print(f"  {row}: " + ", ".join(f"{k} {st[k][0]:.3f}±{st[k][1]:.3f}" for k in ATTENTION_KEYS))
-    sim_rows = [(row, st) for row, st in table.items() if "sim_auc_hard" in st]
+    sim_rows = [(row, st) for row, st in table.items() if "sim_auc_hard" in st and not specs[row]["rerank_k"]]
     if sim_rows:
         print("matching head (SIM) on valid at the selected checkpoint (AUC of positives against the hardest "
               "SIC negative / a random image; loss against the prior's entropy):")

@@ -39,6 +39,7 @@ from .search_index import SearchIndex, SearchIndexError, check_identity, import_
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_RERANK_SCORE = "sim+sic_logit"  # the task's default, for a checkpoint whose config has none
 DEFAULT_RERANK_K = 32  # a choice, when the checkpoint's config has no task.valid_rerank_k > 0
 
 
@@ -121,9 +122,9 @@ class SearchService:
         self.match_batch = match_batch
         cfg = encoder.task.cfg
         self.default_rerank_k = int(getattr(cfg, "valid_rerank_k", 0) or 0) or DEFAULT_RERANK_K
-        self.default_rerank_score = str(getattr(cfg, "valid_rerank_score", "sim+sic") or "sim+sic")
+        self.default_rerank_score = str(getattr(cfg, "valid_rerank_score", None) or DEFAULT_RERANK_SCORE)
         if self.default_rerank_score not in RERANK_SCORES:
-            self.default_rerank_score = "sim+sic"
+            self.default_rerank_score = DEFAULT_RERANK_SCORE
 
     @property
     def has_matching_head(self) -> bool:

@@ -142,7 +142,7 @@ def run(args) -> dict:
         if args.rerank_k:
             check_rerank_model(model, checkpoint)
             if args.rerank_score is None:  # the score the checkpoint's run validated with
-                args.rerank_score = str(getattr(task.cfg, "valid_rerank_score", None) or "sim+sic")
+                args.rerank_score = str(getattr(task.cfg, "valid_rerank_score", None) or "sim+sic_logit")
         start = time.perf_counter()
         emb = encode_split(
             model, task, split, batch_size=args.batch_size, device=args.device, fp16=args.fp16,

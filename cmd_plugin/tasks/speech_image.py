@@ -91,10 +91,10 @@ class SpeechImageConfig(FairseqDataclass):
                           "(0 = off; >= 10)"},
     )
     valid_rerank_score: ChoiceEnum(RERANK_SCORE_CHOICES) = field(
-        default="sim+sic",
-        metadata={"help": "re-ranking score: sim+sic = match logit + SIC cosine (BLIP; chosen on the demo's valid "
-                  "split), sim = the match logit alone (ALBEF), sim+sic_logit = match logit + SIC logit (cosine / "
-                  "temperature)"},
+        default="sim+sic_logit",
+        metadata={"help": "re-ranking score: sim+sic_logit = match logit + SIC logit, cosine / temperature (chosen "
+                  "on the demo's valid split), sim+sic = match logit + SIC cosine (BLIP), sim = the match logit "
+                  "alone (ALBEF)"},
     )
     check_files: bool = field(
         default=True,

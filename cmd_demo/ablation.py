@@ -307,7 +307,8 @@ def plot_paired(paired, path, title, base: str = "sic"):
 
 def rerank_suffix(k: int, score: str) -> str:
     """The file-name part of a re-scored record: recall_<split>_<this>.json."""
-    return f"rerank{k}" + {"sim": "", "sim+sic": "_simsic", "sim+sic_logit": "_simsiclogit"}[score]
+    suffix = {v: k for k, v in RERANK_ROW_SCORES.items()}[score]  # the row's own spelling: -simsic -> _simsic
+    return f"rerank{k}" + ("_" + suffix[1:] if suffix else "")
 
 
 def rescore(inputs, save_dir, k, score, splits=("valid", "test"), timings=None, tag=""):

@@ -34,12 +34,11 @@ import torch
 from .inference import IDENTITY_WORDS, InferenceError, check_audible, load_image
 from .loading import why_no_matching_head
 from .objectives.c2f.multimodal import image_tokens, match_score
-from .objectives.c2f.rerank import RERANK_SCORES, sic_weight
+from .objectives.c2f.rerank import DEFAULT_RERANK_SCORE, RERANK_SCORES, sic_weight
 from .search_index import SearchIndex, SearchIndexError, check_identity, import_faiss, load_approximate, search
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_RERANK_SCORE = "sim+sic_logit"  # the task's default, for a checkpoint whose config has none
 DEFAULT_RERANK_K = 32  # a choice, when the checkpoint's config has no task.valid_rerank_k > 0
 
 

@@ -42,6 +42,7 @@ from cmd_plugin.data.manifest import check_split  # noqa: E402
 from cmd_plugin.evaluate import (  # noqa: E402
     RECALL_KS,
     RERANK_SCORES,
+    DEFAULT_RERANK_SCORE,
     TIE_RULE,
     EvaluationError,
     chance_for,
@@ -142,7 +143,7 @@ def run(args) -> dict:
         if args.rerank_k:
             check_rerank_model(model, checkpoint)
             if args.rerank_score is None:  # the score the checkpoint's run validated with
-                args.rerank_score = str(getattr(task.cfg, "valid_rerank_score", None) or "sim+sic_logit")
+                args.rerank_score = str(getattr(task.cfg, "valid_rerank_score", None) or DEFAULT_RERANK_SCORE)
         start = time.perf_counter()
         emb = encode_split(
             model, task, split, batch_size=args.batch_size, device=args.device, fp16=args.fp16,

@@ -47,7 +47,7 @@ from ..nonfinite import NonFiniteGuard, zero_loss
 from ..data.speech_image_dataset import PixelImages, SpeechImageDataset
 from ..objectives.c2f.queue import check_queue_size
 from ..recall import retrieval_recall
-from ..objectives.c2f.rerank import RERANK_SCORES, SequencePairScorer, rerank, reranked_recall, sic_weight
+from ..objectives.c2f.rerank import DEFAULT_RERANK_SCORE, RERANK_SCORES, SequencePairScorer, rerank, reranked_recall, sic_weight
 from ..objectives.targets import split_code
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class SpeechImageConfig(FairseqDataclass):
                           "(0 = off; >= 10)"},
     )
     valid_rerank_score: ChoiceEnum(RERANK_SCORE_CHOICES) = field(
-        default="sim+sic_logit",
+        default=DEFAULT_RERANK_SCORE,
         metadata={"help": "re-ranking score: sim+sic_logit = match logit + SIC logit, cosine / temperature (chosen "
                   "on the demo's valid split), sim+sic = match logit + SIC cosine (BLIP), sim = the match logit "
                   "alone (ALBEF)"},

@@ -116,6 +116,18 @@ def valid_curve(log_text: str):
     return curve
 
 
+def selection_summary(curve):
+    """A valid curve [(update, mean R@1)] -> {"best_update", "best_valid", "final_valid", "valid_drop"}:
+    where the selected checkpoint was (the last of equal bests, as fairseq keeps it) and how far valid
+    mean R@1 fell from it by the last validation (0 when the best is the last); {} for no curve."""
+    if not curve:
+        return {}
+    best_update, best_valid = max(reversed(curve), key=lambda point: point[1])
+    final_valid = curve[-1][1]
+    return {"best_update": best_update, "best_valid": best_valid, "final_valid": final_valid,
+            "valid_drop": best_valid - final_valid}
+
+
 def minimal_pairs_summary(record):
     """The figures of a score_minimal_pairs.py record the table keeps: pairwise accuracy per
     attribute, their mean, and the base image's R@1 in its group (all in %)."""
@@ -144,6 +156,10 @@ def aggregate(runs):
                 values = [by_seed[s].get(group, {}).get(key) for s in seeds]
                 if all(v is not None for v in values):
                     stats[key] = mean_sd(values)
+        selections = [selection_summary(by_seed[s].get("valid_curve", [])) for s in seeds]
+        if all(selections):  # where each seed's checkpoint was selected, and how valid ended
+            for key in ("best_update", "valid_drop"):
+                stats[key] = mean_sd([sel[key] for sel in selections])
         mp_keys = set.intersection(*(set(by_seed[s].get("minimal_pairs", {})) for s in seeds))
         for key in sorted(mp_keys):  # minimal pairs of the selected checkpoint (S_cls cosine)
             stats[key] = mean_sd([by_seed[s]["minimal_pairs"][key] for s in seeds])
@@ -444,6 +460,13 @@ def run_ablation(args, argv=None):
               "SIC negative / a random image; loss against the prior's entropy):")
         for row, st in sim_rows:
             print(f"  {row}: " + ", ".join(f"{k} {st[k][0]:.3f}±{st[k][1]:.3f}" for k in SIM_KEYS if k in st))
+    selection_rows = [(row, st) for row, st in table.items() if "best_update" in st and not specs[row]["rerank_k"]]
+    if selection_rows:
+        print(f"checkpoint selection on valid: the update of the selected checkpoint, and how far valid mean R@1 "
+              f"fell from it by the last validation:")
+        for row, st in selection_rows:
+            print(f"  {row}: selected at update {st['best_update'][0]:.0f}±{st['best_update'][1]:.0f}, "
+                  f"valid at the end {st['valid_drop'][0]:.1f}±{st['valid_drop'][1]:.1f} below its best")
     mp_rows = [(row, st) for row, st in table.items() if "mp_mean" in st]
     if mp_rows:
         print("minimal pairs (pairwise accuracy %, chance 50; group R@1 %, chance 14.3) at the selected checkpoint:")

@@ -97,6 +97,25 @@ def test_valid_curve_reads_every_validation_in_order():
     assert mean_curve([[(1, 2.0)], []]) == []
 
 
+def test_selection_summary_finds_the_selected_update_and_the_fall_after_it():
+    from cmd_demo.ablation import selection_summary
+
+    # a run that peaks mid-way and falls: the last of equal bests is the one fairseq keeps
+    curve = [(157, 50.0), (314, 70.0), (471, 68.0), (628, 70.0), (785, 66.5)]
+    assert selection_summary(curve) == {"best_update": 628, "best_valid": 70.0, "final_valid": 66.5,
+                                        "valid_drop": 3.5}
+    assert selection_summary([(157, 10.0), (314, 12.0)])["valid_drop"] == 0.0
+    assert selection_summary([]) == {}
+    # aggregated over seeds next to the recall, only when every seed has a curve
+    recall = {k: 1.0 for k in ("s2i_r1", "s2i_r5", "s2i_r10", "i2s_r1", "i2s_r5", "i2s_r10",
+                               "mean_r1", "mean_r5", "mean_r10")}
+    run = lambda c: {"test": {"recall": recall}, "valid": {"recall": recall}, "valid_curve": c}  # noqa: E731
+    table = aggregate({"cmd-qkv": {1: run(curve), 2: run([(157, 60.0), (314, 64.0)])}})
+    assert table["cmd-qkv"]["best_update"] == pytest.approx((471.0, 222.0306), rel=1e-5)
+    assert table["cmd-qkv"]["valid_drop"][0] == pytest.approx(1.75)
+    assert "best_update" not in aggregate({"sic": {1: run(curve), 2: run([])}})["sic"]
+
+
 def test_minimal_pairs_summary_and_its_table():
     from cmd_demo.ablation import format_minimal_pairs, minimal_pairs_summary
 

@@ -104,6 +104,26 @@ def best_valid_line(log_text: str):
     return best
 
 
+FINAL_TRAIN_KEYS = ("sic_loss", "cmd_loss")
+
+
+def last_train_line(log_text: str):
+    """The fields of the last end-of-epoch training line (fairseq's ``[train]`` epoch summary) of a
+    fairseq-hydra-train log, as floats; {} when there is none."""
+    last = {}
+    for line in log_text.splitlines():
+        if "][train][INFO] - epoch " not in line:
+            continue
+        last = {}
+        for part in line.split(" | ")[1:]:
+            key, _, value = part.strip().rpartition(" ")
+            try:
+                last[key] = float(value)
+            except ValueError:
+                pass
+    return last
+
+
 def valid_curve(log_text: str):
     """[(num_updates, valid mean R@1)] of every validation in a fairseq-hydra-train log, in order."""
     curve = []
@@ -160,6 +180,10 @@ def aggregate(runs):
         if all(selections):  # where each seed's checkpoint was selected, and how valid ended
             for key in ("best_update", "valid_drop"):
                 stats[key] = mean_sd([sel[key] for sel in selections])
+        for key in FINAL_TRAIN_KEYS:  # the training losses of the last epoch
+            values = [by_seed[s].get("final_train", {}).get(key) for s in seeds]
+            if all(v is not None for v in values):
+                stats[f"train_{key}"] = mean_sd(values)
         mp_keys = set.intersection(*(set(by_seed[s].get("minimal_pairs", {})) for s in seeds))
         for key in sorted(mp_keys):  # minimal pairs of the selected checkpoint (S_cls cosine)
             stats[key] = mean_sd([by_seed[s]["minimal_pairs"][key] for s in seeds])
@@ -420,6 +444,8 @@ def run_ablation(args, argv=None):
                 records["attention"] = {k: best[k] for k in ATTENTION_KEYS if k in best}
                 records["sim"] = {k: best[k] for k in SIM_KEYS if k in best}
                 records["valid_curve"] = valid_curve(log_text)
+                last = last_train_line(log_text)
+                records["final_train"] = {k: last[k] for k in FINAL_TRAIN_KEYS if k in last}
             if getattr(args, "minimal_pairs", True) and not spec["rerank_k"]:  # re-ranking leaves S_cls and so these unchanged
                 mp_json = os.path.join(save_dir, "minimal_pairs_score.json")
                 mp_record = None
@@ -466,7 +492,9 @@ def run_ablation(args, argv=None):
               f"fell from it by the last validation:")
         for row, st in selection_rows:
             print(f"  {row}: selected at update {st['best_update'][0]:.0f}±{st['best_update'][1]:.0f}, "
-                  f"valid at the end {st['valid_drop'][0]:.1f}±{st['valid_drop'][1]:.1f} below its best")
+                  f"valid at the end {st['valid_drop'][0]:.1f}±{st['valid_drop'][1]:.1f} below its best"
+                  + "".join(f"; last epoch's training {k} {st['train_' + k][0]:.3f}±{st['train_' + k][1]:.3f}"
+                            for k in FINAL_TRAIN_KEYS if "train_" + k in st))
     mp_rows = [(row, st) for row, st in table.items() if "mp_mean" in st]
     if mp_rows:
         print("minimal pairs (pairwise accuracy %, chance 50; group R@1 %, chance 14.3) at the selected checkpoint:")

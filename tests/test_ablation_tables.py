@@ -116,6 +116,19 @@ def test_selection_summary_finds_the_selected_update_and_the_fall_after_it():
     assert "best_update" not in aggregate({"sic": {1: run(curve), 2: run([])}})["sic"]
 
 
+def test_last_train_line_reads_the_last_epoch_summary_not_the_inner_lines():
+    from cmd_demo.ablation import last_train_line
+
+    log = "\n".join([
+        "[2026][train][INFO] - epoch 001 | loss 1.7 | sic_loss 1.7 | num_updates 157",
+        "[2026][train_inner][INFO] - epoch 002:  10 / 157 loss=0.9, sic_loss=0.9, num_updates=167",
+        "[2026][valid][INFO] - epoch 002 | valid on 'valid' subset | loss 2.0 | sic_loss 2.0 | mean_r1 50.0",
+        "[2026][train][INFO] - epoch 002 | loss 0.95 | sic_loss 0.25 | cmd_loss 0.7 | num_updates 314",
+    ])
+    assert last_train_line(log) == {"loss": 0.95, "sic_loss": 0.25, "cmd_loss": 0.7, "num_updates": 314.0}
+    assert last_train_line("no training here") == {}
+
+
 def test_minimal_pairs_summary_and_its_table():
     from cmd_demo.ablation import format_minimal_pairs, minimal_pairs_summary
 

@@ -538,7 +538,9 @@ def run_ablation(args, argv=None):
     plot_alpha(table, plot, header[:60] + "…")
     if plot_paired(paired, stem + "_paired.png", header[:60] + "…"):
         plot += f", {stem}_paired.png"
-    curves = {row: [runs[row][s].get("valid_curve", []) for s in sorted(runs[row])] for row in rows}
+    # a re-ranked row trained nothing: its curve is its base row's, drawn once
+    curves = {row: [runs[row][s].get("valid_curve", []) for s in sorted(runs[row])] for row in rows
+              if not specs[row]["rerank_k"]}
     if plot_curves(curves, stem + "_curves.png", header[:60] + "…"):
         plot += f", {stem}_curves.png"
     print(f"record: {stem}.json; plot: {plot}")

@@ -85,6 +85,19 @@ ATTENTION_KEYS = ("attn_entropy", "attn_max", "attn_cos_mean_pool")
 SIM_KEYS = ("sim_auc_hard", "sim_auc_random", "sim_loss", "sim_prior")  # the matching head on valid (C2F)
 
 
+def _log_fields(line: str) -> dict:
+    """The numeric ``key value`` fields of one fairseq progress line (``prefix | key value | ...``),
+    as floats; the prefix (timestamp, epoch) and non-numeric fields are left out."""
+    fields = {}
+    for part in line.split(" | ")[1:]:
+        key, _, value = part.strip().rpartition(" ")
+        try:
+            fields[key] = float(value)
+        except ValueError:
+            pass
+    return fields
+
+
 def best_valid_line(log_text: str):
     """The fields of the validation line whose mean_r1 selected checkpoint_best.pt (fairseq keeps
     the last of equal bests), from a fairseq-hydra-train log; None when there is none."""
@@ -92,13 +105,7 @@ def best_valid_line(log_text: str):
     for line in log_text.splitlines():
         if "valid on 'valid' subset" not in line:
             continue
-        fields = {}
-        for part in line.split(" | "):
-            key, _, value = part.strip().rpartition(" ")
-            try:
-                fields[key] = float(value)
-            except ValueError:
-                pass
+        fields = _log_fields(line)
         if "mean_r1" in fields and (best is None or fields["mean_r1"] >= best["mean_r1"]):
             best = fields
     return best
@@ -114,13 +121,7 @@ def last_train_line(log_text: str):
     for line in log_text.splitlines():
         if "][train][INFO] - epoch " not in line:
             continue
-        last = {}
-        for part in line.split(" | ")[1:]:
-            key, _, value = part.strip().rpartition(" ")
-            try:
-                last[key] = float(value)
-            except ValueError:
-                pass
+        last = _log_fields(line)
     return last
 
 
@@ -488,8 +489,8 @@ def run_ablation(args, argv=None):
             print(f"  {row}: " + ", ".join(f"{k} {st[k][0]:.3f}±{st[k][1]:.3f}" for k in SIM_KEYS if k in st))
     selection_rows = [(row, st) for row, st in table.items() if "best_update" in st and not specs[row]["rerank_k"]]
     if selection_rows:
-        print(f"checkpoint selection on valid: the update of the selected checkpoint, and how far valid mean R@1 "
-              f"fell from it by the last validation:")
+        print("checkpoint selection on valid: the update of the selected checkpoint, and how far valid mean R@1 "
+              "fell from it by the last validation:")
         for row, st in selection_rows:
             print(f"  {row}: selected at update {st['best_update'][0]:.0f}±{st['best_update'][1]:.0f}, "
                   f"valid at the end {st['valid_drop'][0]:.1f}±{st['valid_drop'][1]:.1f} below its best"

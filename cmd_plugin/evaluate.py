@@ -30,8 +30,7 @@ from .inference import ImageBatches
 from .loading import autocast, resolve_device, why_no_matching_head
 from .objectives.c2f.multimodal import image_tokens
 from .objectives.c2f.rerank import (DEFAULT_RERANK_SCORE, RERANK_SCORES, SequencePairScorer, rerank, reranked_recall,
-                                    sic_weight,
-                                    sim_split_auc, top1_changes)
+                                    sic_weight, sim_split_auc, top1_changes)
 from .recall import chance_recall, retrieval_recall
 
 logger = logging.getLogger(__name__)

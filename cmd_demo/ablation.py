@@ -256,35 +256,50 @@ def plot_curves(curves, path, title):
     return True
 
 
+def alpha_series(table):
+    """{fusion variant: [(α, mean, sd, seeds)]} of test mean R@1 sorted by α, with ``sic`` (α = 0)
+    shared by every variant: the points of the paper's Figure 2 (:func:`plot_alpha`)."""
+    base = table.get("sic")
+    series = {}
+    for variant in FUSION_ATTENTION_CHOICES:
+        points = sorted((row_overrides(r)[1], *s["mean_r1"], s["num_seeds"]) for r, s in table.items()
+                        if r != "sic" and row_overrides(r)[2] == variant)
+        if points:
+            series[variant] = ([(0.0, *base["mean_r1"], base["num_seeds"])] if base else []) + points
+    return series
+
+
 def plot_alpha(table, path, title):
-    """Test mean R@1 (mean ± sd over seeds) against α for each fusion variant; α = 0 is shared."""
+    """Test mean R@1 (mean ± sd over seeds) against α for each fusion variant, each point labelled
+    with its number of seeds; returns :func:`alpha_series`'s points."""
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq leaves the root logger at DEBUG
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    series = alpha_series(table)
     fig, ax = plt.subplots(figsize=(6, 4))
-    base = table.get("sic")
-    for variant in FUSION_ATTENTION_CHOICES:
-        points = sorted((row_overrides(r)[1], s["mean_r1"]) for r, s in table.items()
-                        if r != "sic" and row_overrides(r)[2] == variant)
-        if not points:
-            continue
-        if base:
-            points = [(0.0, base["mean_r1"])] + points
-        xs = [a for a, _ in points]
-        ax.errorbar(xs, [m for _, (m, _) in points], yerr=[sd for _, (_, sd) in points], marker="o", capsize=3,
-                    label=f"fusion: {variant}")
+    for i, (variant, points) in enumerate(series.items()):
+        alphas, means, sds, seeds = zip(*points)
+        dodge = 0.012 * (i - (len(series) - 1) / 2)  # side by side, so that the error bars stay apart
+        line = ax.errorbar([a + dodge for a in alphas], means, yerr=sds, marker="o", capsize=3,
+                           label=f"fusion: {variant}")
+        for a, m, n in zip(alphas, means, seeds):
+            if a == 0.0 and i:  # sic, shared: labelled once
+                continue
+            ax.annotate(f"n={n}", (a + dodge, m), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                        color=line.lines[0].get_color())
     ax.set_xlabel("α (weight of L_cmd)")
-    ax.set_ylabel("test mean R@1 (mean ± sd over seeds)")
+    ax.set_ylabel("test mean R@1 (mean ± sd over n seeds)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:  # no CMD row: an empty plot, no legend
+    if series:  # no CMD row: an empty plot, no legend
         ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
+    return series
 
 
 def paired_vs(runs, base: str = "sic", key: str = "mean_r1", split: str = "test"):
@@ -536,13 +551,15 @@ def run_ablation(args, argv=None):
     stem = os.path.join(out_dir, f"{args.name}_{tag_updates}")
     write_json(record, stem + ".json")
     plot = stem + ".png"
-    plot_alpha(table, plot, header[:60] + "…")
-    if plot_paired(paired, stem + "_paired.png", header[:60] + "…"):
+    corpus = os.path.basename(os.path.normpath(inputs["work"]))
+    title = f"{corpus}: {args.max_update or 'default'} updates, seeds {args.seeds}"
+    plot_alpha(table, plot, "test mean R@1 against α: " + title)
+    if plot_paired(paired, stem + "_paired.png", title):
         plot += f", {stem}_paired.png"
     # a re-ranked row trained nothing: its curve is its base row's, drawn once
     curves = {row: [runs[row][s].get("valid_curve", []) for s in sorted(runs[row])] for row in rows
               if not specs[row]["rerank_k"]}
-    if plot_curves(curves, stem + "_curves.png", header[:60] + "…"):
+    if plot_curves(curves, stem + "_curves.png", title):
         plot += f", {stem}_curves.png"
     print(f"record: {stem}.json; plot: {plot}")
     print(f"{trained} runs trained, {len(specs) * len(args.seeds) - trained - rescored - len(missing)} reused"

@@ -37,3 +37,19 @@ def test_the_ablation_table_pairs_every_row_with_sic_by_seed(tmp_path):
     assert text.startswith("  cmd-qkv - sic: +1.33 [") and "3 paired seeds" in text
     pytest.importorskip("matplotlib")  # the plot extra: environment A (environment B lacks it)
     assert plot_paired(paired, str(tmp_path / "p.png"), "t") and (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_the_alpha_figure_shares_sic_as_alpha_zero_and_counts_seeds(tmp_path):
+    from cmd_demo.ablation import alpha_series, plot_alpha
+
+    table = {"sic": {"mean_r1": (44.0, 2.0), "num_seeds": 5},
+             "cmd-qkv": {"mean_r1": (41.0, 1.0), "num_seeds": 5},
+             "cmd-qkv-a0.25": {"mean_r1": (46.0, 0.5), "num_seeds": 2},
+             "cmd-literal": {"mean_r1": (42.0, 0.0), "num_seeds": 1},
+             "c2f": {"mean_r1": (47.0, 4.0), "num_seeds": 5}}  # not a CMD row: not on the figure
+    series = alpha_series(table)
+    assert series == {"literal": [(0.0, 44.0, 2.0, 5), (1.0, 42.0, 0.0, 1)],
+                      "qkv": [(0.0, 44.0, 2.0, 5), (0.25, 46.0, 0.5, 2), (1.0, 41.0, 1.0, 5)]}
+    assert alpha_series({"sic": table["sic"]}) == {}
+    pytest.importorskip("matplotlib")  # the plot extra: environment A (environment B lacks it)
+    assert plot_alpha(table, str(tmp_path / "a.png"), "t") == series and (tmp_path / "a.png").stat().st_size > 0

@@ -164,6 +164,13 @@ def mean_sd(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def format_mean_sd(stat, num_seeds: int, digits: int = 1) -> str:
+    """``mean±sd``; the mean alone for one seed, whose spread is unknown, not 0 (the tables give the
+    number of seeds)."""
+    mean, sd = stat
+    return f"{mean:.{digits}f}±{sd:.{digits}f}" if num_seeds > 1 else f"{mean:.{digits}f}"
+
+
 def aggregate(runs):
     """runs: {row: {seed: {"test": record, "valid": record}}} -> {row: {key: (mean, sd)}} over seeds
     for the test split's REPORTED keys and ``valid_mean_r1``."""
@@ -199,7 +206,7 @@ def format_table(table) -> str:
     lines = []
     for row, stats in table.items():
         cells = [row, str(stats["num_seeds"])]
-        cells += [f"{stats[k][0]:.1f}±{stats[k][1]:.1f}" for k in REPORTED + ["valid_mean_r1"]]
+        cells += [format_mean_sd(stats[k], stats["num_seeds"]) for k in REPORTED + ["valid_mean_r1"]]
         lines.append(cells)
     widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(head)]
     fmt = lambda cells: " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
@@ -211,7 +218,8 @@ def format_minimal_pairs(table) -> str:
     keys = sorted({k for st in table.values() for k in st if k.startswith("mp_")},
                   key=lambda k: (("mp_mean", "mp_group_r1").index(k) + 1 if k in ("mp_mean", "mp_group_r1") else 0, k))
     head = ["row"] + [k[3:] for k in keys]
-    lines = [[row] + [f"{st[k][0]:.1f}±{st[k][1]:.1f}" if k in st else "-" for k in keys] for row, st in table.items()]
+    lines = [[row] + [format_mean_sd(st[k], st["num_seeds"]) if k in st else "-" for k in keys]
+             for row, st in table.items()]
     widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(head)]
     fmt = lambda cells: " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     return "\n".join([fmt(head), "-+-".join("-" * w for w in widths)] + [fmt(c) for c in lines])
@@ -262,8 +270,8 @@ def alpha_series(table):
     base = table.get("sic")
     series = {}
     for variant in FUSION_ATTENTION_CHOICES:
-        points = sorted((row_overrides(r)[1], *s["mean_r1"], s["num_seeds"]) for r, s in table.items()
-                        if r != "sic" and row_overrides(r)[2] == variant)
+        points = sorted((alpha, *s["mean_r1"], s["num_seeds"]) for r, s in table.items() if r != "sic"
+                        for _, alpha, v in [row_overrides(r)] if v == variant)
         if points:
             series[variant] = ([(0.0, *base["mean_r1"], base["num_seeds"])] if base else []) + points
     return series
@@ -495,21 +503,21 @@ def run_ablation(args, argv=None):
     if attention_rows:
         print("fusion attention on valid at the selected checkpoint (uniform: entropy 1, max 1/N, cos 1):")
         for row, st in attention_rows:
-            print(f"  {row}: " + ", ".join(f"{k} {st[k][0]:.3f}±{st[k][1]:.3f}" for k in ATTENTION_KEYS))
+            print(f"  {row}: " + ", ".join(f"{k} {format_mean_sd(st[k], st['num_seeds'], 3)}" for k in ATTENTION_KEYS))
     sim_rows = [(row, st) for row, st in table.items() if "sim_auc_hard" in st and not specs[row]["rerank_k"]]
     if sim_rows:
         print("matching head (SIM) on valid at the selected checkpoint (AUC of positives against the hardest "
               "SIC negative / a random image; loss against the prior's entropy):")
         for row, st in sim_rows:
-            print(f"  {row}: " + ", ".join(f"{k} {st[k][0]:.3f}±{st[k][1]:.3f}" for k in SIM_KEYS if k in st))
+            print(f"  {row}: " + ", ".join(f"{k} {format_mean_sd(st[k], st['num_seeds'], 3)}" for k in SIM_KEYS if k in st))
     selection_rows = [(row, st) for row, st in table.items() if "best_update" in st and not specs[row]["rerank_k"]]
     if selection_rows:
         print("checkpoint selection on valid: the update of the selected checkpoint, and how far valid mean R@1 "
               "fell from it by the last validation:")
         for row, st in selection_rows:
-            print(f"  {row}: selected at update {st['best_update'][0]:.0f}±{st['best_update'][1]:.0f}, "
-                  f"valid at the end {st['valid_drop'][0]:.1f}±{st['valid_drop'][1]:.1f} below its best"
-                  + "".join(f"; last epoch's training {k} {st['train_' + k][0]:.3f}±{st['train_' + k][1]:.3f}"
+            print(f"  {row}: selected at update {format_mean_sd(st['best_update'], st['num_seeds'], 0)}, "
+                  f"valid at the end {format_mean_sd(st['valid_drop'], st['num_seeds'])} below its best"
+                  + "".join(f"; last epoch's training {k} {format_mean_sd(st['train_' + k], st['num_seeds'], 3)}"
                             for k in FINAL_TRAIN_KEYS if "train_" + k in st))
     mp_rows = [(row, st) for row, st in table.items() if "mp_mean" in st]
     if mp_rows:

@@ -31,6 +31,13 @@ def test_aggregate_gives_mean_and_sample_sd_over_seeds():
     assert "12.0±2.8" in format_table(table)
 
 
+def test_one_seed_shows_its_mean_without_a_spread():
+    table = aggregate({"sic": {1: {"test": _record(10.0), "valid": _record(20.0)}}})
+    assert table["sic"]["s2i_r1"] == (10.0, 0.0)
+    cells = [c.strip() for c in format_table(table).splitlines()[2].split("|")]
+    assert cells[:3] == ["sic", "1", "10.0"] and not any("±" in c for c in cells)
+
+
 def test_best_valid_line_is_the_last_of_equal_best_mean_r1():
     log = "\n".join([
         "x | INFO | valid | epoch 001 | valid on 'valid' subset | loss 3.1 | attn_entropy 0.99 | mean_r1 10.0 | wps 5",

@@ -208,9 +208,7 @@ def format_table(table) -> str:
         cells = [row, str(stats["num_seeds"])]
         cells += [format_mean_sd(stats[k], stats["num_seeds"]) for k in REPORTED + ["valid_mean_r1"]]
         lines.append(cells)
-    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(head)]
-    fmt = lambda cells: " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    return "\n".join([fmt(head), "-+-".join("-" * w for w in widths)] + [fmt(c) for c in lines])
+    return _aligned(head, lines)
 
 
 def format_minimal_pairs(table) -> str:
@@ -220,8 +218,16 @@ def format_minimal_pairs(table) -> str:
     head = ["row"] + [k[3:] for k in keys]
     lines = [[row] + [format_mean_sd(st[k], st["num_seeds"]) if k in st else "-" for k in keys]
              for row, st in table.items()]
+    return _aligned(head, lines)
+
+
+def _aligned(head, lines) -> str:
+    """A text table: the first column left-aligned, the others right-aligned, a rule under the head."""
     widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(head)]
-    fmt = lambda cells: " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+
+    def fmt(cells):
+        return " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([fmt(head), "-+-".join("-" * w for w in widths)] + [fmt(c) for c in lines])
 
 

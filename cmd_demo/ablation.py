@@ -274,10 +274,11 @@ def alpha_series(table):
     """{fusion variant: [(α, mean, sd, seeds)]} of test mean R@1 sorted by α, with ``sic`` (α = 0)
     shared by every variant: the points of the paper's Figure 2 (:func:`plot_alpha`)."""
     base = table.get("sic")
+    alpha_variant = {row: row_overrides(row)[1:] for row in table if row != "sic"}
     series = {}
     for variant in FUSION_ATTENTION_CHOICES:
-        points = sorted((alpha, *s["mean_r1"], s["num_seeds"]) for r, s in table.items() if r != "sic"
-                        for _, alpha, v in [row_overrides(r)] if v == variant)
+        points = sorted((alpha, *table[row]["mean_r1"], table[row]["num_seeds"])
+                        for row, (alpha, v) in alpha_variant.items() if v == variant)
         if points:
             series[variant] = ([(0.0, *base["mean_r1"], base["num_seeds"])] if base else []) + points
     return series
@@ -515,7 +516,8 @@ def run_ablation(args, argv=None):
         print("matching head (SIM) on valid at the selected checkpoint (AUC of positives against the hardest "
               "SIC negative / a random image; loss against the prior's entropy):")
         for row, st in sim_rows:
-            print(f"  {row}: " + ", ".join(f"{k} {format_mean_sd(st[k], st['num_seeds'], 3)}" for k in SIM_KEYS if k in st))
+            print(f"  {row}: " + ", ".join(f"{k} {format_mean_sd(st[k], st['num_seeds'], 3)}"
+                                           for k in SIM_KEYS if k in st))
     selection_rows = [(row, st) for row, st in table.items() if "best_update" in st and not specs[row]["rerank_k"]]
     if selection_rows:
         print("checkpoint selection on valid: the update of the selected checkpoint, and how far valid mean R@1 "

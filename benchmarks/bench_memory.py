@@ -384,7 +384,7 @@ def measure_rerank(args):
     """Per-query cost of re-ranking vs SIC scoring (see the module docstring)."""
     import torch
 
-    from cmd_plugin.objectives.c2f.rerank import SequencePairScorer, sic_topk
+    from cmd_plugin.retrieval.rerank import SequencePairScorer, sic_topk
 
     model = build(args.hubert_path, args.method if args.method.startswith("c2f") else "c2f", queue_size=1).eval()
     gen = torch.Generator().manual_seed(0)

@@ -7,7 +7,7 @@ Every variant runs in its own fresh subprocess, so peak RSS (ru_maxrss) belongs 
 variant alone:
   matmul  one (25000 x 768) @ (768 x 5000) fp32 matmul: the floor any exact evaluation pays
   blocked the same products in ours' blocks of utterances, nothing else (no 500 MB output)
-  ours    cmd_plugin.recall.retrieval_recall
+  ours    cmd_plugin.retrieval.recall.retrieval_recall
   naive   full score matrix, argsort of every row in both directions, ranks read off the sort
 
 Usage:

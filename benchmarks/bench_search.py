@@ -36,7 +36,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from benchmarks.common import current_rss_bytes  # noqa: E402
-from cmd_plugin.search_index import (  # noqa: E402
+from cmd_plugin.search.index import (  # noqa: E402
     ApproximateIndexConfig,
     SearchIndex,
     build_approximate,

@@ -4,7 +4,7 @@
     python benchmarks/bench_search_app.py --checkpoint CK --index IMAGES.pt [--audio-index CLIPS.pt] \\
         --clips DIR [--num-queries 20] [--rerank-k 32] [--browser] [--out results.json]
 
-1. In process (cmd_plugin.search_service, what the app calls): the median time of each step of a
+1. In process (cmd_plugin.search.service, what the app calls): the median time of each step of a
    query -- decoding, embedding, search, re-ranking -- over --num-queries spoken clips from DIR
    (speech -> images) and as many indexed images (image -> speech, with --audio-index), without and
    with re-ranking the top K; the best of --repeats passes (lowest median total: the machine may be
@@ -47,8 +47,8 @@ def in_process(args, clips, images):
     from cmd_plugin.inference import SpeechImageEncoder
 
     torch.set_num_threads(args.torch_threads)
-    from cmd_plugin.search_index import load_index
-    from cmd_plugin.search_service import SearchService
+    from cmd_plugin.search.index import load_index
+    from cmd_plugin.search.service import SearchService
 
     t = time.perf_counter()
     encoder = SpeechImageEncoder.from_checkpoint(args.checkpoint, keep_matching=True)  # re-ranking is timed
@@ -236,7 +236,7 @@ def main():
     clips = sorted(os.path.join(args.clips, f) for f in os.listdir(args.clips) if f.endswith(".wav"))
     step = max(1, len(clips) // (args.num_queries + 1))
     clips = clips[::step][:args.num_queries + 1]  # spread over the folder (other images, other speakers)
-    from cmd_plugin.search_index import load_index
+    from cmd_plugin.search.index import load_index
 
     index = load_index(args.index)
     images = [index.absolute_path(r) for r in range(0, len(index), max(1, len(index) // (args.num_queries + 1)))]

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cmd_plugin.evaluate import encode_split  # noqa: E402
+from cmd_plugin.retrieval.evaluate import encode_split  # noqa: E402
 from cmd_plugin.loading import load_cmd_checkpoint  # noqa: E402
-from cmd_plugin.objectives.c2f.multimodal import MatchingHead, MultimodalEncoder  # noqa: E402
+from cmd_plugin.modules.multimodal import MatchingHead, MultimodalEncoder  # noqa: E402
 
 
 def balanced_pairs(emb, n, dim, gen):

@@ -22,7 +22,7 @@ from typing import Optional
 from cmd_demo.demo import EXAMPLES, build_inputs, minimal_pairs_stage, run, train_and_score
 from cmd_demo.stats import paired_difference
 from cmd_plugin.files import atomic_write, atomic_write_json
-from cmd_plugin.objectives.cmd.fusion import FUSION_ATTENTION_CHOICES
+from cmd_plugin.modules.fusion import FUSION_ATTENTION_CHOICES
 
 DEFAULT_ROWS = ["sic", "cmd-literal", "cmd-cosine", "cmd-qkv", "cmd-qkv-a0.25", "cmd-qkv-a0.5"]
 C2F_ROWS = ["sic", "cmd-qkv", "c2f", "c2f-cmd", "c2f-rerank10", "c2f-rerank50"]

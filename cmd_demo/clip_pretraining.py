@@ -25,7 +25,7 @@ import torch
 from cmd_plugin.data.manifest import ManifestError, SpeechImageManifest
 from cmd_plugin.files import atomic_write
 from cmd_plugin.quiet import building_open_clip
-from cmd_plugin.recall import retrieval_recall
+from cmd_plugin.retrieval.recall import retrieval_recall
 
 logger = logging.getLogger(__name__)
 

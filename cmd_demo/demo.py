@@ -22,7 +22,7 @@ import torch
 from cmd_demo.minimal_pairs_scoring import format_table as format_minimal_pairs
 from cmd_plugin.checkpoints import load_checkpoint_state
 from cmd_plugin.data.manifest import read_manifest
-from cmd_plugin.recall import format_recall_rows
+from cmd_plugin.retrieval.recall import format_recall_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "examples")

@@ -3,7 +3,7 @@
 Imported by fairseq (``common.user_dir``), the package registers the task ``speech_image``,
 the model ``cmd_speech_image`` and the criterion ``cmd_contrastive``, and lets fairseq's own
 ``torch.load`` read fairseq checkpoints under torch >= 2.6 (:mod:`cmd_plugin.checkpoints`). Without fairseq loaded
-(data preparation, recall), importing ``cmd_plugin.data`` or ``cmd_plugin.recall`` stays light:
+(data preparation, recall), importing ``cmd_plugin.data`` or ``cmd_plugin.retrieval.recall`` stays light:
 registration then happens when a fairseq-facing module is imported.
 
 Importing the package first checks, without importing fairseq, that the installed ``fairseq``

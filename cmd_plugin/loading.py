@@ -1,5 +1,5 @@
 """Loading a trained ``cmd_speech_image`` checkpoint for inference: the one loader that scoring
-(:mod:`cmd_plugin.evaluate`), search (:mod:`cmd_plugin.inference`) and the examples use.
+(:mod:`cmd_plugin.retrieval.evaluate`), search (:mod:`cmd_plugin.inference`) and the examples use.
 
     model, task = load_cmd_checkpoint("checkpoint_best.pt", data="manifests/flickr8k")
     model, task = load_cmd_checkpoint(ckpt, data=..., keep_matching=True)   # re-ranking

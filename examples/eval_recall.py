@@ -39,7 +39,7 @@ if REPO_ROOT not in sys.path:  # run from any directory without installing the p
     sys.path.insert(0, REPO_ROOT)
 
 from cmd_plugin.data.manifest import check_split  # noqa: E402
-from cmd_plugin.evaluate import (  # noqa: E402
+from cmd_plugin.retrieval.evaluate import (  # noqa: E402
     RECALL_KS,
     RERANK_SCORES,
     DEFAULT_RERANK_SCORE,
@@ -63,7 +63,7 @@ from cmd_plugin.loading import (  # noqa: E402
     resolve_device,
     upstream_paths,
 )
-from cmd_plugin.recall import format_recall_rows  # noqa: E402
+from cmd_plugin.retrieval.recall import format_recall_rows  # noqa: E402
 
 logger = logging.getLogger("eval_recall")
 

@@ -59,7 +59,7 @@ from cmd_plugin.inference import (  # noqa: E402
     load_image,
 )
 from cmd_plugin.loading import add_loading_options, resolve_device, upstream_paths  # noqa: E402
-from cmd_plugin.search_index import (  # noqa: E402
+from cmd_plugin.search.index import (  # noqa: E402
     ApproximateIndexConfig,
     SearchIndexError,
     check_identity,
@@ -70,9 +70,9 @@ from cmd_plugin.search_index import (  # noqa: E402
     scan_images,
     update_approximate,
 )
-from cmd_plugin.search_page import PageQuery, PageResult, render_page  # noqa: E402
-from cmd_plugin.objectives.c2f.rerank import RERANK_SCORES  # noqa: E402
-from cmd_plugin.search_service import SearchService  # noqa: E402
+from cmd_plugin.search.page import PageQuery, PageResult, render_page  # noqa: E402
+from cmd_plugin.retrieval.rerank import RERANK_SCORES  # noqa: E402
+from cmd_plugin.search.service import SearchService  # noqa: E402
 
 logger = logging.getLogger("search")
 DEFAULT_INDEX_NAME = ".cmd_plugin_search_index.pt"

@@ -13,7 +13,7 @@ Gradio's own message (``show_error``); searches never show a traceback. The mode
 ``torch.inference_mode`` in up to ``concurrency`` Gradio worker threads at once (one shared
 concurrency group for both directions); the indexes and the model are only read.
 
-UI only: the search itself is :mod:`cmd_plugin.search_service`. Gradio is imported here, never
+UI only: the search itself is :mod:`cmd_plugin.search.service`. Gradio is imported here, never
 by ``import cmd_plugin``.
 """
 
@@ -27,7 +27,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves thi
 import gradio as gr  # noqa: E402
 
 from cmd_plugin.inference import InferenceError  # noqa: E402
-from cmd_plugin.search_page import STYLE, PageQuery, PageResult, query_section  # noqa: E402
+from cmd_plugin.search.page import STYLE, PageQuery, PageResult, query_section  # noqa: E402
 
 logger = logging.getLogger("search_app")
 

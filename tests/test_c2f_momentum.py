@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cmd_plugin.objectives.c2f.momentum import MomentumCopies, drop_momentum_state
-from cmd_plugin.objectives.c2f.queue import EmbeddingQueue
+from cmd_plugin.modules.momentum import MomentumCopies, drop_momentum_state
+from cmd_plugin.modules.queue import EmbeddingQueue
 
 DECAY = 0.9
 

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cmd_plugin.objectives.c2f.queue import (
+from cmd_plugin.modules.queue import (
     EmbeddingQueue,
     check_queue_size,
     enqueue_global_batch,

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmd_plugin.objectives.c2f.multimodal import MatchingHead, MultimodalEncoder, image_tokens, match_score
-from cmd_plugin.recall import retrieval_recall
-from cmd_plugin.objectives.c2f.rerank import rerank, reranked_recall, sic_topk, sim_split_auc, top1_changes
+from cmd_plugin.modules.multimodal import MatchingHead, MultimodalEncoder, image_tokens, match_score
+from cmd_plugin.retrieval.recall import retrieval_recall
+from cmd_plugin.retrieval.rerank import rerank, reranked_recall, sic_topk, sim_split_auc, top1_changes
 
 D, E, N = 16, 12, 5  # speech width, joint (image) width, patches
 
@@ -279,7 +279,7 @@ def test_sim_learns_to_tell_pairs_from_negatives_on_a_synthetic_task():
 
 
 def test_patch_grid_pooling_is_block_averaging_and_keeps_the_cls():
-    from cmd_plugin.objectives.c2f.multimodal import pool_patch_grid
+    from cmd_plugin.modules.multimodal import pool_patch_grid
 
     tokens = torch.randn(2, 1 + 16, 3)
     pooled = pool_patch_grid(tokens, 2)
@@ -291,7 +291,7 @@ def test_patch_grid_pooling_is_block_averaging_and_keeps_the_cls():
 
 
 def test_speech_summary_ignores_padding_and_scores_pairs_as_per_pair_summaries_would():
-    from cmd_plugin.objectives.c2f.multimodal import MatchingHead, MultimodalEncoder
+    from cmd_plugin.modules.multimodal import MatchingHead, MultimodalEncoder
 
     torch.manual_seed(0)
     enc = MultimodalEncoder(16, 8, layers=1, heads=2, ffn_dim=32, dropout=0.0, speech_tokens=4, patch_pool=2).eval()
@@ -341,7 +341,7 @@ def test_split_auc_of_the_head_and_of_sic_on_the_same_pairs():
 
 
 def test_score_kinds_weigh_the_sic_cosine_by_nothing_one_or_the_inverse_temperature():
-    from cmd_plugin.objectives.c2f.rerank import RERANK_SCORES, sic_weight
+    from cmd_plugin.retrieval.rerank import RERANK_SCORES, sic_weight
 
     assert [sic_weight(s, 20.0) for s in RERANK_SCORES] == [0.0, 1.0, 20.0]
     with pytest.raises(ValueError, match="one of"):

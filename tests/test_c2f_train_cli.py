@@ -94,10 +94,10 @@ def test_literal_command_trains_and_resumes_exactly(tiny_encoders, corpus, c2f_f
 
 
 def test_rerank_cli_with_k_covering_everything_equals_full_sim_scoring(corpus, c2f_first_run, tmp_path):
-    from cmd_plugin.evaluate import encode_split
+    from cmd_plugin.retrieval.evaluate import encode_split
     from cmd_plugin.loading import load_cmd_checkpoint
-    from cmd_plugin.recall import retrieval_recall
-    from cmd_plugin.objectives.c2f.rerank import SequencePairScorer
+    from cmd_plugin.retrieval.recall import retrieval_recall
+    from cmd_plugin.retrieval.rerank import SequencePairScorer
 
     save_dir, proc = c2f_first_run
     checkpoint, train_log = save_dir / "checkpoint_last.pt", proc.stdout
@@ -152,7 +152,7 @@ def test_rerank_cli_with_k_covering_everything_equals_full_sim_scoring(corpus, c
 
 def test_two_stage_recipe_starts_c2f_from_a_sic_checkpoint(tiny_encoders, corpus, tmp_path):
     """checkpoint.restore_file with reset optimizer/meters/dataloader/lr: the SIC run's weights load into a
-    C2F model whose C2F parts start fresh (documented in the README as the two-stage recipe)."""
+    C2F model whose C2F parts start fresh (documented in docs/c2f.md as the two-stage recipe)."""
     first = run_train(_overrides(tiny_encoders, corpus, tmp_path / "sic", "sic", "model.queue_size=0",
                                  "optimization.max_update=2"), cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]

@@ -16,7 +16,7 @@ from PIL import Image
 
 from cmd_plugin.data.manifest import SpeechImageManifest, write_manifest
 from cmd_plugin.models.cmd_speech_image import CmdSpeechImageConfig, CmdSpeechImageModel
-from cmd_plugin.recall import retrieval_recall
+from cmd_plugin.retrieval.recall import retrieval_recall
 from cmd_plugin.tasks.speech_image import image_transform
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from cmd_plugin.objectives.sic import symmetric_infonce
-from cmd_plugin.objectives.cmd.fusion import FUSION_ATTENTION_CHOICES, FusionEncoder, attention_statistics, diagonal_pairs
+from cmd_plugin.modules.fusion import FUSION_ATTENTION_CHOICES, FusionEncoder, attention_statistics, diagonal_pairs
 from cmd_plugin.objectives.cmd.noise import apply_patch_noise, draw_patch_noise
 
 

@@ -1,5 +1,6 @@
-"""The layout's promises: objectives are pure torch (no fairseq), and the criterion refuses parts that
-no objective trains (their parameters would be unused: DDP would need find_unused_parameters)."""
+"""The layout's promises: objectives (the losses) and modules (the model's building blocks) are pure
+torch (no fairseq), and the criterion refuses parts that no objective trains (their parameters would
+be unused: DDP would need find_unused_parameters)."""
 
 import os
 import pkgutil
@@ -8,16 +9,21 @@ import sys
 
 import pytest
 
+import cmd_plugin.modules as modules
 import cmd_plugin.objectives as objectives
 from test_model import build_model, criterion, make_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_every_objective_module_imports_without_fairseq():
+def test_every_objective_and_building_block_imports_without_fairseq():
     names = [m.name for m in pkgutil.walk_packages(objectives.__path__, "cmd_plugin.objectives.")]
     assert {"cmd_plugin.objectives.sic", "cmd_plugin.objectives.cmd.objective", "cmd_plugin.objectives.c2f.sim",
             "cmd_plugin.objectives.c2f.queue_sic"} <= set(names)
+    blocks = [m.name for m in pkgutil.walk_packages(modules.__path__, "cmd_plugin.modules.")]
+    assert {"cmd_plugin.modules.fusion", "cmd_plugin.modules.multimodal", "cmd_plugin.modules.momentum",
+            "cmd_plugin.modules.queue"} <= set(blocks)
+    names += blocks
     code = ("import importlib, sys\n"
             f"for name in {names!r}:\n    importlib.import_module(name)\n"
             "loaded = sorted(m for m in sys.modules if m == 'fairseq' or m.startswith('fairseq.'))\n"

@@ -1,10 +1,10 @@
-"""Tests for cmd_plugin.recall: blocked tie-pessimistic R@K against a brute-force full sort."""
+"""Tests for cmd_plugin.retrieval.recall: blocked tie-pessimistic R@K against a brute-force full sort."""
 
 import numpy as np
 import pytest
 import torch
 
-from cmd_plugin.recall import chance_recall, format_recall_rows, format_recall_table, retrieval_recall
+from cmd_plugin.retrieval.recall import chance_recall, format_recall_rows, format_recall_table, retrieval_recall
 
 
 def reference_ranks(scores: np.ndarray, image_ids: np.ndarray):

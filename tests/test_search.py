@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
 
-from cmd_plugin.search_index import (
+from cmd_plugin.search.index import (
     ApproximateIndexConfig,
     SearchIndexError,
     auto_nlist,
@@ -169,7 +169,7 @@ def test_exact_top_k_matches_a_full_sort_for_any_block_size_with_ties_by_row():
 
 
 def _files(spec):
-    from cmd_plugin.search_index import ImageFile
+    from cmd_plugin.search.index import ImageFile
 
     return [ImageFile(p, m, s) for p, m, s in spec]
 

@@ -41,7 +41,7 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from cmd_plugin.search_index import load_index  # noqa: E402
+from cmd_plugin.search.index import load_index  # noqa: E402
 from test_search import REPO  # noqa: E402
 from test_search_service import env  # noqa: E402,F401  (the module's checkpoint, images, clips and indexes)
 from test_search_service import _error, search_cli, speak  # noqa: E402
@@ -216,7 +216,7 @@ def test_microphone_query_shows_ranked_decoded_images_and_reranks_in_chromium(se
 
 
 def test_uploads_a_clip_and_an_image_and_explains_bad_input_in_the_page(env, server, browser, screenshots, tmp_path):  # noqa: F811
-    from cmd_plugin.search_service import SearchService
+    from cmd_plugin.search.service import SearchService
 
     service = SearchService(env["encoder"], image_index=load_index(env["image_index"]),
                             audio_index=load_index(env["audio_index"]))
@@ -369,7 +369,7 @@ def test_serve_refuses_indexes_of_another_model_before_listening(env, tiny_encod
 
 
 def test_import_cmd_plugin_does_not_import_gradio():
-    code = ("import sys, cmd_plugin, cmd_plugin.search_service, cmd_plugin.search_page, cmd_plugin.inference; "
+    code = ("import sys, cmd_plugin, cmd_plugin.search.service, cmd_plugin.search.page, cmd_plugin.inference; "
             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('gradio', 'selenium'))))")
     proc = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=REPO), timeout=120)

@@ -14,8 +14,8 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from cmd_plugin.search_index import SearchIndexError, load_index
-from cmd_plugin.search_page import short_name
+from cmd_plugin.search.index import SearchIndexError, load_index
+from cmd_plugin.search.page import short_name
 from test_search import _chromium, _image, make_checkpoint, search_cli
 
 CAPTIONS = ["two red circles on the left", "a blue square above a green triangle", "one yellow star",
@@ -77,7 +77,7 @@ def _match_logits(model, wave, image_paths, transform):
     """The matching head's logit of one clip against images, computed here from the model."""
     from PIL import Image
 
-    from cmd_plugin.objectives.c2f.multimodal import image_tokens
+    from cmd_plugin.modules.multimodal import image_tokens
 
     with torch.no_grad():
         out = model.encode_speech_sequence(wave[None])
@@ -92,7 +92,7 @@ def _match_logits(model, wave, image_paths, transform):
 
 
 def test_rerank_order_puts_the_rescored_top_k_first_and_keeps_the_rest_in_sic_order():
-    from cmd_plugin.search_service import rerank_order
+    from cmd_plugin.search.service import rerank_order
 
     cos = [0.9, 0.8, 0.7, 0.6, 0.5]
     match = [1.0, 3.0, None, 3.0, None]
@@ -269,7 +269,7 @@ def test_bad_spoken_queries_give_one_line_and_a_nonzero_exit(env, tmp_path, caps
 
 def test_service_answers_like_the_cli_with_timings_and_refuses_bad_input(env, capsys, tmp_path):
     from cmd_plugin.inference import InferenceError
-    from cmd_plugin.search_service import SearchService
+    from cmd_plugin.search.service import SearchService
 
     enc = env["encoder"]
     image_index, audio_index = load_index(env["image_index"]), load_index(env["audio_index"])
@@ -324,7 +324,7 @@ def test_service_answers_like_the_cli_with_timings_and_refuses_bad_input(env, ca
 def test_concurrent_requests_get_the_answers_they_would_get_alone(env):
     """Threads share one model (the web app's workers): each gets its own clip's embedding and
     ranking (the HuBERT upstream's layer hook once mixed up concurrent calls)."""
-    from cmd_plugin.search_service import SearchService
+    from cmd_plugin.search.service import SearchService
 
     service = SearchService(env["encoder"], image_index=load_index(env["image_index"]))
     clips = [str(p) for p in sorted(env["clips"].rglob("*.wav"))]

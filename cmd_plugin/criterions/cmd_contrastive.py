@@ -36,7 +36,7 @@ from ..distributed import (
     replicated_param,
 )
 from ..objectives.batch import GlobalBatch
-from ..objectives.c2f.multimodal import image_tokens
+from ..modules.multimodal import image_tokens
 from ..objectives.c2f.queue_sic import QueueSicObjective
 from ..objectives.c2f.sim import SimObjective
 from ..objectives.cmd.objective import CmdObjective

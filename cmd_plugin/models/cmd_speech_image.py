@@ -40,12 +40,12 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import MISSING
 
-from ..objectives.c2f.momentum import MomentumCopies
-from ..objectives.c2f.queue import EmbeddingQueue
+from ..modules.momentum import MomentumCopies
+from ..modules.queue import EmbeddingQueue
 from .clip_upstream import ClipImageUpstream
-from ..objectives.cmd.fusion import FUSION_ATTENTION_CHOICES, FusionEncoder
+from ..modules.fusion import FUSION_ATTENTION_CHOICES, FusionEncoder
 from .hubert_upstream import HUBERT_STATE_CHOICES, HubertUpstream
-from ..objectives.c2f.multimodal import MatchingHead, MultimodalEncoder
+from ..modules.multimodal import MatchingHead, MultimodalEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class CmdSpeechImageConfig(FairseqDataclass):
                                         "> 0)"})
     fusion_attention: ChoiceEnum(FUSION_ATTENTION_CHOICES) = field(
         default="qkv",
-        metadata={"help": "how Ω's speech query scores the patches (a choice; objectives/cmd/fusion.py): literal, "
+        metadata={"help": "how Ω's speech query scores the patches (a choice; modules/fusion.py): literal, "
                   "cosine (1 parameter), qkv (3E^2+2E parameters); uniform: a control with qkv's value projection"},
     )
     hubert_layer_states: ChoiceEnum(HUBERT_STATE_CHOICES) = field(

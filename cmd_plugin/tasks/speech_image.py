@@ -45,9 +45,9 @@ from ..encoder_identity import open_clip_preprocess
 from ..data.manifest import ManifestError, check_files_exist, read_manifest
 from ..nonfinite import NonFiniteGuard, zero_loss
 from ..data.speech_image_dataset import PixelImages, SpeechImageDataset
-from ..objectives.c2f.queue import check_queue_size
-from ..recall import retrieval_recall
-from ..objectives.c2f.rerank import DEFAULT_RERANK_SCORE, RERANK_SCORES, SequencePairScorer, rerank, reranked_recall, sic_weight
+from ..modules.queue import check_queue_size
+from ..retrieval.recall import retrieval_recall
+from ..retrieval.rerank import DEFAULT_RERANK_SCORE, RERANK_SCORES, SequencePairScorer, rerank, reranked_recall, sic_weight
 from ..objectives.targets import split_code
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from ..batch import GlobalBatch, present, summed
 from ..sic import SicObjective, symmetric_infonce
 from .distillation import distillation_weight
 from .losses import queue_sic_loss
-from .queue import enqueue_global_batch
+from ...modules.queue import enqueue_global_batch
 
 __all__ = ["QueueSicObjective", "ramp_updates_for"]
 

@@ -24,7 +24,7 @@ from ...distributed import replicated_param
 from ..batch import GlobalBatch, Objective, present, summed
 from .hard_negatives import hard_negative_share
 from .losses import binary_entropy, ranking_pairs, sim_loss, sim_pairs
-from .multimodal import image_tokens
+from ...modules.multimodal import image_tokens
 
 __all__ = ["SimObjective"]
 

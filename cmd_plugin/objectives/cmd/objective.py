@@ -20,7 +20,7 @@ from torch.func import functional_call
 from ...distributed import replicated_param
 from ..batch import GlobalBatch, Objective, present, summed
 from ..sic import in_batch_accuracy, symmetric_infonce
-from .fusion import attention_statistics, diagonal_pairs
+from ...modules.fusion import attention_statistics, diagonal_pairs
 from .noise import apply_patch_noise, draw_patch_noise
 
 __all__ = ["CmdObjective", "ATTENTION_STATS"]

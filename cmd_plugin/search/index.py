@@ -41,7 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .files import atomic_write
+from ..files import atomic_write
 
 INDEX_FORMAT = "cmd_plugin.search_index.v1"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")

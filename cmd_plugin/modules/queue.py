@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ...distributed import data_parallel_group_and_size, gather_with_local_grad
+from ..distributed import data_parallel_group_and_size, gather_with_local_grad
 
 __all__ = [
     "EmbeddingQueue",

@@ -8,7 +8,7 @@ The logic behind ``examples/eval_recall.py``, reusable from Python:
     save_embeddings(emb, "test_emb.pt"); emb = load_embeddings("test_emb.pt")
 
 Every utterance is encoded once (S_cls) in length-ordered batches, every DISTINCT image once
-(I_cls). Scoring is :func:`cmd_plugin.recall.retrieval_recall`, which is tie-pessimistic: an item
+(I_cls). Scoring is :func:`cmd_plugin.retrieval.recall.retrieval_recall`, which is tie-pessimistic: an item
 whose score ties the correct one's is ranked above it. Re-ranking (:func:`rerank_split`) needs the
 checkpoint loaded with ``keep_matching=True``.
 """
@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .files import atomic_write, atomic_write_json
-from .inference import ImageBatches
-from .loading import autocast, resolve_device, why_no_matching_head
-from .objectives.c2f.multimodal import image_tokens
-from .objectives.c2f.rerank import (DEFAULT_RERANK_SCORE, RERANK_SCORES, SequencePairScorer, rerank, reranked_recall,
+from ..files import atomic_write, atomic_write_json
+from ..inference import ImageBatches
+from ..loading import autocast, resolve_device, why_no_matching_head
+from ..modules.multimodal import image_tokens
+from .rerank import (DEFAULT_RERANK_SCORE, RERANK_SCORES, SequencePairScorer, rerank, reranked_recall,
                                     sic_weight, sim_split_auc, top1_changes)
 from .recall import chance_recall, retrieval_recall
 
@@ -196,10 +196,10 @@ def check_rerank_model(model, checkpoint: str) -> None:
 def rerank_split(model, emb: SplitEmbeddings, k: int, score: str = "sim", device: str = "cpu",
                  pair_batch: int = 256, ks: Sequence[int] = RECALL_KS, chunk_size: int = 4096) -> Dict[str, Any]:
     """Re-rank each query's SIC top-K with the matching head, both directions
-    (:func:`cmd_plugin.objectives.c2f.rerank.rerank`): ``score`` "sim" ranks by the match logit alone (ALBEF),
+    (:func:`cmd_plugin.retrieval.rerank.rerank`): ``score`` "sim" ranks by the match logit alone (ALBEF),
     "sim+sic" by match logit + SIC cosine (BLIP), "sim+sic_logit" by match logit + cosine / τ. Needs ``encode_split(..., keep_sequences=True)``.
-    Returns :func:`cmd_plugin.objectives.c2f.rerank.reranked_recall`'s dict plus ``num_pairs`` (distinct pairs
-    scored), ``top1_changes`` (:func:`cmd_plugin.objectives.c2f.rerank.top1_changes`) and ``seconds`` (wall
+    Returns :func:`cmd_plugin.retrieval.rerank.reranked_recall`'s dict plus ``num_pairs`` (distinct pairs
+    scored), ``top1_changes`` (:func:`cmd_plugin.retrieval.rerank.top1_changes`) and ``seconds`` (wall
     time of the re-ranking)."""
     if score not in RERANK_SCORES:
         raise EvaluationError(f"--rerank-score must be one of {RERANK_SCORES}, got {score!r}")
@@ -223,7 +223,7 @@ def rerank_split(model, emb: SplitEmbeddings, k: int, score: str = "sim", device
 
 def sim_auc_split(model, emb: SplitEmbeddings, device: str = "cpu", seed: int = 0,
                   pair_batch: int = 256) -> Dict[str, float]:
-    """The matching head's AUC on a whole split (:func:`cmd_plugin.objectives.c2f.rerank.sim_split_auc`):
+    """The matching head's AUC on a whole split (:func:`cmd_plugin.retrieval.rerank.sim_split_auc`):
     positives against each utterance's hardest SIC negative and against a random other image.
     Needs ``encode_split(..., keep_sequences=True)``."""
     if emb.speech_sequences is None or emb.image_tokens is None:

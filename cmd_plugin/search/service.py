@@ -10,7 +10,7 @@ Both directions rank by the SIC cosine similarity of the joint-space embeddings;
 ``SpeechImageEncoder.from_checkpoint(..., keep_matching=True)``) the SIC top K are
 re-scored by the matching head (``rerank_score`` "sim": its match logit, ALBEF; "sim+sic": logit
 + cosine, BLIP; "sim+sic_logit": logit + cosine / τ) and put first in that order, the rest following in SIC order, as
-:mod:`cmd_plugin.objectives.c2f.rerank` does for whole splits. Re-scoring needs what the indexes do not keep:
+:mod:`cmd_plugin.retrieval.rerank` does for whole splits. Re-scoring needs what the indexes do not keep:
 the K images' patch tokens (the images are read and encoded again) or the K clips' speech
 sequences (the clips are read and encoded again). A clip longer than the model's limit is scored
 by the mean of its windows' scores.
@@ -31,11 +31,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .inference import IDENTITY_WORDS, InferenceError, check_audible, load_image
-from .loading import why_no_matching_head
-from .objectives.c2f.multimodal import image_tokens, match_score
-from .objectives.c2f.rerank import DEFAULT_RERANK_SCORE, RERANK_SCORES, sic_weight
-from .search_index import SearchIndex, SearchIndexError, check_identity, import_faiss, load_approximate, search
+from ..inference import IDENTITY_WORDS, InferenceError, check_audible, load_image
+from ..loading import why_no_matching_head
+from ..modules.multimodal import image_tokens, match_score
+from ..retrieval.rerank import DEFAULT_RERANK_SCORE, RERANK_SCORES, sic_weight
+from .index import SearchIndex, SearchIndexError, check_identity, import_faiss, load_approximate, search
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ the K utterances with the highest SIC similarity, are re-scored by a pairwise sc
 Candidates outside the top K stay below every re-ranked one, so R@k is defined for k <= K (in each
 direction on its own; any k where K lists every candidate).
 Pure torch, no fairseq. :func:`reranked_recall` turns the result into the same dict as
-:func:`cmd_plugin.recall.retrieval_recall`, with the same tie conventions (ties never flatter
+:func:`cmd_plugin.retrieval.recall.retrieval_recall`, with the same tie conventions (ties never flatter
 the model; image -> speech counts a hit when any caption is among the top k).
 """
 
@@ -22,9 +22,9 @@ from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 
-from ...recall import check_ks
-from .losses import ranking_pairs
-from .multimodal import match_score
+from .recall import check_ks
+from ..objectives.c2f.losses import ranking_pairs
+from ..modules.multimodal import match_score
 
 __all__ = ["RERANK_SCORES", "DEFAULT_RERANK_SCORE", "sic_weight", "RerankResult", "SequencePairScorer", "sic_topk", "rerank", "reranked_recall", "top1_changes",
            "sim_split_auc"]
@@ -33,7 +33,7 @@ __all__ = ["RERANK_SCORES", "DEFAULT_RERANK_SCORE", "sic_weight", "RerankResult"
 PairScorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 RERANK_SCORES = ("sim", "sim+sic", "sim+sic_logit")
-DEFAULT_RERANK_SCORE = "sim+sic_logit"  # chosen on the demo's valid split (README); the task's default
+DEFAULT_RERANK_SCORE = "sim+sic_logit"  # chosen on the demo's valid split (docs/c2f.md); the task's default
 
 
 def sic_weight(score: str, logit_scale: float = 1.0) -> float:
@@ -160,7 +160,7 @@ def rerank(
 
 def reranked_recall(result: RerankResult, image_ids: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
     """R@k of re-ranked lists, for k <= K in each direction (any k where K lists every candidate), in
-    :func:`cmd_plugin.recall.retrieval_recall`'s
+    :func:`cmd_plugin.retrieval.recall.retrieval_recall`'s
     format and rank definitions restricted to the K candidates (a right answer outside them is
     a miss at every k <= K):
 
@@ -284,7 +284,7 @@ class SequencePairScorer:
     Args:
         model: a ``cmd_speech_image`` model with a matching head (put in eval mode here).
         sequences: per utterance its speech layer output (1+T'_u, D), unpadded (fp16 is fine).
-        tokens: (U, 1+N, E) image tokens (:func:`cmd_plugin.objectives.c2f.multimodal.image_tokens`).
+        tokens: (U, 1+N, E) image tokens (:func:`cmd_plugin.modules.multimodal.image_tokens`).
         device: where the head runs (default: the model's).
     """
 

@@ -18,29 +18,38 @@ import sys
 import time
 
 import torch
+import yaml
 
 from cmd_demo.minimal_pairs_scoring import format_table as format_minimal_pairs
 from cmd_plugin.checkpoints import load_checkpoint_state
 from cmd_plugin.data.manifest import read_manifest
+from cmd_plugin.progress import JobFailed, LoggedJob, run_jobs
 from cmd_plugin.retrieval.recall import format_recall_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "examples")
+TRAIN_THREADS = None  # OMP_NUM_THREADS of the plugin's training (None: torch's default, one per core)
 
 
-def run(cmd, log_path=None):
-    print("+ " + " ".join(cmd), flush=True)
-    start = time.time()
+def run(cmd, log_path=None, label=None, **job):
+    """Run one stage's command. With ``log_path`` its output goes there and a progress line names the
+    log every 30 s (``job``: :class:`cmd_plugin.progress.LoggedJob`'s fields, e.g. ``total_updates``);
+    without, its output is shown as it comes. Returns the seconds it took."""
     if log_path is None:
+        print("+ " + " ".join(cmd), flush=True)
+        start = time.time()
         subprocess.run(cmd, check=True)
-    else:
-        with open(log_path, "w") as log:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
-        if proc.returncode != 0:
-            with open(log_path) as log:
-                sys.stderr.write(log.read()[-5000:])
-            raise SystemExit(f"failed ({proc.returncode}): see {log_path}")
-    return time.time() - start
+        return time.time() - start
+    return run_side_by_side([LoggedJob(label or os.path.basename(cmd[1 if len(cmd) > 1 else 0]), cmd, log_path, **job)])[0]
+
+
+def run_side_by_side(jobs):
+    """Independent stages at once (:func:`cmd_plugin.progress.run_jobs`); their seconds, in order."""
+    try:
+        seconds = run_jobs(jobs)
+    except JobFailed as e:
+        raise SystemExit(str(e))
+    return [seconds[job.label] for job in jobs]
 
 
 def check_corpus(corpus, args):
@@ -110,23 +119,48 @@ def learned_layer_weights(checkpoint):
     return torch.softmax(state[key].float(), dim=0).tolist()
 
 
+def minimal_pairs_job(work):
+    """The minimal-pairs set's generation as a job (None when the set exists): its own seed and voices,
+    no scene of the corpus. It needs only the corpus, so the demo makes it beside the upstreams."""
+    pairs_dir = os.path.join(work, "minimal_pairs")
+    if os.path.isdir(pairs_dir):
+        return None
+    return LoggedJob("minimal-pairs set", [
+        sys.executable, os.path.join(EXAMPLES, "generate_minimal_pairs.py"), "--out-dir", pairs_dir,
+        "--exclude-scenes", os.path.join(work, "corpus", "scene_corpus.json"),
+    ], os.path.join(work, "minimal_pairs.log"), threads=1)
+
+
 def minimal_pairs_stage(work, checkpoint, timings):
     """The fine-grained test: a minimal-pairs set beside the corpus (its own seed and voices, no
     training scene), scored with the trained checkpoint. Returns score_minimal_pairs.py's record."""
     py = sys.executable
     pairs_dir = os.path.join(work, "minimal_pairs")
-    if not os.path.isdir(pairs_dir):
-        timings["minimal-pairs set"] = run([
-            py, os.path.join(EXAMPLES, "generate_minimal_pairs.py"), "--out-dir", pairs_dir,
-            "--exclude-scenes", os.path.join(work, "corpus", "scene_corpus.json"),
-        ], log_path=os.path.join(work, "minimal_pairs.log"))
+    job = minimal_pairs_job(work)
+    if job is not None:
+        timings[job.label] = run_side_by_side([job])[0]
     out_json = os.path.join(os.path.dirname(checkpoint), "minimal_pairs_score.json")
     timings["minimal pairs"] = run([
         py, os.path.join(EXAMPLES, "score_minimal_pairs.py"), "--checkpoint", checkpoint, "--pairs-dir", pairs_dir,
         "--output-json", out_json, "--written-captions",
-    ], log_path=out_json[: -len(".json")] + ".log")
+    ], log_path=out_json[: -len(".json")] + ".log", label="minimal pairs")
     with open(out_json) as f:
         return json.load(f)
+
+
+def print_lines_starting(path, start, prefix=""):
+    """Echo a finished stage's summary lines from its log (nothing when the log is not there)."""
+    if os.path.isfile(path):
+        with open(path, errors="replace") as f:
+            for line in f:
+                if line.startswith(start):
+                    print("  " + prefix + line.rstrip(), flush=True)
+
+
+def configured_max_update():
+    """The tiny config's optimization.max_update (what a training runs when --max-update is not given)."""
+    with open(os.path.join(EXAMPLES, "tiny", "config.yaml")) as f:
+        return yaml.safe_load(f)["optimization"]["max_update"]
 
 
 def add_corpus_arguments(parser):
@@ -179,26 +213,33 @@ def build_inputs(args, timings):
             "--image-dir", corpus, "--text-dir", os.path.join(corpus, "Flickr8k_text"), "--out-dir", manifests,
         ])
 
-    # The paper's speech encoder is a frozen pre-trained HuBERT: the tiny one is made with fairseq's
-    # own HuBERT recipe on the training split (never valid or test).
+    # Independent stages side by side, one core each: the speech upstream (the paper's is a frozen
+    # pre-trained HuBERT: the tiny one is made with fairseq's own HuBERT recipe on the training split),
+    # the image upstream (the paper's is a frozen CLIP pre-trained on image-text pairs: the tiny one gets
+    # the same start from the training split's written captions) and the minimal-pairs set. Valid and
+    # test are never read by either pre-training.
     upstream_dir = os.path.join(work, "upstream")
+    pretrained_clip = os.path.join(work, f"tiny_clip_pretrained_{args.clip_steps}steps.bin")
+    jobs = []
     if not os.path.isfile(os.path.join(upstream_dir, "upstream.json")):
-        timings["speech upstream (fairseq HuBERT recipe)"] = run([
+        jobs.append(LoggedJob("speech upstream (fairseq HuBERT recipe)", [
             py, os.path.join(EXAMPLES, "train_hubert_upstream.py"), "--data", manifests, "--out-dir", upstream_dir,
             "--config", args.upstream_config,
-        ], log_path=os.path.join(work, "upstream.log"))
-    with open(os.path.join(upstream_dir, "upstream.json")) as f:
-        upstream = json.load(f)
-
-    # The paper's image encoder is a frozen CLIP pre-trained on image-text pairs; the tiny one gets
-    # the same start from the written captions of the training split (never valid or test).
-    pretrained_clip = os.path.join(work, f"tiny_clip_pretrained_{args.clip_steps}steps.bin")
+        ], os.path.join(work, "upstream.log"), threads=1))
     if not os.path.isfile(pretrained_clip):
-        timings["CLIP pre-training"] = run([
+        jobs.append(LoggedJob("CLIP pre-training", [
             py, os.path.join(EXAMPLES, "pretrain_tiny_clip.py"), "--data", manifests, "--split", "train",
             "--valid-split", "valid", "--clip-dir", clip_dir, "--out-weights", pretrained_clip,
             "--steps", str(args.clip_steps), "--seed", str(args.seed),
-        ])
+        ], os.path.join(work, "clip_pretraining.log"), threads=1))
+    pairs_job = minimal_pairs_job(work)
+    jobs += [pairs_job] if pairs_job else []
+    if jobs:
+        timings.update(zip([job.label for job in jobs], run_side_by_side(jobs)))
+        print_lines_starting(os.path.join(work, "clip_pretraining.log"), "held-out")
+        print_lines_starting(os.path.join(work, "upstream.log"), "stage times", prefix="speech upstream ")
+    with open(os.path.join(upstream_dir, "upstream.json")) as f:
+        upstream = json.load(f)
     return {
         "work": work,
         "manifests": manifests,
@@ -228,14 +269,15 @@ def train_and_score(inputs, save_dir, overrides, seed, max_update, log_path, spl
     if max_update:
         cmd.append(f"optimization.max_update={max_update}")
     timings = {} if timings is None else timings
-    timings[f"train {tag}"] = run(cmd, log_path=log_path)
+    timings[f"train {tag}"] = run(cmd, log_path=log_path, label=f"train {tag}", fairseq=True, metric="mean_r1",
+                                  total_updates=max_update or configured_max_update(), threads=TRAIN_THREADS)
     records = {}
     for split in splits:
         result_json = os.path.join(save_dir, f"recall_{split}.json")
         timings[f"eval {tag}" + ("" if split == "test" else f" {split}")] = run([
             py, os.path.join(EXAMPLES, "eval_recall.py"), "--checkpoint", os.path.join(save_dir, "checkpoint_best.pt"),
             "--data", inputs["manifests"], "--split", split, "--output-json", result_json, "--no-progress",
-        ], log_path=os.path.join(save_dir, f"eval_{split}.log"))
+        ], log_path=os.path.join(save_dir, f"eval_{split}.log"), label=f"eval {tag} {split}")
         with open(result_json) as f:
             records[split] = json.load(f)
     return records

@@ -47,6 +47,7 @@ except ImportError:
     import cmd_plugin
 
 from cmd_plugin.files import atomic_copy, atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
+from cmd_plugin.progress import JobFailed, LoggedJob, run_job  # noqa: E402
 from cmd_plugin.quiet import import_fairseq  # noqa: E402
 
 import_fairseq()  # fairseq's first import: without its known-harmless import-time notes
@@ -185,6 +186,16 @@ def run(cmd, log_path, env=None):
     return time.time() - start
 
 
+def run_fairseq(label, cmd, log_path, overrides, metric):
+    """A fairseq training of the recipe, with a progress line every 30 s (updates done of the config's
+    max_update, the latest valid ``metric``, time left) naming its log."""
+    total = overrides.get("optimization.max_update")
+    try:
+        return run_job(LoggedJob(label, cmd, log_path, total_updates=total, metric=metric, fairseq=True, append=True))
+    except JobFailed as e:
+        raise SystemExit(str(e))
+
+
 def override_args(overrides: dict, base_yaml: str):
     """YAML mapping -> hydra command-line overrides (lists and null as hydra spells them). A key
     that the recipe's YAML ``base_yaml`` does not list gets hydra's ``+`` (add) prefix when its group
@@ -307,7 +318,8 @@ def main(argv=None):
                "--config-name", pre["config_name"], f"task.data={data_dir}", f"task.label_dir={data_dir}",
                "task.labels=[km]", f"checkpoint.save_dir={save_dir}", f"hydra.run.dir={save_dir}",
                f"common.seed={cfg['seed']}", f"common.user_dir={PLUGIN_DIR}", *override_args(pre["overrides"], os.path.join(hubert_dir, "config", "pretrain", pre["config_name"] + ".yaml"))]
-        timings["pre-training"] = run(cmd, os.path.join(out, "pretrain.log"))
+        timings["pre-training"] = run_fairseq("HuBERT pre-training", cmd, os.path.join(out, "pretrain.log"),
+                                              pre["overrides"], metric="loss")
         copy_final(os.path.join(save_dir, "checkpoint_last.pt"), pretrained)
 
     upstream = pretrained
@@ -320,7 +332,8 @@ def main(argv=None):
                    "--config-name", ft["config_name"], f"task.data={data_dir}", f"task.label_dir={data_dir}",
                    f"model.w2v_path={pretrained}", f"checkpoint.save_dir={save_dir}", f"hydra.run.dir={save_dir}",
                    f"common.seed={cfg['seed']}", f"common.user_dir={PLUGIN_DIR}", *override_args(ft["overrides"], os.path.join(hubert_dir, "config", "finetune", ft["config_name"] + ".yaml"))]
-            timings["fine-tuning"] = run(cmd, os.path.join(out, "finetune.log"))
+            timings["fine-tuning"] = run_fairseq("HuBERT CTC fine-tuning", cmd, os.path.join(out, "finetune.log"),
+                                                 ft["overrides"], metric="uer")
             copy_final(os.path.join(save_dir, "checkpoint_last.pt"), finetuned)
         upstream = finetuned
 

@@ -28,8 +28,10 @@ def toy_upstream_config(tmp_path_factory):
 
 
 def _demo(work, *extra):
+    # a progress line every second: the toy stages are over in seconds, a real demo reports every 30 s
     return subprocess.run([sys.executable, DEMO, "--work-dir", str(work), *TOY, *extra], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, CMD_PLUGIN_PROGRESS_SECONDS="1"))
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +79,23 @@ def test_demo_prints_both_rows_next_to_chance_from_the_eval_records(demo_run):
     serve = out.split("search it by voice in your browser")[1].splitlines()[1]
     assert "search.py serve" in serve and str(work / "search" / "test_images_index.pt") in serve
     assert str(work / "checkpoints_cmd" / "checkpoint_best.pt") in serve
+
+
+def test_demo_runs_independent_stages_side_by_side_and_reports_progress_naming_the_logs(demo_run):
+    work, out = demo_run
+    lines = out.splitlines()
+    started = {label: i for i, line in enumerate(lines) for label in re.findall(r"^\+ \[([^\]]+)\]", line)}
+    done = {label: i for i, line in enumerate(lines) for label in re.findall(r"^  \[([^\]]+)\] done in", line)}
+    side_by_side = ("speech upstream (fairseq HuBERT recipe)", "CLIP pre-training", "minimal-pairs set")
+    assert max(started[label] for label in side_by_side) < min(done[label] for label in side_by_side)
+    assert f"(log: {work / 'upstream.log'})" in out and f"(log: {work / 'train_cmd.log'})" in out
+    # the training's progress lines: updates done of the total and the latest valid figure
+    progress = [line for line in lines if line.startswith("  [train cmd ") and "done in" not in line]
+    assert progress and all(line.endswith(f"(log: {work / 'train_cmd.log'})") for line in progress)
+    assert any(re.search(r"\d+/4 updates", line) for line in progress)
+    # the upstream's lines pass on the recipe's own (pre-training, fine-tuning) with their logs
+    recipe = [line for line in lines if line.startswith("  [speech upstream") and "done in" not in line]
+    assert any("[HuBERT pre-training" in line or "HuBERT pre-training: started" in line for line in recipe)
 
 
 def test_demo_output_has_none_of_the_known_harmless_alarms(demo_run):

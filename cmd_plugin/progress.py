@@ -1,0 +1,193 @@
+"""Progress of long subprocesses whose output goes to a log file: one line every 30 s (see
+:func:`progress_period`) per job (what it has done of its total, its latest validation figure, time left, where its log is), and
+several independent jobs side by side.
+
+fairseq's own trainings (``fairseq-hydra-train``) are followed through the lines they log
+(``num_updates=N`` in ``train_inner`` lines, ``| mean_r1 71.2 |`` style fields in ``valid`` lines);
+any other job is followed through the latest progress line it printed itself in this module's format,
+which is how a script that runs its own jobs with :func:`run_jobs` (``examples/train_hubert_upstream.py``
+runs fairseq's HuBERT recipe) passes their progress on to whoever runs it.
+"""
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+_NESTED = re.compile(r"\+ \[(?P<started>[^\]]+)\] |  \[(?P<report>.+)")
+_UPDATES = re.compile(r"num_updates[=\s]+(\d+)")
+_VALID_FIELD = r"\|\s*{name}\s+(-?[\d.]+(?:e-?\d+)?)\s*(?:\||$)"
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(max(seconds, 0)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+@dataclasses.dataclass
+class FairseqProgress:
+    """What a fairseq training log says so far: the latest update number, the latest valid value of
+    ``metric``, and when (on the watcher's clock) the update count was first and last seen to move."""
+
+    total_updates: Optional[int] = None
+    metric: Optional[str] = None
+    updates: int = 0
+    valid: Optional[float] = None
+    first_seen: Optional[tuple] = None  # (time, updates) of the first update count read
+    last_seen: Optional[tuple] = None
+
+    def read(self, text: str, now: float) -> None:
+        """Take in newly logged ``text`` (any number of whole or partial lines)."""
+        for line in text.splitlines():
+            match = _UPDATES.search(line)
+            if match:
+                self.updates = max(self.updates, int(match.group(1)))
+            if self.metric and "valid" in line:
+                value = re.search(_VALID_FIELD.format(name=re.escape(self.metric)), line)
+                if value:
+                    self.valid = float(value.group(1))
+        if self.updates and (self.last_seen is None or self.updates != self.last_seen[1]):
+            self.last_seen = (now, self.updates)
+            if self.first_seen is None:
+                self.first_seen = self.last_seen
+
+    def seconds_left(self) -> Optional[float]:
+        """From the update rate between the first and latest update counts seen; None before two."""
+        if not self.total_updates or self.first_seen is None or self.last_seen is None:
+            return None
+        (t0, u0), (t1, u1) = self.first_seen, self.last_seen
+        if u1 <= u0 or t1 <= t0:
+            return None
+        return (self.total_updates - u1) * (t1 - t0) / (u1 - u0)
+
+    def describe(self) -> str:
+        if not self.updates:
+            return "starting"
+        done = f"{self.updates}/{self.total_updates}" if self.total_updates else str(self.updates)
+        parts = [f"{done} updates"]
+        if self.metric:
+            parts.append(f"valid {self.metric} {self.valid:g}" if self.valid is not None else f"no valid {self.metric} yet")
+        left = self.seconds_left()
+        if left is not None:
+            parts.append(f"~{format_seconds(left)} left")
+        return ", ".join(parts)
+
+
+class LatestLine:
+    """Follows a job that runs its own jobs with :func:`run_jobs`: the latest line that printed."""
+
+    def __init__(self):
+        self.line = None
+
+    def read(self, text: str, now: float) -> None:
+        for line in text.splitlines():
+            match = _NESTED.match(line)
+            if match and match.group("started"):
+                self.line = f"{match.group('started')}: started"
+            elif match:
+                self.line = "[" + match.group("report").strip()
+
+    def describe(self) -> str:
+        return self.line or "running"
+
+
+@dataclasses.dataclass
+class LoggedJob:
+    """A command whose output goes to ``log_path``. ``total_updates``/``metric`` make it a fairseq
+    training (followed by :class:`FairseqProgress`); without them it is followed by :class:`LatestLine`.
+    ``threads`` sets OMP_NUM_THREADS for it (None: inherited); ``append`` keeps what the log already
+    holds (a resumed run) instead of starting it anew."""
+
+    label: str
+    cmd: List[str]
+    log_path: str
+    total_updates: Optional[int] = None
+    metric: Optional[str] = None
+    threads: Optional[int] = None
+    env: Optional[Dict[str, str]] = None
+    fairseq: bool = False
+    append: bool = False
+
+    def follower(self):
+        if self.fairseq or self.total_updates or self.metric:
+            return FairseqProgress(self.total_updates, self.metric)
+        return LatestLine()
+
+
+class JobFailed(RuntimeError):
+    pass
+
+
+def progress_period() -> float:
+    """Seconds between progress lines: 30, or the environment's CMD_PLUGIN_PROGRESS_SECONDS (which the
+    jobs inherit, so that a nested runner reports at the same pace)."""
+    value = os.environ.get("CMD_PLUGIN_PROGRESS_SECONDS", "30")
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"CMD_PLUGIN_PROGRESS_SECONDS={value!r}: expected a number of seconds") from None
+
+
+def run_jobs(jobs: List[LoggedJob], every: Optional[float] = None, out=None, poll: float = 0.5) -> Dict[str, float]:
+    """Run ``jobs`` side by side, each writing to its log; print every ``every`` seconds (default:
+    :func:`progress_period`) one line per job still running, and one when each ends. Returns
+    {label: seconds}. If one fails, the others are stopped and :class:`JobFailed` names the failed
+    job's log (its last lines are printed first)."""
+    out = out or sys.stdout
+    every = progress_period() if every is None else every
+    start = time.time()
+    running = {}
+    for job in jobs:
+        os.makedirs(os.path.dirname(os.path.abspath(job.log_path)), exist_ok=True)
+        env = dict(os.environ if job.env is None else job.env)
+        if job.threads:
+            env["OMP_NUM_THREADS"] = str(job.threads)
+        log = open(job.log_path, "a" if job.append else "w")
+        reader = open(job.log_path, errors="replace")
+        reader.seek(0, os.SEEK_END)  # only what this run logs
+        print(f"+ [{job.label}] " + " ".join(job.cmd) + f"   (log: {job.log_path})", file=out, flush=True)
+        proc = subprocess.Popen(job.cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        running[job.label] = (job, proc, log, job.follower(), reader, time.time())
+    seconds, next_report = {}, start + every
+    try:
+        while running:
+            time.sleep(poll)
+            now = time.time()
+            for label in list(running):
+                job, proc, log, follower, reader, began = running[label]
+                follower.read(reader.read(), now)
+                if proc.poll() is None:
+                    continue
+                log.close()
+                reader.close()
+                del running[label]
+                seconds[label] = now - began
+                if proc.returncode != 0:
+                    with open(job.log_path, errors="replace") as f:
+                        out.write(f.read()[-4000:])
+                    raise JobFailed(f"{label} failed (exit {proc.returncode}): see {job.log_path}")
+                print(f"  [{label}] done in {format_seconds(seconds[label])}", file=out, flush=True)
+            if running and now >= next_report:
+                next_report = now + every
+                for job, _, _, follower, _, began in running.values():
+                    print(f"  [{job.label} {format_seconds(now - began)}] {follower.describe()}   (log: {job.log_path})",
+                          file=out, flush=True)
+    finally:
+        for job, proc, log, _, reader, _ in running.values():
+            proc.terminate()
+            proc.wait()
+            log.close()
+            reader.close()
+    return seconds
+
+
+def run_job(job: LoggedJob, every: Optional[float] = None, out=None) -> float:
+    """One job with progress lines (see :func:`run_jobs`); returns its seconds."""
+    return run_jobs([job], every=every, out=out)[job.label]

@@ -10,6 +10,7 @@ standard deviation over seeds, :func:`format_table` the printed table and :func:
 figure of test mean R@1 against alpha.
 """
 
+import gzip
 import json
 import logging
 import os
@@ -414,6 +415,15 @@ def run_finished(save_dir, spec) -> bool:
     return all(os.path.isfile(os.path.join(save_dir, n)) for n in names)
 
 
+def read_train_log(path):
+    """A run's training log, or its gzipped copy as the records keep it (``PATH.gz``); None if neither."""
+    for name, opener in ((path, open), (path + ".gz", gzip.open)):
+        if os.path.isfile(name):
+            with opener(name, "rt") as f:
+                return f.read()
+    return None
+
+
 def write_json(record, path):
     atomic_write_json(path, record, indent=1)
 
@@ -429,10 +439,11 @@ def run_ablation(args, argv=None):
 
     timings = {}
     t0 = time.time()
-    inputs = build_inputs(args, timings)
+    report_only = getattr(args, "report_only", False)
+    # a report reads only the runs' records: nothing is built, the work dir only names the corpus
+    inputs = {"work": os.path.abspath(args.work_dir)} if report_only else build_inputs(args, timings)
     out_dir = os.path.abspath(args.out_dir or os.path.join(inputs["work"], "ablation"))
     tag_updates = f"u{args.max_update}" if args.max_update else "udefault"
-    report_only = getattr(args, "report_only", False)
     runs, trained, rescored, missing = {}, 0, 0, []
     for seed in args.seeds:  # seed-major: every row gets its first seed before any row gets a third
         for row in rows:
@@ -467,10 +478,8 @@ def run_ablation(args, argv=None):
                                       tag=f"{row} seed{seed}")
                 print(f"{row} seed {seed}: test mean R@1 {records['test']['recall']['mean_r1']:.1f}, "
                       f"valid mean R@1 {records['valid']['recall']['mean_r1']:.1f}", flush=True)
-            log_path = save_dir + ".train.log"
-            if os.path.isfile(log_path):
-                with open(log_path) as f:
-                    log_text = f.read()
+            log_text = read_train_log(save_dir + ".train.log")
+            if log_text is not None:
                 best = best_valid_line(log_text) or {}
                 records["attention"] = {k: best[k] for k in ATTENTION_KEYS if k in best}
                 records["sim"] = {k: best[k] for k in SIM_KEYS if k in best}

@@ -1,5 +1,6 @@
 """examples/demo.py end to end at toy size: every stage runs the real command and the table is printed."""
 
+import gzip
 import json
 import re
 import os
@@ -183,6 +184,28 @@ def test_ablation_harness_trains_rows_by_seeds_then_resumes_without_retraining(d
     assert "not finished yet (left out): sic seed 3, cmd-cosine seed 3" in partial.stdout
     assert "0 runs trained, 4 reused, 2 not finished" in partial.stdout
     assert not (out_dir / "u4" / "sic" / "seed3").exists()
+    # the committed records alone (JSON, gzipped training logs; no checkpoint, no work dir) make the same report
+    records = work.parent / "records_only"
+    for path in (out_dir / "u4").rglob("*"):
+        if path.suffix == ".json" or path.name.endswith(".train.log"):
+            dst = records / "u4" / path.relative_to(out_dir / "u4")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if path.suffix == ".json":
+                shutil.copy(path, dst)
+            else:
+                with open(path, "rb") as src, gzip.open(str(dst) + ".gz", "wb") as gz:
+                    gz.write(src.read())
+    from_records = subprocess.run(
+        [sys.executable, ABLATION, "--work-dir", str(work.parent / "no_such_work_dir"), "--out-dir", str(records),
+         "--max-update", "4", "--rows", "sic", "cmd-cosine", "--seeds", "1", "2", "--report-only"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert from_records.returncode == 0, from_records.stderr[-3000:]
+    assert not (work.parent / "no_such_work_dir").exists()
+    with open(records / "ablation_u4.json") as f:
+        again_record = json.load(f)
+    for row in ("sic", "cmd-cosine"):
+        assert again_record["rows"][row]["mean_sd"] == record["rows"][row]["mean_sd"]
+        assert again_record["rows"][row]["per_seed"]["1"]["attention"] == record["rows"][row]["per_seed"]["1"]["attention"]
 
 
 def test_ablation_rejects_an_unknown_row_before_any_work(tmp_path):

@@ -34,7 +34,7 @@ setup(
     # hydra discovers plugins in the ``hydra_plugins`` namespace package (no __init__.py there)
     + find_namespace_packages(include=["hydra_plugins.*"]),
     # the method config group shared by the corpus configs (hydra_plugins/cmd_plugin_searchpath finds it)
-    package_data={"cmd_plugin": ["config/method/*.yaml"]},
+    package_data={"cmd_plugin": ["config/method/*.yaml", "config/recipe/*.yaml"]},
     # ranges tested in both environments (README, "Compatibility"); fairseq itself is not listed
     install_requires=[
         "torch>=2.4",

@@ -1,6 +1,6 @@
 """Version shims: the one place where cmd_plugin adapts to the fairseq environment it runs in.
 
-Two environments are tested (README, "Compatibility"):
+Two environments are tested (docs/compatibility.md):
 
 * A, a fresh one: Python 3.11, torch 2.14, fairseq-fixed 0.12.3.1, hydra-core 1.3, omegaconf 2.3;
 * B, an existing fairseq workflow: Python 3.10, torch 2.4, fairseq main installed from source

@@ -6,7 +6,8 @@ import re
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ["README.md", "docs/formats.md", "docs/ablation_history.md", "manifests/README.md", "benchmarks/README.md"]
+DOCS = ["README.md", "manifests/README.md", "benchmarks/README.md"] + sorted(
+    os.path.join("docs", name) for name in os.listdir(os.path.join(REPO, "docs")) if name.endswith(".md"))
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 
@@ -29,3 +30,12 @@ def test_the_corpus_layouts_are_documented_for_both_corpora():
     for name in ("wav2capt.txt", "Flicker8k_Dataset", "Flickr_8k.devImages.txt", "Flickr8k.token.txt",
                  "SpokenCOCO_train.json", "dataset_coco.json", "restval", "SpokenCOCO_ksplit_"):
         assert name in text, name
+
+
+def test_the_readme_is_a_front_door_and_every_docs_page_is_in_its_map():
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert len(readme.splitlines()) <= 250
+    linked = {os.path.normpath(t) for t in LINK.findall(readme)}
+    pages = {os.path.join("docs", name) for name in os.listdir(os.path.join(REPO, "docs")) if name.endswith(".md")}
+    assert pages - linked == set(), "docs pages the README's map does not link"

@@ -10,7 +10,7 @@ cmd_plugin is imported (cmd_plugin/compat.py). For a fresh environment, the ``fa
 brings fairseq-fixed (an sdist, compiled against the torch already installed):
 
     pip install torch torchvision cython -c constraints/env-a.txt
-    pip install --no-build-isolation -e ".[fairseq,tensorboard,search,app,test]" -c constraints/env-a.txt
+    pip install --no-build-isolation -e ".[fairseq,tensorboard,search,app,lint,test]" -c constraints/env-a.txt
 
 ``scripts/install.sh`` does exactly this in a virtual environment; ``constraints/env-a.txt`` holds
 the exact versions tested there, ``constraints/env-b.txt`` those of the existing-fairseq
@@ -63,6 +63,8 @@ setup(
         # fairseq's HuBERT recipe (examples/train_hubert_upstream.py: k-means, MFCC dump, CTC WER)
         # and the upstream probe (examples/probe_upstream.py)
         "recipe": ["scikit-learn", "npy-append-array", "editdistance"],
+        # the lint and format checks of the test command and of .pre-commit-config.yaml
+        "lint": ["ruff"],
         # selenium drives Debian's chromium + chromium-driver in the web app's browser tests
         "test": ["pytest", "pyyaml", "selenium>=4.20"],
     },

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command. Installs what the tests need, then runs them in both tested environments:
+# The test command. Installs what the tests need, checks lint and formatting (ruff, configured in
+# pyproject.toml; seconds), then runs the tests in both tested environments:
 #   A  the full suite in .venv (scripts/install.sh: Python 3.11, fairseq-fixed, hydra 1.3, torch 2.14);
 #   B  the tests marked env_b (every module but the end-to-end demo and the two-process gradient test,
 #      see tests/conftest.py) in the existing-fairseq environment (scripts/install_env_b.sh: Python 3.10,
@@ -52,6 +53,11 @@ plan_env_b() {  # decides whether environment B runs: sets ENVS, exports CMD_PLU
   return 1
 }
 
+lint() {  # ruff's lint and format checks over the whole checkout, as pre-commit runs them
+  echo "== lint: ruff check, ruff format --check"
+  .venv/bin/ruff check --no-cache . && .venv/bin/ruff format --check --no-cache .
+}
+
 suite_b() {
   env PYTHONPATH="$PWD" PATH="$VENV_B/bin:$PATH" "$VENV_B/bin/python" -m pytest -q -p no:cacheprovider -m env_b tests "$@"
   local rc=$?
@@ -74,6 +80,7 @@ main() {
   if [[ " $ENVS " == *" a "* ]]; then
     echo "== environment A: install (.venv), full suite"
     if timed "install A" bash scripts/install.sh; then
+      timed "lint" lint
       timed "suite A" .venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"
     fi
   fi

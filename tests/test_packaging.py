@@ -204,3 +204,12 @@ def test_pickle_globals_reads_stack_global_of_newer_protocols():
 
     data = pickle.dumps([collections.OrderedDict(), textwrap.dedent, textwrap.dedent], protocol=4)
     assert compat.pickle_globals(data) == ["collections.OrderedDict", "textwrap.dedent"]
+
+
+def test_pre_commit_runs_the_ruff_version_the_test_command_pins():
+    with open(os.path.join(REPO, "constraints", "env-a.txt")) as f:
+        pinned = next(line.split("==")[1].strip() for line in f if line.startswith("ruff=="))
+    with open(os.path.join(REPO, ".pre-commit-config.yaml")) as f:
+        hook = f.read()
+    assert "astral-sh/ruff-pre-commit" in hook and f"rev: v{pinned}\n" in hook
+    import ruff  # noqa: F401  (installed by the lint extra: scripts/run_tests.sh's lint step runs it)

@@ -104,7 +104,7 @@ def test_cache_holds_the_upstreams_own_outputs_within_fp16(upstream, identity, i
     assert on_disk["identity"] == identity and on_disk["shapes"]["image_patches.npy"] == [5, 64, 32]
     assert np.load(out / "image_cls.npy", mmap_mode="r").dtype == np.float16
     arrays = [np.load(out / name, mmap_mode="r") for name in ("image_cls.npy", "image_patches.npy")]
-    assert sum(a.nbytes for a in arrays) == cache_bytes(5, 32, 64) == 5 * 65 * 32 * 2  # the README's size formula
+    assert sum(a.nbytes for a in arrays) == cache_bytes(5, 32, 64) == 5 * 65 * 32 * 2  # the size formula of docs/troubleshooting.md
 
     cache = ImageFeatureCache(str(out))
     cache.check_identity(identity)

@@ -25,7 +25,7 @@ KNOWN_HARMLESS = {
     "fairseq.trainer's None parameters listed as shared": "detected shared parameter",
 }
 # printed by fairseq-hydra-train itself while it imports fairseq, before it loads the plugin
-# (README: "What the commands print")
+# (docs/troubleshooting.md: "What the commands print")
 BEFORE_THE_PLUGIN = {"`torch.jit.script` is deprecated", "Please install tensorboardX"}
 
 

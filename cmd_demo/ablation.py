@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import statistics
+import subprocess
 import sys
 import time
 from typing import Optional
@@ -415,6 +416,19 @@ def run_finished(save_dir, spec) -> bool:
     return all(os.path.isfile(os.path.join(save_dir, n)) for n in names)
 
 
+def checkout_commit():
+    """The commit of the checkout that made a report, with "-dirty" when it has uncommitted changes to
+    tracked files; None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=EXAMPLES,
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    return out.stdout.strip()
+
+
 def read_train_log(path):
     """A run's training log, or its gzipped copy as the records keep it (``PATH.gz``); None if neither."""
     for name, opener in ((path, open), (path + ".gz", gzip.open)):
@@ -454,12 +468,15 @@ def run_ablation(args, argv=None):
             if report_only and not run_finished(save_dir, spec):
                 missing.append(f"{row} seed {seed}")
                 continue
-            if spec["rerank_k"] and os.path.isfile(os.path.join(save_dir, "checkpoint_best.pt")) and all(
-                    os.path.isfile(p) for p in paths.values()):
+            rescored_before = spec["rerank_k"] and run_finished(save_dir, spec)
+            if spec["rerank_k"] and all(os.path.isfile(p) for p in paths.values()) and (
+                    rescored_before or os.path.isfile(os.path.join(save_dir, "checkpoint_best.pt"))):
+                # a re-ranked row: its base run's re-scored records, re-scoring the checkpoint if they are missing
                 records = rescore(inputs, save_dir, spec["rerank_k"], spec["rerank_score"], timings=timings,
                                   tag=f"{row} seed{seed}")
-                rescored += 1
-                print(f"{row} seed {seed}: re-scored {save_dir}: test mean R@1 "
+                if not rescored_before:
+                    rescored += 1
+                print(f"{row} seed {seed}: {'reusing' if rescored_before else 're-scored'} {save_dir}: test mean R@1 "
                       f"{records['test']['recall']['mean_r1']:.1f}", flush=True)
             elif all(os.path.isfile(p) for p in paths.values()):
                 records = {}
@@ -553,11 +570,14 @@ def run_ablation(args, argv=None):
     if extra:
         print("other paired differences of test mean R@1 (same seeds):")
         print(format_paired(extra, base=None))
+    command = " ".join([os.path.basename(sys.executable), "examples/ablation.py"] + list(argv or sys.argv[1:]))
+    print(f"made by: {command} (checkout {checkout_commit()})")
     record = {
         "paired_vs_sic": paired,
         "paired_vs_sic_valid": paired_vs(runs, split="valid") if paired else {},
         "paired_other": extra,
-        "command": " ".join([os.path.basename(sys.executable), "examples/ablation.py"] + list(argv or sys.argv[1:])),
+        "command": command,
+        "commit": checkout_commit(),
         "header": header,
         "rows": {row: {"overrides": overrides[row],
                        "per_seed": {str(s): {"test": runs[row][s]["test"]["recall"],

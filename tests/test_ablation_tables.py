@@ -203,3 +203,39 @@ def test_other_paired_comparisons_name_two_rows_of_the_sweep():
     d = paired_difference({1: 12.0, 2: 14.0, 3: 13.0}, {1: 10.0, 2: 11.0, 3: 11.5})
     line = format_paired({"cmd-qkv - cmd-uniform": d}, base=None)
     assert line.startswith("  cmd-qkv - cmd-uniform: +2.17 [") and "3 paired seeds" in line
+
+
+def test_a_report_from_the_committed_records_gives_re_ranked_rows_their_own_figures(tmp_path):
+    """--report-only on records alone (no checkpoint, no work dir): a re-ranked row reads its re-scored
+    record, not its base run's SIC one."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = os.path.join(repo, "benchmarks", "results", "powered", "u2400", "c2f")
+    for seed in ("1", "2"):
+        shutil.copytree(os.path.join(src, f"seed{seed}"), tmp_path / "u2400" / "c2f" / f"seed{seed}")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(repo, "examples", "ablation.py"), "--work-dir", str(tmp_path / "none"),
+         "--out-dir", str(tmp_path), "--max-update", "2400", "--seeds", "1", "2", "--no-minimal-pairs",
+         "--rows", "c2f", "c2f-rerank10-simsiclogit", "--report-only"],
+        capture_output=True, text=True, timeout=300, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "ablation_u2400.json") as f:
+        record = json.load(f)
+    rows = record["rows"]
+    # the record names the checkout and the command that made it
+    assert record["commit"] and f"(checkout {record['commit']})" in proc.stdout
+    assert record["command"].endswith("--rows c2f c2f-rerank10-simsiclogit --report-only")
+    for seed in ("1", "2"):
+        with open(os.path.join(src, f"seed{seed}", "recall_test_rerank10_simsiclogit.json")) as f:
+            reranked = json.load(f)["rerank"]["recall"]
+        with open(os.path.join(src, f"seed{seed}", "recall_test.json")) as f:
+            sic = json.load(f)["recall"]
+        assert rows["c2f-rerank10-simsiclogit"]["per_seed"][seed]["test"] == reranked
+        assert rows["c2f"]["per_seed"][seed]["test"] == sic
+        assert reranked["mean_r1"] != sic["mean_r1"]
+    assert not (tmp_path / "none").exists()

@@ -23,7 +23,7 @@ import yaml
 from cmd_demo.minimal_pairs_scoring import format_table as format_minimal_pairs
 from cmd_plugin.checkpoints import load_checkpoint_state
 from cmd_plugin.data.manifest import read_manifest
-from cmd_plugin.progress import JobFailed, LoggedJob, run_jobs
+from cmd_plugin.progress import JobFailed, LoggedJob, format_seconds, run_jobs
 from cmd_plugin.retrieval.recall import format_recall_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -326,8 +326,13 @@ def run_demo(args):
     print(f"spoken image search over {search_record['num_images']} test images ({search_record['method']}): "
           f"{1000 * ms['per_query']:.1f} ms per query (embedding {1000 * ms['embed_queries'] / nq:.1f} ms, "
           f"search {1000 * ms['search'] / nq:.2f} ms); results page: {page}")
+    print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {time.time() - t0:.0f}s")
     index = os.path.join(work, "search", "test_images_index.pt")
-    print("search it by voice in your browser (Ctrl-C stops it):")
+    print()
+    print(f"Done in {format_seconds(time.time() - t0)}. To look at what it made:")
+    print(f"  the results page (each spoken query, its top 10, its paired image marked): file://{page}")
+    print("  search it by voice in your browser (Ctrl-C stops it):")
     print(f"  {sys.executable} {os.path.join(EXAMPLES, 'search.py')} serve --checkpoint {record['checkpoint']} "
           f"--index {index}   # then open http://127.0.0.1:7860")
-    print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {time.time() - t0:.0f}s")
+    print(f"  each stage's log: {work}/*.log; the model's checkpoints, records and training log: "
+          f"{os.path.dirname(record['checkpoint'])}")

@@ -77,7 +77,10 @@ def test_demo_prints_both_rows_next_to_chance_from_the_eval_records(demo_run):
     assert out.index("Minimal pairs") > out.index("Speech→Image")
     assert f"{mp['mean_accuracy']:.1f}" in out
     # it ends with the command that serves its own index and checkpoint in a browser
-    serve = out.split("search it by voice in your browser")[1].splitlines()[1]
+    # it closes with where to look: the results page, the app, the logs
+    closing = out.split("\nDone in ")[1]
+    assert f"file://{work / 'search' / 'results.html'}" in closing and f"{work}/*.log" in closing
+    serve = closing.split("search it by voice in your browser")[1].splitlines()[1]
     assert "search.py serve" in serve and str(work / "search" / "test_images_index.pt") in serve
     assert str(work / "checkpoints_cmd" / "checkpoint_best.pt") in serve
 

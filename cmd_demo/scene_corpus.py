@@ -38,6 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Sequence, Tuple
 
+from cmd_plugin.progress import CountProgress
+
 INSTALL_HINT = (
     "install it with `apt-get install -y espeak-ng sox` (Debian/Ubuntu) "
     "or `brew install espeak-ng sox` (macOS)"
@@ -501,11 +503,13 @@ def atomic_output_dir(out_dir: str):
         raise
 
 
-def write_flickr_layout(root: str, images: List[PlannedImage], image_size: int, num_workers: int) -> List[int]:
+def write_flickr_layout(root: str, images: List[PlannedImage], image_size: int, num_workers: int,
+                        log=print) -> List[int]:
     """Render every image and speak every caption of ``images`` into ``root`` in the Flickr 8k
     layout (wavs, jpgs, wav2capt/wav2spk/token files, the three split lists; an image whose split
     is none of train/valid/test is rendered but listed in no split, as the real corpus's extra
-    jpgs are). Returns the number of samples of each utterance, in wav2capt.txt order."""
+    jpgs are). Returns the number of samples of each utterance, in wav2capt.txt order; ``log`` gets
+    a progress line every 30 s."""
     audio_dir = os.path.join(root, "flickr_audio")
     wav_dir = os.path.join(audio_dir, "wavs")
     image_dir = os.path.join(root, "Flicker8k_Dataset")
@@ -522,7 +526,11 @@ def write_flickr_layout(root: str, images: List[PlannedImage], image_size: int, 
     # The work is in child processes (espeak-ng, sox) and PIL's C code, so threads suffice.
     with ThreadPoolExecutor(num_workers) as pool:
         list(pool.map(render, images))
-        num_samples = list(pool.map(lambda job: synthesise(*job, scratch_dir), jobs))
+        progress = CountProgress("spoken captions", len(jobs), "written", log)
+        num_samples = []
+        for samples in pool.map(lambda job: synthesise(*job, scratch_dir), jobs):
+            num_samples.append(samples)
+            progress.update(len(num_samples))
     os.rmdir(scratch_dir)
 
     wav2capt, wav2spk, tokens = [], [], []
@@ -564,7 +572,7 @@ def generate_corpus(out_dir: str, seed: int = 1, num_train: int = 400, num_valid
     images = plan_corpus(seed, num_train, num_valid, num_test, captions_per_image, num_speakers, speech_rates)
 
     with atomic_output_dir(out_dir) as tmp_dir:
-        num_samples = write_flickr_layout(tmp_dir, images, image_size, num_workers)
+        num_samples = write_flickr_layout(tmp_dir, images, image_size, num_workers, log)
         speakers_used = sorted({s.name for im in images for s in im.speakers})
         summary = {
             "out_dir": out_dir,

@@ -121,6 +121,26 @@ class LoggedJob:
         return LatestLine()
 
 
+class CountProgress:
+    """A loop's progress: ``update(done)`` prints "label: done/total unit, ~T left" when at least the
+    progress period has passed since the last line (and at the end, if a line was printed before)."""
+
+    def __init__(self, label: str, total: int, unit: str, log=print, every: Optional[float] = None):
+        self.label, self.total, self.unit, self.log = label, total, unit, log
+        self.every = progress_period() if every is None else every
+        self.start = self.last = time.time()
+        self.printed = False
+
+    def update(self, done: int) -> None:
+        now = time.time()
+        finished = done >= self.total
+        if now - self.last < self.every and not (finished and self.printed):
+            return
+        self.last, self.printed = now, True
+        left = "" if finished or done == 0 else f", ~{format_seconds((now - self.start) * (self.total - done) / done)} left"
+        self.log(f"{self.label}: {done:,}/{self.total:,} {self.unit}{left}")
+
+
 class JobFailed(RuntimeError):
     pass
 

@@ -6,7 +6,15 @@ import sys
 
 import pytest
 
-from cmd_plugin.progress import FairseqProgress, JobFailed, LatestLine, LoggedJob, format_seconds, run_jobs
+from cmd_plugin.progress import (
+    CountProgress,
+    FairseqProgress,
+    JobFailed,
+    LatestLine,
+    LoggedJob,
+    format_seconds,
+    run_jobs,
+)
 
 TRAIN_LINE = ("[2026-11-22 12:53:10,493][train_inner][INFO] - epoch 001:     {n} / 157 loss=10.48, sic_loss=5.99, "
               "num_updates={n}, lr=0.0004, gnorm=68.845, train_wall=12, wall=12")
@@ -102,3 +110,17 @@ def test_an_appended_log_keeps_what_it_held_and_only_new_lines_are_read(tmp_path
 @pytest.mark.parametrize("seconds, text", [(5, "5s"), (59.6, "1m00s"), (61, "1m01s"), (3725, "1h02m")])
 def test_format_seconds(seconds, text):
     assert format_seconds(seconds) == text
+
+
+def test_a_count_progress_prints_at_the_period_with_time_left_and_closes_its_lines():
+    lines = []
+    progress = CountProgress("spoken captions", 4, "written", log=lines.append, every=0.0)
+    progress.update(1)
+    progress.update(4)
+    assert lines[0].startswith("spoken captions: 1/4 written, ~") and lines[0].endswith(" left")
+    assert lines[1] == "spoken captions: 4/4 written"  # the end says it is done, without a time left
+    quiet = []
+    progress = CountProgress("spoken captions", 4, "written", log=quiet.append, every=3600.0)
+    for done in range(1, 5):
+        progress.update(done)
+    assert quiet == []  # a loop shorter than the period prints nothing

@@ -240,7 +240,6 @@ def main():
 
     index = load_index(args.index)
     images = [index.absolute_path(r) for r in range(0, len(index), max(1, len(index) // (args.num_queries + 1)))]
-    import torch
 
     record = {"machine": {"cpus": os.cpu_count(), "torch_threads_in_process": args.torch_threads,
                           "server_torch_threads": "CPUs / --concurrency (serve's default)",

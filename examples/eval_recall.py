@@ -39,10 +39,10 @@ if REPO_ROOT not in sys.path:  # run from any directory without installing the p
     sys.path.insert(0, REPO_ROOT)
 
 from cmd_plugin.data.manifest import check_split  # noqa: E402
+from cmd_plugin.retrieval.rerank import DEFAULT_RERANK_SCORE  # noqa: E402
 from cmd_plugin.retrieval.evaluate import (  # noqa: E402
     RECALL_KS,
     RERANK_SCORES,
-    DEFAULT_RERANK_SCORE,
     TIE_RULE,
     EvaluationError,
     chance_for,

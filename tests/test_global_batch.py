@@ -1,6 +1,5 @@
 """Two gloo workers on halves of a global batch == one process on the whole batch."""
 
-import os
 import socket
 
 import pytest

@@ -25,7 +25,7 @@ from cmd_plugin.data.image_cache import (
     encoder_identity,
     write_image_cache,
 )
-from cmd_plugin.data.manifest import SpeechImageManifest, read_manifest, write_manifest
+from cmd_plugin.data.manifest import SpeechImageManifest, write_manifest
 from cmd_plugin.models.clip_upstream import ClipImageUpstream
 from test_model import build_model, criterion, make_batch
 

@@ -1,10 +1,7 @@
 """The CMD model on tiny release-format encoders: frozen upstreams, checkpoints, global batch."""
 
 import os
-import subprocess
-import sys
 
-import pytest
 import torch
 
 from cmd_plugin.criterions.cmd_contrastive import CmdContrastiveConfig, CmdContrastiveCriterion

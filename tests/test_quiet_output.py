@@ -8,7 +8,6 @@ import subprocess
 import sys
 import warnings
 
-import pytest
 import torch
 
 from test_train_cli import REPO, TRAIN, make_corpus

@@ -205,8 +205,10 @@ def test_different_seed_gives_a_different_corpus(corpus, tmp_path):
     result = _generate(other, seed=8, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert _split_stems(other) != _split_stems(corpus)
-    tokens = lambda root: {line.split("\t")[1] for line in _read_lines(root / "Flickr8k_text" / "Flickr8k.token.txt")}
-    assert tokens(other) != tokens(corpus)
+    def captions(root):
+        return {line.split("\t")[1] for line in _read_lines(root / "Flickr8k_text" / "Flickr8k.token.txt")}
+
+    assert captions(other) != captions(corpus)
 
 
 def test_missing_espeak_exits_with_install_instructions(tmp_path):

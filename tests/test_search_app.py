@@ -44,7 +44,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from cmd_plugin.search.index import load_index  # noqa: E402
 from test_search import REPO  # noqa: E402
 from test_search_service import env  # noqa: E402,F401  (the module's checkpoint, images, clips and indexes)
-from test_search_service import _error, search_cli, speak  # noqa: E402
+from test_search_service import _error, speak  # noqa: E402
 
 MAX_QUERY_SECONDS = 8
 

@@ -40,7 +40,6 @@ from ..modules.multimodal import image_tokens
 from ..objectives.c2f.queue_sic import QueueSicObjective
 from ..objectives.c2f.sim import SimObjective
 from ..objectives.cmd.objective import CmdObjective
-from ..objectives.sic import SicObjective
 from ..objectives.targets import item_keys, split_code
 
 

@@ -29,7 +29,7 @@ from ..files import atomic_write, atomic_write_json
 from ..inference import ImageBatches
 from ..loading import autocast, resolve_device, why_no_matching_head
 from ..modules.multimodal import image_tokens
-from .rerank import (DEFAULT_RERANK_SCORE, RERANK_SCORES, SequencePairScorer, rerank, reranked_recall,
+from .rerank import (RERANK_SCORES, SequencePairScorer, rerank, reranked_recall,
                                     sic_weight, sim_split_auc, top1_changes)
 from .recall import chance_recall, retrieval_recall
 

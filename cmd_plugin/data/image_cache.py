@@ -379,10 +379,10 @@ def write_image_cache(
             cls_out = np.load(os.path.join(partial, CLS_FILE), mmap_mode="r+")
             patches_out = np.load(os.path.join(partial, PATCHES_FILE), mmap_mode="r+")
 
-        def record(rows_done: int) -> None:
+        def record(rows_done: int, *arrays) -> None:
             # rows reach the disk before the count that says they are there
-            cls_out.flush()
-            patches_out.flush()
+            for array in arrays:
+                array.flush()
             atomic_write_json(os.path.join(partial, PROGRESS_FILE), {"key": key, "rows_done": rows_done})
 
         upstream.to(device).eval()
@@ -412,10 +412,10 @@ def write_image_cache(
                 row += n
                 bar.update(n)
                 if time.time() - last_sync >= sync_interval:
-                    record(row)
+                    record(row, cls_out, patches_out)
                     last_sync = time.time()
         assert row == num_images, (row, num_images)
-        record(row)
+        record(row, cls_out, patches_out)
         del cls_out, patches_out
         atomic_write_text(os.path.join(partial, INDEX_FILE), "".join(p + "\n" for p in paths))
         meta = {

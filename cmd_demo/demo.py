@@ -28,7 +28,9 @@ from cmd_plugin.retrieval.recall import format_recall_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "examples")
-TRAIN_THREADS = None  # OMP_NUM_THREADS of the plugin's training (None: torch's default, one per core)
+# OMP_NUM_THREADS of the plugin's training. None: torch's default, one thread per core, the fastest of the
+# ways of using 2 cores that were measured (docs/demo.md, "Where the time goes")
+TRAIN_THREADS = None
 
 
 def run(cmd, log_path=None, label=None, **job):
@@ -213,11 +215,12 @@ def build_inputs(args, timings):
             "--image-dir", corpus, "--text-dir", os.path.join(corpus, "Flickr8k_text"), "--out-dir", manifests,
         ])
 
-    # Independent stages side by side, one core each: the speech upstream (the paper's is a frozen
+    # Independent stages side by side: the speech upstream (the paper's is a frozen
     # pre-trained HuBERT: the tiny one is made with fairseq's own HuBERT recipe on the training split),
     # the image upstream (the paper's is a frozen CLIP pre-trained on image-text pairs: the tiny one gets
     # the same start from the training split's written captions) and the minimal-pairs set. Valid and
-    # test are never read by either pre-training.
+    # test are never read by either pre-training. The upstream keeps torch's threads (one per core, faster
+    # for a fairseq training than one thread: docs/demo.md, "Where the time goes"); the short stages one each.
     upstream_dir = os.path.join(work, "upstream")
     pretrained_clip = os.path.join(work, f"tiny_clip_pretrained_{args.clip_steps}steps.bin")
     jobs = []
@@ -225,7 +228,7 @@ def build_inputs(args, timings):
         jobs.append(LoggedJob("speech upstream (fairseq HuBERT recipe)", [
             py, os.path.join(EXAMPLES, "train_hubert_upstream.py"), "--data", manifests, "--out-dir", upstream_dir,
             "--config", args.upstream_config,
-        ], os.path.join(work, "upstream.log"), threads=1))
+        ], os.path.join(work, "upstream.log")))
     if not os.path.isfile(pretrained_clip):
         jobs.append(LoggedJob("CLIP pre-training", [
             py, os.path.join(EXAMPLES, "pretrain_tiny_clip.py"), "--data", manifests, "--split", "train",

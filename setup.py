@@ -10,7 +10,7 @@ cmd_plugin is imported (cmd_plugin/compat.py). For a fresh environment, the ``fa
 brings fairseq-fixed (an sdist, compiled against the torch already installed):
 
     pip install torch torchvision cython -c constraints/env-a.txt
-    pip install --no-build-isolation -e ".[fairseq,tensorboard,search,app,test]" -c constraints/env-a.txt
+    pip install --no-build-isolation -e ".[fairseq,tensorboard,search,app,test,mteb]" -c constraints/env-a.txt
 
 ``scripts/install.sh`` does exactly this in a virtual environment; ``constraints/env-a.txt`` holds
 the exact versions tested there, ``constraints/env-b.txt`` those of the existing-fairseq
@@ -65,5 +65,9 @@ setup(
         "recipe": ["scikit-learn", "npy-append-array", "editdistance"],
         # selenium drives Debian's chromium + chromium-driver in the web app's browser tests
         "test": ["pytest", "pyyaml", "selenium>=4.20"],
+        # MTEB's speech-image retrieval tasks (cmd_plugin/mteb_model.py, docs/mteb.md; Python >= 3.11):
+        # mteb-core is the mteb package without sentence-transformers and transformers, which a
+        # cmd_speech_image checkpoint does not use; datasets (with pyarrow) holds the tasks' data
+        "mteb": ["mteb-core>=2.26,<2.27", "datasets"],
     },
 )

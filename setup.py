@@ -65,9 +65,9 @@ setup(
         "recipe": ["scikit-learn", "npy-append-array", "editdistance"],
         # selenium drives Debian's chromium + chromium-driver in the web app's browser tests
         "test": ["pytest", "pyyaml", "selenium>=4.20"],
-        # MTEB's speech-image retrieval tasks (cmd_plugin/mteb_model.py, docs/mteb.md; Python >= 3.11):
-        # mteb-core is the mteb package without sentence-transformers and transformers, which a
-        # cmd_speech_image checkpoint does not use; datasets (with pyarrow) holds the tasks' data
-        "mteb": ["mteb-core>=2.26,<2.27", "datasets"],
+        # MTEB's speech-image retrieval tasks (cmd_plugin/mteb_model.py, docs/mteb.md; Python >= 3.11).
+        # The full mteb, not the slimmer mteb-core: mteb-core 2.26's mteb.evaluate imports
+        # sentence_transformers (docs/mteb.md, "Install"); datasets (with pyarrow) holds the tasks' data
+        "mteb": ["mteb>=2.26,<2.27", "datasets"],
     },
 )

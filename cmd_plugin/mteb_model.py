@@ -148,13 +148,17 @@ class CmdSpeechImageMteb(AbsEncoder):
     """An mteb encoder (speech and images) around a loaded :class:`SpeechImageEncoder`.
 
     ``batch_size``: clips / images per forward pass; ``sort_window``: clips read before they are
-    sorted by length and batched (more: less padding, more memory)."""
+    sorted by length and batched (more: less padding, more memory). With ``record`` every ``encode``
+    call's item ids and embeddings are kept in ``recorded[(task name, modality)]`` (a list of
+    (ids, (n, E) tensor) pairs): examples/eval_mteb.py scores our R@K on the very embeddings mteb scored."""
 
     def __init__(self, encoder: SpeechImageEncoder, checkpoint: str = "", name: Optional[str] = None,
                  batch_size: int = DEFAULT_BATCH_SIZE, sort_window: int = DEFAULT_SORT_WINDOW,
-                 loader_kwargs: Optional[Dict[str, Any]] = None):
+                 loader_kwargs: Optional[Dict[str, Any]] = None, record: bool = False):
         if batch_size < 1 or sort_window < 1:
             raise MtebModelError(f"batch_size and sort_window must be positive, got {batch_size} and {sort_window}")
+        self.record = record
+        self.recorded: Dict[Tuple[str, str], List[Tuple[List[str], torch.Tensor]]] = {}
         self.encoder = encoder
         self.model = encoder.model
         self.checkpoint = checkpoint or encoder.checkpoint
@@ -165,14 +169,14 @@ class CmdSpeechImageMteb(AbsEncoder):
     @classmethod
     def from_checkpoint(cls, checkpoint: str, device: str = "cpu", fp16: bool = False, name: Optional[str] = None,
                         batch_size: int = DEFAULT_BATCH_SIZE, sort_window: int = DEFAULT_SORT_WINDOW,
-                        **upstreams) -> "CmdSpeechImageMteb":
+                        record: bool = False, **upstreams) -> "CmdSpeechImageMteb":
         """Load ``checkpoint`` (``upstreams``: hubert_path / image_pretrained / image_model_config re-point
         moved upstream files, as everywhere else)."""
         encoder = load_speech_image_encoder(checkpoint, device=device, fp16=fp16, **upstreams)
         loader_kwargs = {"checkpoint": os.path.abspath(checkpoint), "fp16": fp16, "batch_size": batch_size,
                          "sort_window": sort_window, **{k: v for k, v in upstreams.items() if v is not None}}
         return cls(encoder, checkpoint=checkpoint, name=name, batch_size=batch_size, sort_window=sort_window,
-                   loader_kwargs=loader_kwargs)
+                   loader_kwargs=loader_kwargs, record=record)
 
     # ---- mteb's encoder protocol ----
     def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None,
@@ -187,9 +191,15 @@ class CmdSpeechImageMteb(AbsEncoder):
                 f"{self.mteb_model_meta.name}: {what} gives {', '.join(given)}; this model embeds either "
                 "speech (audio) or images, one modality per item (tasks such as SpokenCOCOA2IRetrieval)")
         progress = bool(kwargs.get("show_progress_bar", True))
-        if "audio" in columns:
-            return self._encode_audio(inputs, what, progress).numpy()
-        return self._encode_images(inputs, what, progress).numpy()
+        modality = "audio" if "audio" in columns else "image"
+        if modality == "audio":
+            embeddings = self._encode_audio(inputs, what, progress)
+        else:
+            embeddings = self._encode_images(inputs, what, progress)
+        if self.record:
+            ids = list(inputs.dataset["id"]) if "id" in columns else list(range(len(embeddings)))
+            self.recorded.setdefault((task_metadata.name, modality), []).append((ids, embeddings))
+        return embeddings.numpy()
 
     def _encode_audio(self, inputs, what: str, progress: bool) -> torch.Tensor:
         chunks, waves, names = [], [], []

@@ -92,13 +92,13 @@ def load_speech_image_encoder(checkpoint: str, **kwargs) -> SpeechImageEncoder:
     try:
         encoder = SpeechImageEncoder.from_checkpoint(checkpoint, **kwargs)
     except (FileNotFoundError, ValueError) as err:  # CheckpointError, InferenceError, missing upstream files
-        raise MtebModelError(
-            f"{checkpoint}: mteb cannot use this checkpoint: {err} (an mteb model needs a trained "
-            "cmd_speech_image checkpoint, which embeds both speech and images)") from err
+        detail = str(err) if checkpoint in str(err) else f"{checkpoint}: {err}"  # the file named once
+        raise MtebModelError(f"{detail} -- mteb cannot use it: an mteb model needs a trained cmd_speech_image "
+                             "checkpoint, which embeds both speech and images") from err
     missing = [part for part in ("hubert", "speech_proj") if getattr(encoder.model, part, None) is None]
     if missing or not hasattr(encoder.model, "encode_speech_sequence"):
         raise MtebModelError(
-            f"{checkpoint}: mteb cannot use this checkpoint: its model has no speech side "
+            f"{checkpoint}: mteb cannot use it: its model has no speech side "
             f"(missing {', '.join(missing) or 'encode_speech_sequence'}); SpokenCOCO-style tasks embed speech and images")
     return encoder
 
@@ -184,11 +184,11 @@ class CmdSpeechImageMteb(AbsEncoder):
         """mteb's DataLoader of audio or image items -> (N, E) float32 unit-norm embeddings, in order."""
         columns = set(_column_names(inputs))
         what = f"task {task_metadata.name} ({hf_subset}/{hf_split}, {getattr(prompt_type, 'value', prompt_type) or 'items'})"
-        unusable = sorted(columns & {"text", "video"})
-        if unusable or ("audio" in columns) == ("image" in columns):
-            given = sorted(columns & {"text", "video", "audio", "image"}) or sorted(columns)
+        given = sorted(columns & {"text", "video", "audio", "image"})
+        if given not in (["audio"], ["image"]):
+            gives = ", ".join(given) if given else f"no audio or image (columns: {', '.join(sorted(columns))})"
             raise MtebModelError(
-                f"{self.mteb_model_meta.name}: {what} gives {', '.join(given)}; this model embeds either "
+                f"{self.mteb_model_meta.name}: {what} gives {gives}; this model embeds either "
                 "speech (audio) or images, one modality per item (tasks such as SpokenCOCOA2IRetrieval)")
         progress = bool(kwargs.get("show_progress_bar", True))
         modality = "audio" if "audio" in columns else "image"

@@ -263,8 +263,13 @@ TASK_DIRECTIONS = {
 
 
 def task_name_for(data_dir: str, split: str, category: str) -> str:
-    """'Manifest<Directory><Split>A2IRetrieval'-style name from the manifest directory and split."""
-    stem = "".join(part.capitalize() for part in os.path.basename(os.path.abspath(data_dir)).replace("-", "_").split("_"))
+    """'Manifest<Directory><Split>A2IRetrieval'-style name from the manifest directory and split; a directory
+    called 'manifests' is named after its parent (work_dirs/demo/manifests: 'ManifestDemoTestA2IRetrieval')."""
+    path = os.path.abspath(data_dir)
+    base = os.path.basename(path)
+    if base == "manifests":
+        base = os.path.basename(os.path.dirname(path)) or base
+    stem = "".join(part.capitalize() for part in base.replace("-", "_").split("_"))
     return f"Manifest{stem}{split.capitalize()}{TASK_DIRECTIONS[category][0]}Retrieval"
 
 

@@ -56,6 +56,7 @@ MODEL_ORGANIZATION = "cmd_plugin"  # mteb model names are "organization/name"
 MODALITIES = ["audio", "image"]
 DEFAULT_BATCH_SIZE = 32  # as examples/eval_recall.py
 DEFAULT_SORT_WINDOW = 4096
+PROGRESS_FROM = 2000  # utterances from which reading a split's audio shows a progress bar (~10 s and more)
 
 
 class MtebModelError(ValueError):
@@ -386,7 +387,8 @@ def read_wav(manifest, row: int) -> Tuple[np.ndarray, int]:
 def audio_dataset(manifest) -> "datasets.Dataset":
     """{id, audio: {array, sampling_rate}} for every utterance, built column-wise in Arrow (no Python floats)."""
     arrays, rates = [], []
-    for row in range(len(manifest)):
+    for row in tqdm(range(len(manifest)), desc=f"reading {manifest.tsv_file or 'audio'}", unit="wav",
+                    disable=len(manifest) < PROGRESS_FROM):
         samples, rate = read_wav(manifest, row)
         arrays.append(samples)
         rates.append(rate)

@@ -6,7 +6,8 @@ import re
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ["README.md", "docs/formats.md", "docs/ablation_history.md", "manifests/README.md", "benchmarks/README.md"]
+DOCS = ["README.md", "docs/formats.md", "docs/ablation_history.md", "docs/mteb.md", "manifests/README.md",
+        "benchmarks/README.md"]
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 

@@ -204,9 +204,11 @@ class CmdSpeechImageMteb(AbsEncoder):
 
     def _encode_audio(self, inputs, what: str, progress: bool) -> torch.Tensor:
         chunks, waves, names = [], [], []
+        count = 0
         for batch in tqdm(inputs, desc=f"{what}: speech", unit="batch", disable=not progress):
             for item in batch["audio"]:
-                name = f"{what} audio #{len(names) + sum(len(c) for c in chunks)}"
+                name = f"{what} audio #{count}"
+                count += 1
                 samples, rate = audio_item(item, name)
                 waves.append(self.encoder.load_audio((samples, rate), name=name))
                 names.append(name)

@@ -7,8 +7,9 @@
     mteb.evaluate(model, mteb.get_tasks(tasks=["SpokenCOCOA2IRetrieval"]))     # mteb's registry (download)
     mteb.evaluate(model, manifest_tasks("manifests/flickr8k", "test"))        # our manifests, offline
 
-Needs the ``mteb`` extra (``pip install -e ".[mteb]"``: the ``mteb-core`` distribution, which provides
-the ``mteb`` package without sentence-transformers and transformers; see docs/mteb.md).
+Needs the ``mteb`` extra (``pip install -e ".[mteb]"``: mteb 2.26, Python >= 3.11; docs/mteb.md says
+why the full mteb rather than mteb-core, and what it adds). ``mteb.evaluate`` caches results by model
+name and revision in ~/.cache/mteb unless given ``cache=None``.
 
 The model (:class:`CmdSpeechImageMteb`) follows mteb's encoder protocol: ``encode`` takes mteb's
 DataLoader of a task's queries or corpus and returns (N, E) unit-norm float32 embeddings; similarity

@@ -10,7 +10,7 @@ cmd_plugin is imported (cmd_plugin/compat.py). For a fresh environment, the ``fa
 brings fairseq-fixed (an sdist, compiled against the torch already installed):
 
     pip install torch torchvision cython -c constraints/env-a.txt
-    pip install --no-build-isolation -e ".[fairseq,tensorboard,search,app,lint,test]" -c constraints/env-a.txt
+    pip install --no-build-isolation -e ".[fairseq,tensorboard,search,app,lint,test,mteb]" -c constraints/env-a.txt
 
 ``scripts/install.sh`` does exactly this in a virtual environment; ``constraints/env-a.txt`` holds
 the exact versions tested there, ``constraints/env-b.txt`` those of the existing-fairseq
@@ -67,5 +67,9 @@ setup(
         "lint": ["ruff"],
         # selenium drives Debian's chromium + chromium-driver in the web app's browser tests
         "test": ["pytest", "pyyaml", "selenium>=4.20"],
+        # MTEB's speech-image retrieval tasks (cmd_plugin/retrieval/mteb_model.py, docs/mteb.md; Python >= 3.11).
+        # The full mteb, not the slimmer mteb-core: mteb-core 2.26's mteb.evaluate imports
+        # sentence_transformers (docs/mteb.md, "Install"); datasets (with pyarrow) holds the tasks' data
+        "mteb": ["mteb>=2.26,<2.27", "datasets"],
     },
 )

@@ -32,10 +32,10 @@ stamp="$VENV/.cmd_plugin_installed"
 # what the environment is made of: a change to either reinstalls
 want="setup=$(sha256sum setup.py | cut -c1-16) constraints=$(sha256sum "$CONSTRAINTS" | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] \
-   || ! "$PY" -c "import fairseq, open_clip, cmd_plugin, pytest, tensorboard, faiss, gradio, selenium, sklearn, npy_append_array, editdistance, ruff" >/dev/null 2>&1; then
+   || ! "$PY" -c "import fairseq, open_clip, cmd_plugin, pytest, tensorboard, faiss, gradio, selenium, sklearn, npy_append_array, editdistance, ruff, mteb" >/dev/null 2>&1; then
   "${PIP[@]}" --upgrade pip setuptools wheel
   "${PIP[@]}" torch torchvision cython numpy pytest pyyaml
-  "${PIP[@]}" --no-build-isolation -e ".[fairseq,tensorboard,search,app,plot,recipe,lint,test]" --config-settings editable_mode=compat
+  "${PIP[@]}" --no-build-isolation -e ".[fairseq,tensorboard,search,app,plot,recipe,lint,test,mteb]" --config-settings editable_mode=compat
   echo "$want" > "$stamp"
 fi
 echo "environment ready: $VENV"

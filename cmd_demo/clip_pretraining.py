@@ -46,7 +46,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ClipPretrainingConfig:
-    steps: int = 500
+    # defaults: the demo's tower, chosen on a tuning minimal-pairs set and the valid split (docs/image_tower.md)
+    steps: int = 1000
     batch_size: int = 128
     lr: float = 1e-3
     warmup_steps: int = 50
@@ -55,8 +56,9 @@ class ClipPretrainingConfig:
     eval_interval: int = 100
     # hard negatives: "none", "captions" (extra negative texts) or "images" (rendered changed scenes
     # with their captions); both need the corpus's scene_corpus.json
-    negatives: str = "none"
+    negatives: str = "images"
     negatives_per_image: int = 4  # "images": changed scenes rendered per training image
+    negative_attributes: str = ""  # comma-separated attributes the negatives change ("": all six)
 
 
 NEGATIVE_MODES = ("none", "captions", "images")
@@ -199,13 +201,16 @@ def pretrain_clip(
     valid_where: str = "",
     scenes_json: Optional[str] = None,
     timings: Optional[Dict[str, float]] = None,
+    partial_init: bool = False,
 ) -> Dict[str, float]:
     """Pre-train open_clip ``model_name`` (already registered) from ``init_weights`` on the
     (image, caption) pairs of ``train``; write the state dict to ``out_weights`` atomically.
 
     Returns the last validation recall (text->image ``s2i_r*``, image->text ``i2s_r*``) when
     ``valid`` is given, else an empty dict; ``timings``, if given, gets ``train_seconds`` (the
-    optimisation steps, with their scoring) and ``negatives_seconds`` (making the hard negatives). ``cfg.negatives`` other than "none" needs
+    optimisation steps, with their scoring) and ``negatives_seconds`` (making the hard negatives);
+    ``partial_init``: ``model_name`` has other image/patch sizes than ``init_weights`` was made for,
+    which initialises the tensors whose shapes match. ``cfg.negatives`` other than "none" needs
     ``scenes_json``, the training corpus's scene_corpus.json.
     """
     if cfg.negatives not in NEGATIVE_MODES:
@@ -219,9 +224,22 @@ def pretrain_clip(
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    with building_open_clip(random_weights_wanted=not init_weights):  # no init_weights: a random start
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=init_weights or None)
-        tokenizer = open_clip.get_tokenizer(model_name)
+    if init_weights and partial_init:
+        # another image/patch size than init_weights was made for: every tensor of the same shape
+        # (the text tower, the transformer blocks) starts from it, the others (patch embedding,
+        # position embedding) from open_clip's random initialisation
+        with building_open_clip(random_weights_wanted=True):
+            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None)
+        own = model.state_dict()
+        init = torch.load(init_weights, map_location="cpu")
+        kept = {k: v for k, v in init.items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(kept, strict=False)
+        logger.info("started from %s except %s (other shapes: random)", init_weights,
+                    ", ".join(sorted(set(own) - set(kept))) or "nothing")
+    else:
+        with building_open_clip(random_weights_wanted=not init_weights):  # no init_weights: a random start
+            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=init_weights or None)
+    tokenizer = open_clip.get_tokenizer(model_name)
 
     train_caps = captions_by_image(train, train_where)
     train_images = list(train_caps)
@@ -236,10 +254,14 @@ def pretrain_clip(
     if cfg.negatives != "none":
         from cmd_demo.negative_captions import make_negatives
 
+        from cmd_demo.minimal_pairs import ATTRIBUTES
+
         scenes, corpus_keys, render_size = load_training_scenes(train, train_images, scenes_json)
+        changeable = [a.strip() for a in cfg.negative_attributes.split(",") if a.strip()] or list(ATTRIBUTES)
     if cfg.negatives == "images":
         # negative_pixels[i, k]: the k-th changed scene of training image i, rendered; negative_texts[i][k] its caption
-        pool = [make_negatives(scene, neg_rng, cfg.negatives_per_image, avoid=corpus_keys) for scene in scenes]
+        pool = [make_negatives(scene, neg_rng, cfg.negatives_per_image, changeable, avoid=corpus_keys)
+                for scene in scenes]
         negative_texts = [[caption for _, _, caption in negs] for negs in pool]
         negative_pixels = torch.stack([torch.stack([render_like_corpus(s, render_size, preprocess) for s, _, _ in negs])
                                        for negs in pool])
@@ -268,7 +290,7 @@ def pretrain_clip(
             images = torch.cat([images, negative_pixels[torch.as_tensor(batch), torch.as_tensor(picks)]])
             texts = texts + [negative_texts[i][k] for i, k in zip(batch, picks)]
         elif cfg.negatives == "captions":
-            texts = texts + [make_negatives(scenes[i], neg_rng, 1, avoid=corpus_keys)[0][2] for i in batch]
+            texts = texts + [make_negatives(scenes[i], neg_rng, 1, changeable, avoid=corpus_keys)[0][2] for i in batch]
         image_features, text_features, logit_scale = model(images, tokenizer(texts))
         if cfg.negatives == "captions":
             n = len(batch)

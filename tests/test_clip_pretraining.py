@@ -77,7 +77,8 @@ def test_pretraining_aligns_captions_with_images_and_writes_loadable_weights(tin
     name = tiny_encoders["image_model"]
     register_model_config(tiny_encoders["image_model_config"])
     out = tmp_path / "clip" / "pretrained.bin"
-    cfg = ClipPretrainingConfig(steps=200, batch_size=16, lr=2e-3, warmup_steps=10, eval_interval=0, seed=0)
+    cfg = ClipPretrainingConfig(steps=200, batch_size=16, lr=2e-3, warmup_steps=10, eval_interval=0, seed=0,
+                                negatives="none")
     result = pretrain_clip(name, tiny_encoders["image_pretrained"], str(out), scene_manifest, "scenes/train", cfg,
                            valid=scene_manifest, valid_where="scenes/train")
     assert os.listdir(out.parent) == ["pretrained.bin"]  # no temporary file left behind

@@ -137,7 +137,13 @@ def add_corpus_arguments(parser):
     parser.add_argument("--num-valid-images", type=int, default=50)
     parser.add_argument("--num-test-images", type=int, default=200)
     parser.add_argument("--num-speakers", type=int, default=8, help="espeak-ng voices of the corpus")
-    parser.add_argument("--clip-steps", type=int, default=500, help="tiny CLIP image-text pre-training steps")
+    from cmd_demo.clip_pretraining import NEGATIVE_MODES, ClipPretrainingConfig
+
+    parser.add_argument("--clip-steps", type=int, default=ClipPretrainingConfig.steps,
+                        help="tiny CLIP image-text pre-training steps")
+    parser.add_argument("--clip-negatives", choices=NEGATIVE_MODES, default=ClipPretrainingConfig.negatives,
+                        help="tiny CLIP hard negatives, training scenes with one attribute changed "
+                             "(pretrain_tiny_clip.py --negatives; docs/image_tower.md)")
     parser.add_argument("--upstream-config", default=os.path.join(EXAMPLES, "tiny", "hubert_upstream.yaml"),
                         help="overrides of fairseq's HuBERT recipe for the speech upstream (train_hubert_upstream.py)")
     parser.add_argument("--max-update", type=int, default=None, help="override the tiny config's max_update")
@@ -192,12 +198,14 @@ def build_inputs(args, timings):
 
     # The paper's image encoder is a frozen CLIP pre-trained on image-text pairs; the tiny one gets
     # the same start from the written captions of the training split (never valid or test).
-    pretrained_clip = os.path.join(work, f"tiny_clip_pretrained_{args.clip_steps}steps.bin")
+    negatives = "" if args.clip_negatives == "none" else f"_neg-{args.clip_negatives}"
+    pretrained_clip = os.path.join(work, f"tiny_clip_pretrained_{args.clip_steps}steps{negatives}.bin")
     if not os.path.isfile(pretrained_clip):
         timings["CLIP pre-training"] = run([
             py, os.path.join(EXAMPLES, "pretrain_tiny_clip.py"), "--data", manifests, "--split", "train",
             "--valid-split", "valid", "--clip-dir", clip_dir, "--out-weights", pretrained_clip,
             "--steps", str(args.clip_steps), "--seed", str(args.seed),
+            "--negatives", args.clip_negatives, "--scenes", os.path.join(corpus, "scene_corpus.json"),
         ])
     return {
         "work": work,

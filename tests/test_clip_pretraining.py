@@ -180,3 +180,24 @@ def test_negatives_without_the_scene_record_are_refused(tiny_encoders, scene_man
     with pytest.raises(ValueError, match="expected one of none, captions, images"):
         pretrain_clip(tiny_encoders["image_model"], tiny_encoders["image_pretrained"], str(tmp_path / "w.bin"),
                       scene_manifest, "scenes/train", ClipPretrainingConfig(negatives="hard"))
+
+
+def test_another_image_size_starts_from_the_init_weights_where_shapes_match(tiny_encoders, scene_manifest, tmp_path):
+    from cmd_plugin.models.clip_upstream import register_model_config
+
+    with open(tiny_encoders["image_model_config"]) as f:
+        config = json.load(f)
+    config["vision_cfg"].update(image_size=32, patch_size=8)  # 16 patches instead of 64
+    path = tmp_path / "cmd-tiny-32px.json"
+    path.write_text(json.dumps(config))
+    register_model_config(str(path))
+    cfg = ClipPretrainingConfig(steps=1, batch_size=8, lr=0.0, warmup_steps=1, eval_interval=0, negatives="none")
+    out = tmp_path / "w.bin"
+    pretrain_clip("cmd-tiny-32px", tiny_encoders["image_pretrained"], str(out), scene_manifest, "scenes/train", cfg,
+                  partial_init=True)
+    init, trained = torch.load(tiny_encoders["image_pretrained"]), torch.load(out)
+    # lr 0: every tensor is where it started; those of the same shape started from the init weights
+    assert trained["visual.positional_embedding"].shape[0] == 17 != init["visual.positional_embedding"].shape[0]
+    same = [k for k in trained if init[k].shape == trained[k].shape]
+    assert "text_projection" in same and "visual.conv1.weight" in same
+    assert all(torch.equal(trained[k], init[k]) for k in same)

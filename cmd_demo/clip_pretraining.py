@@ -252,9 +252,8 @@ def pretrain_clip(
     negatives_start = time.time()
     neg_rng = random.Random(f"negatives/{cfg.seed}")
     if cfg.negatives != "none":
-        from cmd_demo.negative_captions import make_negatives
-
         from cmd_demo.minimal_pairs import ATTRIBUTES
+        from cmd_demo.negative_captions import make_negatives
 
         scenes, corpus_keys, render_size = load_training_scenes(train, train_images, scenes_json)
         changeable = [a.strip() for a in cfg.negative_attributes.split(",") if a.strip()] or list(ATTRIBUTES)

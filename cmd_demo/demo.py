@@ -173,7 +173,13 @@ def add_corpus_arguments(parser):
     parser.add_argument("--num-valid-images", type=int, default=50)
     parser.add_argument("--num-test-images", type=int, default=200)
     parser.add_argument("--num-speakers", type=int, default=8, help="espeak-ng voices of the corpus")
-    parser.add_argument("--clip-steps", type=int, default=500, help="tiny CLIP image-text pre-training steps")
+    from cmd_demo.clip_pretraining import NEGATIVE_MODES, ClipPretrainingConfig
+
+    parser.add_argument("--clip-steps", type=int, default=ClipPretrainingConfig.steps,
+                        help="tiny CLIP image-text pre-training steps")
+    parser.add_argument("--clip-negatives", choices=NEGATIVE_MODES, default=ClipPretrainingConfig.negatives,
+                        help="tiny CLIP hard negatives, training scenes with one attribute changed "
+                             "(pretrain_tiny_clip.py --negatives; docs/image_tower.md)")
     parser.add_argument("--upstream-config", default=os.path.join(EXAMPLES, "tiny", "hubert_upstream.yaml"),
                         help="overrides of fairseq's HuBERT recipe for the speech upstream (train_hubert_upstream.py)")
     parser.add_argument("--max-update", type=int, default=None, help="override the tiny config's max_update")
@@ -222,7 +228,8 @@ def build_inputs(args, timings):
     # test are never read by either pre-training. The upstream keeps torch's threads (one per core, faster
     # for a fairseq training than one thread: docs/demo.md, "Where the time goes"); the short stages one each.
     upstream_dir = os.path.join(work, "upstream")
-    pretrained_clip = os.path.join(work, f"tiny_clip_pretrained_{args.clip_steps}steps.bin")
+    negatives = "" if args.clip_negatives == "none" else f"_neg-{args.clip_negatives}"
+    pretrained_clip = os.path.join(work, f"tiny_clip_pretrained_{args.clip_steps}steps{negatives}.bin")
     jobs = []
     if not os.path.isfile(os.path.join(upstream_dir, "upstream.json")):
         jobs.append(LoggedJob("speech upstream (fairseq HuBERT recipe)", [
@@ -234,6 +241,7 @@ def build_inputs(args, timings):
             py, os.path.join(EXAMPLES, "pretrain_tiny_clip.py"), "--data", manifests, "--split", "train",
             "--valid-split", "valid", "--clip-dir", clip_dir, "--out-weights", pretrained_clip,
             "--steps", str(args.clip_steps), "--seed", str(args.seed),
+            "--negatives", args.clip_negatives, "--scenes", os.path.join(corpus, "scene_corpus.json"),
         ], os.path.join(work, "clip_pretraining.log"), threads=1))
     pairs_job = minimal_pairs_job(work)
     jobs += [pairs_job] if pairs_job else []

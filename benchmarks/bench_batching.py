@@ -77,8 +77,13 @@ def make_dataset(sizes, captions_per_image, num_length_buckets):
     )
     # the task's defaults: min_sample_size 1600, max_sample_size 480000 (nothing dropped here)
     return IndexOnlyDataset(
-        manifest, "train", images=no_images, min_sample_size=1600, max_sample_size=480000,
-        shuffle=True, num_length_buckets=num_length_buckets,
+        manifest,
+        "train",
+        images=no_images,
+        min_sample_size=1600,
+        max_sample_size=480000,
+        shuffle=True,
+        num_length_buckets=num_length_buckets,
     )
 
 
@@ -117,8 +122,8 @@ def random_epochs(n, args):
         perm = rng.permutation(n)
         steps = []
         for start in range(0, n - global_bsz + 1, global_bsz):
-            chunk = perm[start:start + global_bsz]
-            steps.append([chunk[r * args.batch_size:(r + 1) * args.batch_size] for r in range(args.workers)])
+            chunk = perm[start : start + global_bsz]
+            steps.append([chunk[r * args.batch_size : (r + 1) * args.batch_size] for r in range(args.workers)])
         epochs.append(steps)
     return epochs
 
@@ -130,8 +135,11 @@ def padding_figures(sizes, steps):
             lengths = sizes[batch]
             real += int(lengths.sum())
             padded_total += int(len(lengths) * lengths.max())
-    return {"padded_pct": 100.0 * (padded_total - real) / padded_total, "compute": padded_total / real,
-            "utterances": sum(len(b) for s in steps for b in s)}
+    return {
+        "padded_pct": 100.0 * (padded_total - real) / padded_total,
+        "compute": padded_total / real,
+        "utterances": sum(len(b) for s in steps for b in s),
+    }
 
 
 def mixing_figures(n, epochs, global_bsz):
@@ -151,8 +159,10 @@ def mixing_figures(n, epochs, global_bsz):
     size1, size2 = np.bincount(l1), np.bincount(l2)
     _, inverse, joint = np.unique(l1 * (l2.max() + 1) + l2, return_inverse=True, return_counts=True)
     distinct = (size1[l1] - 1) + (size2[l2] - 1) - (joint[inverse] - 1)
-    return {"repeat_pairs_pct": 100.0 * both / max(together1, 1),
-            "new_negatives_pct": 100.0 * float(distinct.mean()) / (2 * (global_bsz - 1))}
+    return {
+        "repeat_pairs_pct": 100.0 * both / max(together1, 1),
+        "new_negatives_pct": 100.0 * float(distinct.mean()) / (2 * (global_bsz - 1)),
+    }
 
 
 def main():
@@ -175,11 +185,15 @@ def main():
     sizes = synthetic_lengths(args.num_utterances, args.mean_s, args.sd_s, args.min_s, args.max_s, args.seed)
     secs = sizes / SAMPLE_RATE
     global_bsz = args.batch_size * args.workers
-    print(f"assumed lengths: {len(sizes)} utterances, log-normal mean {args.mean_s} s sd {args.sd_s} s clipped to "
-          f"[{args.min_s}, {args.max_s}] s -> sample mean {secs.mean():.2f} s, sd {secs.std():.2f} s, "
-          f"median {np.median(secs):.2f} s, p99 {np.percentile(secs, 99):.2f} s, max {secs.max():.2f} s")
-    print(f"batches: {args.workers} worker(s) x {args.batch_size} = {global_bsz} utterances per update "
-          f"(padding per worker batch, mixing per global batch)\n")
+    print(
+        f"assumed lengths: {len(sizes)} utterances, log-normal mean {args.mean_s} s sd {args.sd_s} s clipped to "
+        f"[{args.min_s}, {args.max_s}] s -> sample mean {secs.mean():.2f} s, sd {secs.std():.2f} s, "
+        f"median {np.median(secs):.2f} s, p99 {np.percentile(secs, 99):.2f} s, max {secs.max():.2f} s"
+    )
+    print(
+        f"batches: {args.workers} worker(s) x {args.batch_size} = {global_bsz} utterances per update "
+        f"(padding per worker batch, mixing per global batch)\n"
+    )
 
     rows = []
     t0 = time.perf_counter()
@@ -194,10 +208,14 @@ def main():
     for name, epochs in rows:
         pad = padding_figures(sizes, epochs[0])
         mix = mixing_figures(len(sizes), epochs, global_bsz)
-        print(f"{name:<16s} {pad['padded_pct']:9.2f} {pad['compute']:7.3f}x {mix['repeat_pairs_pct']:15.2f} "
-              f"{mix['new_negatives_pct']:16.1f}")
-    print(f"\n({time.perf_counter() - t0:.1f} s; random batches of {global_bsz} out of {len(sizes)}: expected repeat "
-          f"pairs {100.0 * (global_bsz - 1) / (len(sizes) - 1):.2f} %)")
+        print(
+            f"{name:<16s} {pad['padded_pct']:9.2f} {pad['compute']:7.3f}x {mix['repeat_pairs_pct']:15.2f} "
+            f"{mix['new_negatives_pct']:16.1f}"
+        )
+    print(
+        f"\n({time.perf_counter() - t0:.1f} s; random batches of {global_bsz} out of {len(sizes)}: expected repeat "
+        f"pairs {100.0 * (global_bsz - 1) / (len(sizes) - 1):.2f} %)"
+    )
 
 
 if __name__ == "__main__":

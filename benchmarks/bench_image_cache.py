@@ -45,6 +45,7 @@ def main():
 
     import open_clip
 
+    from cmd_demo.tiny_encoders import make_hubert_checkpoint
     from cmd_plugin.criterions.cmd_contrastive import CmdContrastiveConfig, CmdContrastiveCriterion
     from cmd_plugin.data.image_cache import CachedImages, ImageFeatureCache, encoder_identity, write_image_cache
     from cmd_plugin.data.manifest import SpeechImageManifest
@@ -52,7 +53,6 @@ def main():
     from cmd_plugin.models.clip_upstream import ClipImageUpstream
     from cmd_plugin.models.cmd_speech_image import CmdSpeechImageConfig, CmdSpeechImageModel
     from cmd_plugin.tasks.speech_image import image_transform
-    from cmd_demo.tiny_encoders import make_hubert_checkpoint
 
     torch.manual_seed(0)
     bsz = args.batch_size
@@ -73,8 +73,9 @@ def main():
         cache_dir = os.path.join(tmp, "cache")
         identity = encoder_identity(IMAGE_MODEL, clip_weights)
         upstream = ClipImageUpstream(IMAGE_MODEL, clip_weights, freeze=True)
-        write_image_cache(cache_dir, [manifest.image_path(n) for n in names], upstream, identity,
-                          batch_size=bsz, progress=False)
+        write_image_cache(
+            cache_dir, [manifest.image_path(n) for n in names], upstream, identity, batch_size=bsz, progress=False
+        )
         del upstream
 
         model = CmdSpeechImageModel.build_model(
@@ -87,8 +88,11 @@ def main():
         cached = CachedImages(manifest, cache)
 
         source = 0.1 * torch.randn(bsz, num)
-        audio = {"source": source, "padding_mask": torch.zeros(bsz, num, dtype=torch.bool),
-                 "image_index": torch.arange(bsz)}
+        audio = {
+            "source": source,
+            "padding_mask": torch.zeros(bsz, num, dtype=torch.bool),
+            "image_index": torch.arange(bsz),
+        }
 
         def image_side_online():
             with torch.no_grad():
@@ -101,12 +105,18 @@ def main():
         def step(read):
             def run():
                 model.train()
-                sample = {"net_input": dict(audio, **read(names)), "image_ids": torch.arange(bsz),
-                          "id": torch.arange(bsz), "ntokens": bsz * num, "split": "train"}
+                sample = {
+                    "net_input": dict(audio, **read(names)),
+                    "image_ids": torch.arange(bsz),
+                    "id": torch.arange(bsz),
+                    "ntokens": bsz * num,
+                    "split": "train",
+                }
                 model.zero_grad()
                 loss, _, _ = criterion(model, sample)
                 loss.backward()
                 return loss.item()
+
             return run
 
         image_side_online(), image_side_cached()  # warm-up
@@ -116,8 +126,10 @@ def main():
         t_step_online, loss_online = timed(step(pixels), args.repeats)
         t_step_cached, loss_cached = timed(step(cached), args.repeats)
 
-    print(f"batch: {bsz} utterances of {args.seconds:g} s, {bsz} distinct 500x375 JPEGs; "
-          f"HuBERT-Large + {IMAGE_MODEL} (random weights), CPU, {torch.get_num_threads()} threads")
+    print(
+        f"batch: {bsz} utterances of {args.seconds:g} s, {bsz} distinct 500x375 JPEGs; "
+        f"HuBERT-Large + {IMAGE_MODEL} (random weights), CPU, {torch.get_num_threads()} threads"
+    )
     print(f"image side online (decode + preprocess + ViT-L/14): {t_img_online:8.3f} s")
     print(f"image side cached (fp16 memmap lookup)            : {t_img_cached:8.4f} s")
     print(f"image side online/cached = {t_img_online / t_img_cached:.0f}x   (target >= 50x)")

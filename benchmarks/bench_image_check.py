@@ -85,16 +85,24 @@ def measure(name, paths, workers, repeats):
     n = len(paths)
     draft = best_of(repeats, lambda: corpus_utils.check_images(items, workers=workers, show_progress=False))
     draft_1 = best_of(repeats, lambda: corpus_utils.check_images(items, workers=1, show_progress=False))
-    full = best_of(repeats, lambda: corpus_utils._map_in_order(
-        lambda chunk: [full_decode(p) for p, _ in chunk], items, workers, False, "", "img"))
+    full = best_of(
+        repeats,
+        lambda: corpus_utils._map_in_order(
+            lambda chunk: [full_decode(p) for p, _ in chunk], items, workers, False, "", "img"
+        ),
+    )
     size_kb = np.mean([os.path.getsize(p) for p in paths]) / 1024
     print(f"{name}: {n} images, mean {size_kb:.0f} kB")
     print(f"  draft mode, {workers} threads : {draft:7.2f} s  {n / draft:8.0f} images/s")
     print(f"  draft mode, 1 thread    : {draft_1:7.2f} s  {n / draft_1:8.0f} images/s")
-    print(f"  full decode, {workers} threads: {full:7.2f} s  {n / full:8.0f} images/s  (draft is {full / draft:.1f}x faster)")
-    print(f"  extrapolated, draft mode, {workers} threads: SpokenCOCO {SPOKENCOCO_IMAGES:,} images "
-          f"{SPOKENCOCO_IMAGES * draft / n / 60:.1f} min; Flickr8k {FLICKR8K_IMAGES:,} images "
-          f"{FLICKR8K_IMAGES * draft / n:.0f} s")
+    print(
+        f"  full decode, {workers} threads: {full:7.2f} s  {n / full:8.0f} images/s  (draft is {full / draft:.1f}x faster)"
+    )
+    print(
+        f"  extrapolated, draft mode, {workers} threads: SpokenCOCO {SPOKENCOCO_IMAGES:,} images "
+        f"{SPOKENCOCO_IMAGES * draft / n / 60:.1f} min; Flickr8k {FLICKR8K_IMAGES:,} images "
+        f"{FLICKR8K_IMAGES * draft / n:.0f} s"
+    )
 
 
 def main(argv=None):
@@ -105,7 +113,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print(f"cpus: {os.cpu_count()}, load average: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory(prefix="bench_image_check_") as tmp:
-        measure("scene (generated corpus, 224 px)", write_scene_images(tmp, args.num_images), args.workers, args.repeats)
+        measure(
+            "scene (generated corpus, 224 px)", write_scene_images(tmp, args.num_images), args.workers, args.repeats
+        )
         measure("coco-like (640x480, q90)", write_coco_like_images(tmp, args.num_images), args.workers, args.repeats)
     print(f"load average after: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 

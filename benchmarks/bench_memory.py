@@ -102,8 +102,14 @@ C2F_FAST = dict(multimodal_layers=1, multimodal_frame_pool=4)
 # model.multimodal_patch_pool)
 C2F_LITE = dict(multimodal_speech_tokens=16, multimodal_patch_pool=4)
 # flickr8k's C2F model sizes (examples/flickr8k/config.yaml with method=c2f), on the CMD paper's ViT-L/14
-C2F_MODEL = dict(c2f_momentum=True, momentum=0.995, multimodal_layers=2, multimodal_heads=8,
-                 multimodal_ffn_dim=4096, multimodal_dropout=0.1)
+C2F_MODEL = dict(
+    c2f_momentum=True,
+    momentum=0.995,
+    multimodal_layers=2,
+    multimodal_heads=8,
+    multimodal_ffn_dim=4096,
+    multimodal_dropout=0.1,
+)
 
 
 def build(hubert_path, method="cmd", queue_size=16384):
@@ -122,9 +128,12 @@ def build(hubert_path, method="cmd", queue_size=16384):
 def build_criterion(method):
     from cmd_plugin.criterions.cmd_contrastive import CmdContrastiveConfig, CmdContrastiveCriterion
 
-    weights = {"sic": dict(cmd_weight=0.0), "cmd": dict(cmd_weight=1.0),
-               "c2f": dict(cmd_weight=0.0, sim_weight=1.0, distill_alpha=0.4, distill_ramp_updates=0),
-               "c2f_cmd": dict(cmd_weight=1.0, sim_weight=1.0, distill_alpha=0.4, distill_ramp_updates=0)}
+    weights = {
+        "sic": dict(cmd_weight=0.0),
+        "cmd": dict(cmd_weight=1.0),
+        "c2f": dict(cmd_weight=0.0, sim_weight=1.0, distill_alpha=0.4, distill_ramp_updates=0),
+        "c2f_cmd": dict(cmd_weight=1.0, sim_weight=1.0, distill_alpha=0.4, distill_ramp_updates=0),
+    }
     weights["c2f_fast"] = weights["c2f_lite"] = weights["c2f"]
     weights = weights[method]
     return CmdContrastiveCriterion(
@@ -197,8 +206,9 @@ def measure_params(args):
     hubert = sum(p.numel() for p in model.hubert.parameters())
     image = sum(p.numel() for p in model.image_encoder.parameters())
     total = sum(p.numel() for p in model.parameters())
-    frozen_with_grad = [n for n, p in model.named_parameters()
-                        if p.requires_grad and n.startswith(("hubert.", "image_encoder."))]
+    frozen_with_grad = [
+        n for n, p in model.named_parameters() if p.requires_grad and n.startswith(("hubert.", "image_encoder."))
+    ]
 
     trained_state = model.state_dict()
     full_state = nn.Module.state_dict(model)
@@ -324,8 +334,9 @@ def measure_forward_or_step(args):
         result["frozen_params_with_grad"] = [n for n in with_grad if n.startswith(("hubert.", "image_encoder."))]
         result["trainable_tensors"] = sum(1 for p in model.parameters() if p.requires_grad)
         result["layer_weights_grad_norm"] = float(model.layer_weights.grad.norm())
-        result["grad_bytes"] = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters()
-                                   if p.grad is not None)
+        result["grad_bytes"] = sum(
+            p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None
+        )
         result.update(saved_for_backward(model, criterion, sample))
     return result
 
@@ -376,8 +387,14 @@ def measure_paired(args):
         if i:
             forward_times.append(forward_s)
             step_times.append(step_s)
-    return {"method": args.method, "forward_all": forward_times, "step_all": step_times,
-            "forward": min(forward_times), "step": min(step_times), "threads": torch.get_num_threads()}
+    return {
+        "method": args.method,
+        "forward_all": forward_times,
+        "step_all": step_times,
+        "forward": min(forward_times),
+        "step": min(step_times),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def measure_rerank(args):
@@ -406,7 +423,7 @@ def measure_rerank(args):
         scorer = SequencePairScorer(model, sequences, tokens)
         for k in args.rerank_ks:
             u, j = torch.zeros(k, dtype=torch.long), torch.arange(k)
-            batches = [(u[i:i + args.pair_batch], j[i:i + args.pair_batch]) for i in range(0, k, args.pair_batch)]
+            batches = [(u[i : i + args.pair_batch], j[i : i + args.pair_batch]) for i in range(0, k, args.pair_batch)]
             for a, b in batches[:1]:  # warm-up
                 scorer(a, b)
             t0 = time.perf_counter()
@@ -436,11 +453,31 @@ def measure_rerank(args):
 
 
 def spawn(args, measure, hubert_path, method="cmd"):
-    argv = [os.path.abspath(__file__), "--measure", measure, "--hubert-path", hubert_path,
-            "--batch-size", str(args.batch_size), "--seconds", str(args.seconds),
-            "--image-size", str(args.image_size), "--method", method, "--queue-size", str(args.queue_size),
-            "--rerank-images", str(args.rerank_images), "--pair-batch", str(args.pair_batch),
-            "--repeats", str(args.repeats), "--rerank-ks", *[str(k) for k in args.rerank_ks]]
+    argv = [
+        os.path.abspath(__file__),
+        "--measure",
+        measure,
+        "--hubert-path",
+        hubert_path,
+        "--batch-size",
+        str(args.batch_size),
+        "--seconds",
+        str(args.seconds),
+        "--image-size",
+        str(args.image_size),
+        "--method",
+        method,
+        "--queue-size",
+        str(args.queue_size),
+        "--rerank-images",
+        str(args.rerank_images),
+        "--pair-batch",
+        str(args.pair_batch),
+        "--repeats",
+        str(args.repeats),
+        "--rerank-ks",
+        *[str(k) for k in args.rerank_ks],
+    ]
     if args.no_warmup:
         argv.append("--no-warmup")
     env = dict(os.environ)
@@ -466,12 +503,20 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--measure", choices=["ckpt", "params", "forward", "step", "paired", "rerank"])
     parser.add_argument("--method", choices=METHODS, default="cmd", help="the step measured by --measure step")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["cmd"],
-                        help="training steps to measure, each against the frozen forward (default: cmd)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=["cmd"],
+        help="training steps to measure, each against the frozen forward (default: cmd)",
+    )
     parser.add_argument("--queue-size", type=int, default=16384, help="C2F queue (the flickr8k group's)")
     parser.add_argument("--rerank", action="store_true", help="also measure the re-ranking cost per query")
-    parser.add_argument("--paired", action="store_true",
-                        help="also time each method's step against the frozen forward in one process (alternated)")
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="also time each method's step against the frozen forward in one process (alternated)",
+    )
     parser.add_argument("--rerank-ks", type=int, nargs="+", default=[10, 50, 128])
     parser.add_argument("--rerank-images", type=int, default=1000, help="images SIC scores per query (Flickr8k test)")
     parser.add_argument("--pair-batch", type=int, default=64, help="pairs per matching-head call")
@@ -480,17 +525,23 @@ def main():
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--no-warmup", action="store_true")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="measured calls of forward/step after the warm-up: time = the fastest (a shared "
-                             "machine only adds time), peak = the largest")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="measured calls of forward/step after the warm-up: time = the fastest (a shared "
+        "machine only adds time), peak = the largest",
+    )
     parser.add_argument("--skip-params", action="store_true")
-    parser.add_argument("--keep-malloc", action="store_true",
-                        help="leave glibc's malloc defaults (freed memory may stay resident)")
+    parser.add_argument(
+        "--keep-malloc", action="store_true", help="leave glibc's malloc defaults (freed memory may stay resident)"
+    )
     args = parser.parse_args()
 
     if args.measure:
         fn = {"ckpt": measure_ckpt, "params": measure_params, "rerank": measure_rerank, "paired": measure_paired}.get(
-            args.measure, measure_forward_or_step)
+            args.measure, measure_forward_or_step
+        )
         print(json.dumps(fn(args)))
         return
 
@@ -505,75 +556,118 @@ def main():
             print("\n== parameters ==")
             for name, n in p["parts"].items():
                 print(f"  {name:<38s} {n:>12,d}")
-            print(f"  {'trainable total':<38s} {p['trainable']:>12,d}  = {p['trainable'] / 1e6:.2f}M "
-                  f"(paper: 14M; ratio {p['trainable'] / PAPER_TRAINABLE:.3f}); parts sum {p['parts_sum']:,d}")
+            print(
+                f"  {'trainable total':<38s} {p['trainable']:>12,d}  = {p['trainable'] / 1e6:.2f}M "
+                f"(paper: 14M; ratio {p['trainable'] / PAPER_TRAINABLE:.3f}); parts sum {p['parts_sum']:,d}"
+            )
             print(f"  {'HuBERT-Large (frozen)':<38s} {p['hubert']:>12,d}")
             print(f"  {'CLIP ViT-L/14 image tower (frozen)':<38s} {p['image_encoder']:>12,d}")
             print(f"  {'model total':<38s} {p['total']:>12,d}  = {p['total'] / 1e6:.1f}M (paper: 752M)")
             with_text = p["total"] + p["clip_text_and_rest"]
-            print(f"  + CLIP text tower/logit scale not built: {p['clip_text_and_rest']:,d} -> "
-                  f"{with_text / 1e6:.1f}M with the whole CLIP")
+            print(
+                f"  + CLIP text tower/logit scale not built: {p['clip_text_and_rest']:,d} -> "
+                f"{with_text / 1e6:.1f}M with the whole CLIP"
+            )
             print(f"  frozen parameters with requires_grad: {p['frozen_with_grad'] or 'none'}")
             print("\n== checkpoint size (len of torch.save bytes) ==")
             print(f"  model.state_dict() (frozen upstreams excluded): {mb(p['ckpt_bytes'])}")
             print(f"  + Adam moments (what checkpoint_last adds):     {mb(p['ckpt_with_adam_bytes'])}")
-            print(f"  full state dict incl. upstreams:                {mb(p['full_ckpt_bytes'])}"
-                  f"  ({p['full_ckpt_bytes'] / p['ckpt_bytes']:.0f}x)")
+            print(
+                f"  full state dict incl. upstreams:                {mb(p['full_ckpt_bytes'])}"
+                f"  ({p['full_ckpt_bytes'] / p['ckpt_bytes']:.0f}x)"
+            )
 
         fwd = spawn(args, "forward", hubert_path)
         steps = {method: spawn(args, "step", hubert_path, method) for method in args.methods}
         step = steps.get("cmd", next(iter(steps.values())))
         t = frames(int(args.seconds * SAMPLE_RATE))
         stacked = 25 * args.batch_size * t * 1024 * 4
-        print(f"\n== memory: batch {args.batch_size} x {args.seconds:g} s audio + {args.batch_size} images "
-              f"{args.image_size} px, {step['threads']} threads, warm-up {'off' if args.no_warmup else 'on'}, "
-              f"malloc {'defaults' if args.keep_malloc else 'mmap/trim threshold 128 KiB'} ==")
-        print(f"  RSS after imports (torch, fairseq, open_clip): {gb(fwd['rss_after_imports'])}; "
-              f"after building the model: {gb(fwd['rss_after_build'])} (fp32 weights: 2.54 GB)")
-        for r, label in ((fwd, "no-grad forward, frozen encoders only"), (step, f"training step (fwd+bwd, {step['method']})")):
-            print(f"  {label:<40s}: {r['seconds']:6.1f} s   RSS after build {gb(r['rss_after_build'])}, "
-                  f"baseline {gb(r['baseline'])}, peak {gb(r['peak'])} (VmHWM {gb(r['vm_hwm'])}), "
-                  f"increment {mb(r['increment'])}  [peak reset ok: {r['peak_reset_ok']}]")
-        print(f"  step/forward: absolute peak {step['peak'] / fwd['peak']:.3f}x, "
-              f"increment {step['increment'] / max(fwd['increment'], 1):.2f}x   (target <= 1.3x)")
+        print(
+            f"\n== memory: batch {args.batch_size} x {args.seconds:g} s audio + {args.batch_size} images "
+            f"{args.image_size} px, {step['threads']} threads, warm-up {'off' if args.no_warmup else 'on'}, "
+            f"malloc {'defaults' if args.keep_malloc else 'mmap/trim threshold 128 KiB'} =="
+        )
+        print(
+            f"  RSS after imports (torch, fairseq, open_clip): {gb(fwd['rss_after_imports'])}; "
+            f"after building the model: {gb(fwd['rss_after_build'])} (fp32 weights: 2.54 GB)"
+        )
+        for r, label in (
+            (fwd, "no-grad forward, frozen encoders only"),
+            (step, f"training step (fwd+bwd, {step['method']})"),
+        ):
+            print(
+                f"  {label:<40s}: {r['seconds']:6.1f} s   RSS after build {gb(r['rss_after_build'])}, "
+                f"baseline {gb(r['baseline'])}, peak {gb(r['peak'])} (VmHWM {gb(r['vm_hwm'])}), "
+                f"increment {mb(r['increment'])}  [peak reset ok: {r['peak_reset_ok']}]"
+            )
+        print(
+            f"  step/forward: absolute peak {step['peak'] / fwd['peak']:.3f}x, "
+            f"increment {step['increment'] / max(fwd['increment'], 1):.2f}x   (target <= 1.3x)"
+        )
         print(f"  step/forward wall time: {step['seconds'] / fwd['seconds']:.2f}x")
-        print(f"  HuBERT states {fwd['states_shape']}: stacked 25 x B x T' x 1024 fp32 = {mb(stacked)} "
-              f"(T' = {t} frames)")
+        print(
+            f"  HuBERT states {fwd['states_shape']}: stacked 25 x B x T' x 1024 fp32 = {mb(stacked)} (T' = {t} frames)"
+        )
         if "saved_bytes" in step:
-            print(f"  autograd keeps {mb(step['saved_bytes'])} in {step['saved_tensors']} storages for backward "
-                  f"(largest: " + ", ".join(f"{mb(n)} {shape}" for n, shape in step["saved_largest"][:3])
-                  + f"); gradients {mb(step['grad_bytes'])}")
-        print(f"  gradients reached {step['params_with_grad']} of {step['trainable_tensors']} trainable tensors; "
-              f"frozen upstream tensors with a gradient: {step['frozen_params_with_grad'] or 'none'}")
+            print(
+                f"  autograd keeps {mb(step['saved_bytes'])} in {step['saved_tensors']} storages for backward "
+                f"(largest: "
+                + ", ".join(f"{mb(n)} {shape}" for n, shape in step["saved_largest"][:3])
+                + f"); gradients {mb(step['grad_bytes'])}"
+            )
+        print(
+            f"  gradients reached {step['params_with_grad']} of {step['trainable_tensors']} trainable tensors; "
+            f"frozen upstream tensors with a gradient: {step['frozen_params_with_grad'] or 'none'}"
+        )
         if len(steps) > 1 or "cmd" not in steps:
-            print(f"\n== training step per method vs the no-grad frozen forward ({fwd['seconds']:.1f} s, peak "
-                  f"{gb(fwd['peak'])}, increment {mb(fwd['increment'])}); target <= 1.3x in time ==")
-            print(f"  {'method':<8s} {'step s':>7s} {'time':>6s} {'peak':>9s} {'peak':>7s} {'increment':>10s} "
-                  f"{'trainable':>11s} {'checkpoint':>11s}")
+            print(
+                f"\n== training step per method vs the no-grad frozen forward ({fwd['seconds']:.1f} s, peak "
+                f"{gb(fwd['peak'])}, increment {mb(fwd['increment'])}); target <= 1.3x in time =="
+            )
+            print(
+                f"  {'method':<8s} {'step s':>7s} {'time':>6s} {'peak':>9s} {'peak':>7s} {'increment':>10s} "
+                f"{'trainable':>11s} {'checkpoint':>11s}"
+            )
             for method, r in steps.items():
-                print(f"  {method:<8s} {r['seconds']:7.1f} {r['seconds'] / fwd['seconds']:5.2f}x {gb(r['peak']):>9s} "
-                      f"{r['peak'] / fwd['peak']:6.3f}x {mb(r['increment']):>10s} {r['trainable_params'] / 1e6:10.2f}M "
-                      f"{mb(r['checkpoint_bytes']):>11s}")
+                print(
+                    f"  {method:<8s} {r['seconds']:7.1f} {r['seconds'] / fwd['seconds']:5.2f}x {gb(r['peak']):>9s} "
+                    f"{r['peak'] / fwd['peak']:6.3f}x {mb(r['increment']):>10s} {r['trainable_params'] / 1e6:10.2f}M "
+                    f"{mb(r['checkpoint_bytes']):>11s}"
+                )
         paired = {}
         if args.paired:
-            print(f"\n== wall time, frozen forward and step alternated in one process, fastest of {args.repeats} "
-                  "(target <= 1.3x) ==")
+            print(
+                f"\n== wall time, frozen forward and step alternated in one process, fastest of {args.repeats} "
+                "(target <= 1.3x) =="
+            )
             for method in args.methods:
                 paired[method] = r = spawn(args, "paired", hubert_path, method)
-                print(f"  {method:<8s} forward {r['forward']:6.1f} s  step {r['step']:6.1f} s  "
-                      f"step/forward {r['step'] / r['forward']:5.2f}x   (all: forward "
-                      + ", ".join(f"{x:.1f}" for x in r["forward_all"]) + "; step "
-                      + ", ".join(f"{x:.1f}" for x in r["step_all"]) + ")")
+                print(
+                    f"  {method:<8s} forward {r['forward']:6.1f} s  step {r['step']:6.1f} s  "
+                    f"step/forward {r['step'] / r['forward']:5.2f}x   (all: forward "
+                    + ", ".join(f"{x:.1f}" for x in r["forward_all"])
+                    + "; step "
+                    + ", ".join(f"{x:.1f}" for x in r["step_all"])
+                    + ")"
+                )
         rr = {}
-        for rerank_method in (["c2f"] + [m for m in ("c2f_fast", "c2f_lite") if m in args.methods]) if args.rerank else []:
+        for rerank_method in (
+            (["c2f"] + [m for m in ("c2f_fast", "c2f_lite") if m in args.methods]) if args.rerank else []
+        ):
             rr[rerank_method] = r = spawn(args, "rerank", hubert_path, rerank_method)
-            print(f"\n== re-ranking cost per query, {rerank_method} ({r['threads']} threads; one utterance of {args.seconds:g} s = "
-                  f"{r['frames']} speech tokens x {r['num_patches'] + 1} image tokens per pair; pair batch {args.pair_batch}) ==")
-            print(f"  SIC scoring: {1e3 * r['sic_per_query']:.3f} ms per query ({args.rerank_images} images, top-K); "
-                  f"encoding the query utterance: {r['encode_per_query']:.2f} s")
+            print(
+                f"\n== re-ranking cost per query, {rerank_method} ({r['threads']} threads; one utterance of {args.seconds:g} s = "
+                f"{r['frames']} speech tokens x {r['num_patches'] + 1} image tokens per pair; pair batch {args.pair_batch}) =="
+            )
+            print(
+                f"  SIC scoring: {1e3 * r['sic_per_query']:.3f} ms per query ({args.rerank_images} images, top-K); "
+                f"encoding the query utterance: {r['encode_per_query']:.2f} s"
+            )
             for k, seconds in r["rerank"].items():
-                print(f"  re-rank K={k:>3s}: {seconds:7.2f} s per query = {seconds / r['sic_per_query']:9.0f}x SIC scoring, "
-                      f"{seconds / r['encode_per_query']:5.2f}x encoding the query")
+                print(
+                    f"  re-rank K={k:>3s}: {seconds:7.2f} s per query = {seconds / r['sic_per_query']:9.0f}x SIC scoring, "
+                    f"{seconds / r['encode_per_query']:5.2f}x encoding the query"
+                )
         print("\n" + json.dumps({"forward": fwd, "steps": steps, "paired": paired, "rerank": rr}))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

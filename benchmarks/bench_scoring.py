@@ -103,7 +103,7 @@ def run_variant(args):
             del scores
         elif args.variant == "blocked":
             for block_start in range(0, speech.shape[0], args.chunk_size):
-                scores = images @ speech[block_start:block_start + args.chunk_size].T
+                scores = images @ speech[block_start : block_start + args.chunk_size].T
             del scores
         elif args.variant == "ours":
             result = recall.retrieval_recall(speech, images, ids, ks=ks, chunk_size=args.chunk_size)
@@ -112,17 +112,39 @@ def run_variant(args):
         times.append(time.perf_counter() - start)
         if args.variant in ("ours", "naive"):
             hits = {k: v for k, v in result.items() if "_hits_" in k}
-    print(json.dumps({
-        "variant": args.variant, "chunk_size": args.chunk_size, "times": times,
-        "peak_rss": peak_rss_bytes(), "rss_before": rss_before, "hits": hits,
-    }))
+    print(
+        json.dumps(
+            {
+                "variant": args.variant,
+                "chunk_size": args.chunk_size,
+                "times": times,
+                "peak_rss": peak_rss_bytes(),
+                "rss_before": rss_before,
+                "hits": hits,
+            }
+        )
+    )
 
 
 def spawn(args, variant, chunk_size=None, repeats=1):
-    cmd = [sys.executable, os.path.abspath(__file__), "--variant", variant,
-           "--repeats", str(repeats), "--threads", str(args.threads), "--seed", str(args.seed),
-           "--num-images", str(args.num_images), "--captions-per-image", str(args.captions_per_image),
-           "--dim", str(args.dim)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--variant",
+        variant,
+        "--repeats",
+        str(repeats),
+        "--threads",
+        str(args.threads),
+        "--seed",
+        str(args.seed),
+        "--num-images",
+        str(args.num_images),
+        "--captions-per-image",
+        str(args.captions_per_image),
+        "--dim",
+        str(args.dim),
+    ]
     if chunk_size is not None:
         cmd += ["--chunk-size", str(chunk_size)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -150,20 +172,26 @@ def main():
         run_variant(args)
         return
 
-    print(f"problem: {args.num_images * args.captions_per_image} utterances x {args.num_images} images, "
-          f"dim {args.dim}, fp32, {args.threads} threads, torch {torch.__version__}")
+    print(
+        f"problem: {args.num_images * args.captions_per_image} utterances x {args.num_images} images, "
+        f"dim {args.dim}, fp32, {args.threads} threads, torch {torch.__version__}"
+    )
     matmul = spawn(args, "matmul", repeats=args.repeats)
     blocked = spawn(args, "blocked", chunk_size=args.chunk_size, repeats=args.repeats)
     ours = spawn(args, "ours", chunk_size=args.chunk_size, repeats=args.repeats)
     t_mm, t_blocked, t_ours = min(matmul["times"]), min(blocked["times"]), min(ours["times"])
     print(f"matmul floor      : {t_mm:7.2f} s   peak RSS {gb(matmul['peak_rss']):.2f} GB")
     print(f"blocked matmul    : {t_blocked:7.2f} s   peak RSS {gb(blocked['peak_rss']):.2f} GB")
-    print(f"ours (chunk {args.chunk_size:5d}): {t_ours:7.2f} s   peak RSS {gb(ours['peak_rss']):.2f} GB "
-          f"(inputs + interpreter before the call: {gb(ours['rss_before']):.2f} GB)")
+    print(
+        f"ours (chunk {args.chunk_size:5d}): {t_ours:7.2f} s   peak RSS {gb(ours['peak_rss']):.2f} GB "
+        f"(inputs + interpreter before the call: {gb(ours['rss_before']):.2f} GB)"
+    )
     for size in args.chunk_sizes or []:
         sweep = spawn(args, "ours", chunk_size=size, repeats=args.repeats)
-        print(f"ours (chunk {size:5d}): {min(sweep['times']):7.2f} s   peak RSS {gb(sweep['peak_rss']):.2f} GB   "
-              f"scoring/matmul = {min(sweep['times']) / t_mm:.2f}x")
+        print(
+            f"ours (chunk {size:5d}): {min(sweep['times']):7.2f} s   peak RSS {gb(sweep['peak_rss']):.2f} GB   "
+            f"scoring/matmul = {min(sweep['times']) / t_mm:.2f}x"
+        )
     print(f"scoring/matmul = {t_ours / t_mm:.2f}x   (target <= 2.5x)")
     print(f"scoring/blocked matmul = {t_ours / t_blocked:.2f}x   (cost of ranking on top of the same products)")
     print(f"peak RSS ours  = {gb(ours['peak_rss']):.2f} GB   (target < 1.5 GB)")

@@ -52,20 +52,27 @@ def in_process(args, clips, images):
 
     t = time.perf_counter()
     encoder = SpeechImageEncoder.from_checkpoint(args.checkpoint, keep_matching=True)  # re-ranking is timed
-    service = SearchService(encoder, image_index=load_index(args.index),
-                            audio_index=load_index(args.audio_index) if args.audio_index else None)
-    out = {"load_seconds": round(time.perf_counter() - t, 2), "rerank_k": args.rerank_k,
-           "num_images": len(service.image_index), "has_matching_head": service.has_matching_head}
+    service = SearchService(
+        encoder,
+        image_index=load_index(args.index),
+        audio_index=load_index(args.audio_index) if args.audio_index else None,
+    )
+    out = {
+        "load_seconds": round(time.perf_counter() - t, 2),
+        "rerank_k": args.rerank_k,
+        "num_images": len(service.image_index),
+        "has_matching_head": service.has_matching_head,
+    }
     runs = [("speech_to_images", service.search_images, clips)]
     if service.audio_index is not None:
         out["num_clips"] = len(service.audio_index)
         runs.append(("image_to_speech", service.search_clips, images))
     for name, fn, queries in runs:
-        for k in ([0, args.rerank_k] if service.has_matching_head else [0]):
+        for k in [0, args.rerank_k] if service.has_matching_head else [0]:
             passes = []
             for _ in range(args.repeats):  # the machine is shared: the pass with the lowest median total counts
                 steps = {}
-                for i, q in enumerate(queries[:args.num_queries + 1]):
+                for i, q in enumerate(queries[: args.num_queries + 1]):
                     answer = fn(q, top_k=10, rerank_k=k)
                     if i == 0:
                         continue  # warm-up
@@ -75,8 +82,9 @@ def in_process(args, clips, images):
             key = f"{name}{'_rerank' if k else ''}"
             out[key] = min(passes, key=lambda p: p["total_ms"])
             out[key]["total_ms_of_each_pass"] = [p["total_ms"] for p in passes]
-            print(f"{key}: " + ", ".join(f"{s} {v} ms" for s, v in
-                                         ((s[:-3], v) for s, v in out[key].items())), flush=True)
+            print(
+                f"{key}: " + ", ".join(f"{s} {v} ms" for s, v in ((s[:-3], v) for s, v in out[key].items())), flush=True
+            )
     return out
 
 
@@ -90,8 +98,19 @@ class Server:
     def __init__(self, args, concurrency):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
-        cmd = [sys.executable, os.path.join(REPO, "examples", "search.py"), "serve", "--checkpoint", args.checkpoint,
-               "--index", args.index, "--port", str(self.port), "--concurrency", str(concurrency)]
+        cmd = [
+            sys.executable,
+            os.path.join(REPO, "examples", "search.py"),
+            "serve",
+            "--checkpoint",
+            args.checkpoint,
+            "--index",
+            args.index,
+            "--port",
+            str(self.port),
+            "--concurrency",
+            str(concurrency),
+        ]
         if args.audio_index:
             cmd += ["--index", args.audio_index]
         self.log = open(os.path.join(args.work_dir, f"serve_c{concurrency}.log"), "w")
@@ -138,7 +157,7 @@ def through_server(args, clips):
                 for c in clients:
                     _ask(c, clips[0], k)  # warm-up
                 single = []
-                for clip in clips[1:args.num_queries + 1]:
+                for clip in clips[1 : args.num_queries + 1]:
                     t = time.perf_counter()
                     _ask(clients[0], clip, k)
                     single.append(time.perf_counter() - t)
@@ -151,8 +170,10 @@ def through_server(args, clips):
                         _ask(client, clip, k)
                         latencies.append(time.perf_counter() - t)
 
-                threads = [threading.Thread(target=work, args=(c, clips[1 + i * per_client:1 + (i + 1) * per_client]))
-                           for i, c in enumerate(clients)]
+                threads = [
+                    threading.Thread(target=work, args=(c, clips[1 + i * per_client : 1 + (i + 1) * per_client]))
+                    for i, c in enumerate(clients)
+                ]
                 t = time.perf_counter()
                 for th in threads:
                     th.start()
@@ -160,9 +181,12 @@ def through_server(args, clips):
                     th.join()
                 wall = time.perf_counter() - t
                 key = f"concurrency{concurrency}{'_rerank' if k else ''}"
-                out[key] = {"one_client_round_trip_ms": median_ms(single), "requests": len(latencies),
-                            "four_clients_requests_per_second": round(len(latencies) / wall, 2),
-                            "four_clients_round_trip_ms": median_ms(latencies)}
+                out[key] = {
+                    "one_client_round_trip_ms": median_ms(single),
+                    "requests": len(latencies),
+                    "four_clients_requests_per_second": round(len(latencies) / wall, 2),
+                    "four_clients_round_trip_ms": median_ms(latencies),
+                }
                 print(f"{key}: {out[key]}", flush=True)
             if args.browser and concurrency == 4:
                 out["browser_submit_to_gallery_ms"] = browser(args, server.url, clips)
@@ -189,8 +213,12 @@ def browser(args, url, clips):
             for clip in clips[1:6]:
                 driver.get(url)
                 wait = WebDriverWait(driver, 60)
-                wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#query-audio button[aria-label='Upload file']"))[0].click()
-                wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#query-audio input[type=file]"))[0].send_keys(clip)
+                wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#query-audio button[aria-label='Upload file']"))[
+                    0
+                ].click()
+                wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#query-audio input[type=file]"))[0].send_keys(
+                    clip
+                )
                 wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#query-audio button[aria-label='Play']"))
                 if k:
                     driver.find_element(By.CSS_SELECTOR, "#rerank-speech input[type=checkbox]").click()
@@ -199,22 +227,30 @@ def browser(args, url, clips):
                     box.send_keys(f"{k}\t")
                 t = time.perf_counter()
                 driver.find_element(By.CSS_SELECTOR, "#search-speech").click()
-                wait.until(lambda d: d.execute_script(
-                    "var imgs = document.querySelectorAll('#results-speech .cmd-results img');"
-                    "return imgs.length > 0 && Array.prototype.every.call(imgs, function (i) {"
-                    "  return i.complete && i.naturalWidth > 0; })"))
+                wait.until(
+                    lambda d: d.execute_script(
+                        "var imgs = document.querySelectorAll('#results-speech .cmd-results img');"
+                        "return imgs.length > 0 && Array.prototype.every.call(imgs, function (i) {"
+                        "  return i.complete && i.naturalWidth > 0; })"
+                    )
+                )
                 values.append(time.perf_counter() - t)
             times["rerank" if k else "plain"] = median_ms(values)
-            print(f"browser submit to gallery ({'re-ranked' if k else 'plain'}): {times['rerank' if k else 'plain']} ms",
-                  flush=True)
+            print(
+                f"browser submit to gallery ({'re-ranked' if k else 'plain'}): {times['rerank' if k else 'plain']} ms",
+                flush=True,
+            )
     finally:
         driver.quit()
     return times
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--index", required=True, help="index of images")
     p.add_argument("--audio-index", help="index of spoken clips (image -> speech)")
@@ -235,16 +271,22 @@ def main():
     os.makedirs(args.work_dir, exist_ok=True)
     clips = sorted(os.path.join(args.clips, f) for f in os.listdir(args.clips) if f.endswith(".wav"))
     step = max(1, len(clips) // (args.num_queries + 1))
-    clips = clips[::step][:args.num_queries + 1]  # spread over the folder (other images, other speakers)
+    clips = clips[::step][: args.num_queries + 1]  # spread over the folder (other images, other speakers)
     from cmd_plugin.search.index import load_index
 
     index = load_index(args.index)
     images = [index.absolute_path(r) for r in range(0, len(index), max(1, len(index) // (args.num_queries + 1)))]
 
-    record = {"machine": {"cpus": os.cpu_count(), "torch_threads_in_process": args.torch_threads,
-                          "server_torch_threads": "CPUs / --concurrency (serve's default)",
-                          "load_average": os.getloadavg()},
-              "checkpoint": os.path.abspath(args.checkpoint), "num_queries": args.num_queries}
+    record = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads_in_process": args.torch_threads,
+            "server_torch_threads": "CPUs / --concurrency (serve's default)",
+            "load_average": os.getloadavg(),
+        },
+        "checkpoint": os.path.abspath(args.checkpoint),
+        "num_queries": args.num_queries,
+    }
     record["in_process"] = in_process(args, clips, images)
     if not args.skip_server:
         record["server"] = through_server(args, clips)

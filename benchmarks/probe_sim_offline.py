@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cmd_plugin.retrieval.evaluate import encode_split  # noqa: E402
 from cmd_plugin.loading import load_cmd_checkpoint  # noqa: E402
 from cmd_plugin.modules.multimodal import MatchingHead, MultimodalEncoder  # noqa: E402
+from cmd_plugin.retrieval.evaluate import encode_split  # noqa: E402
 
 
 def balanced_pairs(emb, n, dim, gen):
@@ -79,8 +79,10 @@ def main():
             with torch.no_grad():
                 speech, mask, tokens, labels = balanced_pairs(valid, 256, dim, gen_valid)
                 accuracy = (head(encoder.fused_cls(speech, mask, tokens)).argmax(1) == labels).float().mean()
-            print(f"step {step}: train loss {loss.item():.3f}, valid accuracy on balanced pairs {100 * accuracy:.1f} %",
-                  flush=True)
+            print(
+                f"step {step}: train loss {loss.item():.3f}, valid accuracy on balanced pairs {100 * accuracy:.1f} %",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -54,12 +54,23 @@ def row_spec(row: str):
         k = int(match["k"]) if match["k"] else 0
         if match["k"] and k < 10:
             raise ValueError(f"row {row!r}: re-ranking K must be >= 10 (R@10 is reported)")
-        return {"overrides": [overrides], "alpha": alpha, "variant": None,
-                "base": match["base"] if k else None, "rerank_k": k,
-                "rerank_score": RERANK_ROW_SCORES[match["score"]]}
+        return {
+            "overrides": [overrides],
+            "alpha": alpha,
+            "variant": None,
+            "base": match["base"] if k else None,
+            "rerank_k": k,
+            "rerank_score": RERANK_ROW_SCORES[match["score"]],
+        }
     overrides, alpha, variant = row_overrides(row)
-    return {"overrides": overrides, "alpha": alpha, "variant": variant, "base": None, "rerank_k": 0,
-            "rerank_score": None}
+    return {
+        "overrides": overrides,
+        "alpha": alpha,
+        "variant": variant,
+        "base": None,
+        "rerank_k": 0,
+        "rerank_score": None,
+    }
 
 
 def row_overrides(row: str):
@@ -73,10 +84,12 @@ def row_overrides(row: str):
         return spec["overrides"], spec["alpha"], spec["variant"]
     match = ROW_PATTERN.match(row)
     if not match or match["variant"] not in FUSION_ATTENTION_CHOICES:
-        raise ValueError(f"unknown row {row!r}: expected 'sic', 'cmd-VARIANT[-aALPHA]' with VARIANT in "
-                         f"{FUSION_ATTENTION_CHOICES} (e.g. cmd-cosine-a0.5), 'c2f', 'c2f-cmd', "
-                         f"'c2f[-cmd]-rerankK[-simsic|-simsiclogit]' (e.g. c2f-rerank10), one C2F part on SIC {sorted(C2F_PART_ROWS)} "
-                         f"or {sorted(C2F_VARIANT_ROWS)}")
+        raise ValueError(
+            f"unknown row {row!r}: expected 'sic', 'cmd-VARIANT[-aALPHA]' with VARIANT in "
+            f"{FUSION_ATTENTION_CHOICES} (e.g. cmd-cosine-a0.5), 'c2f', 'c2f-cmd', "
+            f"'c2f[-cmd]-rerankK[-simsic|-simsiclogit]' (e.g. c2f-rerank10), one C2F part on SIC {sorted(C2F_PART_ROWS)} "
+            f"or {sorted(C2F_VARIANT_ROWS)}"
+        )
     alpha = float(match["alpha"]) if match["alpha"] else 1.0
     if alpha <= 0:
         raise ValueError(f"row {row!r}: alpha must be positive (use 'sic' for alpha = 0)")
@@ -147,8 +160,12 @@ def selection_summary(curve):
         return {}
     best_update, best_valid = max(reversed(curve), key=lambda point: point[1])
     final_valid = curve[-1][1]
-    return {"best_update": best_update, "best_valid": best_valid, "final_valid": final_valid,
-            "valid_drop": best_valid - final_valid}
+    return {
+        "best_update": best_update,
+        "best_valid": best_valid,
+        "final_valid": final_valid,
+        "valid_drop": best_valid - final_valid,
+    }
 
 
 def minimal_pairs_summary(record):
@@ -215,11 +232,14 @@ def format_table(table) -> str:
 
 def format_minimal_pairs(table) -> str:
     """Rows of mean±sd over seeds of the minimal-pairs figures (:func:`minimal_pairs_summary`)."""
-    keys = sorted({k for st in table.values() for k in st if k.startswith("mp_")},
-                  key=lambda k: (("mp_mean", "mp_group_r1").index(k) + 1 if k in ("mp_mean", "mp_group_r1") else 0, k))
+    keys = sorted(
+        {k for st in table.values() for k in st if k.startswith("mp_")},
+        key=lambda k: (("mp_mean", "mp_group_r1").index(k) + 1 if k in ("mp_mean", "mp_group_r1") else 0, k),
+    )
     head = ["row"] + [k[3:] for k in keys]
-    lines = [[row] + [format_mean_sd(st[k], st["num_seeds"]) if k in st else "-" for k in keys]
-             for row, st in table.items()]
+    lines = [
+        [row] + [format_mean_sd(st[k], st["num_seeds"]) if k in st else "-" for k in keys] for row, st in table.items()
+    ]
     return _aligned(head, lines)
 
 
@@ -259,8 +279,9 @@ def plot_curves(curves, path, title):
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for row, c in rows.items():
-        ax.errorbar([u for u, _, _ in c], [m for _, m, _ in c], yerr=[sd for _, _, sd in c], marker=".",
-                    capsize=2, label=row)
+        ax.errorbar(
+            [u for u, _, _ in c], [m for _, m, _ in c], yerr=[sd for _, _, sd in c], marker=".", capsize=2, label=row
+        )
     ax.set_xlabel("updates")
     ax.set_ylabel("valid mean R@1 (mean ± sd over seeds)")
     ax.set_title(title, fontsize=9)
@@ -279,8 +300,11 @@ def alpha_series(table):
     alpha_variant = {row: row_overrides(row)[1:] for row in table if row != "sic"}
     series = {}
     for variant in FUSION_ATTENTION_CHOICES:
-        points = sorted((alpha, *table[row]["mean_r1"], table[row]["num_seeds"])
-                        for row, (alpha, v) in alpha_variant.items() if v == variant)
+        points = sorted(
+            (alpha, *table[row]["mean_r1"], table[row]["num_seeds"])
+            for row, (alpha, v) in alpha_variant.items()
+            if v == variant
+        )
         if points:
             series[variant] = ([(0.0, *base["mean_r1"], base["num_seeds"])] if base else []) + points
     return series
@@ -300,13 +324,20 @@ def plot_alpha(table, path, title):
     for i, (variant, points) in enumerate(series.items()):
         alphas, means, sds, seeds = zip(*points)
         dodge = 0.012 * (i - (len(series) - 1) / 2)  # side by side, so that the error bars stay apart
-        line = ax.errorbar([a + dodge for a in alphas], means, yerr=sds, marker="o", capsize=3,
-                           label=f"fusion: {variant}")
+        line = ax.errorbar(
+            [a + dodge for a in alphas], means, yerr=sds, marker="o", capsize=3, label=f"fusion: {variant}"
+        )
         for a, m, n in zip(alphas, means, seeds):
             if a == 0.0 and i:  # sic, shared: labelled once
                 continue
-            ax.annotate(f"n={n}", (a + dodge, m), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                        color=line.lines[0].get_color())
+            ax.annotate(
+                f"n={n}",
+                (a + dodge, m),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+                color=line.lines[0].get_color(),
+            )
     ax.set_xlabel("α (weight of L_cmd)")
     ax.set_ylabel("test mean R@1 (mean ± sd over n seeds)")
     ax.set_title(title, fontsize=9)
@@ -324,8 +355,11 @@ def paired_vs(runs, base: str = "sic", key: str = "mean_r1", split: str = "test"
     if base not in runs:
         return {}
     ref = {s: r[split]["recall"][key] for s, r in runs[base].items()}
-    return {row: paired_difference({s: r[split]["recall"][key] for s, r in by_seed.items()}, ref)
-            for row, by_seed in runs.items() if row != base}
+    return {
+        row: paired_difference({s: r[split]["recall"][key] for s, r in by_seed.items()}, ref)
+        for row, by_seed in runs.items()
+        if row != base
+    }
 
 
 def parse_comparison(text: str, rows):
@@ -344,11 +378,19 @@ def format_paired(paired, base: Optional[str] = "sic") -> str:
         if d["low"] is None:
             lines.append(f"  {name}: {d['mean']:+.2f} ({d['n']} seed: no interval)")
             continue
-        verdict = "excludes 0" if d["resolved"] else (
-            f"straddles 0; ~{d['seeds_needed']} seeds would resolve it at this spread" if d["seeds_needed"]
-            else "straddles 0")
-        lines.append(f"  {name}: {d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] "
-                     f"(95 %, {d['n']} paired seeds, sd {d['sd']:.2f}; {verdict})")
+        verdict = (
+            "excludes 0"
+            if d["resolved"]
+            else (
+                f"straddles 0; ~{d['seeds_needed']} seeds would resolve it at this spread"
+                if d["seeds_needed"]
+                else "straddles 0"
+            )
+        )
+        lines.append(
+            f"  {name}: {d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] "
+            f"(95 %, {d['n']} paired seeds, sd {d['sd']:.2f}; {verdict})"
+        )
     return "\n".join(lines)
 
 
@@ -393,11 +435,26 @@ def rescore(inputs, save_dir, k, score, splits=("valid", "test"), timings=None, 
     for split in splits:
         path = os.path.join(save_dir, f"recall_{split}_{suffix}.json")
         if not os.path.isfile(path):
-            timings[f"rescore {tag} {split}"] = run([
-                sys.executable, os.path.join(EXAMPLES, "eval_recall.py"), "--checkpoint",
-                os.path.join(save_dir, "checkpoint_best.pt"), "--data", inputs["manifests"], "--split", split,
-                "--rerank-k", str(k), "--rerank-score", score, "--output-json", path, "--no-progress",
-            ], log_path=os.path.join(save_dir, f"eval_{split}_{suffix}.log"))
+            timings[f"rescore {tag} {split}"] = run(
+                [
+                    sys.executable,
+                    os.path.join(EXAMPLES, "eval_recall.py"),
+                    "--checkpoint",
+                    os.path.join(save_dir, "checkpoint_best.pt"),
+                    "--data",
+                    inputs["manifests"],
+                    "--split",
+                    split,
+                    "--rerank-k",
+                    str(k),
+                    "--rerank-score",
+                    score,
+                    "--output-json",
+                    path,
+                    "--no-progress",
+                ],
+                log_path=os.path.join(save_dir, f"eval_{split}_{suffix}.log"),
+            )
         with open(path) as f:
             record = json.load(f)
         record["sic_recall"] = record["recall"]
@@ -420,8 +477,13 @@ def checkout_commit():
     """The commit of the checkout that made a report, with "-dirty" when it has uncommitted changes to
     tracked files; None outside a git checkout."""
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=EXAMPLES,
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=EXAMPLES,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0 or not out.stdout.strip():
@@ -469,15 +531,22 @@ def run_ablation(args, argv=None):
                 missing.append(f"{row} seed {seed}")
                 continue
             rescored_before = spec["rerank_k"] and run_finished(save_dir, spec)
-            if spec["rerank_k"] and all(os.path.isfile(p) for p in paths.values()) and (
-                    rescored_before or os.path.isfile(os.path.join(save_dir, "checkpoint_best.pt"))):
+            if (
+                spec["rerank_k"]
+                and all(os.path.isfile(p) for p in paths.values())
+                and (rescored_before or os.path.isfile(os.path.join(save_dir, "checkpoint_best.pt")))
+            ):
                 # a re-ranked row: its base run's re-scored records, re-scoring the checkpoint if they are missing
-                records = rescore(inputs, save_dir, spec["rerank_k"], spec["rerank_score"], timings=timings,
-                                  tag=f"{row} seed{seed}")
+                records = rescore(
+                    inputs, save_dir, spec["rerank_k"], spec["rerank_score"], timings=timings, tag=f"{row} seed{seed}"
+                )
                 if not rescored_before:
                     rescored += 1
-                print(f"{row} seed {seed}: {'reusing' if rescored_before else 're-scored'} {save_dir}: test mean R@1 "
-                      f"{records['test']['recall']['mean_r1']:.1f}", flush=True)
+                print(
+                    f"{row} seed {seed}: {'reusing' if rescored_before else 're-scored'} {save_dir}: test mean R@1 "
+                    f"{records['test']['recall']['mean_r1']:.1f}",
+                    flush=True,
+                )
             elif all(os.path.isfile(p) for p in paths.values()):
                 records = {}
                 for split, p in paths.items():
@@ -486,15 +555,32 @@ def run_ablation(args, argv=None):
                 print(f"reusing {row} seed {seed} ({save_dir})", flush=True)
             else:
                 os.makedirs(os.path.dirname(save_dir), exist_ok=True)
-                records = train_and_score(inputs, save_dir, overrides[row], seed, args.max_update,
-                                          save_dir + ".train.log", splits=("valid", "test"), timings=timings,
-                                          tag=f"{trained_row} seed{seed}")
+                records = train_and_score(
+                    inputs,
+                    save_dir,
+                    overrides[row],
+                    seed,
+                    args.max_update,
+                    save_dir + ".train.log",
+                    splits=("valid", "test"),
+                    timings=timings,
+                    tag=f"{trained_row} seed{seed}",
+                )
                 trained += 1
                 if spec["rerank_k"]:
-                    records = rescore(inputs, save_dir, spec["rerank_k"], spec["rerank_score"], timings=timings,
-                                      tag=f"{row} seed{seed}")
-                print(f"{row} seed {seed}: test mean R@1 {records['test']['recall']['mean_r1']:.1f}, "
-                      f"valid mean R@1 {records['valid']['recall']['mean_r1']:.1f}", flush=True)
+                    records = rescore(
+                        inputs,
+                        save_dir,
+                        spec["rerank_k"],
+                        spec["rerank_score"],
+                        timings=timings,
+                        tag=f"{row} seed{seed}",
+                    )
+                print(
+                    f"{row} seed {seed}: test mean R@1 {records['test']['recall']['mean_r1']:.1f}, "
+                    f"valid mean R@1 {records['valid']['recall']['mean_r1']:.1f}",
+                    flush=True,
+                )
             log_text = read_train_log(save_dir + ".train.log")
             if log_text is not None:
                 best = best_valid_line(log_text) or {}
@@ -503,28 +589,36 @@ def run_ablation(args, argv=None):
                 records["valid_curve"] = valid_curve(log_text)
                 last = last_train_line(log_text)
                 records["final_train"] = {k: last[k] for k in FINAL_TRAIN_KEYS if k in last}
-            if getattr(args, "minimal_pairs", True) and not spec["rerank_k"]:  # re-ranking leaves S_cls and so these unchanged
+            if (
+                getattr(args, "minimal_pairs", True) and not spec["rerank_k"]
+            ):  # re-ranking leaves S_cls and so these unchanged
                 mp_json = os.path.join(save_dir, "minimal_pairs_score.json")
                 mp_record = None
                 if os.path.isfile(mp_json):
                     with open(mp_json) as f:
                         mp_record = json.load(f)
                 elif not report_only:
-                    mp_record = minimal_pairs_stage(inputs["work"], os.path.join(save_dir, "checkpoint_best.pt"), timings)
+                    mp_record = minimal_pairs_stage(
+                        inputs["work"], os.path.join(save_dir, "checkpoint_best.pt"), timings
+                    )
                 if mp_record is not None:
                     records["minimal_pairs"] = minimal_pairs_summary(mp_record)
             runs.setdefault(row, {})[seed] = records
 
     if not runs:
-        raise SystemExit(f"no finished run under {os.path.join(out_dir, tag_updates)} for rows {rows} and seeds "
-                         f"{args.seeds} (--report-only trains nothing)")
+        raise SystemExit(
+            f"no finished run under {os.path.join(out_dir, tag_updates)} for rows {rows} and seeds "
+            f"{args.seeds} (--report-only trains nothing)"
+        )
     rows = [row for row in rows if row in runs]
     table = aggregate(runs)
     first = next(iter(next(iter(runs.values())).values()))["test"]
     counts, chance = first["counts"], first["chance"]
-    header = (f"Ablation on the generated corpus ({inputs['work']}): test split {counts['num_utterances']} utterances x "
-              f"{counts['num_images']} images; checkpoints chosen on valid mean R@1; seeds {args.seeds}; "
-              f"max_update {args.max_update or 'of examples/tiny/config.yaml'}")
+    header = (
+        f"Ablation on the generated corpus ({inputs['work']}): test split {counts['num_utterances']} utterances x "
+        f"{counts['num_images']} images; checkpoints chosen on valid mean R@1; seeds {args.seeds}; "
+        f"max_update {args.max_update or 'of examples/tiny/config.yaml'}"
+    )
     print()
     print(header)
     print(format_table(table))
@@ -539,20 +633,31 @@ def run_ablation(args, argv=None):
             print(f"  {row}: " + ", ".join(f"{k} {format_mean_sd(st[k], st['num_seeds'], 3)}" for k in ATTENTION_KEYS))
     sim_rows = [(row, st) for row, st in table.items() if "sim_auc_hard" in st and not specs[row]["rerank_k"]]
     if sim_rows:
-        print("matching head (SIM) on valid at the selected checkpoint (AUC of positives against the hardest "
-              "SIC negative / a random image; loss against the prior's entropy):")
+        print(
+            "matching head (SIM) on valid at the selected checkpoint (AUC of positives against the hardest "
+            "SIC negative / a random image; loss against the prior's entropy):"
+        )
         for row, st in sim_rows:
-            print(f"  {row}: " + ", ".join(f"{k} {format_mean_sd(st[k], st['num_seeds'], 3)}"
-                                           for k in SIM_KEYS if k in st))
+            print(
+                f"  {row}: "
+                + ", ".join(f"{k} {format_mean_sd(st[k], st['num_seeds'], 3)}" for k in SIM_KEYS if k in st)
+            )
     selection_rows = [(row, st) for row, st in table.items() if "best_update" in st and not specs[row]["rerank_k"]]
     if selection_rows:
-        print("checkpoint selection on valid: the update of the selected checkpoint, and how far valid mean R@1 "
-              "fell from it by the last validation:")
+        print(
+            "checkpoint selection on valid: the update of the selected checkpoint, and how far valid mean R@1 "
+            "fell from it by the last validation:"
+        )
         for row, st in selection_rows:
-            print(f"  {row}: selected at update {format_mean_sd(st['best_update'], st['num_seeds'], 0)}, "
-                  f"valid at the end {format_mean_sd(st['valid_drop'], st['num_seeds'])} below its best"
-                  + "".join(f"; last epoch's training {k} {format_mean_sd(st['train_' + k], st['num_seeds'], 3)}"
-                            for k in FINAL_TRAIN_KEYS if "train_" + k in st))
+            print(
+                f"  {row}: selected at update {format_mean_sd(st['best_update'], st['num_seeds'], 0)}, "
+                f"valid at the end {format_mean_sd(st['valid_drop'], st['num_seeds'])} below its best"
+                + "".join(
+                    f"; last epoch's training {k} {format_mean_sd(st['train_' + k], st['num_seeds'], 3)}"
+                    for k in FINAL_TRAIN_KEYS
+                    if "train_" + k in st
+                )
+            )
     mp_rows = [(row, st) for row, st in table.items() if "mp_mean" in st]
     if mp_rows:
         print("minimal pairs (pairwise accuracy %, chance 50; group R@1 %, chance 14.3) at the selected checkpoint:")
@@ -579,16 +684,24 @@ def run_ablation(args, argv=None):
         "command": command,
         "commit": checkout_commit(),
         "header": header,
-        "rows": {row: {"overrides": overrides[row],
-                       "per_seed": {str(s): {"test": runs[row][s]["test"]["recall"],
-                                             "valid": runs[row][s]["valid"]["recall"],
-                                             "attention": runs[row][s].get("attention", {}),
-                                             "sim": runs[row][s].get("sim", {}),
-                                             "minimal_pairs": runs[row][s].get("minimal_pairs", {}),
-                                             "valid_curve": runs[row][s].get("valid_curve", [])}
-                                    for s in sorted(runs[row])},
-                       "mean_sd": {k: list(v) if isinstance(v, tuple) else v for k, v in table[row].items()}}
-                 for row in rows},
+        "rows": {
+            row: {
+                "overrides": overrides[row],
+                "per_seed": {
+                    str(s): {
+                        "test": runs[row][s]["test"]["recall"],
+                        "valid": runs[row][s]["valid"]["recall"],
+                        "attention": runs[row][s].get("attention", {}),
+                        "sim": runs[row][s].get("sim", {}),
+                        "minimal_pairs": runs[row][s].get("minimal_pairs", {}),
+                        "valid_curve": runs[row][s].get("valid_curve", []),
+                    }
+                    for s in sorted(runs[row])
+                },
+                "mean_sd": {k: list(v) if isinstance(v, tuple) else v for k, v in table[row].items()},
+            }
+            for row in rows
+        },
         "chance": chance,
         "counts": counts,
         "missing": missing,
@@ -602,11 +715,17 @@ def run_ablation(args, argv=None):
     if plot_paired(paired, stem + "_paired.png", title):
         plot += f", {stem}_paired.png"
     # a re-ranked row trained nothing: its curve is its base row's, drawn once
-    curves = {row: [runs[row][s].get("valid_curve", []) for s in sorted(runs[row])] for row in rows
-              if not specs[row]["rerank_k"]}
+    curves = {
+        row: [runs[row][s].get("valid_curve", []) for s in sorted(runs[row])]
+        for row in rows
+        if not specs[row]["rerank_k"]
+    }
     if plot_curves(curves, stem + "_curves.png", title):
         plot += f", {stem}_curves.png"
     print(f"record: {stem}.json; plot: {plot}")
-    print(f"{trained} runs trained, {len(specs) * len(args.seeds) - trained - rescored - len(missing)} reused"
-          + (f", {rescored} re-scored" if rescored else "") + (f", {len(missing)} not finished" if missing else "")
-          + f"; {time.time() - t0:.0f}s")
+    print(
+        f"{trained} runs trained, {len(specs) * len(args.seeds) - trained - rescored - len(missing)} reused"
+        + (f", {rescored} re-scored" if rescored else "")
+        + (f", {len(missing)} not finished" if missing else "")
+        + f"; {time.time() - t0:.0f}s"
+    )

@@ -28,10 +28,10 @@ training image shows): a training scene with one described attribute changed
 import logging
 import math
 import os
+import random
 import time
 from dataclasses import dataclass
-import random
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -76,8 +76,10 @@ def load_training_scenes(manifest: SpeechImageManifest, images: List[str], scene
         with open(scenes_json, encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
-        raise ManifestError(f"{scenes_json}: cannot read the corpus's scene record ({e}); hard negatives need "
-                            "the scene_corpus.json that generate_scene_corpus.py writes") from None
+        raise ManifestError(
+            f"{scenes_json}: cannot read the corpus's scene record ({e}); hard negatives need "
+            "the scene_corpus.json that generate_scene_corpus.py writes"
+        ) from None
     records = meta.get("scenes") if isinstance(meta, dict) else None
     if not isinstance(records, dict) or not records:
         raise ManifestError(f"{scenes_json}: expected a 'scenes' mapping (stem -> scene)")
@@ -85,8 +87,10 @@ def load_training_scenes(manifest: SpeechImageManifest, images: List[str], scene
     for relative in images:
         stem = os.path.splitext(os.path.basename(relative))[0]
         if stem not in records:
-            raise ManifestError(f"{scenes_json}: no scene for {stem!r} (image {relative} of the manifest); "
-                                "is it the corpus the manifest was prepared from?")
+            raise ManifestError(
+                f"{scenes_json}: no scene for {stem!r} (image {relative} of the manifest); "
+                "is it the corpus the manifest was prepared from?"
+            )
         scenes.append(scene_from_record(records[stem], f"{scenes_json}: scenes[{stem!r}]"))
     keys = {scene_from_record(r, f"{scenes_json}: scenes[{k!r}]").key() for k, r in records.items()}
     return scenes, keys, int(meta.get("image_size") or 224)
@@ -182,10 +186,12 @@ def text_to_image_recall(model, tokenizer, images: torch.Tensor, captions: List[
     image_emb = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
     texts = [t for caps in captions for t in caps]
     owners = torch.tensor([i for i, caps in enumerate(captions) for _ in caps])
-    text_emb = torch.cat([
-        torch.nn.functional.normalize(model.encode_text(tokenizer(texts[i : i + 512])), dim=-1)
-        for i in range(0, len(texts), 512)
-    ])
+    text_emb = torch.cat(
+        [
+            torch.nn.functional.normalize(model.encode_text(tokenizer(texts[i : i + 512])), dim=-1)
+            for i in range(0, len(texts), 512)
+        ]
+    )
     model.train(was_training)
     return retrieval_recall(text_emb, image_emb, owners, ks=ks)
 
@@ -234,8 +240,11 @@ def pretrain_clip(
         init = torch.load(init_weights, map_location="cpu")
         kept = {k: v for k, v in init.items() if k in own and own[k].shape == v.shape}
         model.load_state_dict(kept, strict=False)
-        logger.info("started from %s except %s (other shapes: random)", init_weights,
-                    ", ".join(sorted(set(own) - set(kept))) or "nothing")
+        logger.info(
+            "started from %s except %s (other shapes: random)",
+            init_weights,
+            ", ".join(sorted(set(own) - set(kept))) or "nothing",
+        )
     else:
         with building_open_clip(random_weights_wanted=not init_weights):  # no init_weights: a random start
             model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=init_weights or None)
@@ -247,8 +256,12 @@ def pretrain_clip(
     if valid is not None:
         valid_caps = captions_by_image(valid, valid_where)
         valid_pixels = _load_images(valid, list(valid_caps), preprocess)
-    logger.info("image-text pre-training of %s on %d images, %d captions", model_name, len(train_images),
-                sum(len(c) for c in train_caps.values()))
+    logger.info(
+        "image-text pre-training of %s on %d images, %d captions",
+        model_name,
+        len(train_images),
+        sum(len(c) for c in train_caps.values()),
+    )
     negatives_start = time.time()
     neg_rng = random.Random(f"negatives/{cfg.seed}")
     if cfg.negatives != "none":
@@ -259,13 +272,18 @@ def pretrain_clip(
         changeable = [a.strip() for a in cfg.negative_attributes.split(",") if a.strip()] or list(ATTRIBUTES)
     if cfg.negatives == "images":
         # negative_pixels[i, k]: the k-th changed scene of training image i, rendered; negative_texts[i][k] its caption
-        pool = [make_negatives(scene, neg_rng, cfg.negatives_per_image, changeable, avoid=corpus_keys)
-                for scene in scenes]
+        pool = [
+            make_negatives(scene, neg_rng, cfg.negatives_per_image, changeable, avoid=corpus_keys) for scene in scenes
+        ]
         negative_texts = [[caption for _, _, caption in negs] for negs in pool]
-        negative_pixels = torch.stack([torch.stack([render_like_corpus(s, render_size, preprocess) for s, _, _ in negs])
-                                       for negs in pool])
-        logger.info("rendered %d hard-negative scenes (%.0fs)", negative_pixels.shape[0] * negative_pixels.shape[1],
-                    time.time() - negatives_start)
+        negative_pixels = torch.stack(
+            [torch.stack([render_like_corpus(s, render_size, preprocess) for s, _, _ in negs]) for negs in pool]
+        )
+        logger.info(
+            "rendered %d hard-negative scenes (%.0fs)",
+            negative_pixels.shape[0] * negative_pixels.shape[1],
+            time.time() - negatives_start,
+        )
     negatives_seconds = time.time() - negatives_start
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -307,7 +325,8 @@ def pretrain_clip(
             if valid is not None:
                 result = text_to_image_recall(model, tokenizer, valid_pixels, list(valid_caps.values()))
                 message += " | held-out text->image R@1/5/10 {:.1f}/{:.1f}/{:.1f}".format(
-                    result["s2i_r1"], result["s2i_r5"], result["s2i_r10"])
+                    result["s2i_r1"], result["s2i_r5"], result["s2i_r10"]
+                )
             logger.info(message)
     train_seconds = time.time() - start
 

@@ -42,7 +42,9 @@ def run(cmd, log_path=None, label=None, **job):
         start = time.time()
         subprocess.run(cmd, check=True)
         return time.time() - start
-    return run_side_by_side([LoggedJob(label or os.path.basename(cmd[1 if len(cmd) > 1 else 0]), cmd, log_path, **job)])[0]
+    return run_side_by_side(
+        [LoggedJob(label or os.path.basename(cmd[1 if len(cmd) > 1 else 0]), cmd, log_path, **job)]
+    )[0]
 
 
 def run_side_by_side(jobs):
@@ -63,14 +65,20 @@ def check_corpus(corpus, args):
     except (OSError, ValueError) as e:
         raise SystemExit(f"{path}: cannot read the corpus record ({e}); rerun with --fresh")
     wanted = {
-        "seed": args.seed, "speakers": args.num_speakers,
+        "seed": args.seed,
+        "speakers": args.num_speakers,
         "images": {"train": args.num_train_images, "valid": args.num_valid_images, "test": args.num_test_images},
     }
-    differing = [f"{key}: corpus has {meta.get(key)!r}, asked for {value!r}"
-                 for key, value in wanted.items() if meta.get(key) != value]
+    differing = [
+        f"{key}: corpus has {meta.get(key)!r}, asked for {value!r}"
+        for key, value in wanted.items()
+        if meta.get(key) != value
+    ]
     if differing:
-        raise SystemExit(f"{path}: the existing corpus was made with other options ({'; '.join(differing)}); "
-                         "rerun with --fresh or another --work-dir")
+        raise SystemExit(
+            f"{path}: the existing corpus was made with other options ({'; '.join(differing)}); "
+            "rerun with --fresh or another --work-dir"
+        )
 
 
 def search_demo(py, work, manifests, checkpoint, num_queries=3, top_k=10):
@@ -93,12 +101,28 @@ def search_demo(py, work, manifests, checkpoint, num_queries=3, top_k=10):
         f.writelines(f"{test.texts[u] if test.texts else ''}\t{test.image_paths[u]}\n" for u in utterances)
     script = os.path.join(EXAMPLES, "search.py")
     index = os.path.join(search_dir, "test_images_index.pt")
-    run([py, script, "index", "--checkpoint", checkpoint, "--images", images, "--out", index, "--no-progress"],
-        log_path=os.path.join(search_dir, "index.log"))
+    run(
+        [py, script, "index", "--checkpoint", checkpoint, "--images", images, "--out", index, "--no-progress"],
+        log_path=os.path.join(search_dir, "index.log"),
+    )
     page = os.path.join(search_dir, "results.html")
-    cmd = [py, script, "query", "--index", index, "--checkpoint", checkpoint,
-           *[test.audio_path(u) for u in utterances], "--top-k", str(top_k), "--html", page,
-           "--transcripts", transcripts, "--json"]
+    cmd = [
+        py,
+        script,
+        "query",
+        "--index",
+        index,
+        "--checkpoint",
+        checkpoint,
+        *[test.audio_path(u) for u in utterances],
+        "--top-k",
+        str(top_k),
+        "--html",
+        page,
+        "--transcripts",
+        transcripts,
+        "--json",
+    ]
     print("+ " + " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with open(os.path.join(search_dir, "query.log"), "w") as log:
@@ -109,8 +133,10 @@ def search_demo(py, work, manifests, checkpoint, num_queries=3, top_k=10):
     record = json.loads(proc.stdout)
     for q, u in zip(record["queries"], utterances):
         hit = q.get("paired_rank")
-        print(f"  \"{q['transcript']}\": paired image at rank {hit if hit else f'> {top_k}'}; "
-              f"top: {q['results'][0]['path']} ({q['results'][0]['score']:.3f})")
+        print(
+            f'  "{q["transcript"]}": paired image at rank {hit if hit else f"> {top_k}"}; '
+            f"top: {q['results'][0]['path']} ({q['results'][0]['score']:.3f})"
+        )
     return page, record
 
 
@@ -127,10 +153,19 @@ def minimal_pairs_job(work):
     pairs_dir = os.path.join(work, "minimal_pairs")
     if os.path.isdir(pairs_dir):
         return None
-    return LoggedJob("minimal-pairs set", [
-        sys.executable, os.path.join(EXAMPLES, "generate_minimal_pairs.py"), "--out-dir", pairs_dir,
-        "--exclude-scenes", os.path.join(work, "corpus", "scene_corpus.json"),
-    ], os.path.join(work, "minimal_pairs.log"), threads=1)
+    return LoggedJob(
+        "minimal-pairs set",
+        [
+            sys.executable,
+            os.path.join(EXAMPLES, "generate_minimal_pairs.py"),
+            "--out-dir",
+            pairs_dir,
+            "--exclude-scenes",
+            os.path.join(work, "corpus", "scene_corpus.json"),
+        ],
+        os.path.join(work, "minimal_pairs.log"),
+        threads=1,
+    )
 
 
 def minimal_pairs_stage(work, checkpoint, timings):
@@ -142,10 +177,21 @@ def minimal_pairs_stage(work, checkpoint, timings):
     if job is not None:
         timings[job.label] = run_side_by_side([job])[0]
     out_json = os.path.join(os.path.dirname(checkpoint), "minimal_pairs_score.json")
-    timings["minimal pairs"] = run([
-        py, os.path.join(EXAMPLES, "score_minimal_pairs.py"), "--checkpoint", checkpoint, "--pairs-dir", pairs_dir,
-        "--output-json", out_json, "--written-captions",
-    ], log_path=out_json[: -len(".json")] + ".log", label="minimal pairs")
+    timings["minimal pairs"] = run(
+        [
+            py,
+            os.path.join(EXAMPLES, "score_minimal_pairs.py"),
+            "--checkpoint",
+            checkpoint,
+            "--pairs-dir",
+            pairs_dir,
+            "--output-json",
+            out_json,
+            "--written-captions",
+        ],
+        log_path=out_json[: -len(".json")] + ".log",
+        label="minimal pairs",
+    )
     with open(out_json) as f:
         return json.load(f)
 
@@ -167,7 +213,9 @@ def configured_max_update():
 
 def add_corpus_arguments(parser):
     """Options of the shared stages (encoders, corpus, CLIP pre-training): demo and ablation harness."""
-    parser.add_argument("--work-dir", default=os.path.join(REPO, "work_dirs", "demo"), help="where everything is written")
+    parser.add_argument(
+        "--work-dir", default=os.path.join(REPO, "work_dirs", "demo"), help="where everything is written"
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed of the encoders, corpus and CLIP pre-training")
     parser.add_argument("--num-train-images", type=int, default=1000)
     parser.add_argument("--num-valid-images", type=int, default=50)
@@ -175,13 +223,21 @@ def add_corpus_arguments(parser):
     parser.add_argument("--num-speakers", type=int, default=8, help="espeak-ng voices of the corpus")
     from cmd_demo.clip_pretraining import NEGATIVE_MODES, ClipPretrainingConfig
 
-    parser.add_argument("--clip-steps", type=int, default=ClipPretrainingConfig.steps,
-                        help="tiny CLIP image-text pre-training steps")
-    parser.add_argument("--clip-negatives", choices=NEGATIVE_MODES, default=ClipPretrainingConfig.negatives,
-                        help="tiny CLIP hard negatives, training scenes with one attribute changed "
-                             "(pretrain_tiny_clip.py --negatives; docs/image_tower.md)")
-    parser.add_argument("--upstream-config", default=os.path.join(EXAMPLES, "tiny", "hubert_upstream.yaml"),
-                        help="overrides of fairseq's HuBERT recipe for the speech upstream (train_hubert_upstream.py)")
+    parser.add_argument(
+        "--clip-steps", type=int, default=ClipPretrainingConfig.steps, help="tiny CLIP image-text pre-training steps"
+    )
+    parser.add_argument(
+        "--clip-negatives",
+        choices=NEGATIVE_MODES,
+        default=ClipPretrainingConfig.negatives,
+        help="tiny CLIP hard negatives, training scenes with one attribute changed "
+        "(pretrain_tiny_clip.py --negatives; docs/image_tower.md)",
+    )
+    parser.add_argument(
+        "--upstream-config",
+        default=os.path.join(EXAMPLES, "tiny", "hubert_upstream.yaml"),
+        help="overrides of fairseq's HuBERT recipe for the speech upstream (train_hubert_upstream.py)",
+    )
     parser.add_argument("--max-update", type=int, default=None, help="override the tiny config's max_update")
     parser.add_argument("--fresh", action="store_true", help="delete the work dir first")
 
@@ -190,8 +246,10 @@ def build_inputs(args, timings):
     """Run (or reuse) the stages before training: tiny encoders, corpus, manifests, CLIP
     pre-training. Returns the paths training needs; stage times go into ``timings``."""
     if not os.path.isdir(EXAMPLES):
-        raise SystemExit(f"{EXAMPLES}: not found; the demo runs the scripts of the checkout's examples/ "
-                         "(install the checkout: pip install --no-build-isolation -e .)")
+        raise SystemExit(
+            f"{EXAMPLES}: not found; the demo runs the scripts of the checkout's examples/ "
+            "(install the checkout: pip install --no-build-isolation -e .)"
+        )
     work = os.path.abspath(args.work_dir)
     if args.fresh and os.path.isdir(work):
         shutil.rmtree(work)
@@ -200,26 +258,50 @@ def build_inputs(args, timings):
 
     encoders = os.path.join(work, "encoders")
     if not os.path.isfile(os.path.join(encoders, "tiny_hubert.pt")):
-        timings["tiny encoders"] = run([py, os.path.join(EXAMPLES, "make_tiny_encoders.py"), "--out-dir", encoders,
-                                        "--seed", str(args.seed)])
+        timings["tiny encoders"] = run(
+            [py, os.path.join(EXAMPLES, "make_tiny_encoders.py"), "--out-dir", encoders, "--seed", str(args.seed)]
+        )
     clip_dir = os.path.join(encoders, "tiny_clip")
     clip_config = [os.path.join(clip_dir, f) for f in os.listdir(clip_dir) if f.endswith(".json")][0]
 
     corpus = os.path.join(work, "corpus")
     if not os.path.isdir(corpus):
-        timings["corpus"] = run([
-            py, os.path.join(EXAMPLES, "generate_scene_corpus.py"), "--out-dir", corpus, "--seed", str(args.seed),
-            "--num-train-images", str(args.num_train_images), "--num-valid-images", str(args.num_valid_images),
-            "--num-test-images", str(args.num_test_images), "--num-speakers", str(args.num_speakers),
-        ])
+        timings["corpus"] = run(
+            [
+                py,
+                os.path.join(EXAMPLES, "generate_scene_corpus.py"),
+                "--out-dir",
+                corpus,
+                "--seed",
+                str(args.seed),
+                "--num-train-images",
+                str(args.num_train_images),
+                "--num-valid-images",
+                str(args.num_valid_images),
+                "--num-test-images",
+                str(args.num_test_images),
+                "--num-speakers",
+                str(args.num_speakers),
+            ]
+        )
     else:
         check_corpus(corpus, args)
     manifests = os.path.join(work, "manifests")
     if not os.path.isfile(os.path.join(manifests, "test.tsv")):
-        timings["prepare"] = run([
-            py, os.path.join(EXAMPLES, "prepare_flickr8k.py"), "--audio-dir", os.path.join(corpus, "flickr_audio"),
-            "--image-dir", corpus, "--text-dir", os.path.join(corpus, "Flickr8k_text"), "--out-dir", manifests,
-        ])
+        timings["prepare"] = run(
+            [
+                py,
+                os.path.join(EXAMPLES, "prepare_flickr8k.py"),
+                "--audio-dir",
+                os.path.join(corpus, "flickr_audio"),
+                "--image-dir",
+                corpus,
+                "--text-dir",
+                os.path.join(corpus, "Flickr8k_text"),
+                "--out-dir",
+                manifests,
+            ]
+        )
 
     # Independent stages side by side: the speech upstream (the paper's is a frozen
     # pre-trained HuBERT: the tiny one is made with fairseq's own HuBERT recipe on the training split),
@@ -232,17 +314,52 @@ def build_inputs(args, timings):
     pretrained_clip = os.path.join(work, f"tiny_clip_pretrained_{args.clip_steps}steps{negatives}.bin")
     jobs = []
     if not os.path.isfile(os.path.join(upstream_dir, "upstream.json")):
-        jobs.append(LoggedJob("speech upstream (fairseq HuBERT recipe)", [
-            py, os.path.join(EXAMPLES, "train_hubert_upstream.py"), "--data", manifests, "--out-dir", upstream_dir,
-            "--config", args.upstream_config,
-        ], os.path.join(work, "upstream.log")))
+        jobs.append(
+            LoggedJob(
+                "speech upstream (fairseq HuBERT recipe)",
+                [
+                    py,
+                    os.path.join(EXAMPLES, "train_hubert_upstream.py"),
+                    "--data",
+                    manifests,
+                    "--out-dir",
+                    upstream_dir,
+                    "--config",
+                    args.upstream_config,
+                ],
+                os.path.join(work, "upstream.log"),
+            )
+        )
     if not os.path.isfile(pretrained_clip):
-        jobs.append(LoggedJob("CLIP pre-training", [
-            py, os.path.join(EXAMPLES, "pretrain_tiny_clip.py"), "--data", manifests, "--split", "train",
-            "--valid-split", "valid", "--clip-dir", clip_dir, "--out-weights", pretrained_clip,
-            "--steps", str(args.clip_steps), "--seed", str(args.seed),
-            "--negatives", args.clip_negatives, "--scenes", os.path.join(corpus, "scene_corpus.json"),
-        ], os.path.join(work, "clip_pretraining.log"), threads=1))
+        jobs.append(
+            LoggedJob(
+                "CLIP pre-training",
+                [
+                    py,
+                    os.path.join(EXAMPLES, "pretrain_tiny_clip.py"),
+                    "--data",
+                    manifests,
+                    "--split",
+                    "train",
+                    "--valid-split",
+                    "valid",
+                    "--clip-dir",
+                    clip_dir,
+                    "--out-weights",
+                    pretrained_clip,
+                    "--steps",
+                    str(args.clip_steps),
+                    "--seed",
+                    str(args.seed),
+                    "--negatives",
+                    args.clip_negatives,
+                    "--scenes",
+                    os.path.join(corpus, "scene_corpus.json"),
+                ],
+                os.path.join(work, "clip_pretraining.log"),
+                threads=1,
+            )
+        )
     pairs_job = minimal_pairs_job(work)
     jobs += [pairs_job] if pairs_job else []
     if jobs:
@@ -271,24 +388,51 @@ def train_and_score(inputs, save_dir, overrides, seed, max_update, log_path, spl
     if os.path.isdir(save_dir):
         shutil.rmtree(save_dir)
     cmd = [
-        train_bin, "--config-dir", os.path.join(EXAMPLES, "tiny"), "task._name=speech_image",
-        f"task.data={inputs['manifests']}", f"model.hubert_path={inputs['hubert']}",
-        f"model.image_model={inputs['clip_name']}", f"model.image_model_config={inputs['clip_config']}",
-        f"model.image_pretrained={inputs['clip_weights']}", f"checkpoint.save_dir={save_dir}",
-        f"common.seed={seed}", *overrides,
+        train_bin,
+        "--config-dir",
+        os.path.join(EXAMPLES, "tiny"),
+        "task._name=speech_image",
+        f"task.data={inputs['manifests']}",
+        f"model.hubert_path={inputs['hubert']}",
+        f"model.image_model={inputs['clip_name']}",
+        f"model.image_model_config={inputs['clip_config']}",
+        f"model.image_pretrained={inputs['clip_weights']}",
+        f"checkpoint.save_dir={save_dir}",
+        f"common.seed={seed}",
+        *overrides,
     ]
     if max_update:
         cmd.append(f"optimization.max_update={max_update}")
     timings = {} if timings is None else timings
-    timings[f"train {tag}"] = run(cmd, log_path=log_path, label=f"train {tag}", fairseq=True, metric="mean_r1",
-                                  total_updates=max_update or configured_max_update(), threads=TRAIN_THREADS)
+    timings[f"train {tag}"] = run(
+        cmd,
+        log_path=log_path,
+        label=f"train {tag}",
+        fairseq=True,
+        metric="mean_r1",
+        total_updates=max_update or configured_max_update(),
+        threads=TRAIN_THREADS,
+    )
     records = {}
     for split in splits:
         result_json = os.path.join(save_dir, f"recall_{split}.json")
-        timings[f"eval {tag}" + ("" if split == "test" else f" {split}")] = run([
-            py, os.path.join(EXAMPLES, "eval_recall.py"), "--checkpoint", os.path.join(save_dir, "checkpoint_best.pt"),
-            "--data", inputs["manifests"], "--split", split, "--output-json", result_json, "--no-progress",
-        ], log_path=os.path.join(save_dir, f"eval_{split}.log"), label=f"eval {tag} {split}")
+        timings[f"eval {tag}" + ("" if split == "test" else f" {split}")] = run(
+            [
+                py,
+                os.path.join(EXAMPLES, "eval_recall.py"),
+                "--checkpoint",
+                os.path.join(save_dir, "checkpoint_best.pt"),
+                "--data",
+                inputs["manifests"],
+                "--split",
+                split,
+                "--output-json",
+                result_json,
+                "--no-progress",
+            ],
+            log_path=os.path.join(save_dir, f"eval_{split}.log"),
+            label=f"eval {tag} {split}",
+        )
         with open(result_json) as f:
             records[split] = json.load(f)
     return records
@@ -303,15 +447,24 @@ def run_demo(args):
     work = inputs["work"]
     train_seed = args.seed if args.train_seed is None else args.train_seed
     # the method config group (cmd_plugin/config/method/): SIC + CMD, and SIC alone (alpha = 0)
-    variants = [("CMD (alpha=1)", "cmd", "method=cmd")] + ([("no CMD (alpha=0)", "no_cmd", "method=sic")]
-                                                           if args.ablation else [])
+    variants = [("CMD (alpha=1)", "cmd", "method=cmd")] + (
+        [("no CMD (alpha=0)", "no_cmd", "method=sic")] if args.ablation else []
+    )
     rows = []
     for label, tag, method in variants:
         if train_seed != args.seed:
             tag = f"{tag}_seed{train_seed}"
         save_dir = os.path.join(work, f"checkpoints_{tag}")
-        records = train_and_score(inputs, save_dir, [method], train_seed, args.max_update,
-                                  os.path.join(work, f"train_{tag}.log"), timings=timings, tag=tag)
+        records = train_and_score(
+            inputs,
+            save_dir,
+            [method],
+            train_seed,
+            args.max_update,
+            os.path.join(work, f"train_{tag}.log"),
+            timings=timings,
+            tag=tag,
+        )
         rows.append((label, records["test"]))
 
     record = rows[0][1]
@@ -324,8 +477,10 @@ def run_demo(args):
     for label, r in rows:
         ratio = r["recall"]["mean_r10"] / chance["mean_r10"]
         print(f"{label}: mean R@10 = {r['recall']['mean_r10']:.1f} = {ratio:.1f}x chance")
-    print("layer weights the model learnt over the frozen upstream's states (softmax; input, L1, ...): "
-          + " ".join(f"{w:.2f}" for w in learned_layer_weights(record["checkpoint"])))
+    print(
+        "layer weights the model learnt over the frozen upstream's states (softmax; input, L1, ...): "
+        + " ".join(f"{w:.2f}" for w in learned_layer_weights(record["checkpoint"]))
+    )
     print()
     mp_record = minimal_pairs_stage(work, record["checkpoint"], timings)
     print(format_minimal_pairs(mp_record))
@@ -334,16 +489,22 @@ def run_demo(args):
     page, search_record = search_demo(sys.executable, work, inputs["manifests"], record["checkpoint"])
     timings["search"] = time.time() - t
     ms, nq = search_record["timing_seconds"], len(search_record["queries"])
-    print(f"spoken image search over {search_record['num_images']} test images ({search_record['method']}): "
-          f"{1000 * ms['per_query']:.1f} ms per query (embedding {1000 * ms['embed_queries'] / nq:.1f} ms, "
-          f"search {1000 * ms['search'] / nq:.2f} ms); results page: {page}")
+    print(
+        f"spoken image search over {search_record['num_images']} test images ({search_record['method']}): "
+        f"{1000 * ms['per_query']:.1f} ms per query (embedding {1000 * ms['embed_queries'] / nq:.1f} ms, "
+        f"search {1000 * ms['search'] / nq:.2f} ms); results page: {page}"
+    )
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()) + f"; total {time.time() - t0:.0f}s")
     index = os.path.join(work, "search", "test_images_index.pt")
     print()
     print(f"Done in {format_seconds(time.time() - t0)}. To look at what it made:")
     print(f"  the results page (each spoken query, its top 10, its paired image marked): file://{page}")
     print("  search it by voice in your browser (Ctrl-C stops it):")
-    print(f"  {sys.executable} {os.path.join(EXAMPLES, 'search.py')} serve --checkpoint {record['checkpoint']} "
-          f"--index {index}   # then open http://127.0.0.1:7860")
-    print(f"  each stage's log: {work}/*.log; the model's checkpoints, records and training log: "
-          f"{os.path.dirname(record['checkpoint'])}")
+    print(
+        f"  {sys.executable} {os.path.join(EXAMPLES, 'search.py')} serve --checkpoint {record['checkpoint']} "
+        f"--index {index}   # then open http://127.0.0.1:7860"
+    )
+    print(
+        f"  each stage's log: {work}/*.log; the model's checkpoints, records and training log: "
+        f"{os.path.dirname(record['checkpoint'])}"
+    )

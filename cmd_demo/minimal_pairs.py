@@ -67,12 +67,15 @@ class PairsError(ValueError):
 def record_key(record: Dict, where: str) -> SceneKey:
     """The key (``Scene.key()``) of a scene as scene_corpus.json / minimal_pairs.json record it."""
     try:
-        objects = tuple(sorted((o["position"], o["shape"], o["colour"], o["size"], int(o["count"]))
-                               for o in record["objects"]))
+        objects = tuple(
+            sorted((o["position"], o["shape"], o["colour"], o["size"], int(o["count"])) for o in record["objects"])
+        )
         return (record["background"], objects)
     except (KeyError, TypeError, ValueError) as e:
-        raise PairsError(f"{where}: expected a scene with 'background' and 'objects' "
-                         f"(position, shape, colour, size, count), got {record!r} ({e!r})") from None
+        raise PairsError(
+            f"{where}: expected a scene with 'background' and 'objects' "
+            f"(position, shape, colour, size, count), got {record!r} ({e!r})"
+        ) from None
 
 
 def load_exclusions(paths: Sequence[str]):
@@ -94,8 +97,10 @@ def load_exclusions(paths: Sequence[str]):
             raise PairsError(f"{path}: cannot read it as JSON ({e})") from None
         scenes = meta.get("scenes") if isinstance(meta, dict) else None
         if not isinstance(scenes, dict) or not scenes:
-            raise PairsError(f"{path}: expected a JSON object with a non-empty 'scenes' mapping "
-                             "(stem -> scene), as generate_scene_corpus.py writes")
+            raise PairsError(
+                f"{path}: expected a JSON object with a non-empty 'scenes' mapping "
+                "(stem -> scene), as generate_scene_corpus.py writes"
+            )
         for stem, record in scenes.items():
             keys.add(record_key(record, f"{path}: scenes[{stem!r}]"))
             stems.add(stem)
@@ -111,9 +116,17 @@ def load_exclusions(paths: Sequence[str]):
                         raise PairsError(f"{spk_path}:{lineno}: expected '<wav> <speaker>', got {line.strip()!r}")
                     corpus_speakers.add(parts[1])
         speakers |= corpus_speakers
-        info.append({"path": path, "seed": meta.get("seed"), "scenes": len(scenes),
-                     "speakers": len(corpus_speakers), "speakers_file": spk_path if corpus_speakers else None,
-                     "image_size": meta.get("image_size"), "speech_rates": meta.get("speech_rates")})
+        info.append(
+            {
+                "path": path,
+                "seed": meta.get("seed"),
+                "scenes": len(scenes),
+                "speakers": len(corpus_speakers),
+                "speakers_file": spk_path if corpus_speakers else None,
+                "image_size": meta.get("image_size"),
+                "speech_rates": meta.get("speech_rates"),
+            }
+        )
     return keys, stems, speakers, info
 
 
@@ -122,13 +135,19 @@ def voice_of(speaker_name: str) -> str:
     return speaker_name.rsplit("_", 2)[0]
 
 
-def draw_speakers(rng: random.Random, num_speakers: int, excluded: Set[str],
-                  rates: Sequence[int]) -> Tuple[List[gen.Speaker], int]:
+def draw_speakers(
+    rng: random.Random, num_speakers: int, excluded: Set[str], rates: Sequence[int]
+) -> Tuple[List[gen.Speaker], int]:
     """``num_speakers`` espeak-ng speakers, none of ``excluded``; first from voice/variant pairs
     no excluded speaker uses, then (if those run out) from the other pairs at another rate or
     pitch. Returns (speakers, how many have an unseen voice/variant)."""
-    combos = [gen.Speaker(v, var, r, p) for v in gen.ESPEAK_VOICES for var in gen.ESPEAK_VARIANTS
-              for r in rates for p in gen.ESPEAK_PITCHES]
+    combos = [
+        gen.Speaker(v, var, r, p)
+        for v in gen.ESPEAK_VOICES
+        for var in gen.ESPEAK_VARIANTS
+        for r in rates
+        for p in gen.ESPEAK_PITCHES
+    ]
     used_voices = {voice_of(s) for s in excluded}
     new_voice = [s for s in combos if voice_of(s.name) not in used_voices]
     other = [s for s in combos if voice_of(s.name) in used_voices and s.name not in excluded]
@@ -141,13 +160,14 @@ def draw_speakers(rng: random.Random, num_speakers: int, excluded: Set[str],
     rest = [s for s in new_voice if by_voice[voice_of(s.name)] is not s]
     picks = firsts[:num_speakers]
     if len(picks) < num_speakers:
-        picks += rest[:num_speakers - len(picks)]
+        picks += rest[: num_speakers - len(picks)]
     fresh = len(picks)
     if len(picks) < num_speakers:
         picks += rng.sample(other, min(len(other), num_speakers - len(picks)))
     if len(picks) < num_speakers:
-        raise PairsError(f"only {len(picks)} espeak-ng speakers are not in the excluded corpora; "
-                         f"asked for {num_speakers}")
+        raise PairsError(
+            f"only {len(picks)} espeak-ng speakers are not in the excluded corpora; asked for {num_speakers}"
+        )
     return picks, fresh
 
 
@@ -171,8 +191,12 @@ def variant_candidates(scene: gen.Scene, attribute: str) -> List[Tuple[gen.Scene
     if attribute == "background":
         for bg in sorted(gen.BACKGROUNDS):
             if bg != scene.background and all(_contrasts(o.colour, bg) for o in scene.objects):
-                out.append((replace(scene, background=bg),
-                            {"attribute": "background", "object": None, "from": scene.background, "to": bg}))
+                out.append(
+                    (
+                        replace(scene, background=bg),
+                        {"attribute": "background", "object": None, "from": scene.background, "to": bg},
+                    )
+                )
         return out
     if attribute not in OBJECT_ATTRIBUTES:
         raise PairsError(f"unknown attribute {attribute!r}; expected one of {', '.join(ATTRIBUTES)}")
@@ -191,9 +215,12 @@ def variant_candidates(scene: gen.Scene, attribute: str) -> List[Tuple[gen.Scene
         for value in values:
             objects = list(scene.objects)
             objects[i] = replace(obj, **{attribute: value})
-            out.append((replace(scene, objects=tuple(objects)),
-                        {"attribute": attribute, "object": obj.position, "from": getattr(obj, attribute),
-                         "to": value}))
+            out.append(
+                (
+                    replace(scene, objects=tuple(objects)),
+                    {"attribute": attribute, "object": obj.position, "from": getattr(obj, attribute), "to": value},
+                )
+            )
     return out
 
 
@@ -204,15 +231,23 @@ def differing_attributes(a: gen.Scene, b: gen.Scene) -> List[str]:
     if len(a.objects) != len(b.objects):
         return diffs + ["number of groups"]
     for x, y in zip(a.objects, b.objects):
-        diffs += [f"{attr} of the group {x.position}" for attr in OBJECT_ATTRIBUTES
-                  if getattr(x, attr) != getattr(y, attr)]
+        diffs += [
+            f"{attr} of the group {x.position}" for attr in OBJECT_ATTRIBUTES if getattr(x, attr) != getattr(y, attr)
+        ]
     return diffs
 
 
-def plan_minimal_pairs(seed: int, num_bases: int, captions_per_base: int, excluded_keys: Set[SceneKey],
-                       excluded_stems: Set[str] = frozenset(), excluded_speakers: Set[str] = frozenset(),
-                       speech_rates: Optional[Sequence[int]] = None, num_speakers: int = 8,
-                       attributes: Sequence[str] = ATTRIBUTES):
+def plan_minimal_pairs(
+    seed: int,
+    num_bases: int,
+    captions_per_base: int,
+    excluded_keys: Set[SceneKey],
+    excluded_stems: Set[str] = frozenset(),
+    excluded_speakers: Set[str] = frozenset(),
+    speech_rates: Optional[Sequence[int]] = None,
+    num_speakers: int = 8,
+    attributes: Sequence[str] = ATTRIBUTES,
+):
     """Plan the set (no files): returns (images, groups, speaker info).
 
     ``images``: PlannedImage per base (split "test", spoken captions) and per variant (split
@@ -221,8 +256,9 @@ def plan_minimal_pairs(seed: int, num_bases: int, captions_per_base: int, exclud
     if num_bases < 1 or captions_per_base < 1:
         raise PairsError("need at least one base scene and one caption per base")
     if captions_per_base > num_speakers:
-        raise PairsError(f"{captions_per_base} captions per base need at least as many speakers "
-                         f"(--num-speakers {num_speakers})")
+        raise PairsError(
+            f"{captions_per_base} captions per base need at least as many speakers (--num-speakers {num_speakers})"
+        )
     for attribute in attributes:
         if attribute not in ATTRIBUTES:
             raise PairsError(f"unknown attribute {attribute!r}; expected some of {', '.join(ATTRIBUTES)}")
@@ -254,9 +290,14 @@ def plan_minimal_pairs(seed: int, num_bases: int, captions_per_base: int, exclud
             for attribute in attributes:
                 candidates = variant_candidates(base, attribute)
                 rng.shuffle(candidates)
-                pick = next(((s, c) for s, c in candidates
-                             if s.key() not in excluded_keys and s.key() not in seen and s.key() not in group_keys),
-                            None)
+                pick = next(
+                    (
+                        (s, c)
+                        for s, c in candidates
+                        if s.key() not in excluded_keys and s.key() not in seen and s.key() not in group_keys
+                    ),
+                    None,
+                )
                 if pick is None:  # e.g. no other background contrasts with every object
                     break
                 group_keys.add(pick[0].key())
@@ -265,8 +306,9 @@ def plan_minimal_pairs(seed: int, num_bases: int, captions_per_base: int, exclud
                 break
             rejected += 1
         else:
-            raise PairsError("could not draw a new base scene whose variants are all new; "
-                             "too many scenes excluded or asked for")
+            raise PairsError(
+                "could not draw a new base scene whose variants are all new; too many scenes excluded or asked for"
+            )
         seen |= group_keys
         spoken = gen.describe_scene(rng, base, captions_per_base, mention_background=True)
         image = gen.PlannedImage(stem=new_stem(), split="test", scene=base)
@@ -280,8 +322,11 @@ def plan_minimal_pairs(seed: int, num_bases: int, captions_per_base: int, exclud
             images.append(variant)
             variants.append({"stem": variant.stem, **change})
         groups.append({"base": image.stem, "variants": variants})
-    speaker_info = {"names": sorted(s.name for s in speakers), "with_unseen_voice": fresh,
-                    "rejected_base_draws": rejected}
+    speaker_info = {
+        "names": sorted(s.name for s in speakers),
+        "with_unseen_voice": fresh,
+        "rejected_base_draws": rejected,
+    }
     return images, groups, speaker_info
 
 
@@ -289,11 +334,19 @@ def plan_minimal_pairs(seed: int, num_bases: int, captions_per_base: int, exclud
 # Writing
 
 
-def generate_minimal_pairs(out_dir: str, exclude_scenes: Sequence[str] = (), seed: int = 1, num_bases: int = 40,
-                           captions_per_base: int = 3, image_size: Optional[int] = None,
-                           speech_rates: Optional[Sequence[int]] = None, num_speakers: int = 8,
-                           num_workers: int = 0, overwrite: bool = False,
-                           attributes: Sequence[str] = ATTRIBUTES) -> Dict:
+def generate_minimal_pairs(
+    out_dir: str,
+    exclude_scenes: Sequence[str] = (),
+    seed: int = 1,
+    num_bases: int = 40,
+    captions_per_base: int = 3,
+    image_size: Optional[int] = None,
+    speech_rates: Optional[Sequence[int]] = None,
+    num_speakers: int = 8,
+    num_workers: int = 0,
+    overwrite: bool = False,
+    attributes: Sequence[str] = ATTRIBUTES,
+) -> Dict:
     """Write the set to ``out_dir`` (atomically); returns its record (minimal_pairs.json's content
     plus "out_dir" and "seconds"). ``image_size`` / ``speech_rates`` default to the first excluded
     corpus's (so only the scenes and voices differ from it), else 224 px and the generator's rates."""
@@ -312,7 +365,8 @@ def generate_minimal_pairs(out_dir: str, exclude_scenes: Sequence[str] = (), see
     num_workers = num_workers or min(8, os.cpu_count() or 1)
 
     images, groups, speaker_info = plan_minimal_pairs(
-        seed, num_bases, captions_per_base, keys, stems, excluded_speakers, speech_rates, num_speakers, attributes)
+        seed, num_bases, captions_per_base, keys, stems, excluded_speakers, speech_rates, num_speakers, attributes
+    )
     by_stem = {im.stem: im for im in images}
     with gen.atomic_output_dir(out_dir) as tmp_dir:
         num_samples = gen.write_flickr_layout(tmp_dir, images, image_size, num_workers)
@@ -328,16 +382,22 @@ def generate_minimal_pairs(out_dir: str, exclude_scenes: Sequence[str] = (), see
             "speech_rates": sorted(set(speech_rates or gen.ESPEAK_RATES)),
             "captions_per_base": captions_per_base,
             "attributes": list(attributes),
-            "counts": {"groups": len(groups), "variants": sum(len(g["variants"]) for g in groups),
-                       "utterances": len(num_samples),
-                       "variants_per_attribute": {a: sum(v["attribute"] == a for g in groups for v in g["variants"])
-                                                  for a in attributes}},
+            "counts": {
+                "groups": len(groups),
+                "variants": sum(len(g["variants"]) for g in groups),
+                "utterances": len(num_samples),
+                "variants_per_attribute": {
+                    a: sum(v["attribute"] == a for g in groups for v in g["variants"]) for a in attributes
+                },
+            },
             "audio_minutes": round(sum(num_samples) / gen.SAMPLE_RATE / 60.0, 2),
             "excluded": excluded_info,
             "speakers": speaker_info["names"],
             "speakers_with_unseen_voice": speaker_info["with_unseen_voice"],
-            "scenes": {im.stem: {"role": "base" if im.split == "test" else "variant", **gen.scene_record(im.scene)}
-                       for im in images},
+            "scenes": {
+                im.stem: {"role": "base" if im.split == "test" else "variant", **gen.scene_record(im.scene)}
+                for im in images
+            },
             "groups": groups,
         }
         with open(os.path.join(tmp_dir, PAIRS_FILE), "w", encoding="utf-8") as f:
@@ -361,7 +421,7 @@ def format_summary(record: Dict) -> str:
     if not record["excluded"]:
         lines.append("  excluded: nothing (--no-exclude): scenes may repeat a training corpus's")
     group = record["groups"][0]
-    lines.append(f"  e.g. {group['base']}: \"{group['captions'][0]}\"")
+    lines.append(f'  e.g. {group["base"]}: "{group["captions"][0]}"')
     for v in group["variants"]:
         what = "background" if v["object"] is None else f"{v['attribute']} of the group {v['object']}"
         lines.append(f"    {v['stem']}: {what} {v['from']} -> {v['to']}")

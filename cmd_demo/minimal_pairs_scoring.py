@@ -32,13 +32,15 @@ import numpy as np
 import open_clip
 import torch
 
+from cmd_demo.minimal_pairs import PAIRS_FILE
 from cmd_plugin.files import atomic_write_json
 from cmd_plugin.inference import SpeechImageEncoder
 
-from cmd_demo.minimal_pairs import PAIRS_FILE
 RECORD_FORMAT = "cmd_plugin.minimal_pairs_score.v1"
-TIE_RULE = ("A variant whose similarity equals the base image's counts as a loss (neither a win nor half "
-            "a win); in a group, the base is at R@1 only if it scores strictly above every variant.")
+TIE_RULE = (
+    "A variant whose similarity equals the base image's counts as a loss (neither a win nor half "
+    "a win); in a group, the base is at R@1 only if it scores strictly above every variant."
+)
 
 
 class MinimalPairsError(ValueError):
@@ -54,12 +56,15 @@ def load_pairs(pairs_dir: str) -> Dict:
     "attribute", ...}]. Every file it names must exist. Errors name the file and the key."""
     pairs_dir = os.path.abspath(pairs_dir)
     if not os.path.isdir(pairs_dir):
-        raise MinimalPairsError(f"{pairs_dir}: minimal-pairs set not found (make one with "
-                                "examples/generate_minimal_pairs.py)")
+        raise MinimalPairsError(
+            f"{pairs_dir}: minimal-pairs set not found (make one with examples/generate_minimal_pairs.py)"
+        )
     path = os.path.join(pairs_dir, PAIRS_FILE)
     if not os.path.isfile(path):
-        raise MinimalPairsError(f"{path}: not found; {pairs_dir} is not a minimal-pairs set "
-                                "(examples/generate_minimal_pairs.py writes this file)")
+        raise MinimalPairsError(
+            f"{path}: not found; {pairs_dir} is not a minimal-pairs set "
+            "(examples/generate_minimal_pairs.py writes this file)"
+        )
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
@@ -78,8 +83,10 @@ def load_pairs(pairs_dir: str) -> Dict:
             base, wavs, variants = group["base"], group["wavs"], group["variants"]
             variants = [{**v, "stem": str(v["stem"]), "attribute": str(v["attribute"])} for v in variants]
         except (KeyError, TypeError) as e:
-            raise MinimalPairsError(f"{where}: expected 'base', 'wavs' and 'variants' (each with 'stem' and "
-                                    f"'attribute'); missing or malformed {e}") from None
+            raise MinimalPairsError(
+                f"{where}: expected 'base', 'wavs' and 'variants' (each with 'stem' and "
+                f"'attribute'); missing or malformed {e}"
+            ) from None
         if not isinstance(wavs, list) or not wavs or not variants:
             raise MinimalPairsError(f"{where}: a group needs at least one wav and one variant")
         files = [os.path.join(wav_dir, w) for w in wavs] + [os.path.join(image_dir, f"{base}.jpg")]
@@ -89,8 +96,7 @@ def load_pairs(pairs_dir: str) -> Dict:
                 raise MinimalPairsError(f"{f}: not found (named by {where}, base {base})")
         for v in variants:
             v["image"] = os.path.join(image_dir, f"{v['stem']}.jpg")
-        groups.append({"base": base, "wavs": files[:len(wavs)], "base_image": files[len(wavs)],
-                       "variants": variants})
+        groups.append({"base": base, "wavs": files[: len(wavs)], "base_image": files[len(wavs)], "variants": variants})
     return {"path": path, "meta": meta, "groups": groups}
 
 
@@ -113,8 +119,10 @@ def score_groups(groups: Sequence[Dict], attributes: Optional[Sequence[str]] = N
         sims = np.asarray(group["similarities"], dtype=np.float64)
         attrs = list(group["attributes"])
         if sims.ndim != 2 or sims.shape[0] < 1 or sims.shape[1] != 1 + len(attrs) or not attrs:
-            raise MinimalPairsError(f"group {i}: similarities of shape {sims.shape} do not match "
-                                    f"1 base + {len(attrs)} variants (need at least one caption and one variant)")
+            raise MinimalPairsError(
+                f"group {i}: similarities of shape {sims.shape} do not match "
+                f"1 base + {len(attrs)} variants (need at least one caption and one variant)"
+            )
         if not np.isfinite(sims).all():
             raise MinimalPairsError(f"group {i}: similarities contain NaN or inf")
         base, variants = sims[:, :1], sims[:, 1:]
@@ -145,17 +153,29 @@ def score_groups(groups: Sequence[Dict], attributes: Optional[Sequence[str]] = N
         "group_r1": 100.0 * r1_hits / utterances,
         "group_r1_chance": 100.0 * chance / utterances,
         "pairwise_chance": 50.0,
-        "counts": {"groups": len(groups), "utterances": utterances, "pairs": total_pairs,
-                   "variants": sum(len(g["attributes"]) for g in groups)},
+        "counts": {
+            "groups": len(groups),
+            "utterances": utterances,
+            "pairs": total_pairs,
+            "variants": sum(len(g["attributes"]) for g in groups),
+        },
     }
 
 
 # ---------------------------------------------------------------- with a model
 
 
-def score_minimal_pairs(checkpoint: Optional[str], pairs_dir: str, device: str = "cpu", fp16: bool = False,
-                        batch_size: int = 8, encoder=None, hubert_path: Optional[str] = None,
-                        image_pretrained: Optional[str] = None, image_model_config: Optional[str] = None) -> Dict:
+def score_minimal_pairs(
+    checkpoint: Optional[str],
+    pairs_dir: str,
+    device: str = "cpu",
+    fp16: bool = False,
+    batch_size: int = 8,
+    encoder=None,
+    hubert_path: Optional[str] = None,
+    image_pretrained: Optional[str] = None,
+    image_model_config: Optional[str] = None,
+) -> Dict:
     """Embed the set's captions and images with ``checkpoint`` (or a loaded ``encoder``, a
     :class:`cmd_plugin.inference.SpeechImageEncoder`) and score it; returns the record
     (:func:`score_groups`' figures plus provenance and timing). The set is checked before the
@@ -168,8 +188,13 @@ def score_minimal_pairs(checkpoint: Optional[str], pairs_dir: str, device: str =
         if not checkpoint:
             raise MinimalPairsError("give a checkpoint (or a loaded encoder)")
         encoder = SpeechImageEncoder.from_checkpoint(
-            checkpoint, device=device, fp16=fp16, hubert_path=hubert_path, image_pretrained=image_pretrained,
-            image_model_config=image_model_config)
+            checkpoint,
+            device=device,
+            fp16=fp16,
+            hubert_path=hubert_path,
+            image_pretrained=image_pretrained,
+            image_model_config=image_model_config,
+        )
     loaded = time.perf_counter()
     groups = pairs["groups"]
     wavs = [w for g in groups for w in g["wavs"]]
@@ -181,7 +206,7 @@ def score_minimal_pairs(checkpoint: Optional[str], pairs_dir: str, device: str =
     scored, w, m = [], 0, 0
     for g in groups:
         n_wav, n_img = len(g["wavs"]), 1 + len(g["variants"])
-        sims = (speech[w:w + n_wav] @ pictures[m:m + n_img].T).to(torch.float64).numpy()
+        sims = (speech[w : w + n_wav] @ pictures[m : m + n_img].T).to(torch.float64).numpy()
         scored.append({"attributes": [v["attribute"] for v in g["variants"]], "similarities": sims})
         w, m = w + n_wav, m + n_img
     meta = pairs["meta"]
@@ -194,12 +219,21 @@ def score_minimal_pairs(checkpoint: Optional[str], pairs_dir: str, device: str =
         **score_groups(scored, attributes=meta.get("attributes")),
         "tie_rule": TIE_RULE,
         # cosine similarities of each base caption (rows) with the base image and each variant
-        "groups": [{"base": g["base"], "variants": [v["stem"] for v in g["variants"]],
-                    "attributes": s["attributes"], "similarities": s["similarities"].round(6).tolist()}
-                   for g, s in zip(groups, scored)],
+        "groups": [
+            {
+                "base": g["base"],
+                "variants": [v["stem"] for v in g["variants"]],
+                "attributes": s["attributes"],
+                "similarities": s["similarities"].round(6).tolist(),
+            }
+            for g, s in zip(groups, scored)
+        ],
         "device": str(encoder.device),
-        "seconds": {"load": round(loaded - start, 3), "embed": round(embedded - loaded, 3),
-                    "total": round(time.perf_counter() - start, 3)},
+        "seconds": {
+            "load": round(loaded - start, 3),
+            "embed": round(embedded - loaded, 3),
+            "total": round(time.perf_counter() - start, 3),
+        },
     }
     return record
 
@@ -218,12 +252,18 @@ def written_caption_reference(encoder, pairs_dir: str) -> Dict:
         for g, m in zip(pairs["groups"], meta_groups):
             text = torch.nn.functional.normalize(clip.encode_text(tokenizer(list(m["captions"]))), dim=-1)
             images = encoder.embed_images([g["base_image"]] + [v["image"] for v in g["variants"]])
-            scored.append({"attributes": [v["attribute"] for v in g["variants"]],
-                           "similarities": (text @ images.T.to(text.dtype)).to(torch.float64).numpy()})
+            scored.append(
+                {
+                    "attributes": [v["attribute"] for v in g["variants"]],
+                    "similarities": (text @ images.T.to(text.dtype)).to(torch.float64).numpy(),
+                }
+            )
     record = score_groups(scored, attributes=pairs["meta"].get("attributes"))
     # cosine similarities of each written base caption (rows) with the base image and each variant
-    record["groups"] = [{"base": g["base"], "similarities": sc["similarities"].round(6).tolist()}
-                        for g, sc in zip(pairs["groups"], scored)]
+    record["groups"] = [
+        {"base": g["base"], "similarities": sc["similarities"].round(6).tolist()}
+        for g, sc in zip(pairs["groups"], scored)
+    ]
     return record
 
 
@@ -232,10 +272,11 @@ def format_table(record: Dict) -> str:
     c = record["counts"]
     ref = record.get("written_captions")
     per_group = c["variants"] / c["groups"]
-    lines = [f"Minimal pairs: {c['groups']} scenes x {per_group:g} variants, {c['utterances']} spoken captions "
-             f"(right image above the one-attribute variant; chance {record['pairwise_chance']:.0f} %)",
-             f"  {'attribute':<12}{'pairs':>7}{'accuracy':>11}"
-             + (f"{'written captions, CLIP alone':>31}" if ref else "")]
+    lines = [
+        f"Minimal pairs: {c['groups']} scenes x {per_group:g} variants, {c['utterances']} spoken captions "
+        f"(right image above the one-attribute variant; chance {record['pairwise_chance']:.0f} %)",
+        f"  {'attribute':<12}{'pairs':>7}{'accuracy':>11}" + (f"{'written captions, CLIP alone':>31}" if ref else ""),
+    ]
     for attribute, s in record["attributes"].items():
         acc = "-" if s["accuracy"] is None else f"{s['accuracy']:.1f} %"
         ties = f"  ({s['ties']} ties)" if s["ties"] else ""
@@ -244,10 +285,14 @@ def format_table(record: Dict) -> str:
             r = ref["attributes"].get(attribute, {}).get("accuracy")
             extra = f"{'-' if r is None else f'{r:.1f} %':>31}"
         lines.append(f"  {attribute:<12}{s['pairs']:>7}{acc:>11}{extra}{ties}")
-    lines.append(f"  {'mean':<12}{c['pairs']:>7}{record['mean_accuracy']:>9.1f} %"
-                 + (f"{ref['mean_accuracy']:>29.1f} %" if ref else ""))
-    lines.append(f"  R@1 of the right image in its group (1 + {per_group:g} images): {record['group_r1']:.1f} % "
-                 f"(chance {record['group_r1_chance']:.1f} %)")
+    lines.append(
+        f"  {'mean':<12}{c['pairs']:>7}{record['mean_accuracy']:>9.1f} %"
+        + (f"{ref['mean_accuracy']:>29.1f} %" if ref else "")
+    )
+    lines.append(
+        f"  R@1 of the right image in its group (1 + {per_group:g} images): {record['group_r1']:.1f} % "
+        f"(chance {record['group_r1_chance']:.1f} %)"
+    )
     return "\n".join(lines)
 
 

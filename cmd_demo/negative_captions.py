@@ -42,9 +42,14 @@ _BACKGROUNDS = {w: b for b, (_, words) in gen.BACKGROUNDS.items() for w in words
 _BG = "|".join(sorted(map(re.escape, _BACKGROUNDS), key=len, reverse=True))
 _BG_PATTERNS = [re.compile(rf"^an? ({_BG}) background with "), re.compile(rf" (?:on|against) an? ({_BG}) background$")]
 _PREFIXES = ("a picture of ", "an image of ", "i can see ", "this shows ", "a drawing of ", "there is ", "there are ")
-_NP = re.compile(r"^(?:there (?:is|are) |is |are )?({c}) ({s}) ({k}) ({n})$".format(
-    c="|".join(map(re.escape, _COUNTS)), s="|".join(map(re.escape, _SIZES)),
-    k="|".join(map(re.escape, _COLOURS)), n="|".join(sorted(map(re.escape, _SHAPES), key=len, reverse=True))))
+_NP = re.compile(
+    r"^(?:there (?:is|are) |is |are )?({c}) ({s}) ({k}) ({n})$".format(
+        c="|".join(map(re.escape, _COUNTS)),
+        s="|".join(map(re.escape, _SIZES)),
+        k="|".join(map(re.escape, _COLOURS)),
+        n="|".join(sorted(map(re.escape, _SHAPES), key=len, reverse=True)),
+    )
+)
 
 Group = Tuple[str, str, str, str, int]  # (position, shape, colour, size, count), as SceneObject.key()
 
@@ -60,17 +65,17 @@ def caption_facts(text: str) -> Tuple[Optional[str], Tuple[Group, ...]]:
         m = pattern.search(s)
         if m:
             background = _BACKGROUNDS[m.group(1)]
-            s = s[:m.start()] + s[m.end():] if m.start() > 0 else s[m.end():]
+            s = s[: m.start()] + s[m.end() :] if m.start() > 0 else s[m.end() :]
             break
     for prefix in _PREFIXES:
         if s.startswith(prefix):
-            s = s[len(prefix):]
+            s = s[len(prefix) :]
             break
     groups = []
     for chunk in re.split(r", | and ", s):
         for phrase, position in _POSITIONS:
             if chunk.startswith(phrase + " ") or chunk.endswith(" " + phrase):
-                rest = chunk[len(phrase) + 1:] if chunk.startswith(phrase + " ") else chunk[:-len(phrase) - 1]
+                rest = chunk[len(phrase) + 1 :] if chunk.startswith(phrase + " ") else chunk[: -len(phrase) - 1]
                 break
         else:
             raise NegativeCaptionError(f"caption {text!r}: no position phrase in {chunk!r}")
@@ -96,8 +101,9 @@ def caption_is_true_of(text: str, scene: gen.Scene) -> bool:
 # Making negatives
 
 
-def negative_scene(scene: gen.Scene, rng: random.Random, attributes: Collection[str] = ATTRIBUTES,
-                   avoid: Collection[Tuple] = ()) -> Tuple[gen.Scene, Dict]:
+def negative_scene(
+    scene: gen.Scene, rng: random.Random, attributes: Collection[str] = ATTRIBUTES, avoid: Collection[Tuple] = ()
+) -> Tuple[gen.Scene, Dict]:
     """``scene`` with one of ``attributes`` changed (attribute drawn uniformly among those that can
     change, then the change among its candidates), and the change {"attribute", "object", "from",
     "to"}. A scene whose key is in ``avoid`` (e.g. every training scene, so that a negative is never
@@ -111,8 +117,15 @@ def negative_scene(scene: gen.Scene, rng: random.Random, attributes: Collection[
         candidates = [(s, c) for s, c in variant_candidates(scene, attribute) if s.key() not in avoid]
         if candidates:
             changed, change = candidates[rng.randrange(len(candidates))]
-            objects = tuple(replace(o, dx=round(rng.uniform(-0.02, 0.02), 4), dy=round(rng.uniform(-0.02, 0.02), 4),
-                                    angle=round(rng.uniform(-15.0, 15.0), 2)) for o in changed.objects)
+            objects = tuple(
+                replace(
+                    o,
+                    dx=round(rng.uniform(-0.02, 0.02), 4),
+                    dy=round(rng.uniform(-0.02, 0.02), 4),
+                    angle=round(rng.uniform(-15.0, 15.0), 2),
+                )
+                for o in changed.objects
+            )
             return replace(changed, objects=objects), change
     raise NegativeCaptionError(f"scene {scene.key()!r}: no attribute of {order} can change to a scene not avoided")
 
@@ -122,13 +135,19 @@ def negative_caption(scene: gen.Scene, changed: gen.Scene, change: Dict, rng: ra
     ``changed`` and false of ``scene``; a background change is always named."""
     text = gen.describe_scene(rng, changed, 1, mention_background=change["attribute"] == "background")[0]
     if not caption_is_true_of(text, changed) or caption_is_true_of(text, scene):
-        raise NegativeCaptionError(f"negative caption {text!r} of change {change!r} is not false of the scene "
-                                   f"{scene.key()!r} only")
+        raise NegativeCaptionError(
+            f"negative caption {text!r} of change {change!r} is not false of the scene {scene.key()!r} only"
+        )
     return text
 
 
-def make_negatives(scene: gen.Scene, rng: random.Random, num: int, attributes: Collection[str] = ATTRIBUTES,
-                   avoid: Collection[Tuple] = ()) -> List[Tuple[gen.Scene, Dict, str]]:
+def make_negatives(
+    scene: gen.Scene,
+    rng: random.Random,
+    num: int,
+    attributes: Collection[str] = ATTRIBUTES,
+    avoid: Collection[Tuple] = (),
+) -> List[Tuple[gen.Scene, Dict, str]]:
     """``num`` hard negatives of ``scene``: [(changed scene, change, caption)], each one attribute away."""
     out = []
     for _ in range(num):
@@ -141,16 +160,31 @@ def scene_from_record(record: Dict, where: str) -> gen.Scene:
     """A :class:`~cmd_demo.scene_corpus.Scene` from a scene_corpus.json record (its described
     attributes and pattern; the undescribed offset and rotation, which the record leaves out, are 0)."""
     try:
-        objects = tuple(gen.SceneObject(shape=o["shape"], colour=o["colour"], size=o["size"], position=o["position"],
-                                        count=int(o["count"])) for o in record["objects"])
-        scene = gen.Scene(background=record["background"], pattern=record.get("pattern", "plain"),
-                          pattern_phase=float(record.get("pattern_phase", 0.0)), objects=objects)
+        objects = tuple(
+            gen.SceneObject(
+                shape=o["shape"], colour=o["colour"], size=o["size"], position=o["position"], count=int(o["count"])
+            )
+            for o in record["objects"]
+        )
+        scene = gen.Scene(
+            background=record["background"],
+            pattern=record.get("pattern", "plain"),
+            pattern_phase=float(record.get("pattern_phase", 0.0)),
+            objects=objects,
+        )
     except (KeyError, TypeError, ValueError) as e:
-        raise NegativeCaptionError(f"{where}: expected a scene with 'background' and 'objects' (shape, colour, size, "
-                                   f"position, count), got {record!r} ({e!r})") from None
+        raise NegativeCaptionError(
+            f"{where}: expected a scene with 'background' and 'objects' (shape, colour, size, "
+            f"position, count), got {record!r} ({e!r})"
+        ) from None
     for o in objects:
-        if o.shape not in gen.SHAPES or o.colour not in gen.COLOURS or o.size not in gen.SIZES \
-                or o.position not in gen.POSITIONS or o.count not in gen.COUNT_WORDS:
+        if (
+            o.shape not in gen.SHAPES
+            or o.colour not in gen.COLOURS
+            or o.size not in gen.SIZES
+            or o.position not in gen.POSITIONS
+            or o.count not in gen.COUNT_WORDS
+        ):
             raise NegativeCaptionError(f"{where}: object {o!r} has a value outside the generator's vocabulary")
     if scene.background not in gen.BACKGROUNDS:
         raise NegativeCaptionError(f"{where}: unknown background {scene.background!r}")

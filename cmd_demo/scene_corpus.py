@@ -41,8 +41,7 @@ from typing import Dict, List, Sequence, Tuple
 from cmd_plugin.progress import CountProgress
 
 INSTALL_HINT = (
-    "install it with `apt-get install -y espeak-ng sox` (Debian/Ubuntu) "
-    "or `brew install espeak-ng sox` (macOS)"
+    "install it with `apt-get install -y espeak-ng sox` (Debian/Ubuntu) or `brew install espeak-ng sox` (macOS)"
 )
 SAMPLE_RATE = 16000
 
@@ -91,7 +90,10 @@ PATTERNS = ["plain", "gradient", "stripes", "dots", "checks"]
 
 # Region centres as fractions of the image side; sized so that groups never overlap.
 POSITION_CENTRES = {
-    "left": (0.2, 0.5), "right": (0.8, 0.5), "top": (0.5, 0.2), "bottom": (0.5, 0.8),
+    "left": (0.2, 0.5),
+    "right": (0.8, 0.5),
+    "top": (0.5, 0.2),
+    "bottom": (0.5, 0.8),
     "middle": (0.5, 0.5),
 }
 SIZE_RADII = {"small": 0.075, "big": 0.13}
@@ -99,8 +101,14 @@ MIN_COLOUR_CONTRAST = 110.0  # RGB distance between an object and its background
 
 # espeak-ng voices that ship with the program itself (the mbrola ones need extra packages).
 ESPEAK_VOICES = [
-    "en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
-    "en-029", "en-us-nyc",
+    "en-us",
+    "en-gb",
+    "en-gb-scotland",
+    "en-gb-x-rp",
+    "en-gb-x-gbclan",
+    "en-gb-x-gbcwmd",
+    "en-029",
+    "en-us-nyc",
 ]
 ESPEAK_VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5"]
 # Words per minute. Fast speech keeps utterances short (about 3.3 s instead of 5.9 s at 135-180 wpm),
@@ -209,8 +217,7 @@ def _join(items: List[str]) -> str:
 def _noun_phrase(rng: random.Random, obj: SceneObject) -> str:
     singular, plural = rng.choice(SHAPES[obj.shape])
     noun = singular if obj.count == 1 else plural
-    words = [rng.choice(COUNT_WORDS[obj.count]), rng.choice(SIZES[obj.size]),
-             rng.choice(COLOURS[obj.colour][1]), noun]
+    words = [rng.choice(COUNT_WORDS[obj.count]), rng.choice(SIZES[obj.size]), rng.choice(COLOURS[obj.colour][1]), noun]
     return " ".join(words)
 
 
@@ -257,8 +264,7 @@ def _describe(rng: random.Random, scene: Scene, template: int, mention_backgroun
 NUM_TEMPLATES = 6
 
 
-def describe_scene(rng: random.Random, scene: Scene, num_captions: int,
-                   mention_background: bool = False) -> List[str]:
+def describe_scene(rng: random.Random, scene: Scene, num_captions: int, mention_background: bool = False) -> List[str]:
     """``num_captions`` phrasings of ``scene``, distinct whenever the vocabulary allows
     (``mention_background``: every phrasing names the background colour)."""
     captions: List[str] = []
@@ -281,14 +287,21 @@ def make_stem(rng: random.Random) -> str:
 
 def make_speakers(rng: random.Random, num_speakers: int, rates: Sequence[int] = None) -> List[Speaker]:
     rates = list(rates) if rates else ESPEAK_RATES
-    combos = [Speaker(v, var, r, p) for v in ESPEAK_VOICES for var in ESPEAK_VARIANTS
-              for r in rates for p in ESPEAK_PITCHES]
+    combos = [
+        Speaker(v, var, r, p) for v in ESPEAK_VOICES for var in ESPEAK_VARIANTS for r in rates for p in ESPEAK_PITCHES
+    ]
     return rng.sample(combos, min(num_speakers, len(combos)))
 
 
-def plan_corpus(seed: int, num_train: int, num_valid: int, num_test: int,
-                captions_per_image: int = 5, num_speakers: int = 40,
-                speech_rates: Sequence[int] = None) -> List[PlannedImage]:
+def plan_corpus(
+    seed: int,
+    num_train: int,
+    num_valid: int,
+    num_test: int,
+    captions_per_image: int = 5,
+    num_speakers: int = 40,
+    speech_rates: Sequence[int] = None,
+) -> List[PlannedImage]:
     rng = random.Random(seed)
     speakers = make_speakers(rng, max(num_speakers, captions_per_image), speech_rates)
     splits = ["train"] * num_train + ["valid"] * num_valid + ["test"] * num_test
@@ -343,8 +356,20 @@ def _shape_points(shape: str, cx: float, cy: float, r: float, angle_deg: float) 
         return polar([r * 1.05] * 6, 0.0)
     if shape == "cross":
         w = r * 0.38
-        base = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r),
-                (-w, w), (-r, w), (-r, -w), (-w, -w)]
+        base = [
+            (-w, -r),
+            (w, -r),
+            (w, -w),
+            (r, -w),
+            (r, w),
+            (w, w),
+            (w, r),
+            (-w, r),
+            (-w, w),
+            (-r, w),
+            (-r, -w),
+            (-w, -w),
+        ]
         a = math.radians(angle_deg)
         ca, sa = math.cos(a), math.sin(a)
         return [(cx + x * ca - y * sa, cy + x * sa + y * ca) for x, y in base]
@@ -384,8 +409,10 @@ def render_scene(scene: Scene, image_size: int, supersample: int = 2):
         period = side / 8.0
         for k in range(-9, 18):
             x0 = (k + phase) * period
-            draw.polygon([(x0, 0), (x0 + period / 2, 0), (x0 + period / 2 - side, side), (x0 - side, side)],
-                         fill=_shade(bg, delta))
+            draw.polygon(
+                [(x0, 0), (x0 + period / 2, 0), (x0 + period / 2 - side, side), (x0 - side, side)],
+                fill=_shade(bg, delta),
+            )
     elif scene.pattern == "dots":
         period = side / 10.0
         rad = period * 0.15
@@ -409,8 +436,7 @@ def render_scene(scene: Scene, image_size: int, supersample: int = 2):
             if obj.shape == "circle":
                 draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill, outline=outline, width=width)
             else:
-                draw.polygon(_shape_points(obj.shape, cx, cy, r, obj.angle), fill=fill, outline=outline,
-                             width=width)
+                draw.polygon(_shape_points(obj.shape, cx, cy, r, obj.angle), fill=fill, outline=outline, width=width)
     return img.resize((image_size, image_size), Image.LANCZOS)
 
 
@@ -430,15 +456,41 @@ def synthesise(text: str, speaker: Speaker, out_path: str, scratch_dir: str) -> 
     os.close(fd)
     try:
         subprocess.run(
-            ["espeak-ng", "-v", f"{speaker.voice}+{speaker.variant}", "-s", str(speaker.rate),
-             "-p", str(speaker.pitch), "-w", raw, text],
-            check=True, capture_output=True,
+            [
+                "espeak-ng",
+                "-v",
+                f"{speaker.voice}+{speaker.variant}",
+                "-s",
+                str(speaker.rate),
+                "-p",
+                str(speaker.pitch),
+                "-w",
+                raw,
+                text,
+            ],
+            check=True,
+            capture_output=True,
         )
         # -R: repeatable (fixed seeds), -D: no dither, so identical input gives identical bytes.
         subprocess.run(
-            ["sox", "-R", "-D", "-q", raw, "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16",
-             "-e", "signed-integer", out_path],
-            check=True, capture_output=True,
+            [
+                "sox",
+                "-R",
+                "-D",
+                "-q",
+                raw,
+                "-r",
+                str(SAMPLE_RATE),
+                "-c",
+                "1",
+                "-b",
+                "16",
+                "-e",
+                "signed-integer",
+                out_path,
+            ],
+            check=True,
+            capture_output=True,
         )
     except subprocess.CalledProcessError as e:
         raise RuntimeError(
@@ -503,8 +555,9 @@ def atomic_output_dir(out_dir: str):
         raise
 
 
-def write_flickr_layout(root: str, images: List[PlannedImage], image_size: int, num_workers: int,
-                        log=print) -> List[int]:
+def write_flickr_layout(
+    root: str, images: List[PlannedImage], image_size: int, num_workers: int, log=print
+) -> List[int]:
     """Render every image and speak every caption of ``images`` into ``root`` in the Flickr 8k
     layout (wavs, jpgs, wav2capt/wav2spk/token files, the three split lists; an image whose split
     is none of train/valid/test is rendered but listed in no split, as the real corpus's extra
@@ -521,8 +574,11 @@ def write_flickr_layout(root: str, images: List[PlannedImage], image_size: int, 
     def render(image: PlannedImage) -> None:
         render_scene(image.scene, image_size).save(os.path.join(image_dir, image.stem + ".jpg"), quality=92)
 
-    jobs = [(image.spoken[n], image.speakers[n], os.path.join(wav_dir, f"{image.stem}_{n}.wav"))
-            for image in images for n in range(len(image.spoken))]
+    jobs = [
+        (image.spoken[n], image.speakers[n], os.path.join(wav_dir, f"{image.stem}_{n}.wav"))
+        for image in images
+        for n in range(len(image.spoken))
+    ]
     # The work is in child processes (espeak-ng, sox) and PIL's C code, so threads suffice.
     with ThreadPoolExecutor(num_workers) as pool:
         list(pool.map(render, images))
@@ -550,15 +606,27 @@ def write_flickr_layout(root: str, images: List[PlannedImage], image_size: int, 
 
 def scene_record(scene: Scene) -> Dict:
     """What scene_corpus.json records of a scene (the described attributes, and the pattern)."""
-    return {"background": scene.background, "pattern": scene.pattern,
-            "objects": [{k: v for k, v in asdict(o).items() if k not in ("dx", "dy", "angle")}
-                        for o in scene.objects]}
+    return {
+        "background": scene.background,
+        "pattern": scene.pattern,
+        "objects": [{k: v for k, v in asdict(o).items() if k not in ("dx", "dy", "angle")} for o in scene.objects],
+    }
 
 
-def generate_corpus(out_dir: str, seed: int = 1, num_train: int = 400, num_valid: int = 50,
-                    num_test: int = 100, captions_per_image: int = 5, image_size: int = 224,
-                    num_speakers: int = 40, num_workers: int = 0, overwrite: bool = False,
-                    speech_rates: Sequence[int] = None, log=print) -> Dict:
+def generate_corpus(
+    out_dir: str,
+    seed: int = 1,
+    num_train: int = 400,
+    num_valid: int = 50,
+    num_test: int = 100,
+    captions_per_image: int = 5,
+    image_size: int = 224,
+    num_speakers: int = 40,
+    num_workers: int = 0,
+    overwrite: bool = False,
+    speech_rates: Sequence[int] = None,
+    log=print,
+) -> Dict:
     """Write the corpus to ``out_dir``; returns a summary dict."""
     check_tools()
     if speech_rates is not None and (not speech_rates or min(speech_rates) < 80 or max(speech_rates) > 500):

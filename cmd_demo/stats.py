@@ -40,11 +40,24 @@ def paired_difference(a: Mapping[int, float], b: Mapping[int, float], level: flo
         raise ValueError("no seed in common: paired differences need the same seeds in both rows")
     diffs = [float(a[s]) - float(b[s]) for s in seeds]
     n, mean = len(diffs), statistics.fmean(diffs)
-    out = {"seeds": seeds, "n": n, "mean": mean, "sd": None, "low": None, "high": None, "resolved": None,
-           "seeds_needed": None}
+    out = {
+        "seeds": seeds,
+        "n": n,
+        "mean": mean,
+        "sd": None,
+        "low": None,
+        "high": None,
+        "resolved": None,
+        "seeds_needed": None,
+    }
     if n > 1:
         sd = statistics.stdev(diffs)
         half = _half_width(sd, n, level)
-        out.update(sd=sd, low=mean - half, high=mean + half, resolved=not (mean - half <= 0 <= mean + half),
-                   seeds_needed=seeds_to_resolve(mean, sd, level))
+        out.update(
+            sd=sd,
+            low=mean - half,
+            high=mean + half,
+            resolved=not (mean - half <= 0 <= mean + half),
+            seeds_needed=seeds_to_resolve(mean, sd, level),
+        )
     return out

@@ -83,7 +83,12 @@ _HUBERT_RELEASE_CONFIGS = {
 
 @building_hubert()  # builds fairseq's HuBERT: without its configuration dump and weight_norm deprecation
 def _write_hubert_checkpoint(
-    path: str, model_kwargs: dict, seed: int, normalize: bool, num_units: int, label_dir_prefix: str = "hubert_labels_",
+    path: str,
+    model_kwargs: dict,
+    seed: int,
+    normalize: bool,
+    num_units: int,
+    label_dir_prefix: str = "hubert_labels_",
     init_model=None,
 ) -> str:
     """Build a randomly initialised HubertModel with fairseq's own task and model classes from
@@ -95,8 +100,6 @@ def _write_hubert_checkpoint(
     released checkpoints point at the authors' cluster paths. ``init_model(model)``, if given,
     may set weights before saving.
     """
-    from omegaconf import OmegaConf
-
     from fairseq import tasks
     from fairseq.criterions.hubert_criterion import HubertCriterionConfig
     from fairseq.dataclass.configs import FairseqConfig
@@ -106,6 +109,7 @@ def _write_hubert_checkpoint(
         PolynomialDecayLRScheduleConfig,
     )
     from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
+    from omegaconf import OmegaConf
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory(prefix=label_dir_prefix) as label_dir:
@@ -236,7 +240,12 @@ def make_tiny_hubert(path: str, seed: int = 0, normalize: bool = True) -> str:
         untie_final_proj=True,
     )
     return _write_hubert_checkpoint(
-        path, model_kwargs, seed=seed, normalize=normalize, num_units=20, label_dir_prefix="tiny_hubert_labels_",
+        path,
+        model_kwargs,
+        seed=seed,
+        normalize=normalize,
+        num_units=20,
+        label_dir_prefix="tiny_hubert_labels_",
         init_model=_filterbank_init,
     )
 

@@ -17,8 +17,9 @@ from cmd_plugin.quiet import building_open_clip
 
 
 @torch.no_grad()
-def score_clip_written_captions(model_name: str, weights: str, pairs_dir: str, model=None, preprocess=None,
-                                tokenizer=None) -> Dict:
+def score_clip_written_captions(
+    model_name: str, weights: str, pairs_dir: str, model=None, preprocess=None, tokenizer=None
+) -> Dict:
     """Score the set ``pairs_dir`` with open_clip model ``model_name`` (already registered) loaded
     from ``weights``, or with a loaded ``model``/``preprocess``/``tokenizer``. Returns
     :func:`score_groups`' record plus "pairs_dir" and "pairs_seed"."""
@@ -40,8 +41,12 @@ def score_clip_written_captions(model_name: str, weights: str, pairs_dir: str, m
             with Image.open(path) as img:
                 pixels.append(preprocess(img.convert("RGB")))
         images = torch.nn.functional.normalize(model.encode_image(torch.stack(pixels)), dim=-1)
-        scored.append({"attributes": [v["attribute"] for v in group["variants"]],
-                       "similarities": (text @ images.T).to(torch.float64).numpy()})
+        scored.append(
+            {
+                "attributes": [v["attribute"] for v in group["variants"]],
+                "similarities": (text @ images.T).to(torch.float64).numpy(),
+            }
+        )
     model.train(was_training)
     record = score_groups(scored, attributes=pairs["meta"].get("attributes"))
     record.update(pairs_dir=pairs_dir, pairs_seed=pairs["meta"].get("seed"))

@@ -179,7 +179,8 @@ def _refusal(path: str, what: str, names: List[str]) -> str:
     return (
         f"{path}: refusing to load this {what}: it pickles {', '.join(sorted(set(names)))}, which fairseq "
         "checkpoints do not hold, and unpickling it could run code from the file. Only tensors, plain "
-        "containers and these classes are accepted: " + ", ".join(FAIRSEQ_CHECKPOINT_GLOBALS[:2])
+        "containers and these classes are accepted: "
+        + ", ".join(FAIRSEQ_CHECKPOINT_GLOBALS[:2])
         + ", numpy arrays/scalars, omegaconf configs"
     )
 

@@ -141,7 +141,6 @@ def hydra_version() -> Tuple[int, ...]:
     return version_tuple(hydra.__version__)
 
 
-
 def omegaconf_version() -> Tuple[int, ...]:
     import omegaconf
 
@@ -288,7 +287,8 @@ def fix_hubert_ctc_config() -> bool:
     @dataclasses.dataclass
     class HubertCtcConfig(original):
         autoregressive: bool = dataclasses.field(
-            default=False, metadata={"help": "always False for CTC (added by cmd_plugin: fairseq issue 4916)"})
+            default=False, metadata={"help": "always False for CTC (added by cmd_plugin: fairseq issue 4916)"}
+        )
 
     HubertCtcConfig.__module__ = original.__module__
     MODEL_DATACLASS_REGISTRY["hubert_ctc"] = HubertCtcConfig

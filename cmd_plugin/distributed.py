@@ -50,7 +50,9 @@ def data_parallel_group_and_size(group=None):
     if not (dist.is_available() and dist.is_initialized()):
         return None, 1
     if group is None:
-        from fairseq.distributed import utils as distributed_utils  # lazy: the objectives import this module without fairseq
+        from fairseq.distributed import (
+            utils as distributed_utils,
+        )  # lazy: the objectives import this module without fairseq
 
         group = distributed_utils.get_data_parallel_group()
     return group, dist.get_world_size(group)

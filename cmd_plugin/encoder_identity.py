@@ -24,8 +24,14 @@ import open_clip
 import torch
 from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
-__all__ = ["image_encoder_identity", "open_clip_model_config", "open_clip_preprocess", "preprocess_identity",
-           "tensors_sha256", "update_tensor_digest"]
+__all__ = [
+    "image_encoder_identity",
+    "open_clip_model_config",
+    "open_clip_preprocess",
+    "preprocess_identity",
+    "tensors_sha256",
+    "update_tensor_digest",
+]
 
 
 def update_tensor_digest(digest, state: Dict[str, Any], prefix: str = "") -> None:
@@ -54,8 +60,10 @@ def open_clip_model_config(model_name: str, model_config: str = "") -> Dict[str,
         register_model_config(model_config)
     config = open_clip.get_model_config(model_name)
     if config is None:
-        raise ValueError(f"unknown open_clip model {model_name!r} (give its model config JSON, "
-                         "model.image_model_config, for a custom one)")
+        raise ValueError(
+            f"unknown open_clip model {model_name!r} (give its model config JSON, "
+            "model.image_model_config, for a custom one)"
+        )
     return json.loads(json.dumps(config))
 
 

@@ -69,11 +69,14 @@ def read_audio(path: str) -> Tuple[np.ndarray, int]:
     except Exception as err:  # soundfile raises LibsndfileError/RuntimeError/TypeError by format
         image = _image_format(path)
         if image:
-            raise InferenceError(f"{path}: cannot read audio: this is a {image} image, not a sound file "
-                                 "(expected wav, flac, ogg/opus or mp3)") from err
+            raise InferenceError(
+                f"{path}: cannot read audio: this is a {image} image, not a sound file "
+                "(expected wav, flac, ogg/opus or mp3)"
+            ) from err
         raise InferenceError(
             f"{path}: cannot read audio (expected a file libsndfile reads: wav, flac, ogg/opus, mp3; "
-            f"{str(err).strip() or type(err).__name__})") from err
+            f"{str(err).strip() or type(err).__name__})"
+        ) from err
     return wav, int(rate)
 
 
@@ -94,8 +97,10 @@ def check_audible(wave: torch.Tensor, name: str = "audio", threshold: float = SI
     embedding would rank images by nothing the speaker said."""
     peak = float(wave.abs().max()) if wave.numel() else 0.0
     if peak < threshold:
-        raise InferenceError(f"{name}: the clip is silent (peak amplitude {peak:.1e}, below {threshold:.0e} = "
-                             f"{20 * np.log10(threshold):.0f} dBFS): record again, closer to the microphone")
+        raise InferenceError(
+            f"{name}: the clip is silent (peak amplitude {peak:.1e}, below {threshold:.0e} = "
+            f"{20 * np.log10(threshold):.0f} dBFS): record again, closer to the microphone"
+        )
 
 
 def to_mono_16k(wav, rate: int, target_rate: int = 16000, name: str = "audio") -> torch.Tensor:
@@ -141,8 +146,10 @@ def load_image(item, transform, name: Optional[str] = None) -> torch.Tensor:
         with Image.open(path) as im:
             return transform(im.convert("RGB"))
     except Exception as err:  # PIL raises UnidentifiedImageError, OSError, ValueError, SyntaxError...
-        raise InferenceError(f"{path}: cannot read image (expected a jpg/png/webp file PIL decodes; "
-                             f"{str(err).strip() or type(err).__name__})") from err
+        raise InferenceError(
+            f"{path}: cannot read image (expected a jpg/png/webp file PIL decodes; "
+            f"{str(err).strip() or type(err).__name__})"
+        ) from err
 
 
 class ImageBatches(torch.utils.data.Dataset):
@@ -161,7 +168,7 @@ class ImageBatches(torch.utils.data.Dataset):
         return -(-len(self.items) // self.batch_size)
 
     def __getitem__(self, i):
-        return self.read(self.items[i * self.batch_size:(i + 1) * self.batch_size])
+        return self.read(self.items[i * self.batch_size : (i + 1) * self.batch_size])
 
 
 class ReadImageFiles:
@@ -257,8 +264,9 @@ class SpeechImageEncoder:
     ``embed_dim`` E, ``checkpoint``.
     """
 
-    def __init__(self, model, task, device: str = "cpu", fp16: bool = False, checkpoint: str = "",
-                 long_audio: str = "windows"):
+    def __init__(
+        self, model, task, device: str = "cpu", fp16: bool = False, checkpoint: str = "", long_audio: str = "windows"
+    ):
         if long_audio not in LONG_AUDIO_CHOICES:
             raise InferenceError(f"long_audio must be one of {LONG_AUDIO_CHOICES}, got {long_audio!r}")
         self.device = resolve_device(device, fp16)
@@ -294,8 +302,12 @@ class SpeechImageEncoder:
         resolve_device(device, fp16)  # fail before the slow load
         # No manifest is read: task.data only has to be a directory for the task to set up.
         model, task = load_cmd_checkpoint(
-            checkpoint, data=os.path.dirname(os.path.abspath(checkpoint)), hubert_path=hubert_path,
-            image_pretrained=image_pretrained, image_model_config=image_model_config, keep_matching=keep_matching,
+            checkpoint,
+            data=os.path.dirname(os.path.abspath(checkpoint)),
+            hubert_path=hubert_path,
+            image_pretrained=image_pretrained,
+            image_model_config=image_model_config,
+            keep_matching=keep_matching,
         )
         return cls(model, task, device=device, fp16=fp16, checkpoint=checkpoint, long_audio=long_audio)
 
@@ -325,8 +337,9 @@ class SpeechImageEncoder:
         return autocast(self.device, self.fp16)
 
     # ---- audio ----
-    def load_audio(self, item: AudioInput, sample_rate: Optional[int] = None,
-                   name: Optional[str] = None) -> torch.Tensor:
+    def load_audio(
+        self, item: AudioInput, sample_rate: Optional[int] = None, name: Optional[str] = None
+    ) -> torch.Tensor:
         """One audio input -> (T,) float32 mono waveform at the model's sample rate.
 
         ``item``: a path; a ``(samples, rate)`` pair; or samples with ``sample_rate``."""
@@ -341,8 +354,9 @@ class SpeechImageEncoder:
         else:
             wav, rate = item, sample_rate
             if rate is None:
-                raise InferenceError(f"{name or 'audio'}: an array needs its sample rate "
-                                     "(give (samples, rate) or sample_rate=)")
+                raise InferenceError(
+                    f"{name or 'audio'}: an array needs its sample rate (give (samples, rate) or sample_rate=)"
+                )
         return to_mono_16k(wav, rate, self.sample_rate, name=name or "audio array")
 
     def windows(self, wave: torch.Tensor, name: str) -> List[torch.Tensor]:
@@ -354,18 +368,25 @@ class SpeechImageEncoder:
         if n < self.min_samples:
             raise InferenceError(
                 f"{name}: {n / rate:.3f} s of audio, shorter than the model's minimum "
-                f"{self.min_samples / rate:.3f} s (task.min_sample_size={self.min_samples} samples at {rate} Hz)")
+                f"{self.min_samples / rate:.3f} s (task.min_sample_size={self.min_samples} samples at {rate} Hz)"
+            )
         if n <= self.max_samples:
             return [wave]
         if self.long_audio == "error":
             raise InferenceError(
                 f"{name}: {n / rate:.1f} s of audio, longer than the model's limit {self.max_samples / rate:.1f} s "
-                f"(task.max_sample_size); cut it, or embed it in windows (long_audio='windows')")
+                f"(task.max_sample_size); cut it, or embed it in windows (long_audio='windows')"
+            )
         return [wave[a:b] for a, b in split_windows(n, self.max_samples)]
 
     @torch.no_grad()
-    def embed_waveforms(self, waves: Sequence[torch.Tensor], names: Optional[Sequence[str]] = None,
-                        batch_size: int = 8, return_sequences: bool = False):
+    def embed_waveforms(
+        self,
+        waves: Sequence[torch.Tensor],
+        names: Optional[Sequence[str]] = None,
+        batch_size: int = 8,
+        return_sequences: bool = False,
+    ):
         """(T_i,) mono waveforms at the model's rate -> (N, E) float32 unit-norm S_cls.
 
         Segments are batched by decreasing length (little padding) with a padding mask. With
@@ -389,7 +410,7 @@ class SpeechImageEncoder:
             sequences[i].append(None)
         order = sorted(range(len(segments)), key=lambda j: -segments[j].numel())
         for start in range(0, len(order), batch_size):
-            batch = order[start:start + batch_size]
+            batch = order[start : start + batch_size]
             longest = segments[batch[0]].numel()
             source = torch.zeros(len(batch), longest)
             padding = torch.ones(len(batch), longest, dtype=torch.bool)
@@ -411,8 +432,9 @@ class SpeechImageEncoder:
         emb = F.normalize(sums / counts.clamp(min=1).unsqueeze(1), dim=-1)
         return (emb, sequences) if return_sequences else emb
 
-    def embed_audio(self, items: Sequence[AudioInput], sample_rate: Optional[int] = None,
-                    batch_size: int = 8) -> torch.Tensor:
+    def embed_audio(
+        self, items: Sequence[AudioInput], sample_rate: Optional[int] = None, batch_size: int = 8
+    ) -> torch.Tensor:
         """Audio files or arrays -> (N, E) float32 unit-norm speech embeddings (S_cls).
 
         Raises :class:`InferenceError` naming the first file that cannot be read or is
@@ -443,12 +465,13 @@ class SpeechImageEncoder:
             items = [items]
         out = []
         for start in range(0, len(items), batch_size):
-            pixels = torch.stack([load_image(item, self.transform) for item in items[start:start + batch_size]])
+            pixels = torch.stack([load_image(item, self.transform) for item in items[start : start + batch_size]])
             out.append(self.embed_pixels(pixels))
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
 
-    def embed_image_files(self, paths: Sequence[str], batch_size: int = 32, num_workers: int = 0,
-                          progress: bool = False, on_batch=None):
+    def embed_image_files(
+        self, paths: Sequence[str], batch_size: int = 32, num_workers: int = 0, progress: bool = False, on_batch=None
+    ):
         """Many image files, decoded in ``num_workers`` processes, unreadable ones skipped.
 
         Returns (embeddings (M, E) float32, positions (M,) of ``paths`` they belong to,
@@ -456,7 +479,9 @@ class SpeechImageEncoder:
         each batch (e.g. to save progress)."""
         loader = torch.utils.data.DataLoader(
             ImageBatches(list(enumerate(paths)), batch_size, ReadImageFiles(self.transform)),
-            batch_size=None, num_workers=num_workers)
+            batch_size=None,
+            num_workers=num_workers,
+        )
         chunks, positions, failures = [], [], []
         with tqdm(total=len(paths), unit="img", desc="embedding images", disable=not progress) as bar:
             for pos, pixels, failed in loader:

@@ -31,11 +31,16 @@ TASK_NAME = "speech_image"
 # Model-config fields that name upstream files, re-pointable when files moved, with the option
 # of the command-line tools that re-points each.
 UPSTREAM_FILE_FIELDS = ("hubert_path", "image_pretrained", "image_model_config")
-UPSTREAM_FILE_OPTIONS = {"hubert_path": "--hubert-path", "image_pretrained": "--image-pretrained",
-                         "image_model_config": "--image-model-config"}
-UPSTREAM_FILE_HELP = {"hubert_path": "new location of the HuBERT checkpoint named by the checkpoint",
-                      "image_pretrained": "new location of the image encoder weights",
-                      "image_model_config": "new location of the open_clip model JSON"}
+UPSTREAM_FILE_OPTIONS = {
+    "hubert_path": "--hubert-path",
+    "image_pretrained": "--image-pretrained",
+    "image_model_config": "--image-model-config",
+}
+UPSTREAM_FILE_HELP = {
+    "hubert_path": "new location of the HuBERT checkpoint named by the checkpoint",
+    "image_pretrained": "new location of the image encoder weights",
+    "image_model_config": "new location of the open_clip model JSON",
+}
 
 
 def add_loading_options(parser: argparse.ArgumentParser) -> None:
@@ -121,8 +126,7 @@ def load_cmd_checkpoint(
     cfg = state.get("cfg")
     if cfg is None or "model" not in state:
         raise CheckpointError(
-            f"{checkpoint} is not a {MODEL_NAME} checkpoint: no fairseq 'cfg' and 'model' "
-            f"(keys: {sorted(state)})"
+            f"{checkpoint} is not a {MODEL_NAME} checkpoint: no fairseq 'cfg' and 'model' (keys: {sorted(state)})"
         )
     model_name = _cfg_get(cfg, "model", "_name")
     if model_name != MODEL_NAME:
@@ -142,9 +146,7 @@ def load_cmd_checkpoint(
     if not task_data or not os.path.isdir(task_data):
         raise FileNotFoundError(f"manifest directory not found: {task_data} (give it with --data)")
 
-    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
-        [checkpoint], arg_overrides=overrides, state=state
-    )
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint], arg_overrides=overrides, state=state)
     model = models[0]
     model.remove_pretraining_modules(keep_matching=keep_matching)
     return model.eval(), task
@@ -160,11 +162,15 @@ def why_no_matching_head(model, checkpoint: str) -> Optional[str]:
     if has_matching_head(model):
         return None
     if int(getattr(model.cfg, "multimodal_layers", 0) or 0) > 0:
-        return (f"{checkpoint or 'the checkpoint'} was loaded without its matching head: load it with "
-                "keep_matching=True to re-rank")
-    return (f"{checkpoint or 'this checkpoint'} has no matching head (trained with model.multimodal_layers=0, "
-            "e.g. the CMD recipe): re-ranking needs a coarse-to-fine checkpoint "
-            "(fairseq-hydra-train ... method=c2f or method=c2f_cmd)")
+        return (
+            f"{checkpoint or 'the checkpoint'} was loaded without its matching head: load it with "
+            "keep_matching=True to re-rank"
+        )
+    return (
+        f"{checkpoint or 'this checkpoint'} has no matching head (trained with model.multimodal_layers=0, "
+        "e.g. the CMD recipe): re-ranking needs a coarse-to-fine checkpoint "
+        "(fairseq-hydra-train ... method=c2f or method=c2f_cmd)"
+    )
 
 
 def resolve_device(device: str, fp16: bool) -> torch.device:

@@ -112,7 +112,8 @@ class NonFiniteGuard:
         if self.consecutive > self.patience:
             raise NonFiniteLossError(
                 f"training stopped: {self.consecutive} batches in a row gave a non-finite loss ({value}); the last "
-                f"one ({where}):\n" + "\n".join(lines)
+                f"one ({where}):\n"
+                + "\n".join(lines)
                 + "\nCheck these files (silent, clipped or corrupt audio, a broken image), then the learning rate; "
                 "task.nonfinite_patience sets how many such batches in a row are tolerated."
             )

@@ -73,7 +73,9 @@ class FairseqProgress:
         done = f"{self.updates}/{self.total_updates}" if self.total_updates else str(self.updates)
         parts = [f"{done} updates"]
         if self.metric:
-            parts.append(f"valid {self.metric} {self.valid:g}" if self.valid is not None else f"no valid {self.metric} yet")
+            parts.append(
+                f"valid {self.metric} {self.valid:g}" if self.valid is not None else f"no valid {self.metric} yet"
+            )
         left = self.seconds_left()
         if left is not None:
             parts.append(f"~{format_seconds(left)} left")
@@ -137,7 +139,11 @@ class CountProgress:
         if now - self.last < self.every and not (finished and self.printed):
             return
         self.last, self.printed = now, True
-        left = "" if finished or done == 0 else f", ~{format_seconds((now - self.start) * (self.total - done) / done)} left"
+        left = (
+            ""
+            if finished or done == 0
+            else f", ~{format_seconds((now - self.start) * (self.total - done) / done)} left"
+        )
         self.log(f"{self.label}: {done:,}/{self.total:,} {self.unit}{left}")
 
 
@@ -197,8 +203,11 @@ def run_jobs(jobs: List[LoggedJob], every: Optional[float] = None, out=None, pol
             if running and now >= next_report:
                 next_report = now + every
                 for job, _, _, follower, _, began in running.values():
-                    print(f"  [{job.label} {format_seconds(now - began)}] {follower.describe()}   (log: {job.log_path})",
-                          file=out, flush=True)
+                    print(
+                        f"  [{job.label} {format_seconds(now - began)}] {follower.describe()}   (log: {job.log_path})",
+                        file=out,
+                        flush=True,
+                    )
     finally:
         for job, proc, log, _, reader, _ in running.values():
             proc.terminate()

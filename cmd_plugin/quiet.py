@@ -94,7 +94,10 @@ def import_fairseq():
     root_level, root_handlers = root.level, list(root.handlers)
     tts_logger = logging.getLogger("fairseq.tasks.text_to_speech")
     try:
-        with _ignoring(_JIT_SCRIPT, FutureWarning), _filtered(tts_logger, lambda r: bool(_TENSORBOARDX.search(r.getMessage()))):
+        with (
+            _ignoring(_JIT_SCRIPT, FutureWarning),
+            _filtered(tts_logger, lambda r: bool(_TENSORBOARDX.search(r.getMessage()))),
+        ):
             import fairseq
     finally:
         for handler in root.handlers[:]:
@@ -151,8 +154,9 @@ class _NoneSharingFilter(logging.Filter):
         match = self.PATTERN.match(record.getMessage())
         if not match:
             return True
-        return not any(_is_none_parameter(m, match.group(1)) and _is_none_parameter(m, match.group(2))
-                       for m in list(self.models))
+        return not any(
+            _is_none_parameter(m, match.group(1)) and _is_none_parameter(m, match.group(2)) for m in list(self.models)
+        )
 
 
 def _is_none_parameter(model, path):

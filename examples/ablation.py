@@ -37,15 +37,30 @@ def main(argv=None):
     parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, help=f"rows to run (default: {DEFAULT_ROWS})")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="training seeds (common.seed)")
     parser.add_argument("--out-dir", default=None, help="runs, JSON and plot (default: WORK_DIR/ablation)")
-    parser.add_argument("--name", default="ablation",
-                        help="file name stem of the table's record: OUT_DIR/NAME_u<max_update>.json and .png "
-                             "(several tables can share the runs of one out dir)")
-    parser.add_argument("--no-minimal-pairs", dest="minimal_pairs", action="store_false",
-                        help="skip scoring each run's checkpoint on the minimal-pairs set (about 10 s a run)")
-    parser.add_argument("--compare", nargs="*", default=[], metavar="ROW:BASE",
-                        help="paired differences to report besides each row against sic, e.g. cmd-qkv:cmd-uniform")
-    parser.add_argument("--report-only", action="store_true",
-                        help="train and score nothing: the table of the runs that have finished (a sweep in progress)")
+    parser.add_argument(
+        "--name",
+        default="ablation",
+        help="file name stem of the table's record: OUT_DIR/NAME_u<max_update>.json and .png "
+        "(several tables can share the runs of one out dir)",
+    )
+    parser.add_argument(
+        "--no-minimal-pairs",
+        dest="minimal_pairs",
+        action="store_false",
+        help="skip scoring each run's checkpoint on the minimal-pairs set (about 10 s a run)",
+    )
+    parser.add_argument(
+        "--compare",
+        nargs="*",
+        default=[],
+        metavar="ROW:BASE",
+        help="paired differences to report besides each row against sic, e.g. cmd-qkv:cmd-uniform",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train and score nothing: the table of the runs that have finished (a sweep in progress)",
+    )
     args = parser.parse_args(argv)
     run_ablation(args, argv)
 

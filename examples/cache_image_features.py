@@ -36,7 +36,9 @@ from cmd_plugin.models.clip_upstream import ClipImageUpstream  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--manifest-dir", required=True, help="directory of {split}.tsv / {split}.img")
     p.add_argument("--splits", nargs="+", default=["train", "valid", "test"], help="splits whose images to cache")
     p.add_argument("--image-model", required=True, help="open_clip model name (model.image_model)")
@@ -47,8 +49,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--num-workers", type=int, default=0, help="image decoding processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--sync-interval", type=float, default=30.0,
-                   help="seconds between flushes of encoded rows to disk; a resumed build loses at most this much work")
+    p.add_argument(
+        "--sync-interval",
+        type=float,
+        default=30.0,
+        help="seconds between flushes of encoded rows to disk; a resumed build loses at most this much work",
+    )
     return p.parse_args(argv)
 
 
@@ -82,14 +88,24 @@ def main(argv=None) -> int:
         upstream = ClipImageUpstream(args.image_model, args.image_pretrained, args.image_model_config, freeze=True)
         identity = cache_identity(upstream, args.image_pretrained)
         meta = write_image_cache(
-            args.out, paths, upstream, identity, batch_size=args.batch_size, device=args.device,
-            num_workers=args.num_workers, progress=not args.no_progress,
-            where=[listed[p] for p in paths], sync_interval=args.sync_interval,
+            args.out,
+            paths,
+            upstream,
+            identity,
+            batch_size=args.batch_size,
+            device=args.device,
+            num_workers=args.num_workers,
+            progress=not args.no_progress,
+            where=[listed[p] for p in paths],
+            sync_interval=args.sync_interval,
         )
     except (ValueError, FileNotFoundError) as exc:  # ManifestError, ImageCacheError, an unknown model
         print(f"{prog}: error: {exc}", file=sys.stderr)
-        print("no cache was written (an existing one is unchanged); images encoded so far are kept in "
-              f"{partial_dir_of(args.out)} if it exists, and the same command resumes from them", file=sys.stderr)
+        print(
+            "no cache was written (an existing one is unchanged); images encoded so far are kept in "
+            f"{partial_dir_of(args.out)} if it exists, and the same command resumes from them",
+            file=sys.stderr,
+        )
         return 1
     out = os.path.abspath(args.out)
     size = _size_on_disk(out)

@@ -18,8 +18,12 @@ from cmd_demo.demo import add_corpus_arguments, run_demo
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_corpus_arguments(parser)
-    parser.add_argument("--train-seed", type=int, default=None,
-                        help="fairseq training seed (default: --seed); another value retrains on the same corpus")
+    parser.add_argument(
+        "--train-seed",
+        type=int,
+        default=None,
+        help="fairseq training seed (default: --seed); another value retrains on the same corpus",
+    )
     parser.add_argument("--ablation", action="store_true", help="also train alpha = 0 (no CMD) and print both rows")
     args = parser.parse_args(argv)
     run_demo(args)

@@ -36,28 +36,48 @@ from cmd_plugin.loading import add_loading_options, upstream_paths  # noqa: E402
 logger = logging.getLogger("eval_mteb")
 
 KS = (1, 5, 10)
-COLUMNS = [("ndcg_at_10", "nDCG@10")] + [(f"recall_at_{k}", f"R@{k}") for k in KS] \
-    + [(f"hit_rate_at_{k}", f"Hit@{k}") for k in KS] + [("mrr_at_10", "MRR@10")]
+COLUMNS = (
+    [("ndcg_at_10", "nDCG@10")]
+    + [(f"recall_at_{k}", f"R@{k}") for k in KS]
+    + [(f"hit_rate_at_{k}", f"Hit@{k}") for k in KS]
+    + [("mrr_at_10", "MRR@10")]
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True, help="trained cmd_speech_image checkpoint")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--data", help="manifest directory ({split}.tsv, {split}.img): scored offline as local tasks")
-    where.add_argument("--tasks", nargs="+", metavar="NAME",
-                       help="tasks of mteb's registry, e.g. SpokenCOCOA2IRetrieval SpeechCocoI2ARetrieval")
+    where.add_argument(
+        "--tasks",
+        nargs="+",
+        metavar="NAME",
+        help="tasks of mteb's registry, e.g. SpokenCOCOA2IRetrieval SpeechCocoI2ARetrieval",
+    )
     parser.add_argument("--split", default="test", help="manifest split for --data (default: test)")
     add_loading_options(parser)  # --hubert-path, --image-pretrained, --image-model-config, --device, --fp16
-    parser.add_argument("--batch-size", type=int, default=32,
-                        help="utterances / images per forward pass, and per mteb DataLoader batch (default: 32)")
-    parser.add_argument("--sort-window", type=int, default=4096,
-                        help="utterances read before they are sorted by length into batches; at least the split's "
-                             "size gives exactly eval_recall.py's batches (default: 4096)")
-    parser.add_argument("--cache-dir", default="",
-                        help="mteb result cache directory: a rerun with the same model revision and task returns "
-                             "the cached scores (default: no cache, always evaluate)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="utterances / images per forward pass, and per mteb DataLoader batch (default: 32)",
+    )
+    parser.add_argument(
+        "--sort-window",
+        type=int,
+        default=4096,
+        help="utterances read before they are sorted by length into batches; at least the split's "
+        "size gives exactly eval_recall.py's batches (default: 4096)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default="",
+        help="mteb result cache directory: a rerun with the same model revision and task returns "
+        "the cached scores (default: no cache, always evaluate)",
+    )
     parser.add_argument("--output-json", help="write every score, the model's metadata and timings here (atomically)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -78,8 +98,9 @@ def format_mteb_table(scores) -> str:
     for name, subsets in scores.items():
         for subset, row in subsets.items():
             label = name if subset == "default" else f"{name} [{subset}]"
-            lines.append(f"{label:<44}" + "".join(f"{100 * row[key]:>9.2f}" if key in row else f"{'-':>9}"
-                                                 for key, _ in COLUMNS))
+            lines.append(
+                f"{label:<44}" + "".join(f"{100 * row[key]:>9.2f}" if key in row else f"{'-':>9}" for key, _ in COLUMNS)
+            )
     return "\n".join(lines)
 
 
@@ -128,8 +149,10 @@ def load_tasks(args):
     known = {task.metadata.name for task in mteb.get_tasks()}
     unknown = [name for name in args.tasks if name not in known]
     if unknown:
-        raise ValueError(f"--tasks: {', '.join(unknown)} not in mteb {mteb.__version__}'s registry "
-                         "(e.g. SpokenCOCOA2IRetrieval, SpokenCOCOI2ARetrieval, SpeechCocoA2IRetrieval, SpeechCocoI2ARetrieval)")
+        raise ValueError(
+            f"--tasks: {', '.join(unknown)} not in mteb {mteb.__version__}'s registry "
+            "(e.g. SpokenCOCOA2IRetrieval, SpokenCOCOI2ARetrieval, SpeechCocoA2IRetrieval, SpeechCocoI2ARetrieval)"
+        )
     return list(mteb.get_tasks(tasks=args.tasks))
 
 
@@ -144,29 +167,45 @@ def run(args) -> dict:
     tasks = load_tasks(args)  # before the slow model load: a wrong --data or task name fails first
     start = time.perf_counter()
     model = CmdSpeechImageMteb.from_checkpoint(
-        args.checkpoint, device=args.device, fp16=args.fp16, batch_size=args.batch_size,
-        sort_window=args.sort_window, record=bool(args.data), **upstream_paths(args))
+        args.checkpoint,
+        device=args.device,
+        fp16=args.fp16,
+        batch_size=args.batch_size,
+        sort_window=args.sort_window,
+        record=bool(args.data),
+        **upstream_paths(args),
+    )
     load_seconds = time.perf_counter() - start
     meta = model.mteb_model_meta
     logger.info(f"model {meta.name} revision {meta.revision}: {meta.embed_dim}-d, {meta.n_parameters:,} parameters")
     start = time.perf_counter()
     result = mteb.evaluate(
-        model, tasks, cache=ResultCache(args.cache_dir) if args.cache_dir else None,
-        show_progress_bar=not args.no_progress, encode_kwargs={"batch_size": args.batch_size})
+        model,
+        tasks,
+        cache=ResultCache(args.cache_dir) if args.cache_dir else None,
+        show_progress_bar=not args.no_progress,
+        encode_kwargs={"batch_size": args.batch_size},
+    )
     evaluate_seconds = time.perf_counter() - start
     scores = task_scores(result)
     print(f"model {meta.name} (revision {meta.revision}), mteb {mteb.__version__}")
     print(format_mteb_table(scores))
     record = {
-        "checkpoint": os.path.abspath(args.checkpoint), "model_name": meta.name, "revision": meta.revision,
-        "embed_dim": meta.embed_dim, "mteb_version": mteb.__version__, "scores": scores,
+        "checkpoint": os.path.abspath(args.checkpoint),
+        "model_name": meta.name,
+        "revision": meta.revision,
+        "embed_dim": meta.embed_dim,
+        "mteb_version": mteb.__version__,
+        "scores": scores,
         "timing": {"load_seconds": load_seconds, "evaluate_seconds": evaluate_seconds},
     }
     if args.data:
         a2i, i2a = (task.metadata.name for task in tasks)
         ours = our_recall(model, a2i, args.data, args.split)
-        print(f"\n{args.split} of {os.path.abspath(args.data)}: {ours['num_s2i_queries']} utterances, "
-              f"{ours['num_images']} images")
+        print(
+            f"\n{args.split} of {os.path.abspath(args.data)}: {ours['num_s2i_queries']} utterances, "
+            f"{ours['num_images']} images"
+        )
         print(format_side_by_side(scores, ours, a2i, i2a))
         record.update(data=os.path.abspath(args.data), split=args.split, ours=ours)
     print(f"time: loading {load_seconds:.1f} s, mteb evaluation {evaluate_seconds:.1f} s")
@@ -177,8 +216,9 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", stream=sys.stderr
+    )
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -39,7 +39,13 @@ if REPO_ROOT not in sys.path:  # run from any directory without installing the p
     sys.path.insert(0, REPO_ROOT)
 
 from cmd_plugin.data.manifest import check_split  # noqa: E402
-from cmd_plugin.retrieval.rerank import DEFAULT_RERANK_SCORE  # noqa: E402
+from cmd_plugin.loading import (  # noqa: E402
+    UPSTREAM_FILE_FIELDS,
+    add_loading_options,
+    load_cmd_checkpoint,
+    resolve_device,
+    upstream_paths,
+)
 from cmd_plugin.retrieval.evaluate import (  # noqa: E402
     RECALL_KS,
     RERANK_SCORES,
@@ -50,20 +56,14 @@ from cmd_plugin.retrieval.evaluate import (  # noqa: E402
     encode_split,
     load_embeddings,
     rerank_split,
-    sim_auc_split,
     results_record,
     save_embeddings,
     score_embeddings,
+    sim_auc_split,
     write_json,
 )
-from cmd_plugin.loading import (  # noqa: E402
-    UPSTREAM_FILE_FIELDS,
-    add_loading_options,
-    load_cmd_checkpoint,
-    resolve_device,
-    upstream_paths,
-)
 from cmd_plugin.retrieval.recall import format_recall_rows  # noqa: E402
+from cmd_plugin.retrieval.rerank import DEFAULT_RERANK_SCORE  # noqa: E402
 
 logger = logging.getLogger("eval_recall")
 
@@ -75,29 +75,51 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--checkpoint", help="trained cmd_speech_image checkpoint (fairseq trainer format)")
-    parser.add_argument("--data", help="manifest directory to score ({split}.tsv, {split}.img); may be "
-                        "another corpus than the training one (zero-shot)")
+    parser.add_argument(
+        "--data",
+        help="manifest directory to score ({split}.tsv, {split}.img); may be "
+        "another corpus than the training one (zero-shot)",
+    )
     parser.add_argument("--split", default="test", help="split to score (default: test)")
     add_loading_options(parser)  # --hubert-path, --image-pretrained, --image-model-config, --device, --fp16
-    parser.add_argument("--image-feature-cache", default="",
-                        help="directory from examples/cache_image_features.py holding the scored images "
-                             "(checked against the checkpoint's image encoder); default: encode pixels")
+    parser.add_argument(
+        "--image-feature-cache",
+        default="",
+        help="directory from examples/cache_image_features.py holding the scored images "
+        "(checked against the checkpoint's image encoder); default: encode pixels",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="utterances / images per batch (default: 32)")
     parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default: 0)")
-    parser.add_argument("--chunk-size", type=int, default=4096,
-                        help="utterances per block of the score matrix (bounds memory; default: 4096)")
+    parser.add_argument(
+        "--chunk-size",
+        type=int,
+        default=4096,
+        help="utterances per block of the score matrix (bounds memory; default: 4096)",
+    )
     parser.add_argument("--output-json", help="write every figure, counts and provenance here (atomically)")
     parser.add_argument("--save-embeddings", help="write speech/image embeddings, image ids and paths here")
     parser.add_argument("--from-embeddings", help="score a --save-embeddings file; loads no model")
-    parser.add_argument("--rerank-k", type=int, default=0,
-                        help="coarse-to-fine checkpoints: re-score each query's SIC top-K with the matching head, "
-                             f"both directions (K >= {max(RECALL_KS)}; ALBEF uses 128 on Flickr, 256 on COCO); "
-                             "0 = SIC only (default)")
-    parser.add_argument("--rerank-score", choices=RERANK_SCORES, default=None,
-                        help="re-ranking score: sim+sic = match logit + SIC cosine (BLIP), sim = match logit alone "
-                             "(ALBEF) (default: the checkpoint's task.valid_rerank_score)")
-    parser.add_argument("--rerank-pair-batch", type=int, default=256,
-                        help="(utterance, image) pairs per matching-head call (default: 256)")
+    parser.add_argument(
+        "--rerank-k",
+        type=int,
+        default=0,
+        help="coarse-to-fine checkpoints: re-score each query's SIC top-K with the matching head, "
+        f"both directions (K >= {max(RECALL_KS)}; ALBEF uses 128 on Flickr, 256 on COCO); "
+        "0 = SIC only (default)",
+    )
+    parser.add_argument(
+        "--rerank-score",
+        choices=RERANK_SCORES,
+        default=None,
+        help="re-ranking score: sim+sic = match logit + SIC cosine (BLIP), sim = match logit alone "
+        "(ALBEF) (default: the checkpoint's task.valid_rerank_score)",
+    )
+    parser.add_argument(
+        "--rerank-pair-batch",
+        type=int,
+        default=256,
+        help="(utterance, image) pairs per matching-head call (default: 256)",
+    )
     parser.add_argument("--label", help="row label of the table (default: the checkpoint's file name)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -112,8 +134,17 @@ def sim_auc_on(model, task, data, split, emb, args):
             check_split(data, auc_split)
         except (FileNotFoundError, ValueError):
             return None
-        emb = encode_split(model, task, auc_split, batch_size=args.batch_size, device=args.device, fp16=args.fp16,
-                           num_workers=args.num_workers, progress=not args.no_progress, keep_sequences=True)
+        emb = encode_split(
+            model,
+            task,
+            auc_split,
+            batch_size=args.batch_size,
+            device=args.device,
+            fp16=args.fp16,
+            num_workers=args.num_workers,
+            progress=not args.no_progress,
+            keep_sequences=True,
+        )
     return {"split": auc_split, **sim_auc_split(model, emb, device=args.device, pair_batch=args.rerank_pair_batch)}
 
 
@@ -123,8 +154,9 @@ def run(args) -> dict:
     if args.rerank_k and args.rerank_k < max(RECALL_KS):
         raise EvaluationError(f"--rerank-k must be >= {max(RECALL_KS)} (the largest reported R@k), got {args.rerank_k}")
     if args.rerank_k and args.from_embeddings:
-        raise EvaluationError("--rerank-k needs the model (speech sequences and matching head): give --checkpoint, "
-                              "not --from-embeddings")
+        raise EvaluationError(
+            "--rerank-k needs the model (speech sequences and matching head): give --checkpoint, not --from-embeddings"
+        )
     timing = {}
     model = None
     if args.from_embeddings:
@@ -137,17 +169,28 @@ def run(args) -> dict:
         resolve_device(args.device, args.fp16)  # fail before the (slow) model load
         checkpoint, data, split = os.path.abspath(args.checkpoint), os.path.abspath(args.data), args.split
         check_split(data, split)  # likewise: a wrong --split or --data, naming the splits there
-        model, task = load_cmd_checkpoint(checkpoint, data=data, **upstream_paths(args),
-                                          image_feature_cache=args.image_feature_cache,
-                                          keep_matching=bool(args.rerank_k))
+        model, task = load_cmd_checkpoint(
+            checkpoint,
+            data=data,
+            **upstream_paths(args),
+            image_feature_cache=args.image_feature_cache,
+            keep_matching=bool(args.rerank_k),
+        )
         if args.rerank_k:
             check_rerank_model(model, checkpoint)
             if args.rerank_score is None:  # the score the checkpoint's run validated with
                 args.rerank_score = str(getattr(task.cfg, "valid_rerank_score", None) or DEFAULT_RERANK_SCORE)
         start = time.perf_counter()
         emb = encode_split(
-            model, task, split, batch_size=args.batch_size, device=args.device, fp16=args.fp16,
-            num_workers=args.num_workers, progress=not args.no_progress, keep_sequences=bool(args.rerank_k),
+            model,
+            task,
+            split,
+            batch_size=args.batch_size,
+            device=args.device,
+            fp16=args.fp16,
+            num_workers=args.num_workers,
+            progress=not args.no_progress,
+            keep_sequences=bool(args.rerank_k),
         )
         timing["encode_seconds"] = time.perf_counter() - start
         emb.meta["checkpoint"] = checkpoint
@@ -164,37 +207,60 @@ def run(args) -> dict:
     rows = [(label if not args.rerank_k else f"{label} SIC", results)]
     reranked = auc = None
     if args.rerank_k:
-        reranked = rerank_split(model, emb, args.rerank_k, score=args.rerank_score, device=args.device,
-                                pair_batch=args.rerank_pair_batch, ks=RECALL_KS, chunk_size=args.chunk_size)
+        reranked = rerank_split(
+            model,
+            emb,
+            args.rerank_k,
+            score=args.rerank_score,
+            device=args.device,
+            pair_batch=args.rerank_pair_batch,
+            ks=RECALL_KS,
+            chunk_size=args.chunk_size,
+        )
         rows.append((f"{label} re-ranked K={args.rerank_k} ({args.rerank_score})", reranked))
         auc = sim_auc_on(model, task, data, split, emb, args)
     print(f"{split} of {data}: {results['num_s2i_queries']} utterances, {results['num_images']} images")
     print(format_recall_rows(rows + [(f"chance ({captions} captions/image)", chance)], ks=RECALL_KS))
     queries = results["num_s2i_queries"] + results["num_i2s_queries"]
     if "encode_seconds" in timing:
-        print(f"time: SIC {timing['encode_seconds'] + timing['sic_score_seconds']:.2f} s (encoding "
-              f"{timing['encode_seconds']:.2f} s, scoring {timing['sic_score_seconds']:.3f} s)", end="")
+        print(
+            f"time: SIC {timing['encode_seconds'] + timing['sic_score_seconds']:.2f} s (encoding "
+            f"{timing['encode_seconds']:.2f} s, scoring {timing['sic_score_seconds']:.3f} s)",
+            end="",
+        )
     else:
         print(f"time: SIC scoring {timing['sic_score_seconds']:.3f} s", end="")
     if reranked is not None:
-        print(f"; re-ranking {reranked['seconds']:.2f} s more ({reranked['num_pairs']} pairs, "
-              f"{1000 * reranked['seconds'] / queries:.1f} ms per query)")
+        print(
+            f"; re-ranking {reranked['seconds']:.2f} s more ({reranked['num_pairs']} pairs, "
+            f"{1000 * reranked['seconds'] / queries:.1f} ms per query)"
+        )
         ch = reranked["top1_changes"]
-        print(f"first answer after re-ranking: speech->image {ch['s2i_fixed']} fixed, {ch['s2i_broken']} broken; "
-              f"image->speech {ch['i2s_fixed']} fixed, {ch['i2s_broken']} broken (right before and after: "
-              f"{ch['s2i_kept_right']} / {ch['i2s_kept_right']})")
+        print(
+            f"first answer after re-ranking: speech->image {ch['s2i_fixed']} fixed, {ch['s2i_broken']} broken; "
+            f"image->speech {ch['i2s_fixed']} fixed, {ch['i2s_broken']} broken (right before and after: "
+            f"{ch['s2i_kept_right']} / {ch['i2s_kept_right']})"
+        )
         if auc is not None:  # what the matching head can tell apart, on the split that selects the score
-            print(f"matching head on the {auc['split']} split ({auc['pairs']} utterances): AUC of the positive "
-                  f"pair against the hardest SIC negative {auc['auc_hard']:.3f}, against a random image "
-                  f"{auc['auc_random']:.3f}; SIC cosine on the same pairs {auc['sic_auc_hard']:.3f} / "
-                  f"{auc['sic_auc_random']:.3f} (0.5 = chance)")
+            print(
+                f"matching head on the {auc['split']} split ({auc['pairs']} utterances): AUC of the positive "
+                f"pair against the hardest SIC negative {auc['auc_hard']:.3f}, against a random image "
+                f"{auc['auc_random']:.3f}; SIC cosine on the same pairs {auc['sic_auc_hard']:.3f} / "
+                f"{auc['sic_auc_random']:.3f} (0.5 = chance)"
+            )
         else:
             print("matching head AUC: no valid split next to the scored one")
     else:
         print()
     record = results_record(
-        results, chance, captions, emb,
-        checkpoint=checkpoint, data=data, split=split, upstreams=emb.meta.get("upstreams"),
+        results,
+        chance,
+        captions,
+        emb,
+        checkpoint=checkpoint,
+        data=data,
+        split=split,
+        upstreams=emb.meta.get("upstreams"),
         from_embeddings=os.path.abspath(args.from_embeddings) if args.from_embeddings else None,
         device=None if args.from_embeddings else args.device,
         fp16=None if args.from_embeddings else bool(args.fp16),
@@ -202,7 +268,10 @@ def run(args) -> dict:
     )
     if reranked is not None:
         record["rerank"] = {
-            "k": args.rerank_k, "effective_k": int(reranked["rerank_k"]), "score": args.rerank_score, "num_pairs": int(reranked["num_pairs"]),
+            "k": args.rerank_k,
+            "effective_k": int(reranked["rerank_k"]),
+            "score": args.rerank_score,
+            "num_pairs": int(reranked["num_pairs"]),
             "seconds": float(reranked["seconds"]),
             "recall": {k: float(v) for k, v in reranked.items() if "_r" in k and "hits" not in k and k != "rerank_k"},
             "hits": {k: int(v) for k, v in reranked.items() if "hits" in k},
@@ -216,8 +285,9 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", stream=sys.stderr
+    )
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

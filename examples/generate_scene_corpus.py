@@ -25,7 +25,8 @@ from cmd_demo.scene_corpus import ESPEAK_RATES, ToolMissingError, format_summary
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Generate a seeded spoken-scene corpus in the Flickr 8k Audio Caption Corpus layout.")
+        description="Generate a seeded spoken-scene corpus in the Flickr 8k Audio Caption Corpus layout."
+    )
     p.add_argument("--out-dir", required=True, help="corpus root to create (holds flickr_audio/, ...)")
     p.add_argument("--seed", type=int, default=1, help="seed for every random choice")
     p.add_argument("--num-train-images", type=int, default=400)
@@ -33,11 +34,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-test-images", type=int, default=100)
     p.add_argument("--captions-per-image", type=int, default=5)
     p.add_argument("--image-size", type=int, default=224, help="side of the square jpgs, in pixels")
-    p.add_argument("--num-speakers", type=int, default=40,
-                   help="size of the pool of espeak-ng voice/variant/rate/pitch combinations")
-    p.add_argument("--speech-rates", type=int, nargs="+", default=None, metavar="WPM",
-                   help=f"espeak-ng speaking rates (words per minute) the speakers are drawn from "
-                        f"(default: {' '.join(map(str, ESPEAK_RATES))})")
+    p.add_argument(
+        "--num-speakers",
+        type=int,
+        default=40,
+        help="size of the pool of espeak-ng voice/variant/rate/pitch combinations",
+    )
+    p.add_argument(
+        "--speech-rates",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="WPM",
+        help=f"espeak-ng speaking rates (words per minute) the speakers are drawn from "
+        f"(default: {' '.join(map(str, ESPEAK_RATES))})",
+    )
     p.add_argument("--num-workers", type=int, default=0, help="parallel jobs (0: one per CPU, at most 8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out-dir")
     return p.parse_args(argv)
@@ -47,11 +58,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         summary = generate_corpus(
-            args.out_dir, seed=args.seed, num_train=args.num_train_images,
-            num_valid=args.num_valid_images, num_test=args.num_test_images,
-            captions_per_image=args.captions_per_image, image_size=args.image_size,
-            num_speakers=args.num_speakers, num_workers=args.num_workers, overwrite=args.overwrite,
-            speech_rates=args.speech_rates)
+            args.out_dir,
+            seed=args.seed,
+            num_train=args.num_train_images,
+            num_valid=args.num_valid_images,
+            num_test=args.num_test_images,
+            captions_per_image=args.captions_per_image,
+            image_size=args.image_size,
+            num_speakers=args.num_speakers,
+            num_workers=args.num_workers,
+            overwrite=args.overwrite,
+            speech_rates=args.speech_rates,
+        )
     except (ToolMissingError, FileExistsError, ValueError) as e:
         print(f"generate_scene_corpus: error: {e}", file=sys.stderr)
         return 2

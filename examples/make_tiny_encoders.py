@@ -22,9 +22,7 @@ def main(argv=None):
     out_dir = os.path.abspath(args.out_dir)
     os.makedirs(out_dir, exist_ok=True)
     hubert_path = make_tiny_hubert(os.path.join(out_dir, "tiny_hubert.pt"), seed=args.seed)
-    model_name, config_path, weights_path = make_tiny_clip(
-        os.path.join(out_dir, "tiny_clip"), seed=args.seed
-    )
+    model_name, config_path, weights_path = make_tiny_clip(os.path.join(out_dir, "tiny_clip"), seed=args.seed)
     print(f"hubert_checkpoint={hubert_path}")
     print(f"clip_model_name={model_name}")
     print(f"clip_model_config={config_path}")

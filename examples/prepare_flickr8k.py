@@ -196,8 +196,10 @@ def build_splits(
     if with_text:
         captions, skipped = read_captions(text_dir)
         if skipped:
-            log(f"warning: skipped {len(skipped)} caption key(s) that are not '<image>.jpg#<n>': {skipped[0]}"
-                + (" ..." if len(skipped) > 1 else ""))
+            log(
+                f"warning: skipped {len(skipped)} caption key(s) that are not '<image>.jpg#<n>': {skipped[0]}"
+                + (" ..." if len(skipped) > 1 else "")
+            )
 
     per_image: Dict[str, List[Tuple[int, str, str]]] = defaultdict(list)
     for wav, image, index, where in rows:
@@ -221,7 +223,9 @@ def build_splits(
     # the image and the split-list line that lists it
     image_items = [
         (os.path.join(image_dir, image), f"{per_image[image][0][2]} ({listed_at[image]}, split {split!r})")
-        for split in wanted for image in split_images[split] if image in per_image
+        for split in wanted
+        for image in split_images[split]
+        if image in per_image
     ]
     if check_image_data:
         check_images(image_items, workers=workers, show_progress=show_progress)
@@ -267,23 +271,39 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Write train/valid/test speech-image manifests for the Flickr 8k Audio Caption Corpus.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--audio-dir", required=True,
-                        help="the unpacked flickr_audio/ folder (holds wavs/, wav2capt.txt, wav2spk.txt)")
-    parser.add_argument("--image-dir", required=True,
-                        help="the Flickr8k jpg folder (Flicker8k_Dataset/, Flickr8k_Dataset/ or Images/), "
-                             "or a folder that contains one of them")
-    parser.add_argument("--text-dir", required=True,
-                        help="the unpacked Flickr8k_text folder (Flickr_8k.*Images.txt, Flickr8k.token.txt)")
-    parser.add_argument("--out-dir", default="manifests/flickr8k",
-                        help="where train/valid/test .tsv/.img/.spk/.wrd are written")
-    parser.add_argument("--splits", nargs="+", choices=SPLIT_NAMES, default=list(SPLIT_NAMES),
-                        help="the splits to write (e.g. `--splits test` for a test-only set such as "
-                             "generate_minimal_pairs.py writes); the others' split lists may be empty")
+    parser.add_argument(
+        "--audio-dir", required=True, help="the unpacked flickr_audio/ folder (holds wavs/, wav2capt.txt, wav2spk.txt)"
+    )
+    parser.add_argument(
+        "--image-dir",
+        required=True,
+        help="the Flickr8k jpg folder (Flicker8k_Dataset/, Flickr8k_Dataset/ or Images/), "
+        "or a folder that contains one of them",
+    )
+    parser.add_argument(
+        "--text-dir",
+        required=True,
+        help="the unpacked Flickr8k_text folder (Flickr_8k.*Images.txt, Flickr8k.token.txt)",
+    )
+    parser.add_argument(
+        "--out-dir", default="manifests/flickr8k", help="where train/valid/test .tsv/.img/.spk/.wrd are written"
+    )
+    parser.add_argument(
+        "--splits",
+        nargs="+",
+        choices=SPLIT_NAMES,
+        default=list(SPLIT_NAMES),
+        help="the splits to write (e.g. `--splits test` for a test-only set such as "
+        "generate_minimal_pairs.py writes); the others' split lists may be empty",
+    )
     parser.add_argument("--no-text", action="store_true", help="do not write .wrd caption text")
     parser.add_argument("--no-speakers", action="store_true", help="do not write .spk speaker ids")
     parser.add_argument("--workers", type=int, default=8, help="threads reading audio headers and decoding images")
-    parser.add_argument("--no-check-images", action="store_true",
-                        help="only check that images exist, do not decode them (for data known to be intact)")
+    parser.add_argument(
+        "--no-check-images",
+        action="store_true",
+        help="only check that images exist, do not decode them (for data known to be intact)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 

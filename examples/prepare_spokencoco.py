@@ -214,7 +214,9 @@ def build_splits(
         if u.key not in split_of:
             u.key = key_of_basename.get(posixpath.basename(u.key), u.key)
         if u.key not in split_of:
-            raise ManifestError(f"{u.where}: caption {u.wav!r} is of image {u.image!r}, which is in no split of {source}")
+            raise ManifestError(
+                f"{u.where}: caption {u.wav!r} is of image {u.image!r}, which is in no split of {source}"
+            )
         per_image[u.key].append(u)
         image_of_key.setdefault(u.key, u.image)
 
@@ -264,20 +266,31 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Write train/valid/test speech-image manifests for SpokenCOCO on the Karpathy split.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--spokencoco-dir", required=True,
-                        help="the unpacked SpokenCOCO/ folder (SpokenCOCO_{train,val}.json and wavs/)")
-    parser.add_argument("--coco-image-root", required=True,
-                        help="folder holding COCO 2014 train2014/ and val2014/ (SpokenCOCO 'image' is relative to it)")
+    parser.add_argument(
+        "--spokencoco-dir",
+        required=True,
+        help="the unpacked SpokenCOCO/ folder (SpokenCOCO_{train,val}.json and wavs/)",
+    )
+    parser.add_argument(
+        "--coco-image-root",
+        required=True,
+        help="folder holding COCO 2014 train2014/ and val2014/ (SpokenCOCO 'image' is relative to it)",
+    )
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--karpathy-split", help="Karpathy's dataset_coco.json")
-    group.add_argument("--karpathy-split-dir",
-                       help="folder with SpokenCOCO_ksplit_{train,val,test}.json or "
-                            "SpokenCOCO_{train,val,test}_karpathy.json")
-    parser.add_argument("--out-dir", default="manifests/spokencoco",
-                        help="where train/valid/test .tsv/.img/.spk/.wrd are written")
+    group.add_argument(
+        "--karpathy-split-dir",
+        help="folder with SpokenCOCO_ksplit_{train,val,test}.json or SpokenCOCO_{train,val,test}_karpathy.json",
+    )
+    parser.add_argument(
+        "--out-dir", default="manifests/spokencoco", help="where train/valid/test .tsv/.img/.spk/.wrd are written"
+    )
     parser.add_argument("--workers", type=int, default=8, help="threads reading audio headers and decoding images")
-    parser.add_argument("--no-check-images", action="store_true",
-                        help="only check that images exist, do not decode them (for data known to be intact)")
+    parser.add_argument(
+        "--no-check-images",
+        action="store_true",
+        help="only check that images exist, do not decode them (for data known to be intact)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 

@@ -32,39 +32,72 @@ def main(argv=None):
     parser.add_argument("--split", default="train", help="split to pre-train on")
     parser.add_argument("--valid-split", default="valid", help="split to score on ('' for none)")
     parser.add_argument("--clip-dir", required=True, help="directory holding <model name>.json and the initial weights")
-    parser.add_argument("--init-weights", default="", help="initial weights (default: CLIP_DIR/open_clip_pytorch_model.bin)")
+    parser.add_argument(
+        "--init-weights", default="", help="initial weights (default: CLIP_DIR/open_clip_pytorch_model.bin)"
+    )
     parser.add_argument("--out-weights", required=True, help="where to write the pre-trained state dict")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="distinct images per batch")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate")
-    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, help="linear warm-up, then cosine decay")
-    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay (matrices only)")
-    parser.add_argument("--eval-interval", type=int, default=defaults.eval_interval, help="log (and score) every N steps")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=defaults.warmup_steps, help="linear warm-up, then cosine decay"
+    )
+    parser.add_argument(
+        "--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay (matrices only)"
+    )
+    parser.add_argument(
+        "--eval-interval", type=int, default=defaults.eval_interval, help="log (and score) every N steps"
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="initialisation-independent batch/caption seed")
-    parser.add_argument("--negatives", choices=NEGATIVE_MODES, default=defaults.negatives,
-                        help="hard negatives, each a training scene with one described attribute changed (needs "
-                             "--scenes): 'captions' adds its caption as an extra negative text (NegCLIP); 'images' "
-                             "also renders the changed scene and trains on it as a pair of its own; 'none' "
-                             f"(default: {defaults.negatives})")
-    parser.add_argument("--negatives-per-image", type=int, default=defaults.negatives_per_image,
-                        help="--negatives images: changed scenes rendered per training image before training")
-    parser.add_argument("--negative-attributes", default=defaults.negative_attributes, metavar="A,B",
-                        help="comma-separated attributes the negatives change (colour, shape, count, size, position, "
-                             "background; default: all six)")
-    parser.add_argument("--scenes", default="",
-                        help="the training corpus's scene_corpus.json (generate_scene_corpus.py writes it): what each "
-                             "training image shows, for the hard negatives")
-    parser.add_argument("--image-size", type=int, default=0,
-                        help="the image tower's input side in pixels (default: CLIP_DIR's config); another size "
-                             "writes a config of its own beside --out-weights (see clip_model_config= in the output)")
+    parser.add_argument(
+        "--negatives",
+        choices=NEGATIVE_MODES,
+        default=defaults.negatives,
+        help="hard negatives, each a training scene with one described attribute changed (needs "
+        "--scenes): 'captions' adds its caption as an extra negative text (NegCLIP); 'images' "
+        "also renders the changed scene and trains on it as a pair of its own; 'none' "
+        f"(default: {defaults.negatives})",
+    )
+    parser.add_argument(
+        "--negatives-per-image",
+        type=int,
+        default=defaults.negatives_per_image,
+        help="--negatives images: changed scenes rendered per training image before training",
+    )
+    parser.add_argument(
+        "--negative-attributes",
+        default=defaults.negative_attributes,
+        metavar="A,B",
+        help="comma-separated attributes the negatives change (colour, shape, count, size, position, "
+        "background; default: all six)",
+    )
+    parser.add_argument(
+        "--scenes",
+        default="",
+        help="the training corpus's scene_corpus.json (generate_scene_corpus.py writes it): what each "
+        "training image shows, for the hard negatives",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=0,
+        help="the image tower's input side in pixels (default: CLIP_DIR's config); another size "
+        "writes a config of its own beside --out-weights (see clip_model_config= in the output)",
+    )
     parser.add_argument("--patch-size", type=int, default=0, help="the image tower's patch side (default: CLIP_DIR's)")
-    parser.add_argument("--score-pairs", default="", metavar="DIR",
-                        help="after training, score this minimal-pairs set (generate_minimal_pairs.py) with the CLIP "
-                             "alone: its written captions against the base and variant images, per attribute")
+    parser.add_argument(
+        "--score-pairs",
+        default="",
+        metavar="DIR",
+        help="after training, score this minimal-pairs set (generate_minimal_pairs.py) with the CLIP "
+        "alone: its written captions against the base and variant images, per attribute",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
 
-    configs = sorted(f for f in os.listdir(args.clip_dir) if f.endswith(".json")) if os.path.isdir(args.clip_dir) else []
+    configs = (
+        sorted(f for f in os.listdir(args.clip_dir) if f.endswith(".json")) if os.path.isdir(args.clip_dir) else []
+    )
     if len(configs) != 1:
         parser.error(f"--clip-dir {args.clip_dir}: expected exactly one <model name>.json, found {configs or 'none'}")
     config_path = os.path.join(args.clip_dir, configs[0])
@@ -90,9 +123,15 @@ def main(argv=None):
             partial_init = True
 
     cfg = ClipPretrainingConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay, seed=args.seed, eval_interval=args.eval_interval,
-        negatives=args.negatives, negatives_per_image=args.negatives_per_image,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        eval_interval=args.eval_interval,
+        negatives=args.negatives,
+        negatives_per_image=args.negatives_per_image,
         negative_attributes=args.negative_attributes,
     )
     if args.negatives != "none" and not args.scenes:
@@ -102,9 +141,17 @@ def main(argv=None):
         train = read_manifest(args.data, args.split)
         valid = read_manifest(args.data, args.valid_split) if args.valid_split else None
         result = pretrain_clip(
-            model_name, init_weights, args.out_weights, train, os.path.join(args.data, args.split), cfg,
-            valid=valid, valid_where=os.path.join(args.data, args.valid_split), scenes_json=args.scenes or None,
-            timings=timings, partial_init=partial_init,
+            model_name,
+            init_weights,
+            args.out_weights,
+            train,
+            os.path.join(args.data, args.split),
+            cfg,
+            valid=valid,
+            valid_where=os.path.join(args.data, args.valid_split),
+            scenes_json=args.scenes or None,
+            timings=timings,
+            partial_init=partial_init,
         )
         pairs = None
         if args.score_pairs:
@@ -118,14 +165,20 @@ def main(argv=None):
     print(f"clip_model_config={config_path}")
     print(f"clip_pretrained={os.path.abspath(args.out_weights)}")
     if result:
-        print("held-out text->image recall: " + json.dumps({k: round(v, 1) for k, v in result.items() if "hits" not in k}))
+        print(
+            "held-out text->image recall: " + json.dumps({k: round(v, 1) for k, v in result.items() if "hits" not in k})
+        )
     print("pre-training seconds: " + json.dumps(timings))
     if pairs is not None:
-        print(f"written-caption minimal pairs ({args.score_pairs}, seed {pairs['pairs_seed']}): "
-              + format_attributes(pairs))
+        print(
+            f"written-caption minimal pairs ({args.score_pairs}, seed {pairs['pairs_seed']}): "
+            + format_attributes(pairs)
+        )
         accuracy = {a: v["accuracy"] for a, v in pairs["attributes"].items()}
-        print("minimal pairs record: " + json.dumps({"attributes": accuracy, "mean": pairs["mean_accuracy"],
-                                                     "group_r1": pairs["group_r1"]}))
+        print(
+            "minimal pairs record: "
+            + json.dumps({"attributes": accuracy, "mean": pairs["mean_accuracy"], "group_r1": pairs["group_r1"]})
+        )
     return 0
 
 

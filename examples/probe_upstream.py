@@ -38,10 +38,26 @@ from cmd_plugin.models.hubert_upstream import HubertUpstream, load_hubert_checkp
 
 # the corpus generator's vocabulary (examples/generate_scene_corpus.py), plural -> singular
 COLOUR_WORDS = ["red", "green", "blue", "yellow", "orange", "purple", "violet", "pink", "black", "white", "brown"]
-SHAPE_WORDS = {"circle": "circle", "circles": "circle", "disk": "disk", "disks": "disk", "square": "square",
-               "squares": "square", "box": "box", "boxes": "box", "triangle": "triangle", "triangles": "triangle",
-               "star": "star", "stars": "star", "diamond": "diamond", "diamonds": "diamond", "cross": "cross",
-               "crosses": "cross", "hexagon": "hexagon", "hexagons": "hexagon"}
+SHAPE_WORDS = {
+    "circle": "circle",
+    "circles": "circle",
+    "disk": "disk",
+    "disks": "disk",
+    "square": "square",
+    "squares": "square",
+    "box": "box",
+    "boxes": "box",
+    "triangle": "triangle",
+    "triangles": "triangle",
+    "star": "star",
+    "stars": "star",
+    "diamond": "diamond",
+    "diamonds": "diamond",
+    "cross": "cross",
+    "crosses": "cross",
+    "hexagon": "hexagon",
+    "hexagons": "hexagon",
+}
 
 
 def caption_words(text):
@@ -51,7 +67,9 @@ def caption_words(text):
 
 def word_matrix(texts, words):
     """(N, W) 0/1: whether each caption contains each word."""
-    return np.array([[w in caption_words(t) for w in words] for t in texts], dtype=np.int64).reshape(len(texts), len(words))
+    return np.array([[w in caption_words(t) for w in words] for t in texts], dtype=np.int64).reshape(
+        len(texts), len(words)
+    )
 
 
 def probe_words(texts, min_count=10):
@@ -71,7 +89,7 @@ def pooled_states(upstream, manifest, indices, batch_size=16):
     out = []
     for start in range(0, len(indices), batch_size):
         waves = []
-        for u in indices[start: start + batch_size]:
+        for u in indices[start : start + batch_size]:
             path = manifest.audio_path(u)
             wav, rate = read_audio(path)
             waves.append(to_mono_16k(wav, rate, name=path))
@@ -130,10 +148,18 @@ def learned_layer_weights(plugin_checkpoint):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="manifest directory (train/valid .tsv and .wrd)")
-    parser.add_argument("--upstream", action="append", default=[], metavar="NAME=PATH", help="a HuBERT checkpoint to probe")
-    parser.add_argument("--random", action="store_true", help="also probe the first upstream's architecture with random weights")
-    parser.add_argument("--train-utterances", type=int, default=1500, help="training-split utterances the probes learn from")
-    parser.add_argument("--min-count", type=int, default=10, help="probe the words found in at least this many training captions")
+    parser.add_argument(
+        "--upstream", action="append", default=[], metavar="NAME=PATH", help="a HuBERT checkpoint to probe"
+    )
+    parser.add_argument(
+        "--random", action="store_true", help="also probe the first upstream's architecture with random weights"
+    )
+    parser.add_argument(
+        "--train-utterances", type=int, default=1500, help="training-split utterances the probes learn from"
+    )
+    parser.add_argument(
+        "--min-count", type=int, default=10, help="probe the words found in at least this many training captions"
+    )
     parser.add_argument("--plugin-checkpoint", default="", help="print the layer weights this trained model learnt")
     parser.add_argument("--output-json", default="")
     parser.add_argument("--seed", type=int, default=0)
@@ -154,12 +180,16 @@ def main(argv=None):
         if not split.texts:
             raise SystemExit(f"probe_upstream: error: {args.data}: the {split.split}.wrd captions are needed")
     rng = np.random.default_rng(args.seed)
-    train_idx = sorted(rng.choice(len(train.texts), min(args.train_utterances, len(train.texts)), replace=False).tolist())
+    train_idx = sorted(
+        rng.choice(len(train.texts), min(args.train_utterances, len(train.texts)), replace=False).tolist()
+    )
     valid_idx = list(range(len(valid.texts)))
     words = probe_words([train.texts[i] for i in train_idx], min_count=args.min_count)
     if not words:
-        raise SystemExit(f"probe_upstream: error: {args.data}/train.wrd: no colour or shape word occurs in "
-                         f"{args.min_count} or more of the {len(train_idx)} captions drawn")
+        raise SystemExit(
+            f"probe_upstream: error: {args.data}/train.wrd: no colour or shape word occurs in "
+            f"{args.min_count} or more of the {len(train_idx)} captions drawn"
+        )
     train_y = word_matrix([train.texts[i] for i in train_idx], words)
     valid_y = word_matrix([valid.texts[i] for i in valid_idx], words)
 
@@ -174,14 +204,21 @@ def main(argv=None):
         print(f"  probed {name} in {time.time() - t:.0f}s", file=sys.stderr)
 
     num_states = max(len(v) for v in table.values())
-    print(f"Linear probe: presence of {len(words)} colour/shape words ({', '.join(words)}), mean-pooled states, "
-          f"{len(train_idx)} train -> {len(valid_idx)} valid utterances; mean balanced accuracy % (chance 50)")
+    print(
+        f"Linear probe: presence of {len(words)} colour/shape words ({', '.join(words)}), mean-pooled states, "
+        f"{len(train_idx)} train -> {len(valid_idx)} valid utterances; mean balanced accuracy % (chance 50)"
+    )
     print("state  " + "  ".join(f"{name:>10}" for name in table))
     for layer in range(num_states):
         label = "input" if layer == 0 else f"L{layer}"
         print(f"{label:<6} " + "  ".join(f"{v[layer]:10.1f}" if layer < len(v) else " " * 10 for v in table.values()))
-    record = {"words": words, "train_utterances": len(train_idx), "valid_utterances": len(valid_idx),
-              "balanced_accuracy": table, "upstreams": dict(upstreams)}
+    record = {
+        "words": words,
+        "train_utterances": len(train_idx),
+        "valid_utterances": len(valid_idx),
+        "balanced_accuracy": table,
+        "upstreams": dict(upstreams),
+    }
     if args.plugin_checkpoint:
         weights = learned_layer_weights(args.plugin_checkpoint)
         record["plugin_layer_weights"] = weights

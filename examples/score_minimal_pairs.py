@@ -16,9 +16,6 @@ import logging
 import os
 import sys
 
-from cmd_plugin.inference import SpeechImageEncoder
-from cmd_plugin.loading import add_loading_options, upstream_paths
-
 from cmd_demo.minimal_pairs_scoring import (
     TIE_RULE,
     format_table,
@@ -27,6 +24,8 @@ from cmd_demo.minimal_pairs_scoring import (
     write_record,
     written_caption_reference,
 )
+from cmd_plugin.inference import SpeechImageEncoder
+from cmd_plugin.loading import add_loading_options, upstream_paths
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,25 +35,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-json", help="write the record here (atomically)")
     add_loading_options(parser)  # --hubert-path, --image-pretrained, --image-model-config, --device, --fp16
     parser.add_argument("--batch-size", type=int, default=8, help="utterances per batch (default: 8)")
-    parser.add_argument("--written-captions", action="store_true",
-                        help="also score the bases' written captions with the checkpoint's frozen CLIP alone "
-                             "(its text tower): the image encoder's own ceiling, printed beside")
+    parser.add_argument(
+        "--written-captions",
+        action="store_true",
+        help="also score the bases' written captions with the checkpoint's frozen CLIP alone "
+        "(its text tower): the image encoder's own ceiling, printed beside",
+    )
     return parser
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-                        stream=sys.stderr)  # as eval_recall.py: before fairseq's imports configure it
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", stream=sys.stderr
+    )  # as eval_recall.py: before fairseq's imports configure it
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         encoder = None
         if args.written_captions:
             load_pairs(args.pairs_dir)  # a broken set is named before the model loads
-            encoder = SpeechImageEncoder.from_checkpoint(args.checkpoint, device=args.device, fp16=args.fp16,
-                                                         **upstream_paths(args))
-        record = score_minimal_pairs(args.checkpoint, args.pairs_dir, device=args.device, fp16=args.fp16,
-                                     batch_size=args.batch_size, encoder=encoder, **upstream_paths(args))
+            encoder = SpeechImageEncoder.from_checkpoint(
+                args.checkpoint, device=args.device, fp16=args.fp16, **upstream_paths(args)
+            )
+        record = score_minimal_pairs(
+            args.checkpoint,
+            args.pairs_dir,
+            device=args.device,
+            fp16=args.fp16,
+            batch_size=args.batch_size,
+            encoder=encoder,
+            **upstream_paths(args),
+        )
         if encoder is not None:
             record["written_captions"] = written_caption_reference(encoder, args.pairs_dir)
     except (FileNotFoundError, ValueError) as err:  # MinimalPairsError, CheckpointError, InferenceError

@@ -59,6 +59,7 @@ from cmd_plugin.inference import (  # noqa: E402
     load_image,
 )
 from cmd_plugin.loading import add_loading_options, resolve_device, upstream_paths  # noqa: E402
+from cmd_plugin.retrieval.rerank import RERANK_SCORES  # noqa: E402
 from cmd_plugin.search.index import (  # noqa: E402
     ApproximateIndexConfig,
     SearchIndexError,
@@ -71,7 +72,6 @@ from cmd_plugin.search.index import (  # noqa: E402
     update_approximate,
 )
 from cmd_plugin.search.page import PageQuery, PageResult, render_page  # noqa: E402
-from cmd_plugin.retrieval.rerank import RERANK_SCORES  # noqa: E402
 from cmd_plugin.search.service import SearchService  # noqa: E402
 
 logger = logging.getLogger("search")
@@ -86,52 +86,87 @@ def _add_model_options(p):
 
 
 def _add_index_options(p, modality, defaults, help_of):
-    what, folder, name = (("images", "--images", DEFAULT_INDEX_NAME) if modality == "image"
-                          else ("spoken clips", "--audio", DEFAULT_AUDIO_INDEX_NAME))
+    what, folder, name = (
+        ("images", "--images", DEFAULT_INDEX_NAME)
+        if modality == "image"
+        else ("spoken clips", "--audio", DEFAULT_AUDIO_INDEX_NAME)
+    )
     _add_model_options(p)
     if modality == "image":
         p.add_argument("--images", required=True, help="folder of images (jpg/jpeg/png/webp, searched recursively)")
     else:
-        p.add_argument("--audio", required=True,
-                       help="folder of spoken clips (wav/flac/ogg/opus/mp3, searched recursively)")
+        p.add_argument(
+            "--audio", required=True, help="folder of spoken clips (wav/flac/ogg/opus/mp3, searched recursively)"
+        )
     p.add_argument("--out", help=f"index file to write or update (default: {folder[2:].upper()}/{name})")
-    p.add_argument("--rebuild", action="store_true",
-                   help="ignore an existing --out (another model's, or unreadable) and embed everything")
-    p.add_argument("--batch-size", type=int, default=32 if modality == "image" else 8,
-                   help=f"{what} per batch (default: {32 if modality == 'image' else 8})")
+    p.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="ignore an existing --out (another model's, or unreadable) and embed everything",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=32 if modality == "image" else 8,
+        help=f"{what} per batch (default: {32 if modality == 'image' else 8})",
+    )
     if modality == "image":
         p.add_argument("--num-workers", type=int, default=0, help="image-decoding worker processes (default: 0)")
-    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                   help="storage of the embeddings: float32 (default) or float16 (half the memory and file "
-                        "size, but exact search is ~3x slower on a CPU: see benchmarks/bench_search.py)")
-    p.add_argument("--save-every-minutes", type=float, default=10.0,
-                   help="save progress this often during a long run (0 = only at the end; default: 10)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="storage of the embeddings: float32 (default) or float16 (half the memory and file "
+        "size, but exact search is ~3x slower on a CPU: see benchmarks/bench_search.py)",
+    )
+    p.add_argument(
+        "--save-every-minutes",
+        type=float,
+        default=10.0,
+        help="save progress this often during a long run (0 = only at the end; default: 10)",
+    )
     p.add_argument("--approximate", choices=("auto", "always", "never"), default=defaults.mode, help=help_of["mode"])
     p.add_argument("--approximate-min-images", type=int, default=defaults.min_images, help=help_of["min_images"])
     p.add_argument("--nlist", type=int, default=defaults.nlist, help=help_of["nlist"])
     p.add_argument("--nprobe", type=int, default=defaults.nprobe, help=help_of["nprobe"])
-    p.add_argument("--ann-encoding", choices=("Flat", "SQfp16", "SQ8"), default=defaults.encoding,
-                   help=help_of["encoding"])
+    p.add_argument(
+        "--ann-encoding", choices=("Flat", "SQfp16", "SQ8"), default=defaults.encoding, help=help_of["encoding"]
+    )
 
 
 def _add_search_options(q):
     q.add_argument("--top-k", type=int, default=10, help="results per query (default: 10)")
-    q.add_argument("--rerank-k", type=int, default=0,
-                   help="re-score the top K with the matching head of a coarse-to-fine checkpoint (0 = off, "
-                        "the default; a checkpoint without the head is refused)")
-    q.add_argument("--rerank-score", choices=RERANK_SCORES, default=None,
-                   help="re-ranking score: sim = the match logit (ALBEF), sim+sic = match logit + cosine (BLIP); "
-                        "default: the checkpoint's task.valid_rerank_score")
+    q.add_argument(
+        "--rerank-k",
+        type=int,
+        default=0,
+        help="re-score the top K with the matching head of a coarse-to-fine checkpoint (0 = off, "
+        "the default; a checkpoint without the head is refused)",
+    )
+    q.add_argument(
+        "--rerank-score",
+        choices=RERANK_SCORES,
+        default=None,
+        help="re-ranking score: sim = the match logit (ALBEF), sim+sic = match logit + cosine (BLIP); "
+        "default: the checkpoint's task.valid_rerank_score",
+    )
     q.add_argument("--exact", action="store_true", help="exact search even when the index has an approximate one")
     q.add_argument("--nprobe", type=int, help="cells the approximate index visits (default: the index's)")
-    q.add_argument("--long-audio", choices=("windows", "error"), default="windows",
-                   help="spoken queries longer than the model's limit: embed in equal windows and average "
-                        "(default), or refuse them")
+    q.add_argument(
+        "--long-audio",
+        choices=("windows", "error"),
+        default="windows",
+        help="spoken queries longer than the model's limit: embed in equal windows and average "
+        "(default), or refuse them",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     defaults = ApproximateIndexConfig()
     help_of = {f.name: f.metadata["help"] for f in ApproximateIndexConfig.__dataclass_fields__.values()}
@@ -144,41 +179,72 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", help="search an index: spoken queries for images, image queries for clips")
     _add_model_options(q)
     q.add_argument("--index", required=True, help="index file written by the index or index-audio command")
-    q.add_argument("queries", nargs="+", metavar="QUERY",
-                   help="spoken queries (wav, flac, ogg, mp3, ...) for an index of images; "
-                        "images (jpg, png, webp) for an index of spoken clips")
+    q.add_argument(
+        "queries",
+        nargs="+",
+        metavar="QUERY",
+        help="spoken queries (wav, flac, ogg, mp3, ...) for an index of images; "
+        "images (jpg, png, webp) for an index of spoken clips",
+    )
     _add_search_options(q)
     q.add_argument("--json", action="store_true", help="print results as one JSON document")
     q.add_argument("--html", help="write a self-contained results page here")
-    q.add_argument("--transcripts",
-                   help="text file, one line per spoken QUERY in order: its transcript, optionally followed by "
-                        "a tab and its paired image's path (relative to the indexed folder), which the page marks")
+    q.add_argument(
+        "--transcripts",
+        help="text file, one line per spoken QUERY in order: its transcript, optionally followed by "
+        "a tab and its paired image's path (relative to the indexed folder), which the page marks",
+    )
     q.add_argument("--batch-size", type=int, default=8, help="queries per batch (default: 8)")
 
     s = sub.add_parser("serve", help="a local web app: speak (or upload) to search, image -> clips, re-ranking")
     _add_model_options(s)
-    s.add_argument("--index", required=True, action="append",
-                   help="index written by index (images) or index-audio (spoken clips); give it twice for both")
+    s.add_argument(
+        "--index",
+        required=True,
+        action="append",
+        help="index written by index (images) or index-audio (spoken clips); give it twice for both",
+    )
     _add_search_options(s)
-    s.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the "
-                        "network: anyone who reaches the port can search your files)")
+    s.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 opens it to the "
+        "network: anyone who reaches the port can search your files)",
+    )
     s.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
-    s.add_argument("--concurrency", type=int, default=4,
-                   help="searches run at once (threads sharing the one model; default: 4); more wait in a queue")
-    s.add_argument("--max-query-seconds", type=float, default=60.0,
-                   help="longest spoken query accepted (default: 60 s; longer than the model's limit is embedded "
-                        "in windows unless --long-audio error)")
+    s.add_argument(
+        "--concurrency",
+        type=int,
+        default=4,
+        help="searches run at once (threads sharing the one model; default: 4); more wait in a queue",
+    )
+    s.add_argument(
+        "--max-query-seconds",
+        type=float,
+        default=60.0,
+        help="longest spoken query accepted (default: 60 s; longer than the model's limit is embedded "
+        "in windows unless --long-audio error)",
+    )
     s.add_argument("--max-upload-mb", type=float, default=50.0, help="largest file accepted (default: 50 MB)")
-    s.add_argument("--torch-threads", type=int, default=0,
-                   help="torch's intra-op CPU threads (default 0: CPUs / --concurrency, at least 1: concurrent "
-                        "searches then share the cores instead of oversubscribing them)")
+    s.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="torch's intra-op CPU threads (default 0: CPUs / --concurrency, at least 1: concurrent "
+        "searches then share the cores instead of oversubscribing them)",
+    )
     return parser
 
 
 def _load_encoder(args, long_audio="windows", keep_matching=False):
-    return SpeechImageEncoder.from_checkpoint(args.checkpoint, device=args.device, fp16=args.fp16,
-                                              long_audio=long_audio, keep_matching=keep_matching, **upstream_paths(args))
+    return SpeechImageEncoder.from_checkpoint(
+        args.checkpoint,
+        device=args.device,
+        fp16=args.fp16,
+        long_audio=long_audio,
+        keep_matching=keep_matching,
+        **upstream_paths(args),
+    )
 
 
 # ---------------------------------------------------------------- index
@@ -189,8 +255,13 @@ def run_index(args, modality="image") -> dict:
     what = "spoken clips" if audio else "images"
     if args.batch_size < 1 or getattr(args, "num_workers", 0) < 0:
         raise SearchIndexError("--batch-size must be positive and --num-workers >= 0")
-    cfg = ApproximateIndexConfig(mode=args.approximate, min_images=args.approximate_min_images,
-                                 nlist=args.nlist, nprobe=args.nprobe, encoding=args.ann_encoding)
+    cfg = ApproximateIndexConfig(
+        mode=args.approximate,
+        min_images=args.approximate_min_images,
+        nlist=args.nlist,
+        nprobe=args.nprobe,
+        encoding=args.ann_encoding,
+    )
     folder = os.path.abspath(args.audio if audio else args.images)
     out = os.path.abspath(args.out or os.path.join(folder, DEFAULT_AUDIO_INDEX_NAME if audio else DEFAULT_INDEX_NAME))
     started = time.time()
@@ -205,8 +276,9 @@ def run_index(args, modality="image") -> dict:
         except SearchIndexError as err:
             raise SearchIndexError(f"{err} (left as it is: pass --rebuild to replace it, or another --out)") from None
         if old.modality != modality:
-            raise SearchIndexError(f"{out}: an index of {old.what}, this command writes one of {what} "
-                                   "(left as it is: give another --out)")
+            raise SearchIndexError(
+                f"{out}: an index of {old.what}, this command writes one of {what} (left as it is: give another --out)"
+            )
     resolve_device(args.device, args.fp16)
     encoder = _load_encoder(args)
     identity = encoder.speech_identity if audio else encoder.identity
@@ -219,9 +291,11 @@ def run_index(args, modality="image") -> dict:
             logger.info(f"{out}: root moved from {old.root} to {folder}; matching files by relative path")
 
     plan = plan_update(old, files)
-    logger.info(f"{len(files)} {what} under {folder}: {len(plan.keep_rows)} unchanged, "
-                f"{len(plan.to_embed) - len(plan.modified)} new, {len(plan.modified)} modified, "
-                f"{len(plan.removed) - len(plan.modified)} removed")
+    logger.info(
+        f"{len(files)} {what} under {folder}: {len(plan.keep_rows)} unchanged, "
+        f"{len(plan.to_embed) - len(plan.modified)} new, {len(plan.modified)} modified, "
+        f"{len(plan.removed) - len(plan.modified)} removed"
+    )
 
     # progress saves: the old index's unchanged rows plus what has been embedded so far
     done_positions, done_chunks = [], []
@@ -231,8 +305,16 @@ def run_index(args, modality="image") -> dict:
         done_positions.extend(positions)
         done_chunks.append(emb)
         if args.save_every_minutes > 0 and time.time() - last_save[0] > 60 * args.save_every_minutes:
-            partial = merged_index(old, plan, [plan.to_embed[p] for p in done_positions], torch.cat(done_chunks),
-                                   folder, identity, dtype=args.dtype, modality=modality)
+            partial = merged_index(
+                old,
+                plan,
+                [plan.to_embed[p] for p in done_positions],
+                torch.cat(done_chunks),
+                folder,
+                identity,
+                dtype=args.dtype,
+                modality=modality,
+            )
             partial.approximate = None  # built once, at the end
             partial.meta.update(partial=True)
             save_index(partial, out)
@@ -241,19 +323,25 @@ def run_index(args, modality="image") -> dict:
 
     to_embed_paths = [os.path.join(folder, *f.path.split("/")) for f in plan.to_embed]
     if audio:
-        emb, positions, failures = _embed_clip_files(encoder, to_embed_paths, args.batch_size,
-                                                     not args.no_progress, on_batch)
+        emb, positions, failures = _embed_clip_files(
+            encoder, to_embed_paths, args.batch_size, not args.no_progress, on_batch
+        )
     else:
         emb, positions, failures = encoder.embed_image_files(
-            to_embed_paths, batch_size=args.batch_size, num_workers=args.num_workers,
-            progress=not args.no_progress, on_batch=on_batch)
+            to_embed_paths,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            progress=not args.no_progress,
+            on_batch=on_batch,
+        )
     for path, message in failures:
         print(f"skipped: {message}", file=sys.stderr)
     embedded = [plan.to_embed[p] for p in positions]
     index = merged_index(old, plan, embedded, emb, folder, identity, dtype=args.dtype, modality=modality)
     if len(index) == 0:
-        raise SearchIndexError(f"{folder}: none of the {len(files)} {what} could be read "
-                               f"({len(failures)} unreadable); nothing written")
+        raise SearchIndexError(
+            f"{folder}: none of the {len(files)} {what} could be read ({len(failures)} unreadable); nothing written"
+        )
     update_approximate(index, old, cfg)
     index.meta.update(
         partial=False,
@@ -261,21 +349,30 @@ def run_index(args, modality="image") -> dict:
         updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         created=(old.meta.get("created") if old is not None else None) or time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         num_images=len(index),
-        last_update={"embedded": len(embedded), "unchanged": len(plan.keep_rows),
-                     "removed": len(plan.removed) - len(plan.modified), "modified": len(plan.modified),
-                     "unreadable": len(failures), "seconds": round(time.time() - started, 3)},
+        last_update={
+            "embedded": len(embedded),
+            "unchanged": len(plan.keep_rows),
+            "removed": len(plan.removed) - len(plan.modified),
+            "modified": len(plan.modified),
+            "unreadable": len(failures),
+            "seconds": round(time.time() - started, 3),
+        },
     )
     if audio:
         index.meta.update(num_clips=len(index), long_audio="windows")
     save_index(index, out)
     summary = index.meta["last_update"]
     approx = index.approximate["params"]["factory"] if index.approximate else "none (exact search)"
-    print(f"indexed {len(index)} {what} in {out}: {summary['embedded']} embedded, {summary['unchanged']} unchanged, "
-          f"{summary['removed']} removed, {summary['unreadable']} unreadable skipped; approximate index: {approx}; "
-          f"{summary['seconds']:.1f} s")
+    print(
+        f"indexed {len(index)} {what} in {out}: {summary['embedded']} embedded, {summary['unchanged']} unchanged, "
+        f"{summary['removed']} removed, {summary['unreadable']} unreadable skipped; approximate index: {approx}; "
+        f"{summary['seconds']:.1f} s"
+    )
     if failures:
-        print(f"warning: {len(failures)} unreadable {'clip' if audio else 'image'}(s) skipped (listed above)",
-              file=sys.stderr)
+        print(
+            f"warning: {len(failures)} unreadable {'clip' if audio else 'image'}(s) skipped (listed above)",
+            file=sys.stderr,
+        )
     return {"index": out, **summary, "num_rows": len(index)}
 
 
@@ -324,8 +421,9 @@ def _read_transcripts(path, count, root=None):
         text, tab, paired = line.partition("\t")
         paired = paired.strip()
         if tab and "\t" in paired:
-            raise SearchIndexError(f"{path}:{number}: expected TRANSCRIPT or TRANSCRIPT<TAB>IMAGE_PATH, "
-                                   f"found {line.count(chr(9))} tabs")
+            raise SearchIndexError(
+                f"{path}:{number}: expected TRANSCRIPT or TRANSCRIPT<TAB>IMAGE_PATH, found {line.count(chr(9))} tabs"
+            )
         if paired and root and os.path.isabs(paired):
             relative = os.path.relpath(paired, root)
             paired = relative if not relative.startswith("..") else paired
@@ -337,11 +435,19 @@ def _service(args, encoder, indexes, max_query_seconds=None):
     by_kind = {}
     for index in indexes:
         if index.modality in by_kind:
-            raise SearchIndexError(f"{index.source} and {by_kind[index.modality].source} are both indexes of "
-                                   f"{index.what}: give at most one of each kind")
+            raise SearchIndexError(
+                f"{index.source} and {by_kind[index.modality].source} are both indexes of "
+                f"{index.what}: give at most one of each kind"
+            )
         by_kind[index.modality] = index
-    return SearchService(encoder, image_index=by_kind.get("image"), audio_index=by_kind.get("audio"),
-                         max_query_seconds=max_query_seconds, exact=True if args.exact else None, nprobe=args.nprobe)
+    return SearchService(
+        encoder,
+        image_index=by_kind.get("image"),
+        audio_index=by_kind.get("audio"),
+        max_query_seconds=max_query_seconds,
+        exact=True if args.exact else None,
+        nprobe=args.nprobe,
+    )
 
 
 def run_query(args) -> dict:
@@ -355,8 +461,9 @@ def run_query(args) -> dict:
         if not os.path.isfile(path):
             raise InferenceError(f"{path}: {'audio' if speech else 'image'} file not found")
     if args.transcripts and not speech:
-        raise SearchIndexError(f"--transcripts describes spoken queries; {args.index} is an index of spoken clips "
-                               "(its queries are images)")
+        raise SearchIndexError(
+            f"--transcripts describes spoken queries; {args.index} is an index of spoken clips (its queries are images)"
+        )
     transcripts = _read_transcripts(args.transcripts, len(args.queries), index.root)
     resolve_device(args.device, args.fp16)
     t0 = time.perf_counter()
@@ -371,16 +478,18 @@ def run_query(args) -> dict:
         for wave, path in zip(waves, args.queries):
             check_audible(wave, path)
         decoded = time.perf_counter()
-        queries, sequences = encoder.embed_waveforms(waves, names=list(args.queries), batch_size=args.batch_size,
-                                                     return_sequences=True)
+        queries, sequences = encoder.embed_waveforms(
+            waves, names=list(args.queries), batch_size=args.batch_size, return_sequences=True
+        )
         embedded = time.perf_counter()
         answers = service.rank_images(queries, sequences, args.top_k, args.rerank_k, args.rerank_score)
     else:
         waves = None
         pixels = torch.stack([load_image(path, encoder.transform) for path in args.queries])
         decoded = time.perf_counter()
-        parts = [service.embed_image_queries(pixels[i:i + args.batch_size])
-                 for i in range(0, len(pixels), args.batch_size)]
+        parts = [
+            service.embed_image_queries(pixels[i : i + args.batch_size]) for i in range(0, len(pixels), args.batch_size)
+        ]
         queries, tokens = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         embedded = time.perf_counter()
         answers = service.rank_clips(queries, tokens, args.top_k, args.rerank_k, args.rerank_score)
@@ -410,8 +519,9 @@ def run_query(args) -> dict:
             transcript, paired = transcripts[qi]
             entry.update(duration_seconds=round(waves[qi].numel() / encoder.sample_rate, 3), transcript=transcript)
             if paired is not None:
-                entry.update(paired_image=paired,
-                             paired_rank=next((h.rank for h in answer.hits if h.path == paired), None))
+                entry.update(
+                    paired_image=paired, paired_rank=next((h.rank for h in answer.hits if h.path == paired), None)
+                )
         entry["results"] = [h.as_dict() for h in answer.hits]
         record["queries"].append(entry)
     if args.html:
@@ -421,22 +531,28 @@ def run_query(args) -> dict:
         print(json.dumps(record, indent=2, ensure_ascii=False))
     else:
         for q in record["queries"]:
-            said = f"  \"{q['transcript']}\"" if q.get("transcript") else ""
+            said = f'  "{q["transcript"]}"' if q.get("transcript") else ""
             print(f"{q.get('audio') or q.get('image')}{said}")
             for r in q["results"]:
                 match = f"  (match {r['match']:.3f}, cosine {r['cosine']:.4f})" if r["reranked"] else ""
                 print(f"  {r['rank']:>3}. {r['score']:.4f}  {r['absolute_path']}{match}")
             if q.get("paired_image"):
                 rank = q["paired_rank"]
-                print(f"  paired image {q['paired_image']}: {f'rank {rank}' if rank else f'not in the top {args.top_k}'}")
+                print(
+                    f"  paired image {q['paired_image']}: {f'rank {rank}' if rank else f'not in the top {args.top_k}'}"
+                )
         t = record["timing_seconds"]
         rerank = ""
         if record["rerank"]:
-            rerank = (f", re-ranking top {record['rerank']['k']} ({record['rerank']['score']}) "
-                      f"{1000 * t['rerank'] / n:.1f} ms")
-        print(f"{len(index)} {index.what}, {record['method']} search; per query: {1000 * t['per_query']:.1f} ms "
-              f"(embedding {1000 * t['embed_queries'] / n:.1f} ms, "
-              f"search {1000 * t['search'] / n:.2f} ms{rerank}); model load {t['load_model']:.1f} s")
+            rerank = (
+                f", re-ranking top {record['rerank']['k']} ({record['rerank']['score']}) "
+                f"{1000 * t['rerank'] / n:.1f} ms"
+            )
+        print(
+            f"{len(index)} {index.what}, {record['method']} search; per query: {1000 * t['per_query']:.1f} ms "
+            f"(embedding {1000 * t['embed_queries'] / n:.1f} ms, "
+            f"search {1000 * t['search'] / n:.2f} ms{rerank}); model load {t['load_model']:.1f} s"
+        )
         if args.html:
             print(f"results page: {record['html']}")
     return record
@@ -446,18 +562,32 @@ def page_result(r, clip_wave=None, sample_rate=16000):
     """A query record's result -> the page's card (match and cosine shown when re-ranked)."""
     detail = f"match {r['match']:.3f} \u00b7 cosine {r['cosine']:.3f}" if r.get("reranked") else ""
     label = "re-ranked" if r.get("reranked") else "cosine"
-    return PageResult(r["rank"], r["score"], r["path"], r["absolute_path"], detail=detail, waveform=clip_wave,
-                      sample_rate=sample_rate, score_label=label)
+    return PageResult(
+        r["rank"],
+        r["score"],
+        r["path"],
+        r["absolute_path"],
+        detail=detail,
+        waveform=clip_wave,
+        sample_rate=sample_rate,
+        score_label=label,
+    )
 
 
 def _write_page(path, record, waves, encoder):
     queries = []
     for i, q in enumerate(record["queries"]):
         if "audio" in q:
-            queries.append(PageQuery(
-                name=os.path.basename(q["audio"]), waveform=waves[i].numpy(), sample_rate=encoder.sample_rate,
-                transcript=q["transcript"], paired=q.get("paired_image"),
-                results=[page_result(r) for r in q["results"]]))
+            queries.append(
+                PageQuery(
+                    name=os.path.basename(q["audio"]),
+                    waveform=waves[i].numpy(),
+                    sample_rate=encoder.sample_rate,
+                    transcript=q["transcript"],
+                    paired=q.get("paired_image"),
+                    results=[page_result(r) for r in q["results"]],
+                )
+            )
         else:
             results = []
             for r in q["results"]:
@@ -498,14 +628,24 @@ def run_serve(args, block=True):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import search_app  # imports gradio, an optional package (the "app" extra): only to serve
 
-    return search_app.serve(service, host=args.host, port=args.port, concurrency=args.concurrency,
-                            top_k=args.top_k, rerank_k=args.rerank_k, rerank_score=args.rerank_score,
-                            max_upload_mb=args.max_upload_mb, checkpoint=args.checkpoint, block=block)
+    return search_app.serve(
+        service,
+        host=args.host,
+        port=args.port,
+        concurrency=args.concurrency,
+        top_k=args.top_k,
+        rerank_k=args.rerank_k,
+        rerank_score=args.rerank_score,
+        max_upload_mb=args.max_upload_mb,
+        checkpoint=args.checkpoint,
+        block=block,
+    )
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", stream=sys.stderr
+    )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which CPU build it picked
     parser = build_parser()
     args = parser.parse_args(argv)

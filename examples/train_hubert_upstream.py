@@ -70,8 +70,10 @@ def fairseq_hubert_dir() -> str:
     """``examples/hubert`` of the installed fairseq package (fairseq-fixed and source installs ship it)."""
     path = os.path.join(os.path.dirname(fairseq.__file__), "examples", "hubert")
     if not os.path.isfile(os.path.join(path, "simple_kmeans", "learn_kmeans.py")):
-        raise RecipeError(f"fairseq's HuBERT recipe was not found at {path}: this fairseq installation does not "
-                          "ship fairseq/examples/hubert (install fairseq from source or fairseq-fixed)")
+        raise RecipeError(
+            f"fairseq's HuBERT recipe was not found at {path}: this fairseq installation does not "
+            "ship fairseq/examples/hubert (install fairseq from source or fairseq-fixed)"
+        )
     return path
 
 
@@ -146,8 +148,10 @@ def check_kmeans_size(tsv: str, n_clusters: int) -> int:
     _, rows = read_fairseq_tsv(tsv)
     frames = sum(mfcc_frames(n) for _, n in rows)
     if frames < n_clusters:
-        raise RecipeError(f"{tsv}: {len(rows)} utterances give {frames} MFCC frames, fewer than the "
-                          f"{n_clusters} k-means clusters asked for (kmeans.n_clusters); use more audio or fewer clusters")
+        raise RecipeError(
+            f"{tsv}: {len(rows)} utterances give {frames} MFCC frames, fewer than the "
+            f"{n_clusters} k-means clusters asked for (kmeans.n_clusters); use more audio or fewer clusters"
+        )
     return frames
 
 
@@ -293,17 +297,43 @@ def main(argv=None):
     log = os.path.join(out, "kmeans.log")
     if not stage_done(out, "kmeans"):
         t = time.time()
-        atomic_write(km_path, lambda tmp_km: run(
-            [py, os.path.join(scripts, "learn_kmeans.py"), feat_dir, "train", "1", tmp_km, str(km["n_clusters"]),
-             "--percent", str(km["percent"]), "--batch_size", str(km["batch_size"]), "--max_iter", str(km["max_iter"]),
-             "--n_init", str(km["n_init"]), "--seed", str(cfg["seed"])], log, env=env))
+        atomic_write(
+            km_path,
+            lambda tmp_km: run(
+                [
+                    py,
+                    os.path.join(scripts, "learn_kmeans.py"),
+                    feat_dir,
+                    "train",
+                    "1",
+                    tmp_km,
+                    str(km["n_clusters"]),
+                    "--percent",
+                    str(km["percent"]),
+                    "--batch_size",
+                    str(km["batch_size"]),
+                    "--max_iter",
+                    str(km["max_iter"]),
+                    "--n_init",
+                    str(km["n_init"]),
+                    "--seed",
+                    str(cfg["seed"]),
+                ],
+                log,
+                env=env,
+            ),
+        )
         mark_done(out, "kmeans", {"km": km_path})
         timings["k-means"] = time.time() - t
     if not stage_done(out, "labels"):
         t = time.time()
         label_tmp = os.path.join(out, "labels.partial")
         for split in ("train", "valid"):
-            run([py, os.path.join(scripts, "dump_km_label.py"), feat_dir, split, km_path, "1", "0", label_tmp], log, env=env)
+            run(
+                [py, os.path.join(scripts, "dump_km_label.py"), feat_dir, split, km_path, "1", "0", label_tmp],
+                log,
+                env=env,
+            )
             os.replace(os.path.join(label_tmp, f"{split}_0_1.km"), os.path.join(data_dir, f"{split}.km"))
         shutil.rmtree(label_tmp, ignore_errors=True)
         write_lines(os.path.join(data_dir, "dict.km.txt"), [f"{i} 1" for i in range(int(km["n_clusters"]))])
@@ -314,12 +344,26 @@ def main(argv=None):
     if not os.path.isfile(pretrained):
         save_dir = os.path.join(out, "pretrain")
         pre = cfg["pretrain"]
-        cmd = [train_bin, "--config-dir", os.path.join(hubert_dir, "config", "pretrain"),
-               "--config-name", pre["config_name"], f"task.data={data_dir}", f"task.label_dir={data_dir}",
-               "task.labels=[km]", f"checkpoint.save_dir={save_dir}", f"hydra.run.dir={save_dir}",
-               f"common.seed={cfg['seed']}", f"common.user_dir={PLUGIN_DIR}", *override_args(pre["overrides"], os.path.join(hubert_dir, "config", "pretrain", pre["config_name"] + ".yaml"))]
-        timings["pre-training"] = run_fairseq("HuBERT pre-training", cmd, os.path.join(out, "pretrain.log"),
-                                              pre["overrides"], metric="loss")
+        cmd = [
+            train_bin,
+            "--config-dir",
+            os.path.join(hubert_dir, "config", "pretrain"),
+            "--config-name",
+            pre["config_name"],
+            f"task.data={data_dir}",
+            f"task.label_dir={data_dir}",
+            "task.labels=[km]",
+            f"checkpoint.save_dir={save_dir}",
+            f"hydra.run.dir={save_dir}",
+            f"common.seed={cfg['seed']}",
+            f"common.user_dir={PLUGIN_DIR}",
+            *override_args(
+                pre["overrides"], os.path.join(hubert_dir, "config", "pretrain", pre["config_name"] + ".yaml")
+            ),
+        ]
+        timings["pre-training"] = run_fairseq(
+            "HuBERT pre-training", cmd, os.path.join(out, "pretrain.log"), pre["overrides"], metric="loss"
+        )
         copy_final(os.path.join(save_dir, "checkpoint_last.pt"), pretrained)
 
     upstream = pretrained
@@ -328,17 +372,36 @@ def main(argv=None):
         finetuned = os.path.join(out, "hubert_finetuned.pt")
         if not os.path.isfile(finetuned):
             save_dir = os.path.join(out, "finetune")
-            cmd = [train_bin, "--config-dir", os.path.join(hubert_dir, "config", "finetune"),
-                   "--config-name", ft["config_name"], f"task.data={data_dir}", f"task.label_dir={data_dir}",
-                   f"model.w2v_path={pretrained}", f"checkpoint.save_dir={save_dir}", f"hydra.run.dir={save_dir}",
-                   f"common.seed={cfg['seed']}", f"common.user_dir={PLUGIN_DIR}", *override_args(ft["overrides"], os.path.join(hubert_dir, "config", "finetune", ft["config_name"] + ".yaml"))]
-            timings["fine-tuning"] = run_fairseq("HuBERT CTC fine-tuning", cmd, os.path.join(out, "finetune.log"),
-                                                 ft["overrides"], metric="uer")
+            cmd = [
+                train_bin,
+                "--config-dir",
+                os.path.join(hubert_dir, "config", "finetune"),
+                "--config-name",
+                ft["config_name"],
+                f"task.data={data_dir}",
+                f"task.label_dir={data_dir}",
+                f"model.w2v_path={pretrained}",
+                f"checkpoint.save_dir={save_dir}",
+                f"hydra.run.dir={save_dir}",
+                f"common.seed={cfg['seed']}",
+                f"common.user_dir={PLUGIN_DIR}",
+                *override_args(
+                    ft["overrides"], os.path.join(hubert_dir, "config", "finetune", ft["config_name"] + ".yaml")
+                ),
+            ]
+            timings["fine-tuning"] = run_fairseq(
+                "HuBERT CTC fine-tuning", cmd, os.path.join(out, "finetune.log"), ft["overrides"], metric="uer"
+            )
             copy_final(os.path.join(save_dir, "checkpoint_last.pt"), finetuned)
         upstream = finetuned
 
-    record = {"upstream": upstream, "pretrained": pretrained, "config": os.path.abspath(args.config),
-              "fairseq_recipe": hubert_dir, "stage_seconds": {k: round(v, 1) for k, v in timings.items()}}
+    record = {
+        "upstream": upstream,
+        "pretrained": pretrained,
+        "config": os.path.abspath(args.config),
+        "fairseq_recipe": hubert_dir,
+        "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
+    }
     write_json(os.path.join(out, "upstream.json"), record)
     print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print(f"speech upstream: {upstream}")

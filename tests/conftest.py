@@ -7,14 +7,17 @@ if REPO_ROOT not in sys.path:
 
 import pytest
 
-
 # Environment B (fairseq from source, Python 3.10, hydra 1.0; scripts/run_tests.sh runs `-m env_b` there)
 # runs every test module except these slow ones, whose parts are tested there one by one: the
 # end-to-end demo (each stage's script has its own tests), the two-process gradient equality
 # (two gloo workers train and validate in test_train_cli) and the web app in a browser (gradio and
 # selenium are environment A's; the search it serves is tested in test_search_service)
-ENV_A_ONLY_MODULES = {"test_demo", "test_global_batch", "test_search_app",
-                      "test_mteb"}  # mteb needs Python >= 3.11 (environment B is 3.10)
+ENV_A_ONLY_MODULES = {
+    "test_demo",
+    "test_global_batch",
+    "test_search_app",
+    "test_mteb",
+}  # mteb needs Python >= 3.11 (environment B is 3.10)
 
 
 def pytest_configure(config):

@@ -20,8 +20,12 @@ def _record(r1):
 
 
 def test_aggregate_gives_mean_and_sample_sd_over_seeds():
-    runs = {"sic": {1: {"test": _record(10.0), "valid": _record(20.0), "sim": {"sim_auc_hard": 0.6}},
-                    2: {"test": _record(14.0), "valid": _record(22.0), "sim": {"sim_auc_hard": 0.8}}}}
+    runs = {
+        "sic": {
+            1: {"test": _record(10.0), "valid": _record(20.0), "sim": {"sim_auc_hard": 0.6}},
+            2: {"test": _record(14.0), "valid": _record(22.0), "sim": {"sim_auc_hard": 0.8}},
+        }
+    }
     table = aggregate(runs)
     assert table["sic"]["sim_auc_hard"] == pytest.approx((0.7, 0.1414214))
     assert "sim_auc_random" not in table["sic"]  # only what every seed logged
@@ -39,13 +43,15 @@ def test_one_seed_shows_its_mean_without_a_spread():
 
 
 def test_best_valid_line_is_the_last_of_equal_best_mean_r1():
-    log = "\n".join([
-        "x | INFO | valid | epoch 001 | valid on 'valid' subset | loss 3.1 | attn_entropy 0.99 | mean_r1 10.0 | wps 5",
-        "x | INFO | train | epoch 001 | loss 3.0",
-        "x | INFO | valid | epoch 002 | valid on 'valid' subset | loss 2.9 | attn_entropy 0.80 | mean_r1 12.5",
-        "x | INFO | valid | epoch 003 | valid on 'valid' subset | loss 2.8 | attn_entropy 0.70 | sim_auc_hard 0.61 | mean_r1 12.5",
-        "x | INFO | valid | epoch 004 | valid on 'valid' subset | loss 2.7 | attn_entropy 0.60 | mean_r1 11.0",
-    ])
+    log = "\n".join(
+        [
+            "x | INFO | valid | epoch 001 | valid on 'valid' subset | loss 3.1 | attn_entropy 0.99 | mean_r1 10.0 | wps 5",
+            "x | INFO | train | epoch 001 | loss 3.0",
+            "x | INFO | valid | epoch 002 | valid on 'valid' subset | loss 2.9 | attn_entropy 0.80 | mean_r1 12.5",
+            "x | INFO | valid | epoch 003 | valid on 'valid' subset | loss 2.8 | attn_entropy 0.70 | sim_auc_hard 0.61 | mean_r1 12.5",
+            "x | INFO | valid | epoch 004 | valid on 'valid' subset | loss 2.7 | attn_entropy 0.60 | mean_r1 11.0",
+        ]
+    )
     best = best_valid_line(log)
     assert best["attn_entropy"] == 0.70 and best["loss"] == 2.8 and best["sim_auc_hard"] == 0.61
     assert best_valid_line("no validation here") is None
@@ -54,8 +60,14 @@ def test_best_valid_line_is_the_last_of_equal_best_mean_r1():
 def test_coarse_to_fine_rows_map_to_method_groups_and_reranking_reuses_the_trained_run():
     from cmd_demo.ablation import C2F_ROWS, row_spec
 
-    assert row_spec("c2f") == {"overrides": ["method=c2f"], "alpha": 0.0, "variant": None, "base": None,
-                               "rerank_k": 0, "rerank_score": "sim"}
+    assert row_spec("c2f") == {
+        "overrides": ["method=c2f"],
+        "alpha": 0.0,
+        "variant": None,
+        "base": None,
+        "rerank_k": 0,
+        "rerank_score": "sim",
+    }
     assert row_spec("c2f-cmd")["overrides"] == ["method=c2f_cmd"] and row_spec("c2f-cmd")["alpha"] == 1.0
     assert row_spec("cmd-qkv")["overrides"] == ["criterion.cmd_weight=1.0", "model.fusion_attention=qkv"]
     # re-ranked rows train nothing of their own: they re-score the base row's checkpoint
@@ -83,18 +95,23 @@ def test_each_coarse_to_fine_part_alone_is_a_row_on_sic():
     with pytest.raises(ValueError, match="sic-queue"):
         row_overrides("sic-momentum")
     # the paper's SIM input (every frame and patch) against the tiny config's summary tokens and pooling
-    assert row_overrides("c2f-every-frame")[0] == ["method=c2f", "model.multimodal_speech_tokens=0",
-                                                   "model.multimodal_patch_pool=1"]
+    assert row_overrides("c2f-every-frame")[0] == [
+        "method=c2f",
+        "model.multimodal_speech_tokens=0",
+        "model.multimodal_patch_pool=1",
+    ]
 
 
 def test_valid_curve_reads_every_validation_in_order():
     from cmd_demo.ablation import mean_curve, valid_curve
 
-    log = "\n".join([
-        "[v][INFO] - epoch 001 | valid on 'valid' subset | loss 3.1 | mean_r1 10.0 | num_updates 157",
-        "[t][INFO] - epoch 001 | loss 3.0 | num_updates 157",
-        "[v][INFO] - epoch 002 | valid on 'valid' subset | loss 2.9 | mean_r1 12.5 | num_updates 314 | best_mean_r1 12.5",
-    ])
+    log = "\n".join(
+        [
+            "[v][INFO] - epoch 001 | valid on 'valid' subset | loss 3.1 | mean_r1 10.0 | num_updates 157",
+            "[t][INFO] - epoch 001 | loss 3.0 | num_updates 157",
+            "[v][INFO] - epoch 002 | valid on 'valid' subset | loss 2.9 | mean_r1 12.5 | num_updates 314 | best_mean_r1 12.5",
+        ]
+    )
     assert valid_curve(log) == [(157, 10.0), (314, 12.5)]
     assert valid_curve("nothing") == []
     # seeds are averaged where all of them validated
@@ -109,13 +126,13 @@ def test_selection_summary_finds_the_selected_update_and_the_fall_after_it():
 
     # a run that peaks mid-way and falls: the last of equal bests is the one fairseq keeps
     curve = [(157, 50.0), (314, 70.0), (471, 68.0), (628, 70.0), (785, 66.5)]
-    assert selection_summary(curve) == {"best_update": 628, "best_valid": 70.0, "final_valid": 66.5,
-                                        "valid_drop": 3.5}
+    assert selection_summary(curve) == {"best_update": 628, "best_valid": 70.0, "final_valid": 66.5, "valid_drop": 3.5}
     assert selection_summary([(157, 10.0), (314, 12.0)])["valid_drop"] == 0.0
     assert selection_summary([]) == {}
     # aggregated over seeds next to the recall, only when every seed has a curve
-    recall = {k: 1.0 for k in ("s2i_r1", "s2i_r5", "s2i_r10", "i2s_r1", "i2s_r5", "i2s_r10",
-                               "mean_r1", "mean_r5", "mean_r10")}
+    recall = {
+        k: 1.0 for k in ("s2i_r1", "s2i_r5", "s2i_r10", "i2s_r1", "i2s_r5", "i2s_r10", "mean_r1", "mean_r5", "mean_r10")
+    }
     run = lambda c: {"test": {"recall": recall}, "valid": {"recall": recall}, "valid_curve": c}  # noqa: E731
     table = aggregate({"cmd-qkv": {1: run(curve), 2: run([(157, 60.0), (314, 64.0)])}})
     assert table["cmd-qkv"]["best_update"] == pytest.approx((471.0, 222.0306), rel=1e-5)
@@ -126,12 +143,14 @@ def test_selection_summary_finds_the_selected_update_and_the_fall_after_it():
 def test_last_train_line_reads_the_last_epoch_summary_not_the_inner_lines():
     from cmd_demo.ablation import last_train_line
 
-    log = "\n".join([
-        "[2026][train][INFO] - epoch 001 | loss 1.7 | sic_loss 1.7 | num_updates 157",
-        "[2026][train_inner][INFO] - epoch 002:  10 / 157 loss=0.9, sic_loss=0.9, num_updates=167",
-        "[2026][valid][INFO] - epoch 002 | valid on 'valid' subset | loss 2.0 | sic_loss 2.0 | mean_r1 50.0",
-        "[2026][train][INFO] - epoch 002 | loss 0.95 | sic_loss 0.25 | cmd_loss 0.7 | num_updates 314",
-    ])
+    log = "\n".join(
+        [
+            "[2026][train][INFO] - epoch 001 | loss 1.7 | sic_loss 1.7 | num_updates 157",
+            "[2026][train_inner][INFO] - epoch 002:  10 / 157 loss=0.9, sic_loss=0.9, num_updates=167",
+            "[2026][valid][INFO] - epoch 002 | valid on 'valid' subset | loss 2.0 | sic_loss 2.0 | mean_r1 50.0",
+            "[2026][train][INFO] - epoch 002 | loss 0.95 | sic_loss 0.25 | cmd_loss 0.7 | num_updates 314",
+        ]
+    )
     assert last_train_line(log) == {"loss": 0.95, "sic_loss": 0.25, "cmd_loss": 0.7, "num_updates": 314.0}
     assert last_train_line("no training here") == {}
 
@@ -139,13 +158,22 @@ def test_last_train_line_reads_the_last_epoch_summary_not_the_inner_lines():
 def test_minimal_pairs_summary_and_its_table():
     from cmd_demo.ablation import format_minimal_pairs, minimal_pairs_summary
 
-    record = {"attributes": {"colour": {"accuracy": 80.0}, "shape": {"accuracy": 50.0}},
-              "mean_accuracy": 65.0, "group_r1": 20.0}
-    assert minimal_pairs_summary(record) == {"mp_colour": 80.0, "mp_shape": 50.0, "mp_mean": 65.0,
-                                             "mp_group_r1": 20.0}
-    runs = {"sic": {s: {"test": _record(10.0), "valid": _record(20.0),
-                        "minimal_pairs": minimal_pairs_summary(dict(record, mean_accuracy=60.0 + 10 * s))}
-                    for s in (1, 2)}}
+    record = {
+        "attributes": {"colour": {"accuracy": 80.0}, "shape": {"accuracy": 50.0}},
+        "mean_accuracy": 65.0,
+        "group_r1": 20.0,
+    }
+    assert minimal_pairs_summary(record) == {"mp_colour": 80.0, "mp_shape": 50.0, "mp_mean": 65.0, "mp_group_r1": 20.0}
+    runs = {
+        "sic": {
+            s: {
+                "test": _record(10.0),
+                "valid": _record(20.0),
+                "minimal_pairs": minimal_pairs_summary(dict(record, mean_accuracy=60.0 + 10 * s)),
+            }
+            for s in (1, 2)
+        }
+    }
     table = aggregate(runs)
     assert table["sic"]["mp_mean"] == pytest.approx((75.0, 7.0710678))
     text = format_minimal_pairs(table)
@@ -176,11 +204,20 @@ def test_plot_valid_curves_reads_harness_records_and_refuses_a_wrong_row(tmp_pat
 
     pytest.importorskip("matplotlib")
     spec = importlib.util.spec_from_file_location(
-        "plot_valid_curves", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "plot_valid_curves.py"))
+        "plot_valid_curves", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "plot_valid_curves.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    record = {"rows": {"sic": {"per_seed": {"1": {"valid_curve": [[10, 50.0], [20, 60.0]]},
-                                            "2": {"valid_curve": [[10, 54.0], [20, 62.0]]}}}}}
+    record = {
+        "rows": {
+            "sic": {
+                "per_seed": {
+                    "1": {"valid_curve": [[10, 50.0], [20, 60.0]]},
+                    "2": {"valid_curve": [[10, 54.0], [20, 62.0]]},
+                }
+            }
+        }
+    }
     path = tmp_path / "r.json"
     path.write_text(json.dumps(record))
     out = tmp_path / "c.png"
@@ -219,10 +256,29 @@ def test_a_report_from_the_committed_records_gives_re_ranked_rows_their_own_figu
     for seed in ("1", "2"):
         shutil.copytree(os.path.join(src, f"seed{seed}"), tmp_path / "u2400" / "c2f" / f"seed{seed}")
     proc = subprocess.run(
-        [sys.executable, os.path.join(repo, "examples", "ablation.py"), "--work-dir", str(tmp_path / "none"),
-         "--out-dir", str(tmp_path), "--max-update", "2400", "--seeds", "1", "2", "--no-minimal-pairs",
-         "--rows", "c2f", "c2f-rerank10-simsiclogit", "--report-only"],
-        capture_output=True, text=True, timeout=300, cwd=repo)
+        [
+            sys.executable,
+            os.path.join(repo, "examples", "ablation.py"),
+            "--work-dir",
+            str(tmp_path / "none"),
+            "--out-dir",
+            str(tmp_path),
+            "--max-update",
+            "2400",
+            "--seeds",
+            "1",
+            "2",
+            "--no-minimal-pairs",
+            "--rows",
+            "c2f",
+            "c2f-rerank10-simsiclogit",
+            "--report-only",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=repo,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "ablation_u2400.json") as f:
         record = json.load(f)

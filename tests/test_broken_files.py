@@ -11,9 +11,9 @@ import re
 import numpy as np
 import pytest
 import soundfile as sf
+from test_train_cli import make_corpus
 
 from cmd_plugin.data.manifest import ManifestError, read_manifest
-from test_train_cli import make_corpus
 
 
 @pytest.fixture
@@ -24,9 +24,13 @@ def corpus(tmp_path):
 def _task(tiny_encoders, data, **overrides):
     from cmd_plugin.tasks.speech_image import SpeechImageConfig, SpeechImageTask
 
-    cfg = SpeechImageConfig(data=data, image_model=tiny_encoders["image_model"],
-                            image_model_config=tiny_encoders["image_model_config"],
-                            image_pretrained=tiny_encoders["image_pretrained"], **overrides)
+    cfg = SpeechImageConfig(
+        data=data,
+        image_model=tiny_encoders["image_model"],
+        image_model_config=tiny_encoders["image_model_config"],
+        image_pretrained=tiny_encoders["image_pretrained"],
+        **overrides,
+    )
     return SpeechImageTask.setup_task(cfg)
 
 
@@ -76,8 +80,9 @@ def _deleted(path):
     return "is missing"
 
 
-@pytest.mark.parametrize("corrupt", [_unreadable, _resampled, _stereo, _truncated, _deleted],
-                         ids=lambda f: f.__name__[1:])
+@pytest.mark.parametrize(
+    "corrupt", [_unreadable, _resampled, _stereo, _truncated, _deleted], ids=lambda f: f.__name__[1:]
+)
 def test_reading_a_broken_wav_names_its_manifest_line(tiny_encoders, corpus, corrupt):
     task = _task(tiny_encoders, corpus)
     task.load_dataset("train")  # files broken after the split was loaded (and checked)

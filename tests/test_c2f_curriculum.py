@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
+from test_c2f_model import C2F_MODEL, c2f_criterion
+from test_model import build_model, make_batch
 
 from cmd_plugin.objectives.c2f.hard_negatives import hard_negative_share, negative_probabilities, sample_hard_negatives
 from cmd_plugin.objectives.c2f.losses import binary_entropy, ranking_pairs, sim_pairs
-from test_c2f_model import C2F_MODEL, c2f_criterion
-from test_model import build_model, make_batch
 
 IDS = torch.tensor([0, 0, 1, 2, 3, 4])
 
@@ -44,8 +44,10 @@ def test_random_negatives_are_uniform_over_other_images_and_hard_ones_follow_the
 
 def test_mixed_share_draws_about_that_share_of_hard_rows():
     keys = torch.arange(40)
-    hard_rows = sum(int(sample_hard_negatives(torch.randn(40, 40), keys, keys, torch.Generator().manual_seed(s),
-                                              0.25)[2].sum()) for s in range(20))
+    hard_rows = sum(
+        int(sample_hard_negatives(torch.randn(40, 40), keys, keys, torch.Generator().manual_seed(s), 0.25)[2].sum())
+        for s in range(20)
+    )
     assert 140 < hard_rows < 260  # 800 rows x 0.25 = 200
 
 

@@ -4,14 +4,23 @@ only by training forwards, SIM negatives are never captions of the same image.""
 
 import pytest
 import torch
-
-from cmd_plugin.objectives.c2f.losses import queue_sic_loss, sim_pairs
-from cmd_plugin.criterions.cmd_contrastive import CmdContrastiveConfig, CmdContrastiveCriterion
-from cmd_plugin.objectives.sic import symmetric_infonce
 from test_model import build_model, make_batch
 
-C2F_MODEL = dict(cmd_fusion=False, c2f_momentum=True, momentum=0.9, queue_size=10, multimodal_layers=1, multimodal_heads=2,
-                 multimodal_ffn_dim=32, multimodal_dropout=0.0, speech_encoder_heads=2)
+from cmd_plugin.criterions.cmd_contrastive import CmdContrastiveConfig, CmdContrastiveCriterion
+from cmd_plugin.objectives.c2f.losses import queue_sic_loss, sim_pairs
+from cmd_plugin.objectives.sic import symmetric_infonce
+
+C2F_MODEL = dict(
+    cmd_fusion=False,
+    c2f_momentum=True,
+    momentum=0.9,
+    queue_size=10,
+    multimodal_layers=1,
+    multimodal_heads=2,
+    multimodal_ffn_dim=32,
+    multimodal_dropout=0.0,
+    speech_encoder_heads=2,
+)
 IDS = [0, 0, 1, 2, 3, 3]
 
 
@@ -104,7 +113,7 @@ def test_resume_restores_ema_and_queue_so_the_next_update_matches(tiny_encoders,
             # the key third's gradient is zero analytically (softmax ignores a per-row shift): both runs
             # see rounding noise there, which Adam normalises into steps of up to lr; left out
             dim = a.numel() // 3
-            a, b = torch.cat([a[:dim], a[2 * dim:]]), torch.cat([b[:dim], b[2 * dim:]])
+            a, b = torch.cat([a[:dim], a[2 * dim :]]), torch.cat([b[:dim], b[2 * dim :]])
         assert torch.allclose(a, b, atol=1e-6), name
 
     # the check can fail: without the saved queue and EMA the same update differs
@@ -203,18 +212,25 @@ def test_inference_drops_the_training_state_and_embeds_the_same(tiny_encoders):
 
 def test_task_refuses_a_queue_larger_than_the_training_split(tiny_encoders, tmp_path):
     from omegaconf import OmegaConf
+    from test_train_cli import make_corpus
 
     from cmd_plugin.models.cmd_speech_image import CmdSpeechImageConfig
     from cmd_plugin.tasks.speech_image import SpeechImageConfig, SpeechImageTask
-    from test_train_cli import make_corpus
 
     data = make_corpus(tmp_path, {"train": (4, 2)})  # 8 training captions
-    task = SpeechImageTask.setup_task(SpeechImageConfig(data=data, image_model=tiny_encoders["image_model"],
-                                                        image_model_config=tiny_encoders["image_model_config"]))
-    cfg = CmdSpeechImageConfig(hubert_path=tiny_encoders["hubert_path"], image_model=tiny_encoders["image_model"],
-                               image_pretrained=tiny_encoders["image_pretrained"],
-                               image_model_config=tiny_encoders["image_model_config"], queue_size=9,
-                               speech_encoder_heads=2)
+    task = SpeechImageTask.setup_task(
+        SpeechImageConfig(
+            data=data, image_model=tiny_encoders["image_model"], image_model_config=tiny_encoders["image_model_config"]
+        )
+    )
+    cfg = CmdSpeechImageConfig(
+        hubert_path=tiny_encoders["hubert_path"],
+        image_model=tiny_encoders["image_model"],
+        image_pretrained=tiny_encoders["image_pretrained"],
+        image_model_config=tiny_encoders["image_model_config"],
+        queue_size=9,
+        speech_encoder_heads=2,
+    )
     cfg._name = "cmd_speech_image"
     task.build_model(OmegaConf.structured(cfg))
     with pytest.raises(ValueError, match=r"queue size 9 is larger than the 8 captions of training split 'train'"):
@@ -234,7 +250,10 @@ def test_frame_pooling_averages_real_frames_only_and_keeps_the_cls():
 
 
 def test_non_finite_embeddings_never_enter_the_queue(tiny_encoders):
-    model, crit = build_model(tiny_encoders, **{**C2F_MODEL, "multimodal_layers": 0}), c2f_criterion(sim_weight=0.0, distill_alpha=0.0)
+    model, crit = (
+        build_model(tiny_encoders, **{**C2F_MODEL, "multimodal_layers": 0}),
+        c2f_criterion(sim_weight=0.0, distill_alpha=0.0),
+    )
     batch = make_batch([0, 1, 2])
     batch["net_input"]["source"][1] = float("nan")  # a broken utterance
     model.train()

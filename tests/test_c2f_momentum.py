@@ -75,8 +75,11 @@ def test_ema_update_arithmetic_on_parameters_and_buffers():
         for p in _trainable(model):
             p.add_(torch.randn_like(p))
         model.encoder[2].stat.fill_(5.0)
-    online = {"cls_token": model.cls_token, **{f"encoder.{k}": v for k, v in model.encoder.state_dict().items()},
-              **{f"proj.{k}": v for k, v in model.proj.state_dict().items()}}
+    online = {
+        "cls_token": model.cls_token,
+        **{f"encoder.{k}": v for k, v in model.encoder.state_dict().items()},
+        **{f"proj.{k}": v for k, v in model.proj.state_dict().items()},
+    }
     model.momentum.update(DECAY)
     after = model.momentum.state_dict()
     checked = 0

@@ -23,8 +23,8 @@ def _speech(lengths, seed=0):
     x = torch.randn(len(lengths), 1 + longest, D, generator=gen)
     mask = torch.zeros(len(lengths), 1 + longest, dtype=torch.bool)
     for i, n in enumerate(lengths):
-        mask[i, 1 + n:] = True
-        x[i, 1 + n:] = 1e3
+        mask[i, 1 + n :] = True
+        x[i, 1 + n :] = 1e3
     return x, mask
 
 
@@ -50,7 +50,7 @@ def test_multimodal_encoder_shapes_padding_and_depth():
         assert logits.shape == (3, 2)
         # padded frames are ignored: each item alone, unpadded, gives the same fused CLS
         for i, n in enumerate([4, 7, 2]):
-            alone = encoder.fused_cls(speech[i:i + 1, : 1 + n], None, tokens[i:i + 1])
+            alone = encoder.fused_cls(speech[i : i + 1, : 1 + n], None, tokens[i : i + 1])
             torch.testing.assert_close(alone[0], fused[i, 0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="at least 1 layer"):
         MultimodalEncoder(D, E, layers=0)
@@ -143,8 +143,16 @@ def _brute_force_recall(speech_emb, image_emb, image_ids, sim, k_candidates, wei
 
 
 @pytest.mark.parametrize(
-    "k, weight, ties", [(4, 0.0, False), (7, 0.0, False), (4, 1.0, False), (7, 1.0, False), (7, 14.3, False),
-                        (4, 0.0, True), (7, 0.0, True)]
+    "k, weight, ties",
+    [
+        (4, 0.0, False),
+        (7, 0.0, False),
+        (4, 1.0, False),
+        (7, 1.0, False),
+        (7, 14.3, False),
+        (4, 0.0, True),
+        (7, 0.0, True),
+    ],
 )
 def test_reranked_recall_matches_a_brute_force_reference(k, weight, ties):
     speech_emb, image_emb, image_ids, sim = _retrieval_set()
@@ -308,7 +316,9 @@ def test_speech_summary_ignores_padding_and_scores_pairs_as_per_pair_summaries_w
         # summarised once and indexed per pair == summarised for every pair
         images = torch.randn(3, 1 + 16, 8)
         once = head(enc.fused_cls(short.expand(3, -1, -1), None, images))
-        per_pair = torch.cat([head(enc.fused_cls(enc.summary(seq, None)[0], None, images[i:i + 1])) for i in range(3)])
+        per_pair = torch.cat(
+            [head(enc.fused_cls(enc.summary(seq, None)[0], None, images[i : i + 1])) for i in range(3)]
+        )
     assert torch.allclose(once, per_pair, atol=1e-5)
 
 
@@ -332,7 +342,9 @@ def test_split_auc_of_the_head_and_of_sic_on_the_same_pairs():
     sic = speech_emb @ image_emb.T
     # the SIC cosine as the "head": both AUCs are the same numbers
     out = sim_split_auc(speech_emb, image_emb, image_ids, _Scorer(sic), torch.Generator().manual_seed(0))
-    assert out["auc_hard"] == pytest.approx(out["sic_auc_hard"]) and out["auc_random"] == pytest.approx(out["sic_auc_random"])
+    assert out["auc_hard"] == pytest.approx(out["sic_auc_hard"]) and out["auc_random"] == pytest.approx(
+        out["sic_auc_random"]
+    )
     assert out["sic_auc_hard"] < out["sic_auc_random"] < 1.0  # hardest negatives are harder than random ones
     # a head that knows every pair: AUC 1 against either kind, whatever SIC says
     oracle = (image_ids[:, None] == torch.arange(NUM_IMAGES)[None, :]).float()

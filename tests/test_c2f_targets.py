@@ -10,7 +10,6 @@ from cmd_plugin.objectives.c2f.hard_negatives import negative_probabilities, sam
 from cmd_plugin.objectives.sic import soft_cross_entropy
 from cmd_plugin.objectives.targets import multi_positive_targets
 
-
 # ---- momentum distillation ----
 
 
@@ -98,7 +97,9 @@ def test_rows_with_no_other_image_are_skipped_and_never_nan():
     probs, has_negative = negative_probabilities(_logits(3, 3), rows, cols)
     assert not torch.isnan(probs).any() and probs[0].sum() == 0 and has_negative.tolist() == [False, True, False]
     # a batch made only of captions of one image: all skipped, no error
-    index, valid, _ = sample_hard_negatives(_logits(4, 4), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+    index, valid, _ = sample_hard_negatives(
+        _logits(4, 4), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long)
+    )
     assert not valid.any() and (index == -1).all()
 
 
@@ -142,7 +143,9 @@ def test_same_generator_state_draws_the_same_negatives():
     a, _, _ = sample_hard_negatives(logits, IDS, IDS, torch.Generator().manual_seed(7))
     b, _, _ = sample_hard_negatives(logits, IDS, IDS, torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
-    draws = {tuple(sample_hard_negatives(logits, IDS, IDS, torch.Generator().manual_seed(s))[0].tolist()) for s in range(5)}
+    draws = {
+        tuple(sample_hard_negatives(logits, IDS, IDS, torch.Generator().manual_seed(s))[0].tolist()) for s in range(5)
+    }
     assert len(draws) > 1
 
 

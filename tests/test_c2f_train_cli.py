@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-
 from test_train_cli import REPO, make_corpus, run_train
 
 METHODS = ["c2f", "c2f_cmd"]
@@ -30,24 +29,44 @@ def corpus(tmp_path_factory):
 
 
 def _overrides(enc, data, save_dir, method, *extra):
-    return ["--config-dir", os.path.join(REPO, "examples", "tiny"), "task._name=speech_image", f"method={method}",
-            f"task.data={data}", f"model.hubert_path={enc['hubert_path']}", f"model.image_model={enc['image_model']}",
-            f"model.image_model_config={enc['image_model_config']}",
-            f"model.image_pretrained={enc['image_pretrained']}", f"checkpoint.save_dir={save_dir}",
-            "dataset.batch_size=4", "common.log_interval=1", "model.queue_size=12", "optimization.update_freq=[2]",
-            # the queue from the start; SIM negatives random for 2 updates, then hard ones ramped in over 2
-            "criterion.queue_start=0", "criterion.sim_hard_start=2", "criterion.sim_hard_ramp=2", *extra]
+    return [
+        "--config-dir",
+        os.path.join(REPO, "examples", "tiny"),
+        "task._name=speech_image",
+        f"method={method}",
+        f"task.data={data}",
+        f"model.hubert_path={enc['hubert_path']}",
+        f"model.image_model={enc['image_model']}",
+        f"model.image_model_config={enc['image_model_config']}",
+        f"model.image_pretrained={enc['image_pretrained']}",
+        f"checkpoint.save_dir={save_dir}",
+        "dataset.batch_size=4",
+        "common.log_interval=1",
+        "model.queue_size=12",
+        "optimization.update_freq=[2]",
+        # the queue from the start; SIM negatives random for 2 updates, then hard ones ramped in over 2
+        "criterion.queue_start=0",
+        "criterion.sim_hard_start=2",
+        "criterion.sim_hard_ramp=2",
+        *extra,
+    ]
 
 
 def _train_log(stdout):
     """(num_updates, loss, sim_acc) of every train_inner line."""
-    return [(int(u), float(loss), float(acc)) for loss, acc, u in re.findall(
-        r"\[train_inner\].*? loss=([0-9.]+),.*? sim_acc=([0-9.]+),.*? num_updates=(\d+)", stdout)]
+    return [
+        (int(u), float(loss), float(acc))
+        for loss, acc, u in re.findall(
+            r"\[train_inner\].*? loss=([0-9.]+),.*? sim_acc=([0-9.]+),.*? num_updates=(\d+)", stdout
+        )
+    ]
 
 
 def _train(enc, data, save_dir, method, max_update):
-    return run_train(_overrides(enc, data, save_dir, method, f"optimization.max_update={max_update}",
-                                "task.valid_rerank_k=10"), cwd=save_dir.parent)
+    return run_train(
+        _overrides(enc, data, save_dir, method, f"optimization.max_update={max_update}", "task.valid_rerank_k=10"),
+        cwd=save_dir.parent,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +113,8 @@ def test_literal_command_trains_and_resumes_exactly(tiny_encoders, corpus, c2f_f
 
 
 def test_rerank_cli_with_k_covering_everything_equals_full_sim_scoring(corpus, c2f_first_run, tmp_path):
-    from cmd_plugin.retrieval.evaluate import encode_split
     from cmd_plugin.loading import load_cmd_checkpoint
+    from cmd_plugin.retrieval.evaluate import encode_split
     from cmd_plugin.retrieval.recall import retrieval_recall
     from cmd_plugin.retrieval.rerank import SequencePairScorer
 
@@ -105,10 +124,31 @@ def test_rerank_cli_with_k_covering_everything_equals_full_sim_scoring(corpus, c
     assert re.search(r"valid on 'valid' subset .*rerank_mean_r1 [0-9.]+", train_log)
     out_json = tmp_path / "rr.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "eval_recall.py"), "--checkpoint",
-                           str(checkpoint), "--data", corpus, "--split", "valid", "--rerank-k", "10",
-                           "--rerank-score", "sim", "--rerank-pair-batch", "5", "--output-json", str(out_json), "--no-progress"],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "examples", "eval_recall.py"),
+            "--checkpoint",
+            str(checkpoint),
+            "--data",
+            corpus,
+            "--split",
+            "valid",
+            "--rerank-k",
+            "10",
+            "--rerank-score",
+            "sim",
+            "--rerank-pair-batch",
+            "5",
+            "--output-json",
+            str(out_json),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"checkpoint_last\.pt SIC +\|", proc.stdout)
     assert re.search(r"checkpoint_last\.pt re-ranked K=10 \(sim\) +\|", proc.stdout)
@@ -144,7 +184,9 @@ def test_rerank_cli_with_k_covering_everything_equals_full_sim_scoring(corpus, c
     # the SIC cosine on the same pairs, and what re-ranking did to each query's first answer
     sic_pos, sic_neg = (emb.speech @ emb.images.T)[rows, emb.image_ids], sims.max(dim=1).values
     diff = sic_pos[:, None] - sic_neg[None, :]
-    assert auc["sic_auc_hard"] == pytest.approx(float((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.numel(), abs=1e-6)
+    assert auc["sic_auc_hard"] == pytest.approx(
+        float((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.numel(), abs=1e-6
+    )
     changes = record["rerank"]["top1_changes"]
     assert changes["s2i_kept_right"] + changes["s2i_broken"] == record["hits"]["s2i_hits_r1"]
     assert re.search(r"first answer after re-ranking: speech->image \d+ fixed, \d+ broken", proc.stdout)
@@ -153,14 +195,27 @@ def test_rerank_cli_with_k_covering_everything_equals_full_sim_scoring(corpus, c
 def test_two_stage_recipe_starts_c2f_from_a_sic_checkpoint(tiny_encoders, corpus, tmp_path):
     """checkpoint.restore_file with reset optimizer/meters/dataloader/lr: the SIC run's weights load into a
     C2F model whose C2F parts start fresh (documented in docs/c2f.md as the two-stage recipe)."""
-    first = run_train(_overrides(tiny_encoders, corpus, tmp_path / "sic", "sic", "model.queue_size=0",
-                                 "optimization.max_update=2"), cwd=tmp_path)
+    first = run_train(
+        _overrides(tiny_encoders, corpus, tmp_path / "sic", "sic", "model.queue_size=0", "optimization.max_update=2"),
+        cwd=tmp_path,
+    )
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     sic = tmp_path / "sic" / "checkpoint_last.pt"
-    second = run_train(_overrides(tiny_encoders, corpus, tmp_path / "c2f", "c2f", "optimization.max_update=2",
-                                  f"checkpoint.restore_file={sic}", "checkpoint.reset_optimizer=true",
-                                  "checkpoint.reset_lr_scheduler=true", "checkpoint.reset_meters=true",
-                                  "checkpoint.reset_dataloader=true"), cwd=tmp_path)
+    second = run_train(
+        _overrides(
+            tiny_encoders,
+            corpus,
+            tmp_path / "c2f",
+            "c2f",
+            "optimization.max_update=2",
+            f"checkpoint.restore_file={sic}",
+            "checkpoint.reset_optimizer=true",
+            "checkpoint.reset_lr_scheduler=true",
+            "checkpoint.reset_meters=true",
+            "checkpoint.reset_dataloader=true",
+        ),
+        cwd=tmp_path,
+    )
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-3000:]
     assert re.search(r"Loaded checkpoint .*sic/checkpoint_last\.pt", out)

@@ -12,8 +12,8 @@ import shutil
 
 import pytest
 import torch
-
 from checkpoint_layouts import make_tiny_data2vec_audio, make_tiny_hubert_ctc, make_tiny_wav2vec2
+
 from cmd_demo.tiny_encoders import TINY_HUBERT_LAYERS
 from cmd_plugin.checkpoints import CheckpointError, load_checkpoint_state, safe_torch_load
 from cmd_plugin.models.hubert_upstream import HubertUpstream
@@ -31,7 +31,7 @@ def fine_tuned(pretrained, tmp_path_factory):
 
 def _file_weights(path, prefix="w2v_encoder.w2v_model."):
     state = safe_torch_load(path)
-    return {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
 
 
 def test_fine_tuned_hubert_gives_its_own_encoder(pretrained, fine_tuned, caplog):
@@ -72,10 +72,14 @@ def test_fine_tuned_hubert_naming_only_its_pretrained_file(pretrained, tmp_path)
     assert "give that pre-trained checkpoint as model.hubert_path" in str(err.value)
 
 
-@pytest.mark.parametrize("make,what,name", [
-    (make_tiny_wav2vec2, "a wav2vec 2.0 pre-trained model", "wav2vec2"),
-    (make_tiny_data2vec_audio, "a data2vec (audio) pre-trained model", "data2vec_audio"),
-], ids=["wav2vec2", "data2vec"])
+@pytest.mark.parametrize(
+    "make,what,name",
+    [
+        (make_tiny_wav2vec2, "a wav2vec 2.0 pre-trained model", "wav2vec2"),
+        (make_tiny_data2vec_audio, "a data2vec (audio) pre-trained model", "data2vec_audio"),
+    ],
+    ids=["wav2vec2", "data2vec"],
+)
 def test_wav2vec2_and_data2vec_checkpoints_are_refused_saying_what_they_are(make, what, name, tmp_path):
     path = make(str(tmp_path / f"{name}.pt"))
     with pytest.raises(ValueError) as err:
@@ -122,11 +126,15 @@ class _FairseqCall:
         return get_activation_fn, ("relu",)
 
 
-@pytest.mark.parametrize("payload,named", [
-    (lambda tmp: _Touch(str(tmp / "pwned")), "builtins.getattr"),
-    (lambda tmp: _FairseqCall(), "fairseq.utils.get_activation_fn"),
-    (lambda tmp: pathlib.PurePosixPath("/data"), "pathlib.PurePosixPath"),
-], ids=["code", "fairseq_function", "path_object"])
+@pytest.mark.parametrize(
+    "payload,named",
+    [
+        (lambda tmp: _Touch(str(tmp / "pwned")), "builtins.getattr"),
+        (lambda tmp: _FairseqCall(), "fairseq.utils.get_activation_fn"),
+        (lambda tmp: pathlib.PurePosixPath("/data"), "pathlib.PurePosixPath"),
+    ],
+    ids=["code", "fairseq_function", "path_object"],
+)
 def test_checkpoints_pickling_other_classes_are_refused_with_the_class_named(pretrained, tmp_path, payload, named):
     state = safe_torch_load(pretrained)
     state["extra_state"]["note"] = payload(tmp_path)

@@ -36,8 +36,12 @@ def test_batches_hold_distinct_images_and_visit_all_equally():
 
 def _manifest(images, texts, root):
     return SpeechImageManifest(
-        audio_root=root, audio_paths=[f"{i}.wav" for i in range(len(images))], num_samples=[16000] * len(images),
-        image_root=root, image_paths=images, texts=texts,
+        audio_root=root,
+        audio_paths=[f"{i}.wav" for i in range(len(images))],
+        num_samples=[16000] * len(images),
+        image_root=root,
+        image_paths=images,
+        texts=texts,
     )
 
 
@@ -77,10 +81,19 @@ def test_pretraining_aligns_captions_with_images_and_writes_loadable_weights(tin
     name = tiny_encoders["image_model"]
     register_model_config(tiny_encoders["image_model_config"])
     out = tmp_path / "clip" / "pretrained.bin"
-    cfg = ClipPretrainingConfig(steps=200, batch_size=16, lr=2e-3, warmup_steps=10, eval_interval=0, seed=0,
-                                negatives="none")
-    result = pretrain_clip(name, tiny_encoders["image_pretrained"], str(out), scene_manifest, "scenes/train", cfg,
-                           valid=scene_manifest, valid_where="scenes/train")
+    cfg = ClipPretrainingConfig(
+        steps=200, batch_size=16, lr=2e-3, warmup_steps=10, eval_interval=0, seed=0, negatives="none"
+    )
+    result = pretrain_clip(
+        name,
+        tiny_encoders["image_pretrained"],
+        str(out),
+        scene_manifest,
+        "scenes/train",
+        cfg,
+        valid=scene_manifest,
+        valid_where="scenes/train",
+    )
     assert os.listdir(out.parent) == ["pretrained.bin"]  # no temporary file left behind
 
     def train_recall(weights):
@@ -139,7 +152,8 @@ def test_training_scenes_are_read_from_the_corpus_record_and_missing_ones_named(
 
 @pytest.mark.parametrize("negatives", ["captions", "images"])
 def test_pretraining_with_negatives_runs_and_the_negatives_change_the_training(
-        tiny_encoders, scene_manifest, tmp_path, negatives, caplog):
+    tiny_encoders, scene_manifest, tmp_path, negatives, caplog
+):
     import logging
 
     from cmd_plugin.models.clip_upstream import register_model_config
@@ -149,12 +163,28 @@ def test_pretraining_with_negatives_runs_and_the_negatives_change_the_training(
     record = os.path.join(scene_manifest.image_root, "scene_corpus.json")
 
     def train(mode, out):
-        cfg = ClipPretrainingConfig(steps=3, batch_size=8, lr=2e-3, warmup_steps=1, eval_interval=1, seed=0,
-                                    negatives=mode, negatives_per_image=2)
+        cfg = ClipPretrainingConfig(
+            steps=3,
+            batch_size=8,
+            lr=2e-3,
+            warmup_steps=1,
+            eval_interval=1,
+            seed=0,
+            negatives=mode,
+            negatives_per_image=2,
+        )
         timings = {}
         with caplog.at_level(logging.INFO, logger="cmd_demo.clip_pretraining"):
-            pretrain_clip(name, tiny_encoders["image_pretrained"], str(tmp_path / out), scene_manifest,
-                          "scenes/train", cfg, scenes_json=record, timings=timings)
+            pretrain_clip(
+                name,
+                tiny_encoders["image_pretrained"],
+                str(tmp_path / out),
+                scene_manifest,
+                "scenes/train",
+                cfg,
+                scenes_json=record,
+                timings=timings,
+            )
         return torch.load(tmp_path / out), timings
 
     plain, _ = train("none", "none.bin")
@@ -175,11 +205,23 @@ def test_pretraining_with_negatives_runs_and_the_negatives_change_the_training(
 def test_negatives_without_the_scene_record_are_refused(tiny_encoders, scene_manifest, tmp_path):
     cfg = ClipPretrainingConfig(steps=1, negatives="captions")
     with pytest.raises(ValueError, match="needs the corpus's scene_corpus.json"):
-        pretrain_clip(tiny_encoders["image_model"], tiny_encoders["image_pretrained"], str(tmp_path / "w.bin"),
-                      scene_manifest, "scenes/train", cfg)
+        pretrain_clip(
+            tiny_encoders["image_model"],
+            tiny_encoders["image_pretrained"],
+            str(tmp_path / "w.bin"),
+            scene_manifest,
+            "scenes/train",
+            cfg,
+        )
     with pytest.raises(ValueError, match="expected one of none, captions, images"):
-        pretrain_clip(tiny_encoders["image_model"], tiny_encoders["image_pretrained"], str(tmp_path / "w.bin"),
-                      scene_manifest, "scenes/train", ClipPretrainingConfig(negatives="hard"))
+        pretrain_clip(
+            tiny_encoders["image_model"],
+            tiny_encoders["image_pretrained"],
+            str(tmp_path / "w.bin"),
+            scene_manifest,
+            "scenes/train",
+            ClipPretrainingConfig(negatives="hard"),
+        )
 
 
 def test_another_image_size_starts_from_the_init_weights_where_shapes_match(tiny_encoders, scene_manifest, tmp_path):
@@ -193,8 +235,15 @@ def test_another_image_size_starts_from_the_init_weights_where_shapes_match(tiny
     register_model_config(str(path))
     cfg = ClipPretrainingConfig(steps=1, batch_size=8, lr=0.0, warmup_steps=1, eval_interval=0, negatives="none")
     out = tmp_path / "w.bin"
-    pretrain_clip("cmd-tiny-32px", tiny_encoders["image_pretrained"], str(out), scene_manifest, "scenes/train", cfg,
-                  partial_init=True)
+    pretrain_clip(
+        "cmd-tiny-32px",
+        tiny_encoders["image_pretrained"],
+        str(out),
+        scene_manifest,
+        "scenes/train",
+        cfg,
+        partial_init=True,
+    )
     init, trained = torch.load(tiny_encoders["image_pretrained"]), torch.load(out)
     # lr 0: every tensor is where it started; those of the same shape started from the init weights
     assert trained["visual.positional_embedding"].shape[0] == 17 != init["visual.positional_embedding"].shape[0]

@@ -10,9 +10,12 @@ from cmd_plugin.tasks.speech_image import SpeechImageConfig, SpeechImageTask
 def _dataset(shuffle, buckets, n=400, seed=0):
     rng = np.random.default_rng(seed)
     sizes = rng.integers(16000, 160000, n).tolist()
-    manifest = SpeechImageManifest("/a", [f"{i}.wav" for i in range(n)], sizes, "/i", [f"{i // 5}.jpg" for i in range(n)])
-    return SpeechImageDataset(manifest, "train" if shuffle else "valid", images=None, shuffle=shuffle,
-                              num_length_buckets=buckets)
+    manifest = SpeechImageManifest(
+        "/a", [f"{i}.wav" for i in range(n)], sizes, "/i", [f"{i // 5}.jpg" for i in range(n)]
+    )
+    return SpeechImageDataset(
+        manifest, "train" if shuffle else "valid", images=None, shuffle=shuffle, num_length_buckets=buckets
+    )
 
 
 def _batches(task, dataset, epoch):
@@ -23,6 +26,7 @@ def _batches(task, dataset, epoch):
 def _pair_overlap(a, b):
     def pairs(batches):
         return {(x, y) for batch in batches for x in batch for y in batch if x < y}
+
     first = pairs(a)
     return len(first & pairs(b)) / len(first)
 

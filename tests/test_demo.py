@@ -2,8 +2,8 @@
 
 import gzip
 import json
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,8 +12,20 @@ import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO_ROOT, "examples", "demo.py")
-TOY = ["--num-train-images", "12", "--num-valid-images", "3", "--num-test-images", "4", "--num-speakers", "5",
-       "--clip-steps", "10", "--max-update", "4"]
+TOY = [
+    "--num-train-images",
+    "12",
+    "--num-valid-images",
+    "3",
+    "--num-test-images",
+    "4",
+    "--num-speakers",
+    "5",
+    "--clip-steps",
+    "10",
+    "--max-update",
+    "4",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,9 +42,14 @@ def toy_upstream_config(tmp_path_factory):
 
 def _demo(work, *extra):
     # a progress line every second: the toy stages are over in seconds, a real demo reports every 30 s
-    return subprocess.run([sys.executable, DEMO, "--work-dir", str(work), *TOY, *extra], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, CMD_PLUGIN_PROGRESS_SECONDS="1"))
+    return subprocess.run(
+        [sys.executable, DEMO, "--work-dir", str(work), *TOY, *extra],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, CMD_PLUGIN_PROGRESS_SECONDS="1"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +66,7 @@ def demo_run(tmp_path_factory):
 def test_demo_prints_both_rows_next_to_chance_from_the_eval_records(demo_run):
     work, out = demo_run
     assert "Test split of the generated corpus: 20 utterances x 4 images" in out
-    table = out[out.index("Speech→Image"):]
+    table = out[out.index("Speech→Image") :]
     for tag, label in (("cmd", "CMD (alpha=1)"), ("no_cmd", "no CMD (alpha=0)")):
         with open(work / f"checkpoints_{tag}" / "recall_test.json") as f:
             record = json.load(f)
@@ -61,8 +78,17 @@ def test_demo_prints_both_rows_next_to_chance_from_the_eval_records(demo_run):
     # the image tower that was trained against is the pre-trained tiny CLIP, not the random one
     clip = [p.name for p in work.glob("tiny_clip_pretrained_10steps*.bin")]  # *: the hard-negative mode
     assert len(clip) == 1 and clip[0] in (work / "train_cmd.log").read_text()
-    for stage in ("tiny encoders", "corpus", "prepare", "speech upstream (fairseq HuBERT recipe)",
-                  "CLIP pre-training", "train cmd", "eval no_cmd", "minimal-pairs set", "minimal pairs"):
+    for stage in (
+        "tiny encoders",
+        "corpus",
+        "prepare",
+        "speech upstream (fairseq HuBERT recipe)",
+        "CLIP pre-training",
+        "train cmd",
+        "eval no_cmd",
+        "minimal-pairs set",
+        "minimal pairs",
+    ):
         assert stage in out.split("stage times:")[-1]
     # the model was trained on the recipe's fine-tuned upstream, frozen
     upstream = json.loads((work / "upstream" / "upstream.json").read_text())
@@ -134,8 +160,13 @@ ABLATION = os.path.join(REPO_ROOT, "examples", "ablation.py")
 
 
 def _ablation(work, *extra):
-    return subprocess.run([sys.executable, ABLATION, "--work-dir", str(work), *TOY, *extra], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, ABLATION, "--work-dir", str(work), *TOY, *extra],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def test_ablation_harness_trains_rows_by_seeds_then_resumes_without_retraining(demo_run):
@@ -152,19 +183,22 @@ def test_ablation_harness_trains_rows_by_seeds_then_resumes_without_retraining(d
         test_r1 = [per_seed[s]["test"]["mean_r1"] for s in ("1", "2")]
         mean, sd = record["rows"][row]["mean_sd"]["mean_r1"]
         assert mean == pytest.approx(sum(test_r1) / 2)
-        assert sd == pytest.approx(abs(test_r1[0] - test_r1[1]) / 2 ** 0.5)
+        assert sd == pytest.approx(abs(test_r1[0] - test_r1[1]) / 2**0.5)
         # each run's checkpoint was chosen on valid and scored on valid and test
         for seed in ("1", "2"):
             run_dir = out_dir / "u4" / row / f"seed{seed}"
             assert (run_dir / "checkpoint_best.pt").is_file()
             with open(run_dir / "recall_test.json") as f:
                 assert json.load(f)["recall"]["mean_r1"] == per_seed[seed]["test"]["mean_r1"]
-        table = proc.stdout[proc.stdout.index("Ablation on the generated corpus"):]
+        table = proc.stdout[proc.stdout.index("Ablation on the generated corpus") :]
         line = next(line for line in table.splitlines() if line.startswith(row + " "))
         assert f"{mean:.1f}±{sd:.1f}" in line
     # the CMD row logged its fusion attention; the alpha = 0 row has none
     assert set(record["rows"]["cmd-cosine"]["per_seed"]["1"]["attention"]) == {
-        "attn_entropy", "attn_max", "attn_cos_mean_pool"}
+        "attn_entropy",
+        "attn_max",
+        "attn_cos_mean_pool",
+    }
     assert record["rows"]["sic"]["per_seed"]["1"]["attention"] == {}
     assert (out_dir / "ablation_u4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # every run: its valid curve (one validation per epoch, ending at the last update) and its checkpoint
@@ -199,16 +233,37 @@ def test_ablation_harness_trains_rows_by_seeds_then_resumes_without_retraining(d
                 with open(path, "rb") as src, gzip.open(str(dst) + ".gz", "wb") as gz:
                     gz.write(src.read())
     from_records = subprocess.run(
-        [sys.executable, ABLATION, "--work-dir", str(work.parent / "no_such_work_dir"), "--out-dir", str(records),
-         "--max-update", "4", "--rows", "sic", "cmd-cosine", "--seeds", "1", "2", "--report-only"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            ABLATION,
+            "--work-dir",
+            str(work.parent / "no_such_work_dir"),
+            "--out-dir",
+            str(records),
+            "--max-update",
+            "4",
+            "--rows",
+            "sic",
+            "cmd-cosine",
+            "--seeds",
+            "1",
+            "2",
+            "--report-only",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert from_records.returncode == 0, from_records.stderr[-3000:]
     assert not (work.parent / "no_such_work_dir").exists()
     with open(records / "ablation_u4.json") as f:
         again_record = json.load(f)
     for row in ("sic", "cmd-cosine"):
         assert again_record["rows"][row]["mean_sd"] == record["rows"][row]["mean_sd"]
-        assert again_record["rows"][row]["per_seed"]["1"]["attention"] == record["rows"][row]["per_seed"]["1"]["attention"]
+        assert (
+            again_record["rows"][row]["per_seed"]["1"]["attention"] == record["rows"][row]["per_seed"]["1"]["attention"]
+        )
 
 
 def test_ablation_rejects_an_unknown_row_before_any_work(tmp_path):

@@ -7,7 +7,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md", "manifests/README.md", "benchmarks/README.md"] + sorted(
-    os.path.join("docs", name) for name in os.listdir(os.path.join(REPO, "docs")) if name.endswith(".md"))
+    os.path.join("docs", name) for name in os.listdir(os.path.join(REPO, "docs")) if name.endswith(".md")
+)
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 
@@ -27,8 +28,16 @@ def test_links_point_inside_the_repository(doc):
 def test_the_corpus_layouts_are_documented_for_both_corpora():
     with open(os.path.join(REPO, "docs", "formats.md"), encoding="utf-8") as f:
         text = f.read()
-    for name in ("wav2capt.txt", "Flicker8k_Dataset", "Flickr_8k.devImages.txt", "Flickr8k.token.txt",
-                 "SpokenCOCO_train.json", "dataset_coco.json", "restval", "SpokenCOCO_ksplit_"):
+    for name in (
+        "wav2capt.txt",
+        "Flicker8k_Dataset",
+        "Flickr_8k.devImages.txt",
+        "Flickr8k.token.txt",
+        "SpokenCOCO_train.json",
+        "dataset_coco.json",
+        "restval",
+        "SpokenCOCO_ksplit_",
+    ):
         assert name in text, name
 
 

@@ -58,11 +58,17 @@ def setup(tiny_encoders, tmp_path_factory):
     # interleave so that captions of one image are not adjacent in the manifest
     order = list(range(0, len(audio_paths), 2)) + list(range(1, len(audio_paths), 2))
     manifest_dir = root / "manifests"
-    write_manifest(str(manifest_dir), "test", SpeechImageManifest(
-        audio_root=str(wav_dir), audio_paths=[audio_paths[i] for i in order],
-        num_samples=[sizes[i] for i in order], image_root=str(img_dir),
-        image_paths=[image_paths[i] for i in order],
-    ))
+    write_manifest(
+        str(manifest_dir),
+        "test",
+        SpeechImageManifest(
+            audio_root=str(wav_dir),
+            audio_paths=[audio_paths[i] for i in order],
+            num_samples=[sizes[i] for i in order],
+            image_root=str(img_dir),
+            image_paths=[image_paths[i] for i in order],
+        ),
+    )
 
     # HuBERT "moved" after training: the checkpoint names a path that no longer exists
     old_hubert = str(root / "old_location" / "tiny_hubert.pt")
@@ -71,9 +77,13 @@ def setup(tiny_encoders, tmp_path_factory):
     shutil.copy(tiny_encoders["hubert_path"], new_hubert)
 
     model_cfg = CmdSpeechImageConfig(
-        hubert_path=tiny_encoders["hubert_path"], image_model=tiny_encoders["image_model"],
-        image_pretrained=tiny_encoders["image_pretrained"], image_model_config=tiny_encoders["image_model_config"],
-        speech_encoder_heads=4, speech_encoder_ffn_dim=128, speech_encoder_dropout=0.0,
+        hubert_path=tiny_encoders["hubert_path"],
+        image_model=tiny_encoders["image_model"],
+        image_pretrained=tiny_encoders["image_pretrained"],
+        image_model_config=tiny_encoders["image_model_config"],
+        speech_encoder_heads=4,
+        speech_encoder_ffn_dim=128,
+        speech_encoder_dropout=0.0,
     )
     torch.manual_seed(0)
     model = CmdSpeechImageModel.build_model(model_cfg)
@@ -92,14 +102,17 @@ def setup(tiny_encoders, tmp_path_factory):
             "_name": None,
             "common": {"_name": None, "user_dir": os.path.join(REPO, "cmd_plugin"), "seed": 1},
             "task": {
-                "_name": "speech_image", "data": str(root / "training_manifests"),
+                "_name": "speech_image",
+                "data": str(root / "training_manifests"),
                 "image_model": tiny_encoders["image_model"],
                 "image_model_config": tiny_encoders["image_model_config"],
                 "image_pretrained": tiny_encoders["image_pretrained"],
                 "image_feature_cache": str(root / "training_image_cache"),  # gone: scoring encodes pixels
                 # training's length filter would drop the 4000- and 8500-sample test utterances:
                 # scoring must still score every one of them
-                "sample_rate": 16000, "min_sample_size": 4500, "max_sample_size": 7000,
+                "sample_rate": 16000,
+                "min_sample_size": 4500,
+                "max_sample_size": 7000,
                 "num_length_buckets": 0,
             },
             "model": model_dict,
@@ -107,13 +120,20 @@ def setup(tiny_encoders, tmp_path_factory):
         },
         "model": model.state_dict(),
         "criterion": {},
-        "optimizer_history": [{
-            "criterion_name": "CmdContrastiveCriterion", "optimizer_name": "FairseqAdam",
-            "lr_scheduler_state": {"best": 12.5}, "num_updates": 100,
-        }],
+        "optimizer_history": [
+            {
+                "criterion_name": "CmdContrastiveCriterion",
+                "optimizer_name": "FairseqAdam",
+                "lr_scheduler_state": {"best": 12.5},
+                "num_updates": 100,
+            }
+        ],
         "task_state": {},
-        "extra_state": {"train_iterator": {"epoch": 2, "iterations_in_epoch": 0, "shuffle": True},
-                        "previous_training_time": 1.0, "val_loss": 1.0},
+        "extra_state": {
+            "train_iterator": {"epoch": 2, "iterations_in_epoch": 0, "shuffle": True},
+            "previous_training_time": 1.0,
+            "val_loss": 1.0,
+        },
         "last_optimizer_state": {},
     }
     checkpoint = str(root / "checkpoints" / "checkpoint_best.pt")
@@ -123,27 +143,45 @@ def setup(tiny_encoders, tmp_path_factory):
     # reference: the model's own embeddings, one item at a time, no dataset or collater
     transform = image_transform(tiny_encoders["image_model"], tiny_encoders["image_model_config"])
     with torch.no_grad():
-        speech = torch.cat([
-            model.encode_speech(torch.from_numpy(sf.read(str(wav_dir / p), dtype="float32")[0])[None])
-            for p in [audio_paths[i] for i in order]
-        ])
+        speech = torch.cat(
+            [
+                model.encode_speech(torch.from_numpy(sf.read(str(wav_dir / p), dtype="float32")[0])[None])
+                for p in [audio_paths[i] for i in order]
+            ]
+        )
         unique = list(dict.fromkeys(image_paths[i] for i in order))
         pixels = torch.stack([transform(Image.open(img_dir / p).convert("RGB")) for p in unique])
         images, _ = model.encode_image(pixels)
     image_ids = torch.tensor([unique.index(image_paths[i]) for i in order])
     return {
-        "root": root, "manifests": str(manifest_dir), "checkpoint": checkpoint,
-        "old_hubert": old_hubert, "new_hubert": new_hubert,
-        "speech": speech, "images": images, "image_ids": image_ids, "image_paths": unique,
+        "root": root,
+        "manifests": str(manifest_dir),
+        "checkpoint": checkpoint,
+        "old_hubert": old_hubert,
+        "new_hubert": new_hubert,
+        "speech": speech,
+        "images": images,
+        "image_ids": image_ids,
+        "image_paths": unique,
         "utterance_paths": [audio_paths[i] for i in order],
     }
 
 
 def _run(setup, *extra):
-    return eval_recall.main([
-        "--checkpoint", setup["checkpoint"], "--data", setup["manifests"], "--split", "test",
-        "--batch-size", "3", "--no-progress", *extra,
-    ])
+    return eval_recall.main(
+        [
+            "--checkpoint",
+            setup["checkpoint"],
+            "--data",
+            setup["manifests"],
+            "--split",
+            "test",
+            "--batch-size",
+            "3",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def _error(capsys, argv):
@@ -155,8 +193,18 @@ def _error(capsys, argv):
 
 def test_scores_match_recall_of_the_models_own_embeddings(setup, capsys, tmp_path):
     out_json, emb_path = tmp_path / "out" / "recall.json", tmp_path / "emb.pt"
-    assert _run(setup, "--hubert-path", setup["new_hubert"], "--output-json", str(out_json),
-                "--save-embeddings", str(emb_path)) == 0
+    assert (
+        _run(
+            setup,
+            "--hubert-path",
+            setup["new_hubert"],
+            "--output-json",
+            str(out_json),
+            "--save-embeddings",
+            str(emb_path),
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     record = json.loads(out_json.read_text())
 
@@ -188,7 +236,7 @@ def test_scores_match_recall_of_the_models_own_embeddings(setup, capsys, tmp_pat
     # the printed table: Table 2 column layout, model row then chance row, one decimal
     lines = printed.strip().splitlines()
     start = next(i for i, line in enumerate(lines) if "Speech→Image" in line)
-    header1, header2, rule, model_row, chance_row = lines[start:start + 5]
+    header1, header2, rule, model_row, chance_row = lines[start : start + 5]
     assert [part.strip() for part in header1.split("|")[1:]] == ["Speech→Image", "Image→Speech", "Mean"]
     assert [cells.split() for cells in header2.split("|")] == [["Model"]] + [["R@1", "R@5", "R@10"]] * 3
     assert set(rule) == {"-"}
@@ -210,8 +258,10 @@ def test_moved_hubert_file_is_named_in_the_error(setup, capsys):
     err = _error(capsys, ["--checkpoint", setup["checkpoint"], "--data", setup["manifests"], "--no-progress"])
     assert setup["old_hubert"] in err and "--hubert-path" in err
     missing = str(setup["root"] / "nowhere" / "hubert.pt")
-    err = _error(capsys, ["--checkpoint", setup["checkpoint"], "--data", setup["manifests"],
-                          "--hubert-path", missing, "--no-progress"])
+    err = _error(
+        capsys,
+        ["--checkpoint", setup["checkpoint"], "--data", setup["manifests"], "--hubert-path", missing, "--no-progress"],
+    )
     assert missing in err
 
 
@@ -226,8 +276,17 @@ def test_missing_checkpoint_and_foreign_checkpoint_are_clear_errors(setup, tiny_
     not_torch.write_text("not a checkpoint")
     err = _error(capsys, ["--checkpoint", str(not_torch), "--data", setup["manifests"]])
     assert "not a fairseq checkpoint" in err
-    err = _error(capsys, ["--checkpoint", setup["checkpoint"], "--data", str(tmp_path / "no_manifests"),
-                          "--hubert-path", setup["new_hubert"]])
+    err = _error(
+        capsys,
+        [
+            "--checkpoint",
+            setup["checkpoint"],
+            "--data",
+            str(tmp_path / "no_manifests"),
+            "--hubert-path",
+            setup["new_hubert"],
+        ],
+    )
     assert str(tmp_path / "no_manifests") in err
     err = _error(capsys, ["--checkpoint", setup["checkpoint"], "--data", setup["manifests"], "--fp16"])
     assert "--fp16 needs --device cuda" in err
@@ -254,10 +313,28 @@ def test_a_wrong_split_is_named_with_the_splits_there_before_the_model_loads(set
 def test_cli_runs_from_another_directory_and_documents_the_tie_rule(setup, tiny_encoders, tmp_path):
     # the checkpoint reloaded in a NEW process gives the trained model's own embeddings
     emb_path = tmp_path / "emb.pt"
-    proc = subprocess.run([sys.executable, SCRIPT, "--checkpoint", setup["checkpoint"], "--data", setup["manifests"],
-                           "--split", "test", "--hubert-path", setup["new_hubert"], "--batch-size", "3",
-                           "--no-progress", "--save-embeddings", str(emb_path)],
-                          cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            SCRIPT,
+            "--checkpoint",
+            setup["checkpoint"],
+            "--data",
+            setup["manifests"],
+            "--split",
+            "test",
+            "--hubert-path",
+            setup["new_hubert"],
+            "--batch-size",
+            "3",
+            "--no-progress",
+            "--save-embeddings",
+            str(emb_path),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = torch.load(emb_path, weights_only=True)
     assert torch.allclose(saved["speech"], setup["speech"], atol=1e-4)
@@ -268,11 +345,16 @@ def test_cli_runs_from_another_directory_and_documents_the_tie_rule(setup, tiny_
     upstream_bytes = os.path.getsize(setup["new_hubert"]) + os.path.getsize(tiny_encoders["image_pretrained"])
     assert os.path.getsize(setup["checkpoint"]) < upstream_bytes
 
-    help_text = subprocess.run([sys.executable, SCRIPT, "--help"], cwd=tmp_path, capture_output=True,
-                               text=True, check=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, SCRIPT, "--help"], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout
     assert "tie" in help_text.lower() and "above" in help_text
-    proc = subprocess.run([sys.executable, SCRIPT, "--from-embeddings", "emb.pt", "--output-json", "r.json"],
-                          cwd=tmp_path, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--from-embeddings", "emb.pt", "--output-json", "r.json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Image→Speech" in proc.stdout
     assert json.loads((tmp_path / "r.json").read_text())["counts"]["num_images"] == NUM_IMAGES
@@ -281,14 +363,39 @@ def test_cli_runs_from_another_directory_and_documents_the_tie_rule(setup, tiny_
 def test_scoring_from_an_image_feature_cache_matches_pixels(setup, tiny_encoders, capsys, tmp_path):
     cache_image_features = _load_script(os.path.join(REPO, "examples", "cache_image_features.py"), "cache_script")
     cache_dir = tmp_path / "cache"
-    assert cache_image_features.main([
-        "--manifest-dir", setup["manifests"], "--splits", "test", "--image-model", tiny_encoders["image_model"],
-        "--image-pretrained", tiny_encoders["image_pretrained"], "--image-model-config",
-        tiny_encoders["image_model_config"], "--out", str(cache_dir), "--no-progress",
-    ]) == 0
+    assert (
+        cache_image_features.main(
+            [
+                "--manifest-dir",
+                setup["manifests"],
+                "--splits",
+                "test",
+                "--image-model",
+                tiny_encoders["image_model"],
+                "--image-pretrained",
+                tiny_encoders["image_pretrained"],
+                "--image-model-config",
+                tiny_encoders["image_model_config"],
+                "--out",
+                str(cache_dir),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     emb_path = tmp_path / "emb_cached.pt"
-    assert _run(setup, "--hubert-path", setup["new_hubert"], "--image-feature-cache", str(cache_dir),
-                "--save-embeddings", str(emb_path)) == 0
+    assert (
+        _run(
+            setup,
+            "--hubert-path",
+            setup["new_hubert"],
+            "--image-feature-cache",
+            str(cache_dir),
+            "--save-embeddings",
+            str(emb_path),
+        )
+        == 0
+    )
     saved = torch.load(emb_path, weights_only=True)
     # fp16 storage of the encoder's own outputs: close to the pixel path, never equal by accident
     assert torch.allclose(saved["images"], setup["images"], atol=2e-3)
@@ -299,18 +406,47 @@ def test_scoring_from_an_image_feature_cache_matches_pixels(setup, tiny_encoders
     img = other / "test.img"
     lines = img.read_text().splitlines()
     img.write_text("\n".join([lines[0]] + ["missing_" + line for line in lines[1:]]) + "\n")
-    err = _error(capsys, ["--checkpoint", setup["checkpoint"], "--data", str(other), "--split", "test",
-                          "--hubert-path", setup["new_hubert"], "--image-feature-cache", str(cache_dir),
-                          "--no-progress"])
+    err = _error(
+        capsys,
+        [
+            "--checkpoint",
+            setup["checkpoint"],
+            "--data",
+            str(other),
+            "--split",
+            "test",
+            "--hubert-path",
+            setup["new_hubert"],
+            "--image-feature-cache",
+            str(cache_dir),
+            "--no-progress",
+        ],
+    )
     assert "missing_" in err and "not in image feature cache" in err
 
 
 def test_rerank_refuses_a_checkpoint_without_matching_head(setup, capsys):
-    err = _error(capsys, ["--checkpoint", setup["checkpoint"], "--data", setup["manifests"], "--split", "test",
-                          "--hubert-path", setup["new_hubert"], "--rerank-k", "10", "--no-progress"])
+    err = _error(
+        capsys,
+        [
+            "--checkpoint",
+            setup["checkpoint"],
+            "--data",
+            setup["manifests"],
+            "--split",
+            "test",
+            "--hubert-path",
+            setup["new_hubert"],
+            "--rerank-k",
+            "10",
+            "--no-progress",
+        ],
+    )
     assert "has no matching head" in err and "method=c2f" in err and "+method" not in err
     err = _error(capsys, ["--checkpoint", setup["checkpoint"], "--data", setup["manifests"], "--rerank-k", "5"])
     assert "--rerank-k must be >= 10" in err
+
+
 def test_scoring_names_the_manifest_line_of_a_file_broken_since_preparation(setup, capsys, tmp_path):
     from cmd_plugin.data.manifest import read_manifest
 
@@ -321,8 +457,17 @@ def test_scoring_names_the_manifest_line_of_a_file_broken_since_preparation(setu
     manifest.audio_root, manifest.image_root = str(copy / "wavs"), str(copy / "images")
     data = str(tmp_path / "manifests")
     write_manifest(data, "test", manifest)
-    argv = ["--checkpoint", setup["checkpoint"], "--data", data, "--hubert-path", setup["new_hubert"],
-            "--batch-size", "3", "--no-progress"]
+    argv = [
+        "--checkpoint",
+        setup["checkpoint"],
+        "--data",
+        data,
+        "--hubert-path",
+        setup["new_hubert"],
+        "--batch-size",
+        "3",
+        "--no-progress",
+    ]
 
     sf.write(manifest.audio_path(4), np.zeros(3000, np.float32), 8000)
     err = _error(capsys, argv)

@@ -19,6 +19,7 @@ def _write_text(text):
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
+
     return write
 
 

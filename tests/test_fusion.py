@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmd_plugin.objectives.sic import symmetric_infonce
 from cmd_plugin.modules.fusion import FUSION_ATTENTION_CHOICES, FusionEncoder, attention_statistics, diagonal_pairs
 from cmd_plugin.objectives.cmd.noise import apply_patch_noise, draw_patch_noise
+from cmd_plugin.objectives.sic import symmetric_infonce
 
 
 @pytest.mark.parametrize("variant", FUSION_ATTENTION_CHOICES)
@@ -30,8 +30,12 @@ def test_variant_parameter_counts():
     dim = 768
     counts = {v: sum(p.numel() for p in FusionEncoder(dim, attention=v).parameters()) for v in FUSION_ATTENTION_CHOICES}
     base = dim * dim + dim + 2 * dim  # FC + LayerNorm (the paper's Table 1)
-    assert counts == {"literal": base, "cosine": base + 1, "qkv": base + 3 * dim * dim + 2 * dim,
-                      "uniform": base + dim * dim + dim}  # qkv's value projection, no query/key
+    assert counts == {
+        "literal": base,
+        "cosine": base + 1,
+        "qkv": base + 3 * dim * dim + 2 * dim,
+        "uniform": base + dim * dim + dim,
+    }  # qkv's value projection, no query/key
     with pytest.raises(ValueError, match="fusion attention must be one of"):
         FusionEncoder(dim, attention="dot")
 
@@ -60,7 +64,9 @@ def test_attention_statistics_of_uniform_and_one_hot_attention():
     o = attention_statistics(one_hot, recon, -recon)
     assert float(u["attn_entropy"]) == pytest.approx(2.0) and float(u["attn_max"]) == pytest.approx(2.0 / n)
     assert float(o["attn_entropy"]) == pytest.approx(0.0, abs=1e-6) and float(o["attn_max"]) == pytest.approx(2.0)
-    assert float(u["attn_cos_mean_pool"]) == pytest.approx(2.0) and float(o["attn_cos_mean_pool"]) == pytest.approx(-2.0)
+    assert float(u["attn_cos_mean_pool"]) == pytest.approx(2.0) and float(o["attn_cos_mean_pool"]) == pytest.approx(
+        -2.0
+    )
 
 
 def _train_on_one_informative_patch(variant, steps=400, seed=0):
@@ -74,7 +80,7 @@ def _train_on_one_informative_patch(variant, steps=400, seed=0):
     class_patch = torch.randn(num_classes, dim, generator=gen)
 
     def make_batch(g):
-        classes = torch.randperm(num_classes, generator=g)[:batch // 2].repeat(2)  # 2 captions per image
+        classes = torch.randperm(num_classes, generator=g)[: batch // 2].repeat(2)  # 2 captions per image
         patches = clutter_bank[torch.randint(0, 64, (batch, num_patches), generator=g)]
         where = torch.randint(0, num_patches, (batch,), generator=g)
         patches[torch.arange(batch), where] = class_patch[classes]

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from test_model import build_model, criterion, make_batch
 
 IMAGE_IDS = [0, 0, 1, 2, 2, 3]
@@ -142,8 +141,15 @@ def test_validation_positives_are_by_split_and_image(tiny_encoders, tmp_path):
 
 # ---- coarse-to-fine: queue, distillation and SIM on 2 workers == one process ----
 
-C2F_MODEL = dict(c2f_momentum=True, queue_size=8, multimodal_layers=1, multimodal_heads=2, multimodal_ffn_dim=32,
-                 multimodal_dropout=0.0, speech_encoder_heads=2)
+C2F_MODEL = dict(
+    c2f_momentum=True,
+    queue_size=8,
+    multimodal_layers=1,
+    multimodal_heads=2,
+    multimodal_ffn_dim=32,
+    multimodal_dropout=0.0,
+    speech_encoder_heads=2,
+)
 
 
 def _c2f_setup(encoders):
@@ -161,8 +167,10 @@ def _c2f_setup(encoders):
         emb = torch.nn.functional.normalize(torch.randn(5, model.image_encoder.embed_dim, generator=gen), dim=-1)
         keys = torch.tensor([[split_code("train"), i] for i in (0, 2, 40, 41, 42)])
         model.queue.enqueue(emb, emb.flip(0), keys)
-    crit = CmdContrastiveCriterion(CmdContrastiveConfig(noise_seed=5, sim_weight=1.0, distill_alpha=0.4,
-                                                        distill_ramp_updates=0, cmd_weight=1.0), task=None)
+    crit = CmdContrastiveCriterion(
+        CmdContrastiveConfig(noise_seed=5, sim_weight=1.0, distill_alpha=0.4, distill_ramp_updates=0, cmd_weight=1.0),
+        task=None,
+    )
     return model, crit
 
 
@@ -179,8 +187,7 @@ def _c2f_worker(rank, port, encoders, out_path):
         dist.all_reduce(value)
     for g in grads.values():
         g.div_(total)
-    torch.save({"sums": sums, "total": total, "grads": grads, "queue": model.queue.state_dict()},
-               f"{out_path}.{rank}")
+    torch.save({"sums": sums, "total": total, "grads": grads, "queue": model.queue.state_dict()}, f"{out_path}.{rank}")
     dist.destroy_process_group()
 
 

@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 import yaml
-
 from test_train_cli import make_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,18 +38,40 @@ def _toy_config(path, n_clusters=8, max_tokens=40000):
     cfg["holdout_fraction"] = 0.25
     for stage in ("pretrain", "finetune"):
         o = cfg[stage]["overrides"]
-        o.update({"optimization.max_update": 3, "dataset.max_tokens": max_tokens, "common.log_interval": 1,
-                  "model.encoder_layers": 2, "model.encoder_embed_dim": 32, "model.encoder_ffn_embed_dim": 64,
-                  "model.encoder_attention_heads": 2, "model.conv_pos": 8, "model.conv_pos_groups": 4})
+        o.update(
+            {
+                "optimization.max_update": 3,
+                "dataset.max_tokens": max_tokens,
+                "common.log_interval": 1,
+                "model.encoder_layers": 2,
+                "model.encoder_embed_dim": 32,
+                "model.encoder_ffn_embed_dim": 64,
+                "model.encoder_attention_heads": 2,
+                "model.conv_pos": 8,
+                "model.conv_pos_groups": 4,
+            }
+        )
     pre = cfg["pretrain"]["overrides"]
-    pre.update({"model.conv_feature_layers": "[(32, 400, 160)] + [(32, 2, 2)]", "model.final_dim": 16,
-                "lr_scheduler.warmup_updates": 1, "checkpoint.save_interval_updates": 0})
+    pre.update(
+        {
+            "model.conv_feature_layers": "[(32, 400, 160)] + [(32, 2, 2)]",
+            "model.final_dim": 16,
+            "lr_scheduler.warmup_updates": 1,
+            "checkpoint.save_interval_updates": 0,
+        }
+    )
     ft = cfg["finetune"]["overrides"]
     for key in list(ft):  # the fine-tuned model's shape comes from the pre-trained one
         if key.startswith("model.encoder") or key.startswith("model.conv_pos"):
             ft.pop(key)
-    ft.update({"lr_scheduler.warmup_steps": 1, "lr_scheduler.decay_steps": 2, "model.mask_prob": 0.1,
-               "dataset.validate_interval_updates": 0})
+    ft.update(
+        {
+            "lr_scheduler.warmup_steps": 1,
+            "lr_scheduler.decay_steps": 2,
+            "model.mask_prob": 0.1,
+            "dataset.validate_interval_updates": 0,
+        }
+    )
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
     return str(path)
@@ -69,8 +90,13 @@ def _add_captions(data, rng_seed=0):
 
 
 def _run(data, out, config, *extra):
-    return subprocess.run([sys.executable, SCRIPT, "--data", data, "--out-dir", str(out), "--config", config, *extra],
-                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, SCRIPT, "--data", data, "--out-dir", str(out), "--config", config, *extra],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +206,11 @@ def test_probe_arithmetic_finds_a_word_that_a_layer_encodes_and_not_one_it_does_
     probe = _load_probe()
     texts = ["Two red circles .", "a blue box on the left", "one red disk", "three squares"]
     assert probe.word_matrix(texts, ["red", "circle", "box", "square"]).tolist() == [
-        [1, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0], [0, 0, 0, 1]]
+        [1, 1, 0, 0],
+        [0, 0, 1, 0],
+        [1, 0, 0, 0],
+        [0, 0, 0, 1],
+    ]
     assert probe.balanced_accuracy(np.array([1, 1, 0, 0]), np.array([1, 0, 0, 0])) == 0.75
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, size=(400, 2))
@@ -188,7 +218,7 @@ def test_probe_arithmetic_finds_a_word_that_a_layer_encodes_and_not_one_it_does_
     x = rng.standard_normal((2, 400, 8))
     x[0, :, 0] += 3.0 * (2 * y[:, 0] - 1)
     scores = probe.probe_layers(x[:, :300], y[:300], x[:, 300:], y[300:])
-    assert 70 < scores[0] < 80      # mean over the two words: ≈ 100 % and ≈ 50 %
+    assert 70 < scores[0] < 80  # mean over the two words: ≈ 100 % and ≈ 50 %
     assert 40 < scores[1] < 60
 
 
@@ -204,13 +234,29 @@ def test_probe_cli_tables_every_state_of_each_upstream_and_the_random_one(recipe
         with open(os.path.join(data, f"{split}.tsv")) as f:
             n = len(f.read().splitlines()) - 1
         # each caption names a colour and a shape, in a pattern with both classes of every word
-        (probe_data / f"{split}.wrd").write_text("".join(
-            f"{'red' if i % 2 else 'blue'} {'circles' if i % 3 else 'square'} .\n" for i in range(n)))
+        (probe_data / f"{split}.wrd").write_text(
+            "".join(f"{'red' if i % 2 else 'blue'} {'circles' if i % 3 else 'square'} .\n" for i in range(n))
+        )
     out_json = tmp_path / "probe.json"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "probe_upstream.py"), "--data",
-                           str(probe_data), "--upstream", f"pretrained={out / 'hubert_pretrained.pt'}", "--random",
-                           "--min-count", "2", "--output-json", str(out_json)],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "examples", "probe_upstream.py"),
+            "--data",
+            str(probe_data),
+            "--upstream",
+            f"pretrained={out / 'hubert_pretrained.pt'}",
+            "--random",
+            "--min-count",
+            "2",
+            "--output-json",
+            str(out_json),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(out_json.read_text())
     assert record["words"] == ["red", "blue", "circle", "square"] and record["train_utterances"] == 16

@@ -14,6 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 from PIL import Image
+from test_model import build_model, criterion, make_batch
 
 from cmd_demo.tiny_encoders import make_tiny_clip
 from cmd_plugin.data.image_cache import (
@@ -27,7 +28,6 @@ from cmd_plugin.data.image_cache import (
 )
 from cmd_plugin.data.manifest import SpeechImageManifest, write_manifest
 from cmd_plugin.models.clip_upstream import ClipImageUpstream
-from test_model import build_model, criterion, make_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FP16_RTOL = 2e-3  # half precision keeps 11 significant bits (relative error <= 2^-11 ~ 5e-4)
@@ -104,7 +104,9 @@ def test_cache_holds_the_upstreams_own_outputs_within_fp16(upstream, identity, i
     assert on_disk["identity"] == identity and on_disk["shapes"]["image_patches.npy"] == [5, 64, 32]
     assert np.load(out / "image_cls.npy", mmap_mode="r").dtype == np.float16
     arrays = [np.load(out / name, mmap_mode="r") for name in ("image_cls.npy", "image_patches.npy")]
-    assert sum(a.nbytes for a in arrays) == cache_bytes(5, 32, 64) == 5 * 65 * 32 * 2  # the size formula of docs/troubleshooting.md
+    assert (
+        sum(a.nbytes for a in arrays) == cache_bytes(5, 32, 64) == 5 * 65 * 32 * 2
+    )  # the size formula of docs/troubleshooting.md
 
     cache = ImageFeatureCache(str(out))
     cache.check_identity(identity)
@@ -126,8 +128,9 @@ def test_identity_tracks_weights_config_and_preprocessing(tiny_encoders, identit
     # a copy of the same weights elsewhere is the same encoder
     copy = tmp_path / "copy.bin"
     shutil.copyfile(enc["image_pretrained"], copy)
-    assert encoder_identity(enc["image_model"], str(copy), enc["image_model_config"])["weights_sha256"] == (
-        identity["weights_sha256"]
+    assert (
+        encoder_identity(enc["image_model"], str(copy), enc["image_model_config"])["weights_sha256"]
+        == (identity["weights_sha256"])
     )
     with pytest.raises(ImageCacheError, match="weights file"):
         encoder_identity(enc["image_model"], "", enc["image_model_config"])
@@ -144,7 +147,9 @@ def test_cache_of_other_weights_is_refused_naming_the_checksum(tiny_encoders, up
     assert "preprocessing" not in str(err.value) and "model name" not in str(err.value)
 
 
-def test_cache_of_other_preprocessing_is_refused_naming_it(tiny_encoders, upstream, identity, images, tmp_path, monkeypatch):
+def test_cache_of_other_preprocessing_is_refused_naming_it(
+    tiny_encoders, upstream, identity, images, tmp_path, monkeypatch
+):
     import open_clip.factory
 
     write_image_cache(str(tmp_path / "cache"), images, upstream, identity)
@@ -160,8 +165,9 @@ def test_cache_of_other_preprocessing_is_refused_naming_it(tiny_encoders, upstre
     assert "weights checksum" not in str(err.value)
 
 
-def test_identity_is_the_fingerprint_of_the_tower_that_writes_and_refuses_another(tiny_encoders, upstream, identity,
-                                                                                 images, tmp_path):
+def test_identity_is_the_fingerprint_of_the_tower_that_writes_and_refuses_another(
+    tiny_encoders, upstream, identity, images, tmp_path
+):
     # the identity from the files equals the identity of the built tower (its tensors' fingerprint)
     assert cache_identity(upstream, tiny_encoders["image_pretrained"]) == identity
     assert identity["weights_hashed"] == "tensors" and len(identity["weights_sha256"]) == 64
@@ -174,7 +180,8 @@ def test_identity_is_the_fingerprint_of_the_tower_that_writes_and_refuses_anothe
 
 
 def test_a_cache_written_before_tensor_fingerprints_is_checked_against_the_weights_file(
-        tiny_encoders, upstream, identity, images, tmp_path):
+    tiny_encoders, upstream, identity, images, tmp_path
+):
     import hashlib
 
     out = tmp_path / "cache"
@@ -189,8 +196,11 @@ def test_a_cache_written_before_tensor_fingerprints_is_checked_against_the_weigh
     cache.check_identity(identity)  # the same weights file: still usable
     _, _, other_weights = make_tiny_clip(str(tmp_path / "other_clip"), seed=1)
     other = encoder_identity(tiny_encoders["image_model"], other_weights, tiny_encoders["image_model_config"])
-    with pytest.raises(ImageCacheError, match=r"weights checksum \(weights_sha256\) differs: cache '[0-9a-f]{64}' vs "
-                       f"the encoder's weights file {other_weights} '[0-9a-f]{{64}}' \\(sha256 of the file"):
+    with pytest.raises(
+        ImageCacheError,
+        match=r"weights checksum \(weights_sha256\) differs: cache '[0-9a-f]{64}' vs "
+        f"the encoder's weights file {other_weights} '[0-9a-f]{{64}}' \\(sha256 of the file",
+    ):
         cache.check_identity(other)
 
 
@@ -207,7 +217,9 @@ def test_path_missing_from_cache_is_named(upstream, identity, images, tmp_path):
         CachedImages(manifest, cache)
 
 
-def test_interrupted_write_leaves_no_cache_keeps_the_old_one_and_resumes(upstream, identity, images, tmp_path, monkeypatch):
+def test_interrupted_write_leaves_no_cache_keeps_the_old_one_and_resumes(
+    upstream, identity, images, tmp_path, monkeypatch
+):
     out = tmp_path / "cache"
     write_image_cache(str(out), images[:2], upstream, identity)
     old_cls = np.array(np.load(out / "image_cls.npy"))
@@ -280,13 +292,18 @@ def test_unreadable_image_is_named_with_its_manifest_line_and_nothing_is_written
         f.write(b"not an image")
     where = [f"/m/train.img:{i + 2}" for i in range(len(images))]
     with pytest.raises(ImageCacheError, match=f"/m/train.img:4: {images[2]}: cannot read image"):
-        write_image_cache(str(tmp_path / "cache"), images, upstream, identity, batch_size=2, where=where,
-                          sync_interval=0)
+        write_image_cache(
+            str(tmp_path / "cache"), images, upstream, identity, batch_size=2, where=where, sync_interval=0
+        )
     assert sorted(os.listdir(tmp_path)) == [".cache.partial", "images"]
     # once the file is replaced, the build resumes after the first batch
     _write_images(tmp_path / "images", 5)
-    assert write_image_cache(str(tmp_path / "cache"), images, upstream, identity, batch_size=2,
-                             log=lambda m: None)["resumed_from_row"] == 2
+    assert (
+        write_image_cache(str(tmp_path / "cache"), images, upstream, identity, batch_size=2, log=lambda m: None)[
+            "resumed_from_row"
+        ]
+        == 2
+    )
     assert sorted(os.listdir(tmp_path)) == ["cache", "images"]
 
 
@@ -347,26 +364,47 @@ def _make_corpus(root, images):
                 audio.append(name)
                 sizes.append(n)
                 rels.append(os.path.basename(path))
-        write_manifest(str(root / "manifests"), split, SpeechImageManifest(str(wav_dir), audio, sizes, image_root, rels))
+        write_manifest(
+            str(root / "manifests"), split, SpeechImageManifest(str(wav_dir), audio, sizes, image_root, rels)
+        )
     return str(root / "manifests")
 
 
-def test_cli_caches_the_union_of_splits_from_another_directory(tiny_encoders, upstream, images, tmp_path, monkeypatch, capsys):
+def test_cli_caches_the_union_of_splits_from_another_directory(
+    tiny_encoders, upstream, images, tmp_path, monkeypatch, capsys
+):
     import importlib.util
 
     data = _make_corpus(tmp_path, images)
-    spec = importlib.util.spec_from_file_location("cache_image_features", os.path.join(REPO, "examples", "cache_image_features.py"))
+    spec = importlib.util.spec_from_file_location(
+        "cache_image_features", os.path.join(REPO, "examples", "cache_image_features.py")
+    )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     enc = tiny_encoders
-    rc = script.main([
-        "--manifest-dir", os.path.relpath(data, elsewhere), "--splits", "train", "valid",
-        "--image-model", enc["image_model"], "--image-pretrained", enc["image_pretrained"],
-        "--image-model-config", enc["image_model_config"], "--out", "cache", "--batch-size", "2", "--no-progress",
-    ])
+    rc = script.main(
+        [
+            "--manifest-dir",
+            os.path.relpath(data, elsewhere),
+            "--splits",
+            "train",
+            "valid",
+            "--image-model",
+            enc["image_model"],
+            "--image-pretrained",
+            enc["image_pretrained"],
+            "--image-model-config",
+            enc["image_model_config"],
+            "--out",
+            "cache",
+            "--batch-size",
+            "2",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     summary = capsys.readouterr().out
     assert "cached 4 images of train, valid" in summary and "MiB" in summary and "images/s" in summary
@@ -374,14 +412,26 @@ def test_cli_caches_the_union_of_splits_from_another_directory(tiny_encoders, up
     assert cache.paths == images[:4]  # union, each image once, in order of first appearance
     assert _close(cache.lookup(images[:4])[1], _encode(upstream, images[:4])[1])
 
-    rc = script.main([
-        "--manifest-dir", data, "--splits", "train", "--image-model", enc["image_model"],
-        "--image-pretrained", str(tmp_path / "missing.bin"), "--out", "cache",
-    ])
+    rc = script.main(
+        [
+            "--manifest-dir",
+            data,
+            "--splits",
+            "train",
+            "--image-model",
+            enc["image_model"],
+            "--image-pretrained",
+            str(tmp_path / "missing.bin"),
+            "--out",
+            "cache",
+        ]
+    )
     assert rc == 1 and "missing.bin" in capsys.readouterr().err
 
 
-def test_task_batches_carry_cached_features_and_refuse_a_trainable_encoder(tiny_encoders, upstream, identity, images, tmp_path):
+def test_task_batches_carry_cached_features_and_refuse_a_trainable_encoder(
+    tiny_encoders, upstream, identity, images, tmp_path
+):
     from omegaconf import OmegaConf
 
     from cmd_plugin.models.cmd_speech_image import CmdSpeechImageConfig
@@ -393,8 +443,11 @@ def test_task_batches_carry_cached_features_and_refuse_a_trainable_encoder(tiny_
 
     def task_config(**overrides):
         fields = dict(
-            data=data, image_model=enc["image_model"], image_model_config=enc["image_model_config"],
-            image_pretrained=enc["image_pretrained"], image_feature_cache=str(tmp_path / "cache"),
+            data=data,
+            image_model=enc["image_model"],
+            image_model_config=enc["image_model_config"],
+            image_pretrained=enc["image_pretrained"],
+            image_feature_cache=str(tmp_path / "cache"),
         )
         fields.update(overrides)
         return SpeechImageConfig(**fields)
@@ -411,10 +464,14 @@ def test_task_batches_carry_cached_features_and_refuse_a_trainable_encoder(tiny_
     assert torch.equal(net_input["image_cls"], cls) and torch.equal(net_input["image_patches"], patches)
     assert net_input["image_index"].tolist() == [0, 0, 1, 1, 2, 2]
 
-    model_cfg = OmegaConf.structured(CmdSpeechImageConfig(
-        hubert_path=enc["hubert_path"], image_model=enc["image_model"],
-        image_pretrained=enc["image_pretrained"], image_model_config=enc["image_model_config"],
-    ))
+    model_cfg = OmegaConf.structured(
+        CmdSpeechImageConfig(
+            hubert_path=enc["hubert_path"],
+            image_model=enc["image_model"],
+            image_pretrained=enc["image_pretrained"],
+            image_model_config=enc["image_model_config"],
+        )
+    )
     model_cfg._name = "cmd_speech_image"
     model = task.build_model(model_cfg)
     out = model(**net_input)
@@ -430,8 +487,9 @@ def test_task_batches_carry_cached_features_and_refuse_a_trainable_encoder(tiny_
         other.load_dataset("train")
 
 
-def test_cli_killed_mid_build_leaves_no_cache_and_the_same_command_resumes(tiny_encoders, upstream, identity, tmp_path,
-                                                                          capsys):
+def test_cli_killed_mid_build_leaves_no_cache_and_the_same_command_resumes(
+    tiny_encoders, upstream, identity, tmp_path, capsys
+):
     import importlib.util
     import signal
     import subprocess
@@ -444,20 +502,40 @@ def test_cli_killed_mid_build_leaves_no_cache_and_the_same_command_resumes(tiny_
         images.append(str(tmp_path / "images" / f"{i}.png"))
         Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(images[-1])
     rels = [os.path.basename(p) for p in images]
-    write_manifest(str(tmp_path / "manifests"), "train",
-                   SpeechImageManifest("/audio", [f"{i}.wav" for i in range(len(rels))], [16000] * len(rels),
-                                       os.path.dirname(images[0]), rels))
+    write_manifest(
+        str(tmp_path / "manifests"),
+        "train",
+        SpeechImageManifest(
+            "/audio", [f"{i}.wav" for i in range(len(rels))], [16000] * len(rels), os.path.dirname(images[0]), rels
+        ),
+    )
     enc = tiny_encoders
     out = tmp_path / "cache"
     script = os.path.join(REPO, "examples", "cache_image_features.py")
-    argv = ["--manifest-dir", str(tmp_path / "manifests"), "--splits", "train",
-            "--image-model", enc["image_model"], "--image-pretrained", enc["image_pretrained"],
-            "--image-model-config", enc["image_model_config"], "--out", str(out),
-            "--batch-size", "2", "--sync-interval", "0", "--no-progress"]
+    argv = [
+        "--manifest-dir",
+        str(tmp_path / "manifests"),
+        "--splits",
+        "train",
+        "--image-model",
+        enc["image_model"],
+        "--image-pretrained",
+        enc["image_pretrained"],
+        "--image-model-config",
+        enc["image_model_config"],
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--sync-interval",
+        "0",
+        "--no-progress",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     progress = tmp_path / ".cache.partial" / "progress.json"
-    proc = subprocess.Popen([sys.executable, script] + argv, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, script] + argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     done, deadline = 0, time.time() + 120
     while done < 10 and proc.poll() is None and time.time() < deadline:
         try:
@@ -491,8 +569,9 @@ def test_cli_killed_mid_build_leaves_no_cache_and_the_same_command_resumes(tiny_
         assert _same_in_fp16(np.load(out / name), np.load(tmp_path / "reference" / name)), name
 
 
-def test_a_second_build_of_the_same_cache_and_a_full_disk_are_refused_before_encoding(upstream, identity, images,
-                                                                                      tmp_path, monkeypatch):
+def test_a_second_build_of_the_same_cache_and_a_full_disk_are_refused_before_encoding(
+    upstream, identity, images, tmp_path, monkeypatch
+):
     import collections
 
     from cmd_plugin.data import image_cache
@@ -500,7 +579,9 @@ def test_a_second_build_of_the_same_cache_and_a_full_disk_are_refused_before_enc
     partial = image_cache.partial_dir_of(str(tmp_path / "cache"))
     os.makedirs(partial)
     held = image_cache._lock(partial)  # another build holds the lock
-    with pytest.raises(ImageCacheError, match=f"another process is building this image feature cache \\(in {partial}\\)"):
+    with pytest.raises(
+        ImageCacheError, match=f"another process is building this image feature cache \\(in {partial}\\)"
+    ):
         write_image_cache(str(tmp_path / "cache"), images, upstream, identity)
     held.close()
     usage = collections.namedtuple("usage", "total used free")

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
+from cmd_plugin.objectives.cmd.noise import apply_patch_noise, draw_patch_noise, num_noised_patches
 from cmd_plugin.objectives.sic import in_batch_accuracy, symmetric_infonce
 from cmd_plugin.objectives.targets import multi_positive_targets
-from cmd_plugin.objectives.cmd.noise import apply_patch_noise, draw_patch_noise, num_noised_patches
 
 
 def _log_softmax_row(row, j):

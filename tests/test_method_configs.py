@@ -6,7 +6,6 @@ is method=cmd, and the spellings of before the group are refused with the new on
 import os
 
 import pytest
-
 from test_train_cli import REPO, composed_config, run_train
 
 METHOD_DIR = os.path.join(REPO, "cmd_plugin", "config", "method")
@@ -14,10 +13,12 @@ METHOD_DIR = os.path.join(REPO, "cmd_plugin", "config", "method")
 METHODS = {"sic": (False, False), "cmd": (True, False), "c2f": (False, True), "c2f_cmd": (True, True)}
 # each corpus's C2F sizes (examples/<corpus>/config.yaml), used when a method turns the part on
 SIZES = {
-    "flickr8k": dict(queue_size=16384, momentum=0.995, multimodal_heads=8, multimodal_ffn_dim=4096,
-                     multimodal_dropout=0.1),
-    "spokencoco": dict(queue_size=65536, momentum=0.995, multimodal_heads=8, multimodal_ffn_dim=4096,
-                       multimodal_dropout=0.1),
+    "flickr8k": dict(
+        queue_size=16384, momentum=0.995, multimodal_heads=8, multimodal_ffn_dim=4096, multimodal_dropout=0.1
+    ),
+    "spokencoco": dict(
+        queue_size=65536, momentum=0.995, multimodal_heads=8, multimodal_ffn_dim=4096, multimodal_dropout=0.1
+    ),
     "tiny": dict(queue_size=1024, momentum=0.99, multimodal_heads=2, multimodal_ffn_dim=256, multimodal_dropout=0.0),
 }
 
@@ -58,7 +59,11 @@ def test_each_method_composes_over_each_corpus(corpus, method):
     if corpus != "tiny":  # each method's checkpoints apart (the tiny runs name theirs)
         assert cfg["checkpoint"]["save_dir"] == f"checkpoints/{corpus}_{method}"
         assert cfg["common"]["tensorboard_logdir"] == f"checkpoints/{corpus}_{method}/tensorboard"
-    for section, dc in (("task", SpeechImageConfig), ("model", CmdSpeechImageConfig), ("criterion", CmdContrastiveConfig)):
+    for section, dc in (
+        ("task", SpeechImageConfig),
+        ("model", CmdSpeechImageConfig),
+        ("criterion", CmdContrastiveConfig),
+    ):
         unknown = set(cfg[section]) - set(dc.__dataclass_fields__) - {"_name"}
         assert not unknown, f"{corpus} {method}: {section} keys unknown to {dc.__name__}: {unknown}"
 
@@ -69,9 +74,22 @@ def test_the_command_without_a_method_is_cmd(corpus):
 
 
 def test_the_spellings_of_before_the_method_group_are_refused_with_the_new_one():
-    proc = run_train(["--config-dir", os.path.join("examples", "flickr8k"), "task._name=speech_image",
-                      "+method=c2f", "+ablation=no_cmd", "+method=c2f_cmd", "--cfg", "job"], cwd=REPO)
+    proc = run_train(
+        [
+            "--config-dir",
+            os.path.join("examples", "flickr8k"),
+            "task._name=speech_image",
+            "+method=c2f",
+            "+ablation=no_cmd",
+            "+method=c2f_cmd",
+            "--cfg",
+            "job",
+        ],
+        cwd=REPO,
+    )
     assert proc.returncode == 1
-    assert ("+method=c2f +ablation=no_cmd +method=c2f_cmd: the method is now a config group with a default "
-            "(cmd); write method=c2f method=sic method=c2f_cmd instead") in proc.stderr, proc.stderr[-3000:]
+    assert (
+        "+method=c2f +ablation=no_cmd +method=c2f_cmd: the method is now a config group with a default "
+        "(cmd); write method=c2f method=sic method=c2f_cmd instead"
+    ) in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and not proc.stdout.strip()

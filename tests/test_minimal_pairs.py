@@ -16,11 +16,11 @@ import sys
 
 import numpy as np
 import pytest
+from test_search import make_checkpoint
 
 from cmd_demo import minimal_pairs as mp
 from cmd_demo import minimal_pairs_scoring as score
 from cmd_demo import scene_corpus as gen
-from test_search import make_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "examples")
@@ -47,8 +47,10 @@ def _require_tools():
 
 
 def _key(record):
-    return (record["background"], tuple(sorted((o["position"], o["shape"], o["colour"], o["size"], o["count"])
-                                               for o in record["objects"])))
+    return (
+        record["background"],
+        tuple(sorted((o["position"], o["shape"], o["colour"], o["size"], o["count"]) for o in record["objects"])),
+    )
 
 
 def _lines(path):
@@ -61,16 +63,31 @@ def corpus(tmp_path_factory):
     """A real (tiny) training corpus to draw the set beside."""
     _require_tools()
     out = tmp_path_factory.mktemp("mp_corpus") / "corpus"
-    gen.generate_corpus(str(out), seed=5, num_train=12, num_valid=2, num_test=2, captions_per_image=2,
-                        image_size=IMAGE_SIZE, num_speakers=8, num_workers=2)
+    gen.generate_corpus(
+        str(out),
+        seed=5,
+        num_train=12,
+        num_valid=2,
+        num_test=2,
+        captions_per_image=2,
+        image_size=IMAGE_SIZE,
+        num_speakers=8,
+        num_workers=2,
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def pairs(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("mp_set") / "pairs"
-    record = mp.generate_minimal_pairs(str(out), exclude_scenes=[str(corpus / "scene_corpus.json")], seed=3,
-                                       num_bases=NUM_BASES, captions_per_base=CAPTIONS, num_workers=2)
+    record = mp.generate_minimal_pairs(
+        str(out),
+        exclude_scenes=[str(corpus / "scene_corpus.json")],
+        seed=3,
+        num_bases=NUM_BASES,
+        captions_per_base=CAPTIONS,
+        num_workers=2,
+    )
     meta = json.loads((out / "minimal_pairs.json").read_text())
     return out, meta, record
 
@@ -89,12 +106,18 @@ def test_every_variant_differs_from_its_base_in_exactly_the_one_attribute_record
         for v in group["variants"]:
             var = scenes[v["stem"]]
             assert var["role"] == "variant" and var["pattern"] == base["pattern"]
-            diffs = [("background", None, base["background"], var["background"])] \
-                if var["background"] != base["background"] else []
+            diffs = (
+                [("background", None, base["background"], var["background"])]
+                if var["background"] != base["background"]
+                else []
+            )
             assert len(var["objects"]) == len(base["objects"])
             for ob, ov in zip(base["objects"], var["objects"]):
-                diffs += [(a, ob["position"], ob[a], ov[a]) for a in ("colour", "shape", "count", "size", "position")
-                          if ob[a] != ov[a]]
+                diffs += [
+                    (a, ob["position"], ob[a], ov[a])
+                    for a in ("colour", "shape", "count", "size", "position")
+                    if ob[a] != ov[a]
+                ]
             assert diffs == [(v["attribute"], v["object"], v["from"], v["to"])], (group["base"], v, diffs)
     assert meta["counts"]["variants_per_attribute"] == {a: NUM_BASES for a in ATTRIBUTES}
 
@@ -138,8 +161,9 @@ def test_exclusion_bites_when_the_draws_hit_excluded_scenes():
     variants = {im.scene.key() for im in images if im.split == "variant"}
     assert len(bases) == 6 and len(variants) == 36
 
-    second, groups2, info = mp.plan_minimal_pairs(9, 6, 2, excluded_keys=bases,
-                                                  excluded_stems={im.stem for im in images})
+    second, groups2, info = mp.plan_minimal_pairs(
+        9, 6, 2, excluded_keys=bases, excluded_stems={im.stem for im in images}
+    )
     assert not {im.scene.key() for im in second} & bases
     assert not {im.stem for im in second} & {im.stem for im in images}
     assert info["rejected_base_draws"] >= 1
@@ -210,8 +234,24 @@ def test_layout_is_flickr8k_and_prepare_flickr8k_reads_its_test_split(pairs, tmp
     with pytest.raises(flickr.ManifestError, match=r"trainImages\.txt: split list is empty"):
         flickr.build_splits(str(out / "flickr_audio"), str(out), str(text), show_progress=False)
     manifests = tmp_path / "manifests"
-    assert flickr.main(["--audio-dir", str(out / "flickr_audio"), "--image-dir", str(out), "--text-dir", str(text),
-                        "--out-dir", str(manifests), "--splits", "test", "--no-progress"]) == 0
+    assert (
+        flickr.main(
+            [
+                "--audio-dir",
+                str(out / "flickr_audio"),
+                "--image-dir",
+                str(out),
+                "--text-dir",
+                str(text),
+                "--out-dir",
+                str(manifests),
+                "--splits",
+                "test",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert sorted(os.listdir(manifests)) == ["test.img", "test.spk", "test.tsv", "test.wrd"]
     root, *images = _lines(manifests / "test.img")
     assert root == str(out / "Flicker8k_Dataset") and len(images) == NUM_BASES * CAPTIONS
@@ -296,9 +336,22 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(pairs, checkpoint, tmp_path):
     out, meta, _ = pairs
     result_json = tmp_path / "score.json"
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "score_minimal_pairs.py"), "--checkpoint",
-                           checkpoint, "--pairs-dir", str(out), "--output-json", str(result_json)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(EXAMPLES, "score_minimal_pairs.py"),
+            "--checkpoint",
+            checkpoint,
+            "--pairs-dir",
+            str(out),
+            "--output-json",
+            str(result_json),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     record = json.loads(result_json.read_text())
     assert record["format"] == score.RECORD_FORMAT
@@ -311,8 +364,12 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(pairs, checkpoint, tmp_path):
         assert s["accuracy"] == pytest.approx(100 * s["wins"] / s["pairs"])
     assert 0 <= record["mean_accuracy"] <= 100 and 0 <= record["group_r1"] <= 100
     assert record["group_r1_chance"] == pytest.approx(100 / 7) and record["pairwise_chance"] == 50.0
-    assert record["counts"] == {"groups": NUM_BASES, "utterances": NUM_BASES * CAPTIONS,
-                                "pairs": NUM_BASES * CAPTIONS * 6, "variants": NUM_BASES * 6}
+    assert record["counts"] == {
+        "groups": NUM_BASES,
+        "utterances": NUM_BASES * CAPTIONS,
+        "pairs": NUM_BASES * CAPTIONS * 6,
+        "variants": NUM_BASES * 6,
+    }
     for line in ["Minimal pairs: 4 scenes x 6 variants, 8 spoken captions", "R@1 of the right image in its group"]:
         assert line in proc.stdout, proc.stdout
     for attribute in ATTRIBUTES + ["mean"]:
@@ -326,8 +383,9 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(pairs, checkpoint, tmp_path):
     group, scored = meta["groups"][-1], again["groups"][-1]
     assert scored["base"] == group["base"] and scored["attributes"] == ATTRIBUTES
     speech = encoder.embed_audio([str(out / "flickr_audio" / "wavs" / group["wavs"][0])])
-    images = encoder.embed_images([str(out / "Flicker8k_Dataset" / f"{s}.jpg")
-                                   for s in (group["base"], group["variants"][-1]["stem"])])
+    images = encoder.embed_images(
+        [str(out / "Flicker8k_Dataset" / f"{s}.jpg") for s in (group["base"], group["variants"][-1]["stem"])]
+    )
     expected = (speech @ images.T)[0].tolist()
     assert scored["similarities"][0][0] == pytest.approx(expected[0], abs=1e-5)
     assert scored["similarities"][0][-1] == pytest.approx(expected[1], abs=1e-5)
@@ -344,9 +402,23 @@ def test_written_caption_reference_scores_the_frozen_clips_own_text_tower(pairs,
     out, meta, _ = pairs
     result_json = tmp_path / "score.json"
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "score_minimal_pairs.py"), "--checkpoint",
-                           checkpoint, "--pairs-dir", str(out), "--output-json", str(result_json),
-                           "--written-captions"], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(EXAMPLES, "score_minimal_pairs.py"),
+            "--checkpoint",
+            checkpoint,
+            "--pairs-dir",
+            str(out),
+            "--output-json",
+            str(result_json),
+            "--written-captions",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     ref = json.loads(result_json.read_text())["written_captions"]
     assert list(ref["attributes"]) == ATTRIBUTES and ref["counts"]["utterances"] == NUM_BASES * CAPTIONS
@@ -359,9 +431,11 @@ def test_written_caption_reference_scores_the_frozen_clips_own_text_tower(pairs,
     group = meta["groups"][0]
     with torch.inference_mode():
         text = torch.nn.functional.normalize(
-            clip.encode_text(open_clip.get_tokenizer(cfg.image_model)(group["captions"][:1])), dim=-1)
-    images = encoder.embed_images([str(out / "Flicker8k_Dataset" / f"{s}.jpg")
-                                   for s in (group["base"], group["variants"][0]["stem"])])
+            clip.encode_text(open_clip.get_tokenizer(cfg.image_model)(group["captions"][:1])), dim=-1
+        )
+    images = encoder.embed_images(
+        [str(out / "Flicker8k_Dataset" / f"{s}.jpg") for s in (group["base"], group["variants"][0]["stem"])]
+    )
     sims = (text @ images.T)[0].tolist()
     assert ref["groups"][0]["base"] == group["base"]
     assert ref["groups"][0]["similarities"][0][0] == pytest.approx(sims[0], abs=1e-5)

@@ -14,9 +14,9 @@ import pytest
 import soundfile as sf
 import torch
 from PIL import Image
+from test_search import make_checkpoint
 
 from cmd_plugin.data.manifest import ManifestError, SpeechImageManifest, write_manifest
-from test_search import make_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IMAGES, CAPTIONS = 12, 3
@@ -45,8 +45,12 @@ def _write_corpus(root, rng):
             images.append(f"img{i}.png")
     order = rng.permutation(len(audio))  # captions of one image are not adjacent in the manifest
     manifest = SpeechImageManifest(
-        audio_root=str(wav_dir), audio_paths=[audio[i] for i in order], num_samples=[sizes[i] for i in order],
-        image_root=str(img_dir), image_paths=[images[i] for i in order])
+        audio_root=str(wav_dir),
+        audio_paths=[audio[i] for i in order],
+        num_samples=[sizes[i] for i in order],
+        image_root=str(img_dir),
+        image_paths=[images[i] for i in order],
+    )
     write_manifest(str(root / "manifests"), "test", manifest)
     return manifest
 
@@ -64,8 +68,13 @@ def setup(tiny_encoders, tmp_path_factory, mm):
     manifest = _write_corpus(root, np.random.default_rng(0))
     checkpoint, _ = make_checkpoint(str(root / "run" / "checkpoint_best.pt"), tiny_encoders)
     model = mm.CmdSpeechImageMteb.from_checkpoint(checkpoint, batch_size=4)
-    return {"root": root, "manifests": str(root / "manifests"), "manifest": manifest, "checkpoint": checkpoint,
-            "model": model}
+    return {
+        "root": root,
+        "manifests": str(root / "manifests"),
+        "manifest": manifest,
+        "checkpoint": checkpoint,
+        "model": model,
+    }
 
 
 def _loader(task, part, batch_size=5):
@@ -80,8 +89,9 @@ def _loader(task, part, batch_size=5):
 
 
 def _encode(model, loader, task):
-    return model.encode(loader, task_metadata=task.metadata, hf_split=task.split, hf_subset="default",
-                        show_progress_bar=False)
+    return model.encode(
+        loader, task_metadata=task.metadata, hf_split=task.split, hf_subset="default", show_progress_bar=False
+    )
 
 
 def test_the_models_embeddings_are_speech_image_encoders(setup, mm):
@@ -131,13 +141,20 @@ def test_audio_items_of_any_rate_and_channel_count_are_read_channels_first(setup
     rng = np.random.default_rng(1)
     stereo = (0.1 * rng.standard_normal((2, 44100))).astype(np.float32)  # (C, T), as mteb's collator reads it
     mono = (0.1 * rng.standard_normal((1, 22050))).astype(np.float32)  # one channel, channels first
-    data = datasets.Dataset.from_list([
-        {"id": "a", "audio": {"array": stereo.tolist(), "sampling_rate": 44100}},
-        {"id": "b", "audio": {"array": mono.tolist(), "sampling_rate": 22050}},
-    ])
+    data = datasets.Dataset.from_list(
+        [
+            {"id": "a", "audio": {"array": stereo.tolist(), "sampling_rate": 44100}},
+            {"id": "b", "audio": {"array": mono.tolist(), "sampling_rate": 22050}},
+        ]
+    )
     task = mm.manifest_task(setup["manifests"], "test", "a2i")
-    got = model.encode(create_dataloader(data, task_metadata=task.metadata, prompt_type=PromptType.query),
-                       task_metadata=task.metadata, hf_split="test", hf_subset="default", show_progress_bar=False)
+    got = model.encode(
+        create_dataloader(data, task_metadata=task.metadata, prompt_type=PromptType.query),
+        task_metadata=task.metadata,
+        hf_split="test",
+        hf_subset="default",
+        show_progress_bar=False,
+    )
     expected = model.encoder.embed_audio([(stereo.T, 44100), (mono[0], 22050)], batch_size=model.batch_size)
     np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=1e-6)
 
@@ -149,11 +166,19 @@ def cross_check(setup, tmp_path_factory):
     eval_mteb, eval_recall = _load_script("eval_mteb"), _load_script("eval_recall")
     common = ["--checkpoint", setup["checkpoint"], "--data", setup["manifests"], "--split", "test", "--batch-size", "4"]
     assert eval_mteb.main(common + ["--no-progress", "--output-json", str(out / "mteb.json")]) == 0
-    assert eval_recall.main(common + ["--no-progress", "--output-json", str(out / "recall.json"),
-                                      "--save-embeddings", str(out / "emb.pt")]) == 0
+    assert (
+        eval_recall.main(
+            common
+            + ["--no-progress", "--output-json", str(out / "recall.json"), "--save-embeddings", str(out / "emb.pt")]
+        )
+        == 0
+    )
     emb = torch.load(out / "emb.pt", weights_only=False)
-    return {"mteb": json.loads((out / "mteb.json").read_text()), "recall": json.loads((out / "recall.json").read_text()),
-            "emb": emb}
+    return {
+        "mteb": json.loads((out / "mteb.json").read_text()),
+        "recall": json.loads((out / "recall.json").read_text()),
+        "emb": emb,
+    }
 
 
 def _scores(record, direction):
@@ -205,12 +230,22 @@ def test_image_to_speech_recall_is_the_share_of_captions_found_and_ndcg_is_mtebs
 
 def test_the_cli_prints_mteb_scores_and_our_recall_side_by_side(setup, capsys, tmp_path):
     eval_mteb = _load_script("eval_mteb")
-    assert eval_mteb.main(["--checkpoint", setup["checkpoint"], "--data", setup["manifests"], "--no-progress",
-                           "--batch-size", "4"]) == 0
+    assert (
+        eval_mteb.main(
+            ["--checkpoint", setup["checkpoint"], "--data", setup["manifests"], "--no-progress", "--batch-size", "4"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "revision " + setup["model"].mteb_model_meta.revision in out
     root = os.path.basename(setup["root"]).capitalize()  # the manifests' parent names the tasks
-    for name in (f"Manifest{root}TestA2IRetrieval", f"Manifest{root}TestI2ARetrieval", "speech->image  ours", "image->speech  mteb hit rate", "image->speech  mteb recall (share found)"):
+    for name in (
+        f"Manifest{root}TestA2IRetrieval",
+        f"Manifest{root}TestI2ARetrieval",
+        "speech->image  ours",
+        "image->speech  mteb hit rate",
+        "image->speech  mteb recall (share found)",
+    ):
         assert name in out, out
     assert f"{NUM_IMAGES * CAPTIONS} utterances, {NUM_IMAGES} images" in out
 
@@ -218,9 +253,11 @@ def test_the_cli_prints_mteb_scores_and_our_recall_side_by_side(setup, capsys, t
 def test_a_checkpoint_mteb_cannot_use_is_refused_by_name(setup, tiny_encoders, mm, tmp_path, capsys):
     foreign = tmp_path / "weights.pt"
     torch.save({"state_dict": {}}, foreign)
-    for path, expected in ((tmp_path / "missing.pt", "checkpoint not found"),
-                           (foreign, "needs a trained cmd_speech_image checkpoint"),
-                           (tiny_encoders["hubert_path"], "its model is 'hubert'")):  # a speech model alone
+    for path, expected in (
+        (tmp_path / "missing.pt", "checkpoint not found"),
+        (foreign, "needs a trained cmd_speech_image checkpoint"),
+        (tiny_encoders["hubert_path"], "its model is 'hubert'"),
+    ):  # a speech model alone
         with pytest.raises(mm.MtebModelError) as err:
             mm.CmdSpeechImageMteb.from_checkpoint(str(path))
         message = str(err.value)
@@ -254,10 +291,15 @@ def test_a_task_of_another_modality_is_refused_with_the_modalities_named(setup, 
         model.encode(loader, task_metadata=task.metadata, hf_split="test", hf_subset="default")
     # mteb's loader for an audio-image task drops other columns: nothing left to embed is named too
     with pytest.raises(mm.MtebModelError, match=r"gives no audio or image \(columns: id\)"):
-        model.encode(create_dataloader(texts, task_metadata=task.metadata, prompt_type=PromptType.query),
-                     task_metadata=task.metadata, hf_split="test", hf_subset="default")
-    both = datasets.Dataset.from_dict({"id": ["x"], "audio": [{"array": [0.1] * 4000, "sampling_rate": 16000}],
-                                       "image": [Image.new("RGB", (8, 8))]})
+        model.encode(
+            create_dataloader(texts, task_metadata=task.metadata, prompt_type=PromptType.query),
+            task_metadata=task.metadata,
+            hf_split="test",
+            hf_subset="default",
+        )
+    both = datasets.Dataset.from_dict(
+        {"id": ["x"], "audio": [{"array": [0.1] * 4000, "sampling_rate": 16000}], "image": [Image.new("RGB", (8, 8))]}
+    )
     loader = torch.utils.data.DataLoader(both, batch_size=1, collate_fn=lambda rows: rows)
     with pytest.raises(mm.MtebModelError, match="gives audio, image"):
         model.encode(loader, task_metadata=task.metadata, hf_split="test", hf_subset="default")
@@ -276,9 +318,17 @@ def test_unknown_registry_task_and_a_changed_wav_are_named(setup, mm, tmp_path, 
     for rel in manifest.audio_paths:
         shutil.copy(os.path.join(manifest.audio_root, rel), wavs / rel)
     sf.write(str(wavs / manifest.audio_paths[3]), np.zeros(100, np.float32), 16000)
-    write_manifest(str(data), "test", SpeechImageManifest(
-        audio_root=str(wavs), audio_paths=manifest.audio_paths, num_samples=manifest.num_samples,
-        image_root=manifest.image_root, image_paths=manifest.image_paths))
+    write_manifest(
+        str(data),
+        "test",
+        SpeechImageManifest(
+            audio_root=str(wavs),
+            audio_paths=manifest.audio_paths,
+            num_samples=manifest.num_samples,
+            image_root=manifest.image_root,
+            image_paths=manifest.image_paths,
+        ),
+    )
     with pytest.raises(ManifestError, match=r"test\.tsv:5: .* has 100 samples, the manifest says"):
         mm.manifest_task(str(data), "test", "a2i").load_data()
     with pytest.raises(mm.MtebModelError, match="no manifest split 'valid'"):

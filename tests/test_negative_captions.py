@@ -59,8 +59,9 @@ def test_a_negative_changes_exactly_one_attribute_and_its_caption_is_false_of_th
                 assert caption_facts(caption)[0] == changed.background
             # the corpus's rules: contrast with the background, one group per position
             bg = gen.BACKGROUNDS[changed.background][0]
-            assert all(gen.colour_distance(gen.COLOURS[o.colour][0], bg) >= gen.MIN_COLOUR_CONTRAST
-                       for o in changed.objects)
+            assert all(
+                gen.colour_distance(gen.COLOURS[o.colour][0], bg) >= gen.MIN_COLOUR_CONTRAST for o in changed.objects
+            )
             assert len({o.position for o in changed.objects}) == len(changed.objects)
     assert set(seen) == set(ATTRIBUTES)  # every attribute is changed at some point
     assert min(seen.values()) > 0.5 * max(seen.values())  # and roughly equally often

@@ -14,10 +14,10 @@ import pytest
 import soundfile as sf
 import torch
 from omegaconf import OmegaConf
+from test_train_cli import REPO, make_corpus, run_train
 
 from cmd_plugin.data.manifest import read_manifest
 from cmd_plugin.nonfinite import NonFiniteLossError, nonfinite_rows
-from test_train_cli import REPO, make_corpus, run_train
 
 NAN_ROW = 3
 
@@ -26,7 +26,7 @@ def _poison(manifest, row):
     """Rewrite the wav of ``row`` as float samples with NaNs in the middle (same length)."""
     path = manifest.audio_path(row)
     wav, rate = sf.read(path, dtype="float32")
-    wav[len(wav) // 3: len(wav) // 2] = np.nan
+    wav[len(wav) // 3 : len(wav) // 2] = np.nan
     sf.write(path, wav, rate, subtype="FLOAT")
     return path
 
@@ -51,14 +51,27 @@ def training(tiny_encoders, tmp_path):
     manifest = read_manifest(data, "train")
     nan_wav = _poison(manifest, NAN_ROW)
     enc = tiny_encoders
-    task = SpeechImageTask.setup_task(SpeechImageConfig(
-        data=data, image_model=enc["image_model"], image_model_config=enc["image_model_config"],
-        image_pretrained=enc["image_pretrained"], nonfinite_patience=2))
+    task = SpeechImageTask.setup_task(
+        SpeechImageConfig(
+            data=data,
+            image_model=enc["image_model"],
+            image_model_config=enc["image_model_config"],
+            image_pretrained=enc["image_pretrained"],
+            nonfinite_patience=2,
+        )
+    )
     task.load_dataset("train")
-    model_cfg = OmegaConf.structured(CmdSpeechImageConfig(
-        hubert_path=enc["hubert_path"], image_model=enc["image_model"], image_pretrained=enc["image_pretrained"],
-        image_model_config=enc["image_model_config"], speech_encoder_heads=2, speech_encoder_ffn_dim=64,
-        speech_encoder_dropout=0.0))
+    model_cfg = OmegaConf.structured(
+        CmdSpeechImageConfig(
+            hubert_path=enc["hubert_path"],
+            image_model=enc["image_model"],
+            image_pretrained=enc["image_pretrained"],
+            image_model_config=enc["image_model_config"],
+            speech_encoder_heads=2,
+            speech_encoder_ffn_dim=64,
+            speech_encoder_dropout=0.0,
+        )
+    )
     model_cfg._name = "cmd_speech_image"
     model = task.build_model(model_cfg)
     crit_cfg = OmegaConf.structured(CmdContrastiveConfig(noise_seed=1))
@@ -93,8 +106,11 @@ def test_a_nonfinite_batch_names_its_file_and_leaves_the_weights_unchanged(train
     assert all(g is None or not g.any() for g in grads)
     assert all(torch.equal(p, b) for p, b in zip(params, before))  # the optimizer step was skipped
     assert "non-finite loss (nan) at update 1, split 'train'" in caplog.text
-    assert re.search(r"non-finite speech output for 1 item\(s\):\n  " + re.escape(
-        f"{os.path.join(data, 'train.tsv')}:{NAN_ROW + 2} {nan_wav} (image "), caplog.text)
+    assert re.search(
+        r"non-finite speech output for 1 item\(s\):\n  "
+        + re.escape(f"{os.path.join(data, 'train.tsv')}:{NAN_ROW + 2} {nan_wav} (image "),
+        caplog.text,
+    )
     assert "1 in a row; 3 in a row stop the run" in caplog.text
 
     # a finite batch trains as before and resets the count
@@ -121,13 +137,25 @@ def test_persistent_nonfinite_losses_stop_fairseq_hydra_train_with_the_files(tin
     for row in range(len(manifest)):
         _poison(manifest, row)
     enc = tiny_encoders
-    proc = run_train([
-        "--config-dir", os.path.join(REPO, "examples", "tiny"), "task._name=speech_image", f"task.data={data}",
-        f"model.hubert_path={enc['hubert_path']}", f"model.image_model={enc['image_model']}",
-        f"model.image_model_config={enc['image_model_config']}", f"model.image_pretrained={enc['image_pretrained']}",
-        f"checkpoint.save_dir={tmp_path / 'ckpt'}", "dataset.batch_size=4", "optimization.max_update=20",
-        "task.nonfinite_patience=2", "common.log_interval=1",
-    ], cwd=tmp_path, timeout=300)
+    proc = run_train(
+        [
+            "--config-dir",
+            os.path.join(REPO, "examples", "tiny"),
+            "task._name=speech_image",
+            f"task.data={data}",
+            f"model.hubert_path={enc['hubert_path']}",
+            f"model.image_model={enc['image_model']}",
+            f"model.image_model_config={enc['image_model_config']}",
+            f"model.image_pretrained={enc['image_pretrained']}",
+            f"checkpoint.save_dir={tmp_path / 'ckpt'}",
+            "dataset.batch_size=4",
+            "optimization.max_update=20",
+            "task.nonfinite_patience=2",
+            "common.log_interval=1",
+        ],
+        cwd=tmp_path,
+        timeout=300,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "NonFiniteLossError: training stopped: 3 batches in a row gave a non-finite loss" in out, out[-3000:]

@@ -6,9 +6,9 @@ import os
 
 import pytest
 import torch
+from test_model import make_batch
 
 from cmd_plugin.models.cmd_speech_image import CmdSpeechImageConfig, CmdSpeechImageModel
-from test_model import make_batch
 
 OLD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "checkpoint_main_484aea9.pt")
 
@@ -49,8 +49,9 @@ def test_parts_switched_off_are_dropped_from_an_old_checkpoint(old_state, tiny_e
     model.load_state_dict(dict(old_state["model"]), strict=True)  # fusion, SIM, queue, momentum keys dropped
     assert model.fusion is None and model.multimodal is None and model.queue is None
     with torch.no_grad():
-        speech = model.eval().encode_speech(**{k: make_batch([0, 1, 2], seed=7)["net_input"][k]
-                                               for k in ("source", "padding_mask")})
+        speech = model.eval().encode_speech(
+            **{k: make_batch([0, 1, 2], seed=7)["net_input"][k] for k in ("source", "padding_mask")}
+        )
     assert torch.allclose(speech, old_state["expected"]["speech"], atol=1e-5)
 
 
@@ -62,8 +63,17 @@ def test_c2f_starts_from_a_sic_checkpoint_with_fresh_c2f_parts(tiny_encoders):
     sic = build_model(tiny_encoders, cmd_fusion=False, speech_encoder_heads=2, speech_encoder_ffn_dim=64)
     with torch.no_grad():
         sic.speech_proj.weight.add_(1.0)  # differs from any fresh initialisation
-    c2f = build_model(tiny_encoders, cmd_fusion=False, speech_encoder_heads=2, speech_encoder_ffn_dim=64,
-                      c2f_momentum=True, queue_size=4, multimodal_layers=1, multimodal_heads=2, multimodal_ffn_dim=32)
+    c2f = build_model(
+        tiny_encoders,
+        cmd_fusion=False,
+        speech_encoder_heads=2,
+        speech_encoder_ffn_dim=64,
+        c2f_momentum=True,
+        queue_size=4,
+        multimodal_layers=1,
+        multimodal_heads=2,
+        multimodal_ffn_dim=32,
+    )
     head_before = c2f.matching_head.proj.weight.clone()
     c2f.load_state_dict(sic.state_dict(), strict=True)
     assert torch.equal(c2f.speech_proj.weight, sic.speech_proj.weight)

@@ -25,12 +25,27 @@ def test_pip_install_into_this_environment_adds_only_cmd_plugin(tmp_path):
     # nothing of the user's (fairseq, torch, hydra) would be replaced or added
     report = tmp_path / "report.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-build-isolation",
-         "--report", str(report), "-e", REPO],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--no-index",
+            "--no-build-isolation",
+            "--report",
+            str(report),
+            "-e",
+            REPO,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    to_install = [item["metadata"]["name"].replace("_", "-").lower() for item in json.loads(report.read_text())["install"]]
+    to_install = [
+        item["metadata"]["name"].replace("_", "-").lower() for item in json.loads(report.read_text())["install"]
+    ]
     assert to_install == ["cmd-plugin"], to_install
 
 
@@ -39,9 +54,26 @@ def test_the_wheel_installs_cmd_plugin_and_cmd_demo_and_nothing_of_the_checkout_
     egg, dist = tmp_path / "egg", tmp_path / "dist"
     egg.mkdir()
     proc = subprocess.run(
-        [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(egg), "build", "--build-base",
-         str(tmp_path / "build"), "bdist_wheel", "--bdist-dir", str(tmp_path / "bdist"), "--dist-dir", str(dist)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "setup.py",
+            "-q",
+            "egg_info",
+            "--egg-base",
+            str(egg),
+            "build",
+            "--build-base",
+            str(tmp_path / "build"),
+            "bdist_wheel",
+            "--bdist-dir",
+            str(tmp_path / "bdist"),
+            "--dist-dir",
+            str(dist),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (wheel,) = dist.glob("cmd_plugin-*.whl")
@@ -51,7 +83,8 @@ def test_the_wheel_installs_cmd_plugin_and_cmd_demo_and_nothing_of_the_checkout_
         modules = glob.glob(os.path.join(REPO, package, "**", "*.py"), recursive=True)
         modules += glob.glob(os.path.join(REPO, package, "config", "**", "*.yaml"), recursive=True)  # method group
         assert len(modules) > 1 and sorted(n for n in names if n.startswith(package + "/")) == sorted(
-            os.path.relpath(m, REPO).replace(os.sep, "/") for m in modules)
+            os.path.relpath(m, REPO).replace(os.sep, "/") for m in modules
+        )
 
 
 def imported_modules(source: str, filename: str):
@@ -72,31 +105,44 @@ def imported_modules(source: str, filename: str):
 
 
 def test_imported_modules_sees_every_way_of_importing_a_module():
-    source = ("import os, cmd_demo.demo as d\nfrom cmd_demo import scene_corpus\nfrom . import quiet\n"
-              "def f():\n    importlib.import_module('cmd_demo.ablation')\n    __import__('cmd_demo')\n")
-    assert imported_modules(source, "x.py") == [(1, "os"), (1, "cmd_demo.demo"), (2, "cmd_demo"),
-                                                (5, "cmd_demo.ablation"), (6, "cmd_demo")]
+    source = (
+        "import os, cmd_demo.demo as d\nfrom cmd_demo import scene_corpus\nfrom . import quiet\n"
+        "def f():\n    importlib.import_module('cmd_demo.ablation')\n    __import__('cmd_demo')\n"
+    )
+    assert imported_modules(source, "x.py") == [
+        (1, "os"),
+        (1, "cmd_demo.demo"),
+        (2, "cmd_demo"),
+        (5, "cmd_demo.ablation"),
+        (6, "cmd_demo"),
+    ]
 
 
 def test_the_installed_plugin_never_imports_cmd_demo():
     # cmd_demo is the demo's and the tests' scaffolding: it may import cmd_plugin, never the reverse
-    files = sorted(glob.glob(os.path.join(REPO, "cmd_plugin", "**", "*.py"), recursive=True)
-                   + glob.glob(os.path.join(REPO, "hydra_plugins", "**", "*.py"), recursive=True))
+    files = sorted(
+        glob.glob(os.path.join(REPO, "cmd_plugin", "**", "*.py"), recursive=True)
+        + glob.glob(os.path.join(REPO, "hydra_plugins", "**", "*.py"), recursive=True)
+    )
     assert len(files) > 20
     offenders = []
     for path in files:
         with open(path, encoding="utf-8") as f:
             source = f.read()
-        offenders += [f"{os.path.relpath(path, REPO)}:{line}: imports {name}" for line, name in
-                      imported_modules(source, path) if name == "cmd_demo" or name.startswith("cmd_demo.")]
+        offenders += [
+            f"{os.path.relpath(path, REPO)}:{line}: imports {name}"
+            for line, name in imported_modules(source, path)
+            if name == "cmd_demo" or name.startswith("cmd_demo.")
+        ]
     assert not offenders, "\n".join(offenders)
 
 
 def _import_cmd_plugin(tmp_path, extra_path):
     """`import cmd_plugin` in a fresh interpreter with ``extra_path`` first on sys.path."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(extra_path), REPO]))
-    return subprocess.run([sys.executable, "-c", "import cmd_plugin"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", "import cmd_plugin"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_an_old_fairseq_is_refused_naming_what_was_found_and_what_is_needed(tmp_path):

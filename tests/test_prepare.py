@@ -57,8 +57,11 @@ FLICKR_SPLITS = {  # split -> image stems (the real ids look like this)
     "valid": ["2090545563_a4e66ec76b"],
     "test": ["3385593926_d3e9c21170", "2677656448_6b7e7702af"],
 }
-FLICKR_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "valid": "Flickr_8k.devImages.txt",
-                      "test": "Flickr_8k.testImages.txt"}
+FLICKR_SPLIT_FILES = {
+    "train": "Flickr_8k.trainImages.txt",
+    "valid": "Flickr_8k.devImages.txt",
+    "test": "Flickr_8k.testImages.txt",
+}
 UNLISTED_IMAGE = "9999999999_0000000000"  # a jpg in the folder but in no split (8091 vs 8000)
 BOGUS_KEY = "2258277193_586949ec62.jpg.1"
 
@@ -84,9 +87,12 @@ def make_flickr(root):
             token.extend(f"{BOGUS_KEY}#{n}\tbogus caption {n}" for n in range(5))
     _jpg(os.path.join(images, f"{UNLISTED_IMAGE}.jpg"))
     os.makedirs(text, exist_ok=True)
-    for path, lines in ((os.path.join(audio, "wav2capt.txt"), capt), (os.path.join(audio, "wav2spk.txt"), spk),
-                        (os.path.join(text, "Flickr8k.token.txt"), token),
-                        (os.path.join(text, "Flickr8k.lemma.token.txt"), token)):
+    for path, lines in (
+        (os.path.join(audio, "wav2capt.txt"), capt),
+        (os.path.join(audio, "wav2spk.txt"), spk),
+        (os.path.join(text, "Flickr8k.token.txt"), token),
+        (os.path.join(text, "Flickr8k.lemma.token.txt"), token),
+    ):
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
     for split, name in FLICKR_SPLIT_FILES.items():
@@ -96,8 +102,20 @@ def make_flickr(root):
 
 
 def run_flickr(corpus, out_dir, image_dir=None, extra=()):
-    return flickr.main(["--audio-dir", corpus["audio"], "--image-dir", image_dir or corpus["images"],
-                        "--text-dir", corpus["text"], "--out-dir", str(out_dir), "--no-progress", *extra])
+    return flickr.main(
+        [
+            "--audio-dir",
+            corpus["audio"],
+            "--image-dir",
+            image_dir or corpus["images"],
+            "--text-dir",
+            corpus["text"],
+            "--out-dir",
+            str(out_dir),
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture
@@ -159,7 +177,9 @@ def _flickr_missing_image(c):
 
 def _flickr_image_in_no_split(c):
     _wav(os.path.join(c["audio"], "wavs", f"{UNLISTED_IMAGE}_0.wav"), 1600)
-    _rewrite(os.path.join(c["audio"], "wav2capt.txt"), lambda ls: ls + [f"{UNLISTED_IMAGE}_0.wav {UNLISTED_IMAGE}.jpg #0"])
+    _rewrite(
+        os.path.join(c["audio"], "wav2capt.txt"), lambda ls: ls + [f"{UNLISTED_IMAGE}_0.wav {UNLISTED_IMAGE}.jpg #0"]
+    )
     return ["wav2capt.txt:31", f"{UNLISTED_IMAGE}.jpg", "none of the split lists"]
 
 
@@ -195,8 +215,14 @@ def _truncated_jpg(path):
 
 def _flickr_truncated_image(c):
     _truncated_jpg(os.path.join(c["images"], "2677656448_6b7e7702af.jpg"))
-    return ["Flickr_8k.testImages.txt:2", "split 'test'", "2677656448_6b7e7702af.jpg", "cannot be decoded",
-            "truncated", "wav2capt.txt:26"]
+    return [
+        "Flickr_8k.testImages.txt:2",
+        "split 'test'",
+        "2677656448_6b7e7702af.jpg",
+        "cannot be decoded",
+        "truncated",
+        "wav2capt.txt:26",
+    ]
 
 
 def _flickr_not_an_image(c):
@@ -210,12 +236,21 @@ def _flickr_empty_split(c):
     return ["Flickr_8k.devImages.txt", "empty"]
 
 
-FLICKR_BAD = [_flickr_missing_wav, _flickr_missing_image, _flickr_image_in_no_split, _flickr_8khz,
-              _flickr_stereo, _flickr_duplicate_wav, _flickr_duplicate_image, _flickr_empty_split,
-              _flickr_truncated_image, _flickr_not_an_image]
+FLICKR_BAD = [
+    _flickr_missing_wav,
+    _flickr_missing_image,
+    _flickr_image_in_no_split,
+    _flickr_8khz,
+    _flickr_stereo,
+    _flickr_duplicate_wav,
+    _flickr_duplicate_image,
+    _flickr_empty_split,
+    _flickr_truncated_image,
+    _flickr_not_an_image,
+]
 
 
-@pytest.mark.parametrize("corrupt", FLICKR_BAD, ids=lambda f: f.__name__[len("_flickr_"):])
+@pytest.mark.parametrize("corrupt", FLICKR_BAD, ids=lambda f: f.__name__[len("_flickr_") :])
 def test_flickr8k_bad_input_names_the_file_and_writes_nothing(flickr_corpus, tmp_path, capsys, corrupt):
     previous = tmp_path / "previous"
     assert run_flickr(flickr_corpus, previous) == 0
@@ -235,9 +270,14 @@ def test_flickr8k_bad_input_names_the_file_and_writes_nothing(flickr_corpus, tmp
 # ---------------------------------------------------------------- SpokenCOCO
 
 COCO_IMAGES = {  # cocoid -> (folder, Karpathy split)
-    1: ("train2014", "train"), 2: ("train2014", "train"), 3: ("train2014", "restval"),
-    4: ("train2014", "train"), 5: ("val2014", "restval"), 6: ("val2014", "val"),
-    7: ("val2014", "test"), 8: ("val2014", "test"),
+    1: ("train2014", "train"),
+    2: ("train2014", "train"),
+    3: ("train2014", "restval"),
+    4: ("train2014", "train"),
+    5: ("val2014", "restval"),
+    6: ("val2014", "val"),
+    7: ("val2014", "test"),
+    8: ("val2014", "test"),
 }
 COCO_EXPECTED = {"train": [1, 2, 3, 4, 5], "valid": [6], "test": [7, 8]}
 CAPTIONS_PER_IMAGE = 2
@@ -269,10 +309,20 @@ def make_spokencoco(root):
     for part, records in master.items():
         with open(os.path.join(sc, f"SpokenCOCO_{part}.json"), "w") as f:
             json.dump({"data": records}, f)
-    karpathy = {"images": [
-        {"filepath": folder, "filename": os.path.basename(_coco_image(cocoid)), "imgid": i, "split": split,
-         "sentences": [{"raw": "a caption", "tokens": ["a", "caption"]}], "cocoid": cocoid}
-        for i, (cocoid, (folder, split)) in enumerate(COCO_IMAGES.items())], "dataset": "coco"}
+    karpathy = {
+        "images": [
+            {
+                "filepath": folder,
+                "filename": os.path.basename(_coco_image(cocoid)),
+                "imgid": i,
+                "split": split,
+                "sentences": [{"raw": "a caption", "tokens": ["a", "caption"]}],
+                "cocoid": cocoid,
+            }
+            for i, (cocoid, (folder, split)) in enumerate(COCO_IMAGES.items())
+        ],
+        "dataset": "coco",
+    }
     with open(os.path.join(root, "dataset_coco.json"), "w") as f:
         json.dump(karpathy, f)
     return {"sc": sc, "images": images, "karpathy": os.path.join(root, "dataset_coco.json"), "master": master}
@@ -292,8 +342,21 @@ def write_split_files(corpus, directory, naming, unrolled):
 
 def run_coco(corpus, out_dir, split_dir=None, extra=()):
     split = ["--karpathy-split-dir", split_dir] if split_dir else ["--karpathy-split", corpus["karpathy"]]
-    return coco.main(["--spokencoco-dir", corpus["sc"], "--coco-image-root", corpus["images"], *split,
-                      "--out-dir", str(out_dir), "--no-progress", "--workers", "2", *extra])
+    return coco.main(
+        [
+            "--spokencoco-dir",
+            corpus["sc"],
+            "--coco-image-root",
+            corpus["images"],
+            *split,
+            "--out-dir",
+            str(out_dir),
+            "--no-progress",
+            "--workers",
+            "2",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture
@@ -308,7 +371,8 @@ def _check_coco_manifests(corpus, out):
         assert m.unique_images == [_coco_image(i) for i in ids]
         assert len(m) == CAPTIONS_PER_IMAGE * len(ids)
         for i, (wav, image, size, speaker, text) in enumerate(
-                zip(m.audio_paths, m.image_paths, m.num_samples, m.speakers, m.texts)):
+            zip(m.audio_paths, m.image_paths, m.num_samples, m.speakers, m.texts)
+        ):
             uttid = os.path.basename(wav)[: -len(".wav")]
             cocoid, n = int(uttid.split("_")[1]), int(uttid[-1])
             assert image == _coco_image(cocoid)
@@ -325,8 +389,9 @@ def test_spokencoco_karpathy_json_puts_restval_in_train(coco_corpus, tmp_path, c
     assert summary[1].split()[:3] == ["train", "5", "10"] and summary[3].split()[:3] == ["test", "2", "4"]
 
 
-@pytest.mark.parametrize("naming,unrolled", [("SpokenCOCO_ksplit_{}.json", False),
-                                             ("SpokenCOCO_{}_karpathy.json", True)])
+@pytest.mark.parametrize(
+    "naming,unrolled", [("SpokenCOCO_ksplit_{}.json", False), ("SpokenCOCO_{}_karpathy.json", True)]
+)
 def test_spokencoco_split_files_give_the_same_splits(coco_corpus, tmp_path, naming, unrolled):
     split_dir = str(tmp_path / "splits")
     write_split_files(coco_corpus, split_dir, naming, unrolled)
@@ -373,8 +438,14 @@ def _coco_image_in_no_split(c):
 
 def _coco_truncated_image(c):
     _truncated_jpg(os.path.join(c["images"], _coco_image(8)))
-    return ["SpokenCOCO_val.json: data[3]", "dataset_coco.json: images[7]", "split 'test'", _coco_image(8),
-            "cannot be decoded", "truncated"]
+    return [
+        "SpokenCOCO_val.json: data[3]",
+        "dataset_coco.json: images[7]",
+        "split 'test'",
+        _coco_image(8),
+        "cannot be decoded",
+        "truncated",
+    ]
 
 
 def _coco_8khz(c):
@@ -388,8 +459,10 @@ def _coco_stereo(c):
 
 
 def _coco_duplicate_wav(c):
-    _edit_json(os.path.join(c["sc"], "SpokenCOCO_val.json"),
-               lambda d: d["data"][3]["captions"].append(d["data"][0]["captions"][1]))
+    _edit_json(
+        os.path.join(c["sc"], "SpokenCOCO_val.json"),
+        lambda d: d["data"][3]["captions"].append(d["data"][0]["captions"][1]),
+    )
     return ["SpokenCOCO_val.json: data[3].captions[2]", "duplicate wav", "SpokenCOCO_val.json: data[0].captions[1]"]
 
 
@@ -403,11 +476,20 @@ def _coco_empty_split(c):
     return ["dataset_coco.json", "split 'test' has no utterance"]
 
 
-COCO_BAD = [_coco_missing_wav, _coco_missing_image, _coco_image_in_no_split, _coco_8khz, _coco_stereo,
-            _coco_duplicate_wav, _coco_duplicate_image, _coco_empty_split, _coco_truncated_image]
+COCO_BAD = [
+    _coco_missing_wav,
+    _coco_missing_image,
+    _coco_image_in_no_split,
+    _coco_8khz,
+    _coco_stereo,
+    _coco_duplicate_wav,
+    _coco_duplicate_image,
+    _coco_empty_split,
+    _coco_truncated_image,
+]
 
 
-@pytest.mark.parametrize("corrupt", COCO_BAD, ids=lambda f: f.__name__[len("_coco_"):])
+@pytest.mark.parametrize("corrupt", COCO_BAD, ids=lambda f: f.__name__[len("_coco_") :])
 def test_spokencoco_bad_input_names_the_file_and_writes_nothing(coco_corpus, tmp_path, capsys, corrupt):
     previous = tmp_path / "previous"
     assert run_coco(coco_corpus, previous) == 0
@@ -439,8 +521,9 @@ def test_spokencoco_split_file_listing_an_image_twice_is_rejected(coco_corpus, t
 
 def test_write_splits_failing_on_a_later_split_keeps_previous_output(flickr_corpus, tmp_path, monkeypatch):
     out = str(tmp_path / "m")
-    splits = flickr.build_splits(flickr_corpus["audio"], flickr_corpus["images"], flickr_corpus["text"],
-                                 show_progress=False, log=lambda *a: None)
+    splits = flickr.build_splits(
+        flickr_corpus["audio"], flickr_corpus["images"], flickr_corpus["text"], show_progress=False, log=lambda *a: None
+    )
     corpus_utils.write_splits(out, splits)
     before = _snapshot(out)
     real = corpus_utils.write_manifest
@@ -455,8 +538,15 @@ def test_write_splits_failing_on_a_later_split_keeps_previous_output(flickr_corp
         corpus_utils.write_splits(out, splits)
     assert _snapshot(out) == before  # train/valid were staged, never moved in
     with pytest.raises(ManifestError, match="'valid'.*empty"):
-        corpus_utils.write_splits(out, {"train": splits["train"], "valid": splits["valid"].__class__(
-            audio_root="a", audio_paths=[], num_samples=[], image_root="b", image_paths=[])})
+        corpus_utils.write_splits(
+            out,
+            {
+                "train": splits["train"],
+                "valid": splits["valid"].__class__(
+                    audio_root="a", audio_paths=[], num_samples=[], image_root="b", image_paths=[]
+                ),
+            },
+        )
     assert _snapshot(out) == before
 
 
@@ -475,16 +565,45 @@ for script, args in json.loads(sys.argv[1]):
 
 def test_scripts_run_from_another_directory_with_relative_paths(flickr_corpus, coco_corpus, tmp_path):
     rel = lambda path: os.path.relpath(path, tmp_path)  # noqa: E731
-    flickr_args = ["--audio-dir", rel(flickr_corpus["audio"]), "--image-dir", "corpus",
-                   "--text-dir", rel(flickr_corpus["text"]), "--out-dir", "out/flickr8k"]
-    coco_args = ["--spokencoco-dir", rel(coco_corpus["sc"]), "--coco-image-root", rel(coco_corpus["images"]),
-                 "--karpathy-split", rel(coco_corpus["karpathy"]), "--out-dir", "out/spokencoco"]
+    flickr_args = [
+        "--audio-dir",
+        rel(flickr_corpus["audio"]),
+        "--image-dir",
+        "corpus",
+        "--text-dir",
+        rel(flickr_corpus["text"]),
+        "--out-dir",
+        "out/flickr8k",
+    ]
+    coco_args = [
+        "--spokencoco-dir",
+        rel(coco_corpus["sc"]),
+        "--coco-image-root",
+        rel(coco_corpus["images"]),
+        "--karpathy-split",
+        rel(coco_corpus["karpathy"]),
+        "--out-dir",
+        "out/spokencoco",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(
-        [sys.executable, "-c", _RUN_BOTH, json.dumps([
-            (os.path.join(REPO_ROOT, "examples", "prepare_flickr8k.py"), flickr_args),
-            (os.path.join(REPO_ROOT, "examples", "prepare_spokencoco.py"), coco_args)])],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-c",
+            _RUN_BOTH,
+            json.dumps(
+                [
+                    (os.path.join(REPO_ROOT, "examples", "prepare_flickr8k.py"), flickr_args),
+                    (os.path.join(REPO_ROOT, "examples", "prepare_spokencoco.py"), coco_args),
+                ]
+            ),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("utterances") == 2 and result.stdout.count("hours") == 2
     for corpus in ("flickr8k", "spokencoco"):
@@ -496,8 +615,14 @@ def test_scripts_run_from_another_directory_with_relative_paths(flickr_corpus, c
 def test_write_manifest_failing_mid_file_leaves_no_temporary(tmp_path):
     from cmd_plugin.data.manifest import SpeechImageManifest, write_manifest
 
-    bad = SpeechImageManifest(audio_root="/a", audio_paths=["x.wav"], num_samples=[16000], image_root="/i",
-                              image_paths=["x.jpg"], speakers=[None])  # not a string: fails while writing .spk
+    bad = SpeechImageManifest(
+        audio_root="/a",
+        audio_paths=["x.wav"],
+        num_samples=[16000],
+        image_root="/i",
+        image_paths=["x.jpg"],
+        speakers=[None],
+    )  # not a string: fails while writing .spk
     with pytest.raises(TypeError):
         write_manifest(str(tmp_path), "train", bad)
     assert os.listdir(tmp_path) == []
@@ -508,7 +633,9 @@ def test_no_check_images_skips_decoding_but_not_the_existence_check(flickr_corpu
     _coco_truncated_image(coco_corpus)
     assert run_flickr(flickr_corpus, tmp_path / "f", extra=["--no-check-images"]) == 0
     assert run_coco(coco_corpus, tmp_path / "c", extra=["--no-check-images"]) == 0
-    assert len(read_manifest(str(tmp_path / "f"), "test")) == 10 and len(read_manifest(str(tmp_path / "c"), "test")) == 4
+    assert (
+        len(read_manifest(str(tmp_path / "f"), "test")) == 10 and len(read_manifest(str(tmp_path / "c"), "test")) == 4
+    )
     os.remove(os.path.join(flickr_corpus["images"], "2090545563_a4e66ec76b.jpg"))
     capsys.readouterr()
     assert run_flickr(flickr_corpus, tmp_path / "f2", extra=["--no-check-images"]) == 1

@@ -16,10 +16,14 @@ from cmd_plugin.progress import (
     run_jobs,
 )
 
-TRAIN_LINE = ("[2026-11-22 12:53:10,493][train_inner][INFO] - epoch 001:     {n} / 157 loss=10.48, sic_loss=5.99, "
-              "num_updates={n}, lr=0.0004, gnorm=68.845, train_wall=12, wall=12")
-VALID_LINE = ("[2026-11-22 12:55:59,001][valid][INFO] - epoch 001 | valid on 'valid' subset | loss 6.07 | "
-              "mean_r1 {r} | mean_r10 90.1 | wps 1.2e+06 | num_updates {n}")
+TRAIN_LINE = (
+    "[2026-11-22 12:53:10,493][train_inner][INFO] - epoch 001:     {n} / 157 loss=10.48, sic_loss=5.99, "
+    "num_updates={n}, lr=0.0004, gnorm=68.845, train_wall=12, wall=12"
+)
+VALID_LINE = (
+    "[2026-11-22 12:55:59,001][valid][INFO] - epoch 001 | valid on 'valid' subset | loss 6.07 | "
+    "mean_r1 {r} | mean_r10 90.1 | wps 1.2e+06 | num_updates {n}"
+)
 
 
 def test_fairseq_progress_reads_updates_the_latest_valid_figure_and_time_left():
@@ -39,8 +43,10 @@ def test_fairseq_progress_reads_updates_the_latest_valid_figure_and_time_left():
 
 def test_a_valid_field_is_matched_whole_not_by_prefix():
     p = FairseqProgress(metric="uer")
-    p.read("[valid][INFO] - epoch 002 | valid on 'valid' subset | loss 1.2 | uer_raw 9.9 | uer 4.4 | num_updates 888",
-           now=1.0)
+    p.read(
+        "[valid][INFO] - epoch 002 | valid on 'valid' subset | loss 1.2 | uer_raw 9.9 | uer 4.4 | num_updates 888",
+        now=1.0,
+    )
     assert p.valid == 4.4 and p.describe() == "888 updates, valid uer 4.4"
 
 
@@ -51,9 +57,13 @@ def test_a_nested_runner_passes_its_latest_line_on():
     assert follower.describe() == "running"
     follower.read("+ [HuBERT pre-training] fairseq-hydra-train --config-dir x   (log: /w/pretrain.log)\n", now=2.0)
     assert follower.describe() == "HuBERT pre-training: started"
-    follower.read("  [HuBERT pre-training 1m00s] 200/400 updates, valid loss 6.1, ~1m00s left   (log: /w/p.log)\n",
-                  now=3.0)
-    assert follower.describe() == "[HuBERT pre-training 1m00s] 200/400 updates, valid loss 6.1, ~1m00s left   (log: /w/p.log)"
+    follower.read(
+        "  [HuBERT pre-training 1m00s] 200/400 updates, valid loss 6.1, ~1m00s left   (log: /w/p.log)\n", now=3.0
+    )
+    assert (
+        follower.describe()
+        == "[HuBERT pre-training 1m00s] 200/400 updates, valid loss 6.1, ~1m00s left   (log: /w/p.log)"
+    )
 
 
 def _script(tmp_path, name, body):
@@ -65,19 +75,23 @@ def _script(tmp_path, name, body):
 def test_jobs_run_side_by_side_with_progress_lines_naming_their_logs(tmp_path):
     # each job says it started, then waits until the other one has started too: run one after the
     # other, the first would time out
-    body = ("import os, sys, time\n"
-            "mine, other = sys.argv[1], sys.argv[2]\n"
-            "open(mine, 'w').close()\n"
-            "deadline = time.time() + 20\n"
-            "while not os.path.exists(other):\n"
-            "    assert time.time() < deadline, 'the other job never started'\n"
-            "    time.sleep(0.05)\n"
-            "print('num_updates=5', flush=True); time.sleep(0.6); print('num_updates=10', flush=True)\n"
-            "print('threads', os.environ.get('OMP_NUM_THREADS'), flush=True)\n")
+    body = (
+        "import os, sys, time\n"
+        "mine, other = sys.argv[1], sys.argv[2]\n"
+        "open(mine, 'w').close()\n"
+        "deadline = time.time() + 20\n"
+        "while not os.path.exists(other):\n"
+        "    assert time.time() < deadline, 'the other job never started'\n"
+        "    time.sleep(0.05)\n"
+        "print('num_updates=5', flush=True); time.sleep(0.6); print('num_updates=10', flush=True)\n"
+        "print('threads', os.environ.get('OMP_NUM_THREADS'), flush=True)\n"
+    )
     cmd = _script(tmp_path, "job.py", body)
     a, b = str(tmp_path / "a.started"), str(tmp_path / "b.started")
-    jobs = [LoggedJob("job a", cmd + [a, b], str(tmp_path / "logs" / "a.log"), total_updates=10, threads=1),
-            LoggedJob("job b", cmd + [b, a], str(tmp_path / "logs" / "b.log"))]
+    jobs = [
+        LoggedJob("job a", cmd + [a, b], str(tmp_path / "logs" / "a.log"), total_updates=10, threads=1),
+        LoggedJob("job b", cmd + [b, a], str(tmp_path / "logs" / "b.log")),
+    ]
     out = io.StringIO()
     seconds = run_jobs(jobs, every=0.2, out=out, poll=0.05)
     assert set(seconds) == {"job a", "job b"}
@@ -93,8 +107,15 @@ def test_a_failed_job_names_its_log_and_stops_the_others(tmp_path):
     marker = tmp_path / "slow.started"
     out = io.StringIO()
     with pytest.raises(JobFailed, match=r"bad job failed \(exit 3\): see .*bad\.log"):
-        run_jobs([LoggedJob("slow job", slow + [str(marker)], str(tmp_path / "slow.log")),
-                  LoggedJob("bad job", bad, str(tmp_path / "bad.log"))], every=60, out=out, poll=0.05)
+        run_jobs(
+            [
+                LoggedJob("slow job", slow + [str(marker)], str(tmp_path / "slow.log")),
+                LoggedJob("bad job", bad, str(tmp_path / "bad.log")),
+            ],
+            every=60,
+            out=out,
+            poll=0.05,
+        )
     assert "something broke" in out.getvalue()  # the failed log's end is shown
 
 

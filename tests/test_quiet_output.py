@@ -9,7 +9,6 @@ import sys
 import warnings
 
 import torch
-
 from test_train_cli import REPO, TRAIN, make_corpus
 
 # (what a newcomer saw, a string of it that must not appear)
@@ -42,29 +41,65 @@ def _found(output, allowed=()):
 def test_user_commands_print_none_of_the_known_harmless_messages(tmp_path):
     env = _user_env()
     encoders = tmp_path / "encoders"
-    made = subprocess.run([sys.executable, os.path.join(REPO, "examples", "make_tiny_encoders.py"),
-                           "--out-dir", str(encoders)], env=env, capture_output=True, text=True, timeout=300)
+    made = subprocess.run(
+        [sys.executable, os.path.join(REPO, "examples", "make_tiny_encoders.py"), "--out-dir", str(encoders)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert made.returncode == 0, made.stderr[-3000:]
     assert not _found(made.stdout + made.stderr), made.stdout + made.stderr
     paths = dict(line.split("=", 1) for line in made.stdout.splitlines() if "=" in line)
 
     data = make_corpus(tmp_path / "corpus", {"train": (8, 2), "valid": (4, 2)})
     save_dir = tmp_path / "checkpoints"
-    train = subprocess.run([
-        TRAIN, "--config-dir", os.path.join(REPO, "examples", "tiny"), "task._name=speech_image", "method=c2f",
-        f"task.data={data}", f"model.hubert_path={paths['hubert_checkpoint']}",
-        f"model.image_model={paths['clip_model_name']}", f"model.image_model_config={paths['clip_model_config']}",
-        f"model.image_pretrained={paths['clip_pretrained']}", f"checkpoint.save_dir={save_dir}",
-        "dataset.batch_size=4", "model.queue_size=12", "common.log_interval=1", "optimization.max_update=2",
-    ], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    train = subprocess.run(
+        [
+            TRAIN,
+            "--config-dir",
+            os.path.join(REPO, "examples", "tiny"),
+            "task._name=speech_image",
+            "method=c2f",
+            f"task.data={data}",
+            f"model.hubert_path={paths['hubert_checkpoint']}",
+            f"model.image_model={paths['clip_model_name']}",
+            f"model.image_model_config={paths['clip_model_config']}",
+            f"model.image_pretrained={paths['clip_pretrained']}",
+            f"checkpoint.save_dir={save_dir}",
+            "dataset.batch_size=4",
+            "model.queue_size=12",
+            "common.log_interval=1",
+            "optimization.max_update=2",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     output = train.stdout + train.stderr
     assert train.returncode == 0, output[-3000:]
     assert "num_updates=2" in output and "sim_acc" in output  # it trained, with the C2F parts
     assert not _found(output, allowed=BEFORE_THE_PLUGIN), output[-5000:]
 
-    scored = subprocess.run([sys.executable, os.path.join(REPO, "examples", "eval_recall.py"), "--checkpoint",
-                             str(save_dir / "checkpoint_last.pt"), "--data", data, "--split", "valid", "--no-progress"],
-                            env=env, capture_output=True, text=True, timeout=300)
+    scored = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "examples", "eval_recall.py"),
+            "--checkpoint",
+            str(save_dir / "checkpoint_last.pt"),
+            "--data",
+            data,
+            "--split",
+            "valid",
+            "--no-progress",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert scored.returncode == 0, scored.stderr[-3000:]
     assert "checkpoint_last.pt" in scored.stdout
     assert not _found(scored.stdout + scored.stderr), scored.stdout + scored.stderr
@@ -90,8 +125,9 @@ print(json.dumps({
 
 
 def _import(how):
-    proc = subprocess.run([sys.executable, "-c", IMPORT_CHECK, how], env=_user_env(), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORT_CHECK, how], env=_user_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stderr, json.loads(proc.stdout.strip().splitlines()[-1])
 

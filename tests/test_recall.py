@@ -115,11 +115,11 @@ def test_other_captions_of_the_same_image_are_not_competitors():
 # Scores of 6 utterances (rows) against 3 images (columns), captions = utterances (0,1), (2,3), (4,5).
 HAND_SCORES = [
     [0.9, 0.1, 0.75],  # img 0: rank 0
-    [0.2, 0.8, 0.3],   # img 0: 0.8 and 0.3 above -> rank 2
-    [0.4, 0.4, 0.1],   # img 1: tied with img 0 -> rank 1
-    [0.0, 0.8, 0.8],   # img 1: tied with img 2 -> rank 1
-    [0.3, 0.3, 0.7],   # img 2: rank 0
-    [0.6, 0.0, 0.2],   # img 2: 0.6 above -> rank 1
+    [0.2, 0.8, 0.3],  # img 0: 0.8 and 0.3 above -> rank 2
+    [0.4, 0.4, 0.1],  # img 1: tied with img 0 -> rank 1
+    [0.0, 0.8, 0.8],  # img 1: tied with img 2 -> rank 1
+    [0.3, 0.3, 0.7],  # img 2: rank 0
+    [0.6, 0.0, 0.2],  # img 2: 0.6 above -> rank 1
 ]
 # Image -> speech: img 0 best caption 0.9, nothing above -> rank 0;
 # img 1 best caption 0.8 (utt 3), non-caption utt 1 ties at 0.8 -> rank 1;
@@ -145,7 +145,9 @@ def test_hand_built_example_gives_literal_values(chunk_size):
 
 def test_float64_and_integer_id_dtypes_accepted():
     speech = torch.tensor(HAND_SCORES, dtype=torch.float64)
-    got = retrieval_recall(speech, torch.eye(3, dtype=torch.float64), torch.tensor([0, 0, 1, 1, 2, 2], dtype=torch.int32), ks=(1,))
+    got = retrieval_recall(
+        speech, torch.eye(3, dtype=torch.float64), torch.tensor([0, 0, 1, 1, 2, 2], dtype=torch.int32), ks=(1,)
+    )
     assert got["s2i_hits_r1"] == 2 and got["i2s_hits_r1"] == 1
 
 
@@ -207,9 +209,17 @@ def test_chance_recall_literal_values():
 
 
 def test_format_table_shows_one_decimal_per_column():
-    results = {"s2i_r1": 33.333, "s2i_r5": 83.349, "s2i_r10": 100.0,
-               "i2s_r1": 12.05, "i2s_r5": 66.666, "i2s_r10": 7.0,
-               "mean_r1": 22.69, "mean_r5": 75.0, "mean_r10": 53.5}
+    results = {
+        "s2i_r1": 33.333,
+        "s2i_r5": 83.349,
+        "s2i_r10": 100.0,
+        "i2s_r1": 12.05,
+        "i2s_r5": 66.666,
+        "i2s_r10": 7.0,
+        "mean_r1": 22.69,
+        "mean_r5": 75.0,
+        "mean_r10": 53.5,
+    }
     table = format_recall_table(results, "HuBERT+CLIP")
     for text in ("Speech→Image", "Image→Speech", "Mean", "R@1", "R@5", "R@10"):
         assert text in table

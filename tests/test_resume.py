@@ -16,9 +16,9 @@ import subprocess
 import sys
 
 import torch
+from test_train_cli import REPO, TRAIN, make_corpus
 
 from cmd_plugin.checkpoints import safe_torch_load
-from test_train_cli import REPO, TRAIN, make_corpus
 
 MAX_UPDATE = 8
 
@@ -60,8 +60,9 @@ def _updates(log):
 
 
 def _kill_after_first_checkpoint(args, cwd):
-    proc = subprocess.Popen([TRAIN] + args, cwd=cwd, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [TRAIN] + args, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -79,19 +80,34 @@ def test_killed_runs_resume_exactly_and_a_kill_during_a_save_keeps_the_previous_
 
     def args(save_dir):
         return [
-            "--config-dir", os.path.join(REPO, "examples", "tiny"), "task._name=speech_image", f"task.data={data}",
-            f"model.hubert_path={enc['hubert_path']}", f"model.image_model={enc['image_model']}",
+            "--config-dir",
+            os.path.join(REPO, "examples", "tiny"),
+            "task._name=speech_image",
+            f"task.data={data}",
+            f"model.hubert_path={enc['hubert_path']}",
+            f"model.image_model={enc['image_model']}",
             f"model.image_model_config={enc['image_model_config']}",
-            f"model.image_pretrained={enc['image_pretrained']}", f"checkpoint.save_dir={save_dir}",
-            "dataset.batch_size=4", "common.log_interval=1", "optimization.lr=[0.002]",
-            "lr_scheduler.warmup_updates=2", f"optimization.max_update={MAX_UPDATE}",
+            f"model.image_pretrained={enc['image_pretrained']}",
+            f"checkpoint.save_dir={save_dir}",
+            "dataset.batch_size=4",
+            "common.log_interval=1",
+            "optimization.lr=[0.002]",
+            "lr_scheduler.warmup_updates=2",
+            f"optimization.max_update={MAX_UPDATE}",
             # mid-epoch checkpoints too: the restart must also resume inside an epoch
-            "checkpoint.save_interval_updates=3", "model.speech_encoder_dropout=0.1",
+            "checkpoint.save_interval_updates=3",
+            "model.speech_encoder_dropout=0.1",
         ]
 
     # the reference runs alongside the interrupted one (one core each)
-    reference = subprocess.Popen([TRAIN] + args(tmp_path / "reference"), cwd=tmp_path, env=_env(),
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    reference = subprocess.Popen(
+        [TRAIN] + args(tmp_path / "reference"),
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     save_dir = tmp_path / "interrupted"
 
     # 1. SIGKILL right after the first checkpoint
@@ -100,8 +116,14 @@ def test_killed_runs_resume_exactly_and_a_kill_during_a_save_keeps_the_previous_
     assert safe_torch_load(str(save_dir / "checkpoint_last.pt"))["optimizer_history"][-1]["num_updates"] == saved_at
 
     # 2. the same command resumes from checkpoint_last.pt; SIGKILL half-way through writing the next one
-    second = subprocess.run([sys.executable, "-c", KILLED_IN_SAVE] + args(save_dir), cwd=tmp_path, env=_env(),
-                            capture_output=True, text=True, timeout=300)
+    second = subprocess.run(
+        [sys.executable, "-c", KILLED_IN_SAVE] + args(save_dir),
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert second.returncode == -signal.SIGKILL, second.stdout[-3000:] + second.stderr[-3000:]
     assert re.search(rf"Loaded checkpoint \S+checkpoint_last\.pt \(epoch \d+ @ {saved_at} updates\)", second.stdout)
     assert "KILLING MYSELF DURING THE COPY" in second.stdout
@@ -110,8 +132,9 @@ def test_killed_runs_resume_exactly_and_a_kill_during_a_save_keeps_the_previous_
     assert state["optimizer_history"][-1]["num_updates"] == saved_at
 
     # 3. the same command again finishes the run
-    third = subprocess.run([TRAIN] + args(save_dir), cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                           timeout=300)
+    third = subprocess.run(
+        [TRAIN] + args(save_dir), cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert re.search(rf"Loaded checkpoint \S+checkpoint_last\.pt \(epoch \d+ @ {saved_at} updates\)", third.stdout)
 

@@ -33,8 +33,10 @@ def _env(tmp_path, **extra):
 
 def _plan(clone, env):
     """run_tests.sh's decision, sourced: ENVS, the source it exports, and the times line so far."""
-    script = ('source scripts/run_tests.sh; plan_env_b; rc=$?; '
-              'echo "rc=$rc"; echo "ENVS=$ENVS"; echo "SRC=${CMD_PLUGIN_FAIRSEQ_SRC:-}"; echo "times=${times[*]}"')
+    script = (
+        "source scripts/run_tests.sh; plan_env_b; rc=$?; "
+        'echo "rc=$rc"; echo "ENVS=$ENVS"; echo "SRC=${CMD_PLUGIN_FAIRSEQ_SRC:-}"; echo "times=${times[*]}"'
+    )
     proc = subprocess.run(["bash", "-c", script], cwd=clone, env=env, capture_output=True, text=True, timeout=60)
     values = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line and not line.startswith("=="))
     return proc, values
@@ -71,11 +73,23 @@ def test_a_source_beside_the_clone_or_named_runs_b(clone, tmp_path):
     assert plan["SRC"] == str(checkout)  # absolute: install_env_b.sh runs elsewhere
 
 
-@pytest.mark.parametrize("asked", [{"CMD_PLUGIN_TEST_ENVS": "b"}, {"CMD_PLUGIN_TEST_ENVS": "a b"},
-                                   {"CMD_PLUGIN_FAIRSEQ_SRC": "/no/such/fairseq.tar.gz"}])
+@pytest.mark.parametrize(
+    "asked",
+    [
+        {"CMD_PLUGIN_TEST_ENVS": "b"},
+        {"CMD_PLUGIN_TEST_ENVS": "a b"},
+        {"CMD_PLUGIN_FAIRSEQ_SRC": "/no/such/fairseq.tar.gz"},
+    ],
+)
 def test_b_asked_for_without_its_source_fails_before_installing_anything(clone, tmp_path, asked):
-    proc = subprocess.run(["bash", "scripts/run_tests.sh"], cwd=clone, env=_env(tmp_path, **asked),
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["bash", "scripts/run_tests.sh"],
+        cwd=clone,
+        env=_env(tmp_path, **asked),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1
     assert "environment B was asked for" in proc.stderr and "nothing was run" in proc.stderr
     if "CMD_PLUGIN_FAIRSEQ_SRC" in asked:
@@ -85,8 +99,9 @@ def test_b_asked_for_without_its_source_fails_before_installing_anything(clone, 
 
 
 def test_ci_run_fails_without_the_source_beside_the_clone(clone, tmp_path):
-    proc = subprocess.run(["bash", ".ci/run"], cwd=clone, env=_env(tmp_path, CI="true"),
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["bash", ".ci/run"], cwd=clone, env=_env(tmp_path, CI="true"), capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 1
     assert f"{tmp_path}/clone/../shared/vendor/{SOURCE_NAME}: no such file or directory" in proc.stderr
     _nothing_installed(clone, tmp_path)
@@ -94,15 +109,23 @@ def test_ci_run_fails_without_the_source_beside_the_clone(clone, tmp_path):
 
 def test_ci_run_calls_exactly_the_readme_test_command():
     with open(os.path.join(REPO, ".ci", "run")) as f:
-        commands = [line for line in f.read().splitlines() if line and not line.startswith(("#", "set ", "cd ", "export "))]
+        commands = [
+            line for line in f.read().splitlines() if line and not line.startswith(("#", "set ", "cd ", "export "))
+        ]
     assert commands == ["bash scripts/run_tests.sh"]
     with open(os.path.join(REPO, "README.md")) as f:
         assert "bash scripts/run_tests.sh" in f.read().split("\n## ", 1)[0]
 
 
 def test_install_env_b_without_a_source_names_the_variable_and_builds_nothing(clone, tmp_path):
-    proc = subprocess.run(["bash", "scripts/install_env_b.sh", str(tmp_path / "cache" / "venv-b")], cwd=clone,
-                          env=_env(tmp_path), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["bash", "scripts/install_env_b.sh", str(tmp_path / "cache" / "venv-b")],
+        cwd=clone,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1
     assert "set CMD_PLUGIN_FAIRSEQ_SRC" in proc.stderr and "environment B not built" in proc.stderr
     _nothing_installed(clone, tmp_path)

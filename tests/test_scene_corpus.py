@@ -45,10 +45,25 @@ def _require_tools():
 
 
 def _generate(out_dir, seed, cwd, extra=(), env=None):
-    cmd = [sys.executable, SCRIPT, "--out-dir", str(out_dir), "--seed", str(seed),
-           "--num-train-images", str(SIZES["train"]), "--num-valid-images", str(SIZES["valid"]),
-           "--num-test-images", str(SIZES["test"]), "--captions-per-image", str(CAPTIONS),
-           "--image-size", str(IMAGE_SIZE), *extra]
+    cmd = [
+        sys.executable,
+        SCRIPT,
+        "--out-dir",
+        str(out_dir),
+        "--seed",
+        str(seed),
+        "--num-train-images",
+        str(SIZES["train"]),
+        "--num-valid-images",
+        str(SIZES["valid"]),
+        "--num-test-images",
+        str(SIZES["test"]),
+        "--captions-per-image",
+        str(CAPTIONS),
+        "--image-size",
+        str(IMAGE_SIZE),
+        *extra,
+    ]
     return subprocess.run(cmd, cwd=str(cwd), env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -70,20 +85,21 @@ def corpus(tmp_path_factory):
 
 def _split_stems(root):
     text = os.path.join(root, "Flickr8k_text")
-    return {split: [line[: -len(".jpg")] for line in _read_lines(os.path.join(text, name))]
-            for split, name in SPLIT_FILES.items()}
+    return {
+        split: [line[: -len(".jpg")] for line in _read_lines(os.path.join(text, name))]
+        for split, name in SPLIT_FILES.items()
+    }
 
 
 def test_layout_is_exactly_flickr8k(corpus):
-    assert sorted(os.listdir(corpus)) == ["Flicker8k_Dataset", "Flickr8k_text", "flickr_audio",
-                                          "scene_corpus.json"]
+    assert sorted(os.listdir(corpus)) == ["Flicker8k_Dataset", "Flickr8k_text", "flickr_audio", "scene_corpus.json"]
     assert sorted(os.listdir(corpus / "flickr_audio")) == ["wav2capt.txt", "wav2spk.txt", "wavs"]
-    assert sorted(os.listdir(corpus / "Flickr8k_text")) == sorted(
-        ["Flickr8k.token.txt", *SPLIT_FILES.values()])
+    assert sorted(os.listdir(corpus / "Flickr8k_text")) == sorted(["Flickr8k.token.txt", *SPLIT_FILES.values()])
     stems = [s for split in _split_stems(corpus).values() for s in split]
     assert sorted(os.listdir(corpus / "Flicker8k_Dataset")) == sorted(f"{s}.jpg" for s in stems)
     assert sorted(os.listdir(corpus / "flickr_audio" / "wavs")) == sorted(
-        f"{s}_{n}.wav" for s in stems for n in range(CAPTIONS))
+        f"{s}_{n}.wav" for s in stems for n in range(CAPTIONS)
+    )
     # Nothing left behind next to the corpus by the write-then-rename.
     assert os.listdir(corpus.parent) == ["corpus"]
 
@@ -167,13 +183,11 @@ def test_scenes_are_unique_and_every_caption_names_every_object_colour(corpus):
     meta = json.loads((corpus / "scene_corpus.json").read_text())
     scenes = meta["scenes"]
     assert len(scenes) == sum(SIZES.values())
-    keys = {(s["background"], tuple(sorted(tuple(sorted(o.items())) for o in s["objects"])))
-            for s in scenes.values()}
+    keys = {(s["background"], tuple(sorted(tuple(sorted(o.items())) for o in s["objects"]))) for s in scenes.values()}
     assert len(keys) == len(scenes)
     for s in scenes.values():
         assert 1 <= len(s["objects"]) <= 3
-    digests = {hashlib.md5((corpus / "Flicker8k_Dataset" / f"{stem}.jpg").read_bytes()).hexdigest()
-               for stem in scenes}
+    digests = {hashlib.md5((corpus / "Flicker8k_Dataset" / f"{stem}.jpg").read_bytes()).hexdigest() for stem in scenes}
     assert len(digests) == len(scenes)
     tokens = dict(line.split("\t") for line in _read_lines(corpus / "Flickr8k_text" / "Flickr8k.token.txt"))
     for stem, scene in scenes.items():
@@ -205,6 +219,7 @@ def test_different_seed_gives_a_different_corpus(corpus, tmp_path):
     result = _generate(other, seed=8, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert _split_stems(other) != _split_stems(corpus)
+
     def captions(root):
         return {line.split("\t")[1] for line in _read_lines(root / "Flickr8k_text" / "Flickr8k.token.txt")}
 
@@ -255,8 +270,25 @@ def test_printed_summary_names_the_splits_train_valid_test(tmp_path, capsys):
     # everything the project prints calls it "valid"
     _require_tools()
     cli = _load_cli()
-    assert cli.main(["--out-dir", str(tmp_path / "c"), "--num-train-images", "3", "--num-valid-images", "2",
-                     "--num-test-images", "1", "--captions-per-image", "1", "--image-size", "32"]) == 0
+    assert (
+        cli.main(
+            [
+                "--out-dir",
+                str(tmp_path / "c"),
+                "--num-train-images",
+                "3",
+                "--num-valid-images",
+                "2",
+                "--num-test-images",
+                "1",
+                "--captions-per-image",
+                "1",
+                "--image-size",
+                "32",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "images: 3 train / 2 valid / 1 test" in out, out
     assert not re.search(r"\bdev\b", out), out

@@ -51,9 +51,14 @@ def make_checkpoint(path, tiny, seed=0, task=None, **model):
     from cmd_plugin.models.cmd_speech_image import CmdSpeechImageConfig, CmdSpeechImageModel
 
     cfg = CmdSpeechImageConfig(
-        hubert_path=tiny["hubert_path"], image_model=tiny["image_model"],
-        image_pretrained=tiny["image_pretrained"], image_model_config=tiny["image_model_config"],
-        speech_encoder_heads=4, speech_encoder_ffn_dim=128, speech_encoder_dropout=0.0, **model,
+        hubert_path=tiny["hubert_path"],
+        image_model=tiny["image_model"],
+        image_pretrained=tiny["image_pretrained"],
+        image_model_config=tiny["image_model_config"],
+        speech_encoder_heads=4,
+        speech_encoder_ffn_dim=128,
+        speech_encoder_dropout=0.0,
+        **model,
     )
     torch.manual_seed(seed)
     model = CmdSpeechImageModel.build_model(cfg)
@@ -69,19 +74,31 @@ def make_checkpoint(path, tiny, seed=0, task=None, **model):
             "_name": None,
             "common": {"_name": None, "seed": 1},
             "task": {
-                "_name": "speech_image", "data": os.path.join(os.path.dirname(path), "training_manifests_gone"),
-                "image_model": tiny["image_model"], "image_model_config": tiny["image_model_config"],
-                "image_pretrained": tiny["image_pretrained"], "image_feature_cache": "",
-                "sample_rate": 16000, "min_sample_size": 1600, "max_sample_size": MAX_SAMPLES,
-                "num_length_buckets": 0, **(task or {}),
+                "_name": "speech_image",
+                "data": os.path.join(os.path.dirname(path), "training_manifests_gone"),
+                "image_model": tiny["image_model"],
+                "image_model_config": tiny["image_model_config"],
+                "image_pretrained": tiny["image_pretrained"],
+                "image_feature_cache": "",
+                "sample_rate": 16000,
+                "min_sample_size": 1600,
+                "max_sample_size": MAX_SAMPLES,
+                "num_length_buckets": 0,
+                **(task or {}),
             },
             "model": model_dict,
             "criterion": {"_name": "cmd_contrastive"},
         },
         "model": model.state_dict(),
         "criterion": {},
-        "optimizer_history": [{"criterion_name": "CmdContrastiveCriterion", "optimizer_name": "FairseqAdam",
-                               "lr_scheduler_state": {}, "num_updates": 10}],
+        "optimizer_history": [
+            {
+                "criterion_name": "CmdContrastiveCriterion",
+                "optimizer_name": "FairseqAdam",
+                "lr_scheduler_state": {},
+                "num_updates": 10,
+            }
+        ],
         "task_state": {},
         "extra_state": {},
         "last_optimizer_state": {},
@@ -129,8 +146,16 @@ def env(tiny_encoders, tmp_path_factory):
     for name, (samples, rate, _) in clips.items():
         sf.write(str(audio / name), samples.astype(np.float32), rate)
     encoder = SpeechImageEncoder.from_checkpoint(checkpoint)
-    return {"root": root, "checkpoint": checkpoint, "other_checkpoint": other_checkpoint, "model": model,
-            "images": images, "audio": audio, "encoder": encoder, "tiny": tiny_encoders}
+    return {
+        "root": root,
+        "checkpoint": checkpoint,
+        "other_checkpoint": other_checkpoint,
+        "model": model,
+        "images": images,
+        "audio": audio,
+        "encoder": encoder,
+        "tiny": tiny_encoders,
+    }
 
 
 def _cli(*argv):
@@ -194,8 +219,17 @@ def test_plan_update_keeps_unchanged_reembeds_modified_and_drops_deleted():
 
 
 def test_scan_finds_images_recursively_by_extension_and_skips_hidden_files(tmp_path):
-    for rel in ("a.JPG", "b/c.jpeg", "b/d/e.webp", "f.png", "g.gif", "notes.txt", ".hidden.png",
-                ".cache/h.png", "b/.thumbs/i.jpg"):
+    for rel in (
+        "a.JPG",
+        "b/c.jpeg",
+        "b/d/e.webp",
+        "f.png",
+        "g.gif",
+        "notes.txt",
+        ".hidden.png",
+        ".cache/h.png",
+        "b/.thumbs/i.jpg",
+    ):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x" * len(rel))
     found = scan_images(str(tmp_path))
@@ -254,7 +288,7 @@ def _clustered(n, dim, clusters, noise, seed):
     gen = torch.Generator().manual_seed(seed)
     centres = F.normalize(torch.randn(clusters, dim, generator=gen), dim=1)
     which = torch.randint(0, clusters, (n,), generator=gen)
-    return F.normalize(centres[which] + noise / dim ** 0.5 * torch.randn(n, dim, generator=gen), dim=1)
+    return F.normalize(centres[which] + noise / dim**0.5 * torch.randn(n, dim, generator=gen), dim=1)
 
 
 def test_approximate_index_recall_parameters_and_incremental_update():
@@ -302,7 +336,7 @@ def test_approximate_index_recall_parameters_and_incremental_update():
     assert updated.approximate["params"]["nlist"] == 64 and updated.approximate["params"]["nprobe"] == 8
     assert (auto_nlist(100_000), auto_nlist(1_000_000), auto_nprobe(4096)) == (1024, 4096, 512)
     # mode auto below min_images: no approximate index at all
-    update_approximate(updated, index, ApproximateIndexConfig(mode="auto", min_images=10 ** 6))
+    update_approximate(updated, index, ApproximateIndexConfig(mode="auto", min_images=10**6))
     assert updated.approximate is None
 
 
@@ -409,7 +443,10 @@ def test_an_image_index_and_an_image_feature_cache_fingerprint_the_image_encoder
     index = env["encoder"].identity
     assert index["image_weights_sha256"] == cache["weights_sha256"]
     assert (index["image_model"], index["model_config"], index["preprocess"]) == (
-        cache["model"], cache["model_config"], cache["preprocess"])
+        cache["model"],
+        cache["model_config"],
+        cache["preprocess"],
+    )
 
 
 # ---------------------------------------------------------------- the command line
@@ -419,8 +456,21 @@ def test_index_then_query_ranks_by_the_models_embeddings_and_updates_incremental
     photos = tmp_path / "photos"
     shutil.copytree(env["images"], photos)
     out = tmp_path / "idx" / "photos.pt"
-    assert _cli("index", "--checkpoint", env["checkpoint"], "--images", str(photos), "--out", str(out),
-                "--no-progress", "--batch-size", "4") == 0
+    assert (
+        _cli(
+            "index",
+            "--checkpoint",
+            env["checkpoint"],
+            "--images",
+            str(photos),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--batch-size",
+            "4",
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert f"skipped: {photos / 'broken.jpg'}: cannot read image" in captured.err
     assert "1 unreadable image(s) skipped" in captured.err
@@ -434,13 +484,12 @@ def test_index_then_query_ranks_by_the_models_embeddings_and_updates_incremental
     assert torch.allclose(index.embeddings, reference, atol=1e-5)
 
     audio = [str(env["audio"] / "stereo_44k.wav"), str(env["audio"] / "mono_22k.ogg")]
-    assert _cli("query", "--index", str(out), "--checkpoint", env["checkpoint"], *audio, "--top-k", "4",
-                "--json") == 0
+    assert _cli("query", "--index", str(out), "--checkpoint", env["checkpoint"], *audio, "--top-k", "4", "--json") == 0
     record = json.loads(capsys.readouterr().out)
     assert record["method"] == "exact" and record["num_images"] == NUM_IMAGES
     queries = enc.embed_audio(audio)
     for q, query in enumerate(record["queries"]):
-        scores = (queries[q] @ reference.T)
+        scores = queries[q] @ reference.T
         top = scores.argsort(descending=True)[:4].tolist()
         assert [r["path"] for r in query["results"]] == [index.paths[i] for i in top]
         assert [r["rank"] for r in query["results"]] == [1, 2, 3, 4]
@@ -455,15 +504,19 @@ def test_index_then_query_ranks_by_the_models_embeddings_and_updates_incremental
 
     # a changed folder: one modified, one deleted, one added, the broken one fixed
     _image(photos / "trip" / "img1.jpg", seed=100)
-    os.utime(photos / "trip" / "img1.jpg", ns=(10 ** 18, 10 ** 18))
+    os.utime(photos / "trip" / "img1.jpg", ns=(10**18, 10**18))
     (photos / "img2.webp").unlink()
     _image(photos / "new.png", seed=200)
     _image(photos / "broken.jpg", seed=300)
     before = {p: index.embeddings[i].clone() for i, p in enumerate(index.paths)}
-    assert _cli("index", "--checkpoint", env["checkpoint"], "--images", str(photos), "--out", str(out),
-                "--no-progress") == 0
-    assert f"indexed {NUM_IMAGES + 1} images in {out}: 3 embedded, {NUM_IMAGES - 2} unchanged, 1 removed, " \
-           "0 unreadable" in capsys.readouterr().out
+    assert (
+        _cli("index", "--checkpoint", env["checkpoint"], "--images", str(photos), "--out", str(out), "--no-progress")
+        == 0
+    )
+    assert (
+        f"indexed {NUM_IMAGES + 1} images in {out}: 3 embedded, {NUM_IMAGES - 2} unchanged, 1 removed, "
+        "0 unreadable" in capsys.readouterr().out
+    )
     index2 = load_index(str(out))
     assert index2.meta["last_update"]["modified"] == 1
     assert "img2.webp" not in index2.paths and {"new.png", "broken.jpg", "trip/img1.jpg"} <= set(index2.paths)
@@ -481,8 +534,10 @@ def test_an_interrupted_index_run_leaves_the_previous_index_usable(env, tmp_path
     photos = tmp_path / "photos"
     shutil.copytree(env["images"], photos)
     out = tmp_path / "index.pt"
-    assert _cli("index", "--checkpoint", env["checkpoint"], "--images", str(photos), "--out", str(out),
-                "--no-progress") == 0
+    assert (
+        _cli("index", "--checkpoint", env["checkpoint"], "--images", str(photos), "--out", str(out), "--no-progress")
+        == 0
+    )
     good = out.read_bytes()
     for i in range(6):
         _image(photos / f"more{i}.png", seed=50 + i)
@@ -492,8 +547,9 @@ def test_an_interrupted_index_run_leaves_the_previous_index_usable(env, tmp_path
 
     monkeypatch.setattr(SpeechImageEncoder, "embed_pixels", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        search_cli.main(["index", "--checkpoint", env["checkpoint"], "--images", str(photos), "--out", str(out),
-                         "--no-progress"])
+        search_cli.main(
+            ["index", "--checkpoint", env["checkpoint"], "--images", str(photos), "--out", str(out), "--no-progress"]
+        )
     assert out.read_bytes() == good and sorted(os.listdir(tmp_path)) == ["index.pt", "photos"]
     assert len(load_index(str(out))) == NUM_IMAGES
 
@@ -514,8 +570,20 @@ def test_a_long_run_saves_progress_and_a_rerun_resumes_where_it_stopped(env, tmp
         return real(self, pixels)
 
     monkeypatch.setattr(SpeechImageEncoder, "embed_pixels", dies_in_third_batch)
-    args = ["index", "--checkpoint", env["checkpoint"], "--images", str(photos), "--out", str(out),
-            "--no-progress", "--batch-size", "2", "--save-every-minutes", "1e-9"]
+    args = [
+        "index",
+        "--checkpoint",
+        env["checkpoint"],
+        "--images",
+        str(photos),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--batch-size",
+        "2",
+        "--save-every-minutes",
+        "1e-9",
+    ]
     with pytest.raises(KeyboardInterrupt):
         search_cli.main(args)
     partial = load_index(str(out))
@@ -549,8 +617,10 @@ def test_bad_input_gives_one_line_naming_the_file_and_writes_nothing(env, tmp_pa
     assert os.listdir(only_broken) == ["x.png"]
 
     index_path = tmp_path / "photos.pt"
-    assert _cli("index", "--checkpoint", ck, "--images", str(env["images"]), "--out", str(index_path),
-                "--no-progress") == 0
+    assert (
+        _cli("index", "--checkpoint", ck, "--images", str(env["images"]), "--out", str(index_path), "--no-progress")
+        == 0
+    )
     capsys.readouterr()
     good = index_path.read_bytes()
     audio = str(env["audio"] / "mono_16k.flac")
@@ -558,8 +628,17 @@ def test_bad_input_gives_one_line_naming_the_file_and_writes_nothing(env, tmp_pa
     err = _cli_error(capsys, "query", "--index", str(index_path), "--checkpoint", env["other_checkpoint"], audio)
     assert f"{index_path} was built with another image encoder than this checkpoint's" in err
     assert "image encoder weights (image_weights_sha256)" in err
-    err = _cli_error(capsys, "index", "--checkpoint", env["other_checkpoint"], "--images", str(env["images"]),
-                     "--out", str(index_path), "--no-progress")
+    err = _cli_error(
+        capsys,
+        "index",
+        "--checkpoint",
+        env["other_checkpoint"],
+        "--images",
+        str(env["images"]),
+        "--out",
+        str(index_path),
+        "--no-progress",
+    )
     assert "another image encoder" in err and "--rebuild" in err
     assert index_path.read_bytes() == good
 
@@ -581,8 +660,9 @@ def test_bad_input_gives_one_line_naming_the_file_and_writes_nothing(env, tmp_pa
     assert f"{garbage}: cannot read audio" in err
     transcripts = tmp_path / "t.txt"
     transcripts.write_text("one\ntwo\n")
-    err = _cli_error(capsys, "query", "--index", str(index_path), "--checkpoint", ck, audio,
-                     "--transcripts", str(transcripts))
+    err = _cli_error(
+        capsys, "query", "--index", str(index_path), "--checkpoint", ck, audio, "--transcripts", str(transcripts)
+    )
     assert f"{transcripts}: 2 lines, expected 1" in err
     err = _cli_error(capsys, "query", "--index", str(tmp_path / "none.pt"), "--checkpoint", ck, audio)
     assert "index file not found" in err and "none.pt" in err
@@ -628,14 +708,40 @@ def _chromium():
 @pytest.mark.skipif(_chromium() is None, reason="Debian's chromium is not installed (apt-get install -y chromium)")
 def test_results_page_plays_the_query_and_shows_decoded_thumbnails_in_chromium(env, tmp_path, capsys):
     index_path = tmp_path / "photos.pt"
-    assert _cli("index", "--checkpoint", env["checkpoint"], "--images", str(env["images"]), "--out",
-                str(index_path), "--no-progress") == 0
+    assert (
+        _cli(
+            "index",
+            "--checkpoint",
+            env["checkpoint"],
+            "--images",
+            str(env["images"]),
+            "--out",
+            str(index_path),
+            "--no-progress",
+        )
+        == 0
+    )
     audio = [str(env["audio"] / "stereo_44k.wav"), str(env["audio"] / "mono_22k.ogg")]
     transcripts = tmp_path / "said.txt"
     transcripts.write_text("a red circle & a <blue> square\n\n")
     page = tmp_path / "pages" / "results.html"
-    assert _cli("query", "--index", str(index_path), "--checkpoint", env["checkpoint"], *audio, "--top-k", "5",
-                "--html", str(page), "--transcripts", str(transcripts)) == 0
+    assert (
+        _cli(
+            "query",
+            "--index",
+            str(index_path),
+            "--checkpoint",
+            env["checkpoint"],
+            *audio,
+            "--top-k",
+            "5",
+            "--html",
+            str(page),
+            "--transcripts",
+            str(transcripts),
+        )
+        == 0
+    )
     assert f"results page: {page}" in capsys.readouterr().out
     html = page.read_text()
     # self-contained: nothing fetched from disk or network
@@ -645,11 +751,21 @@ def test_results_page_plays_the_query_and_shows_decoded_thumbnails_in_chromium(e
     assert html.count('class="transcript"') == 1  # the second query has no transcript
 
     chromium = _chromium()
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--mute-audio",
-             f"--user-data-dir={tmp_path / 'profile'}"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--mute-audio",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
     shot = tmp_path / "results.png"
-    proc = subprocess.run([chromium, *flags, f"--screenshot={shot}", "--window-size=1200,1400",
-                           page.as_uri()], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [chromium, *flags, f"--screenshot={shot}", "--window-size=1200,1400", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert shot.is_file(), proc.stderr[-2000:]
     with Image.open(shot) as im:
         assert im.size == (1200, 1400)
@@ -658,8 +774,12 @@ def test_results_page_plays_the_query_and_shows_decoded_thumbnails_in_chromium(e
     # the same page plus a probe script, read back from the DOM after load
     probed = tmp_path / "probed.html"
     probed.write_text(html.replace("</body>", _PROBE + "</body>"))
-    proc = subprocess.run([chromium, *flags, "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [chromium, *flags, "--virtual-time-budget=10000", "--dump-dom", probed.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert '<pre id="probe">' in proc.stdout, proc.stderr[-2000:]
     probe = json.loads(proc.stdout.split('<pre id="probe">')[1].split("</pre>")[0])
     assert len(probe["images"]) == 10 and all(i["w"] > 0 and i["complete"] for i in probe["images"])

@@ -40,11 +40,14 @@ from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from test_search import REPO  # noqa: E402
+from test_search_service import (  # noqa: E402
+    _error,
+    env,  # noqa: E402,F401  (the module's checkpoint, images, clips and indexes)
+    speak,
+)
 
 from cmd_plugin.search.index import load_index  # noqa: E402
-from test_search import REPO  # noqa: E402
-from test_search_service import env  # noqa: E402,F401  (the module's checkpoint, images, clips and indexes)
-from test_search_service import _error, speak  # noqa: E402
 
 MAX_QUERY_SECONDS = 8
 
@@ -65,8 +68,10 @@ def _browser_paths():
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
     if not chromium or not driver:
-        pytest.fail("Debian's chromium and chromium-driver are needed: apt-get install -y chromium chromium-driver "
-                    "(scripts/install.sh does)")
+        pytest.fail(
+            "Debian's chromium and chromium-driver are needed: apt-get install -y chromium chromium-driver "
+            "(scripts/install.sh does)"
+        )
     return chromium, driver
 
 
@@ -76,12 +81,31 @@ def server(env, tmp_path_factory):  # noqa: F811
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "serve.log"
     indexes_before = {p: _fingerprint(p) for p in (env["image_index"], env["audio_index"])}
-    cmd = [sys.executable, os.path.join(REPO, "examples", "search.py"), "serve", "--checkpoint", env["checkpoint"],
-           "--index", env["image_index"], "--index", env["audio_index"], "--port", str(port),
-           "--max-query-seconds", str(MAX_QUERY_SECONDS), "--concurrency", "4"]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "examples", "search.py"),
+        "serve",
+        "--checkpoint",
+        env["checkpoint"],
+        "--index",
+        env["image_index"],
+        "--index",
+        env["audio_index"],
+        "--port",
+        str(port),
+        "--max-query-seconds",
+        str(MAX_QUERY_SECONDS),
+        "--concurrency",
+        "4",
+    ]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=str(tmp_path_factory.getbasetemp()),
-                                env=dict(os.environ, PYTHONPATH=REPO))
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=str(tmp_path_factory.getbasetemp()),
+            env=dict(os.environ, PYTHONPATH=REPO),
+        )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
     try:
@@ -119,10 +143,17 @@ def browser(spoken_query, tmp_path_factory):
     chromium, driver_path = _browser_paths()
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1300,1700", "--mute-audio",
-                "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
-                f"--use-file-for-fake-audio-capture={spoken_query}%noloop",
-                f"--user-data-dir={tmp_path_factory.mktemp('chromium_profile')}"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--window-size=1300,1700",
+        "--mute-audio",
+        "--use-fake-device-for-media-stream",
+        "--use-fake-ui-for-media-stream",
+        f"--use-file-for-fake-audio-capture={spoken_query}%noloop",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium_profile')}",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=Service(driver_path))
     driver.set_page_load_timeout(60)
@@ -172,9 +203,13 @@ def _results(driver, box):
     seconds = time.perf_counter() - started
     if "cmd-error" in el.get_attribute("class"):
         return seconds, el.text
-    WebDriverWait(driver, 30).until(lambda d: d.execute_script(
-        "return Array.prototype.every.call(document.querySelectorAll(arguments[0] + ' img'), "
-        "function (i) { return i.complete; })", box))
+    WebDriverWait(driver, 30).until(
+        lambda d: d.execute_script(
+            "return Array.prototype.every.call(document.querySelectorAll(arguments[0] + ' img'), "
+            "function (i) { return i.complete; })",
+            box,
+        )
+    )
     return seconds, "ok"
 
 
@@ -208,8 +243,9 @@ def test_microphone_query_shows_ranked_decoded_images_and_reranks_in_chromium(se
     for step in ("decoding", "embedding", "search", "re-ranking top 5 (sim+sic)", "total"):
         assert step in timing, timing
     # the query as the model heard it: the recorded caption, not silence
-    heard = d.execute_script("var a = document.querySelector('#results-speech audio.query-audio');"
-                             "return a.readyState >= 1 ? a.duration : -1")
+    heard = d.execute_script(
+        "var a = document.querySelector('#results-speech audio.query-audio');return a.readyState >= 1 ? a.duration : -1"
+    )
     assert heard > 1.0, heard
     shot = _save_screenshot(d, screenshots, "app_microphone_reranked.png")
     print(f"\nmicrophone query: submit to gallery {1000 * seconds:.0f} ms ({timing}); screenshot {shot}")
@@ -218,8 +254,9 @@ def test_microphone_query_shows_ranked_decoded_images_and_reranks_in_chromium(se
 def test_uploads_a_clip_and_an_image_and_explains_bad_input_in_the_page(env, server, browser, screenshots, tmp_path):  # noqa: F811
     from cmd_plugin.search.service import SearchService
 
-    service = SearchService(env["encoder"], image_index=load_index(env["image_index"]),
-                            audio_index=load_index(env["audio_index"]))
+    service = SearchService(
+        env["encoder"], image_index=load_index(env["image_index"]), audio_index=load_index(env["audio_index"])
+    )
     d = browser
     d.get(server["url"])
     _wait(d, "#query-audio button[aria-label='Upload file']").click()
@@ -261,8 +298,9 @@ def test_uploads_a_clip_and_an_image_and_explains_bad_input_in_the_page(env, ser
     d.find_element(By.CSS_SELECTOR, "#search-image").click()
     _, status = _results(d, "#results-image")
     assert status == "ok", status
-    WebDriverWait(d, 30).until(lambda d: all(
-        c["audio"]["ready"] >= 1 for c in d.execute_script(_CARDS, "#results-image")))
+    WebDriverWait(d, 30).until(
+        lambda d: all(c["audio"]["ready"] >= 1 for c in d.execute_script(_CARDS, "#results-image"))
+    )
     cards = d.execute_script(_CARDS, "#results-image")
     expected = service.search_clips(str(image), top_k=10)
     assert [c["path"] for c in cards] == [h.path for h in expected.hits] and len(cards) == 4
@@ -343,35 +381,56 @@ def test_the_server_never_wrote_into_the_indexes(env, server):  # noqa: F811
     for path, before in server["indexes_before"].items():
         assert _fingerprint(path) == before, path
     assert sorted(os.listdir(os.path.dirname(env["image_index"]))) == sorted(
-        ["c2f", "cmd", "photos", "clips", "photos.pt", "clips.pt"])
+        ["c2f", "cmd", "photos", "clips", "photos.pt", "clips.pt"]
+    )
 
 
 def test_serve_refuses_indexes_of_another_model_before_listening(env, tiny_encoders, tmp_path, capsys):  # noqa: F811
-    from cmd_demo.tiny_encoders import make_tiny_clip
     from test_search import make_checkpoint
+
+    from cmd_demo.tiny_encoders import make_tiny_clip
 
     # another image encoder (other CLIP weights): the image index is refused
     _, _, weights = make_tiny_clip(str(tmp_path / "other_clip"), seed=1)
-    other, _ = make_checkpoint(str(tmp_path / "other" / "checkpoint_best.pt"), dict(tiny_encoders,
-                               image_pretrained=weights), seed=1)
+    other, _ = make_checkpoint(
+        str(tmp_path / "other" / "checkpoint_best.pt"), dict(tiny_encoders, image_pretrained=weights), seed=1
+    )
     err = _error(capsys, "serve", "--checkpoint", other, "--index", env["image_index"], "--port", str(_free_port()))
     assert "was built with another image encoder than this checkpoint's" in err
     assert "image encoder weights (image_weights_sha256)" in err
     # another speech side: the clips' index is refused
-    err = _error(capsys, "serve", "--checkpoint", env["plain"], "--index", env["audio_index"], "--port",
-                 str(_free_port()))
+    err = _error(
+        capsys, "serve", "--checkpoint", env["plain"], "--index", env["audio_index"], "--port", str(_free_port())
+    )
     assert "was built with another speech encoder than this checkpoint's" in err
-    err = _error(capsys, "serve", "--checkpoint", env["checkpoint"], "--index", env["image_index"], "--index",
-                 env["image_index"], "--port", str(_free_port()))
+    err = _error(
+        capsys,
+        "serve",
+        "--checkpoint",
+        env["checkpoint"],
+        "--index",
+        env["image_index"],
+        "--index",
+        env["image_index"],
+        "--port",
+        str(_free_port()),
+    )
     assert "are both indexes of images: give at most one of each kind" in err
     err = _error(capsys, "serve", "--checkpoint", env["checkpoint"], "--index", env["image_index"], "--port", "0")
     assert "--port in 1..65535" in err
 
 
 def test_import_cmd_plugin_does_not_import_gradio():
-    code = ("import sys, cmd_plugin, cmd_plugin.search.service, cmd_plugin.search.page, cmd_plugin.inference; "
-            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('gradio', 'selenium'))))")
-    proc = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=REPO), timeout=120)
+    code = (
+        "import sys, cmd_plugin, cmd_plugin.search.service, cmd_plugin.search.page, cmd_plugin.inference; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('gradio', 'selenium'))))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", "import json; " + code],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []

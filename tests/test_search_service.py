@@ -13,13 +13,17 @@ import pytest
 import soundfile as sf
 import torch
 import torch.nn.functional as F
+from test_search import _chromium, _image, make_checkpoint, search_cli
 
 from cmd_plugin.search.index import SearchIndexError, load_index
 from cmd_plugin.search.page import short_name
-from test_search import _chromium, _image, make_checkpoint, search_cli
 
-CAPTIONS = ["two red circles on the left", "a blue square above a green triangle", "one yellow star",
-            "three small squares in a row"]
+CAPTIONS = [
+    "two red circles on the left",
+    "a blue square above a green triangle",
+    "one yellow star",
+    "three small squares in a row",
+]
 HEAD = dict(multimodal_layers=1, multimodal_heads=4, multimodal_ffn_dim=128, multimodal_dropout=0.0)
 
 
@@ -37,8 +41,12 @@ def env(tiny_encoders, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("search_service")
     # a coarse-to-fine checkpoint (matching head; valid_rerank_k 12 is the app's default K) and a CMD one
-    checkpoint, model = make_checkpoint(str(root / "c2f" / "checkpoint_best.pt"), tiny_encoders,
-                                        task={"valid_rerank_k": 12, "valid_rerank_score": "sim+sic"}, **HEAD)
+    checkpoint, model = make_checkpoint(
+        str(root / "c2f" / "checkpoint_best.pt"),
+        tiny_encoders,
+        task={"valid_rerank_k": 12, "valid_rerank_score": "sim+sic"},
+        **HEAD,
+    )
     plain, _ = make_checkpoint(str(root / "cmd" / "checkpoint_best.pt"), tiny_encoders, seed=3)
     photos = root / "photos"
     (photos / "trip").mkdir(parents=True)
@@ -52,13 +60,24 @@ def env(tiny_encoders, tmp_path_factory):
         speak(text, clips / ("more" if i % 2 else "") / f"caption{i}.wav")
     image_index = root / "photos.pt"
     audio_index = root / "clips.pt"
-    for command in (["index", "--images", str(photos), "--out", str(image_index)],
-                    ["index-audio", "--audio", str(clips), "--out", str(audio_index)]):
+    for command in (
+        ["index", "--images", str(photos), "--out", str(image_index)],
+        ["index-audio", "--audio", str(clips), "--out", str(audio_index)],
+    ):
         assert search_cli.main(command + ["--checkpoint", checkpoint, "--no-progress"]) == 0
     encoder = SpeechImageEncoder.from_checkpoint(checkpoint, keep_matching=True)
-    return {"root": root, "checkpoint": checkpoint, "plain": plain, "model": model, "photos": photos,
-            "clips": clips, "image_index": str(image_index), "audio_index": str(audio_index), "encoder": encoder,
-            "long_name": f"trip/{long_name}"}
+    return {
+        "root": root,
+        "checkpoint": checkpoint,
+        "plain": plain,
+        "model": model,
+        "photos": photos,
+        "clips": clips,
+        "image_index": str(image_index),
+        "audio_index": str(audio_index),
+        "encoder": encoder,
+        "long_name": f"trip/{long_name}",
+    }
 
 
 def _query_json(capsys, *argv):
@@ -115,8 +134,20 @@ def test_query_rerank_k_rescores_the_top_k_with_the_matching_head(env, capsys):
     sic = base["queries"][0]["results"]
     k = 5
     for score in ("sim", "sim+sic"):
-        record = _query_json(capsys, "--index", env["image_index"], "--checkpoint", env["checkpoint"], clip,
-                             "--top-k", "9", "--rerank-k", str(k), "--rerank-score", score)
+        record = _query_json(
+            capsys,
+            "--index",
+            env["image_index"],
+            "--checkpoint",
+            env["checkpoint"],
+            clip,
+            "--top-k",
+            "9",
+            "--rerank-k",
+            str(k),
+            "--rerank-score",
+            score,
+        )
         assert record["rerank"] == {"k": k, "score": score, "scored": k}
         results = record["queries"][0]["results"]
         # the SIC top 5 re-ordered by the head's logit, computed here from the model
@@ -132,26 +163,73 @@ def test_query_rerank_k_rescores_the_top_k_with_the_matching_head(env, capsys):
         assert results[k:] == sic[k:]
         assert record["timing_seconds"]["rerank"] > 0
     # the default score is the checkpoint's task.valid_rerank_score (sim+sic here)
-    record = _query_json(capsys, "--index", env["image_index"], "--checkpoint", env["checkpoint"], clip,
-                         "--rerank-k", "3")
+    record = _query_json(
+        capsys, "--index", env["image_index"], "--checkpoint", env["checkpoint"], clip, "--rerank-k", "3"
+    )
     assert record["rerank"]["score"] == "sim+sic"
     # K larger than the collection re-ranks all of it; text output names the re-ranking
-    assert search_cli.main(["query", "--index", env["image_index"], "--checkpoint", env["checkpoint"], clip,
-                            "--top-k", "3", "--rerank-k", "50"]) == 0
+    assert (
+        search_cli.main(
+            [
+                "query",
+                "--index",
+                env["image_index"],
+                "--checkpoint",
+                env["checkpoint"],
+                clip,
+                "--top-k",
+                "3",
+                "--rerank-k",
+                "50",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "re-ranking top 9 (sim+sic)" in text and "(match " in text
 
 
 def test_query_rerank_refuses_a_checkpoint_without_matching_head(env, capsys, tmp_path):
     index = tmp_path / "plain.pt"
-    assert search_cli.main(["index", "--checkpoint", env["plain"], "--images", str(env["photos"]), "--out",
-                            str(index), "--no-progress"]) == 0
+    assert (
+        search_cli.main(
+            [
+                "index",
+                "--checkpoint",
+                env["plain"],
+                "--images",
+                str(env["photos"]),
+                "--out",
+                str(index),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    err = _error(capsys, "query", "--index", str(index), "--checkpoint", env["plain"],
-                 str(env["clips"] / "caption0.wav"), "--rerank-k", "5")
+    err = _error(
+        capsys,
+        "query",
+        "--index",
+        str(index),
+        "--checkpoint",
+        env["plain"],
+        str(env["clips"] / "caption0.wav"),
+        "--rerank-k",
+        "5",
+    )
     assert f"{env['plain']} has no matching head" in err and "coarse-to-fine checkpoint" in err
-    err = _error(capsys, "query", "--index", env["image_index"], "--checkpoint", env["checkpoint"],
-                 str(env["clips"] / "caption0.wav"), "--rerank-k", "-1")
+    err = _error(
+        capsys,
+        "query",
+        "--index",
+        env["image_index"],
+        "--checkpoint",
+        env["checkpoint"],
+        str(env["clips"] / "caption0.wav"),
+        "--rerank-k",
+        "-1",
+    )
     assert "--rerank-k >= 0" in err
 
 
@@ -166,8 +244,23 @@ def test_index_audio_is_incremental_skips_unreadable_clips_and_answers_image_que
     (clips / "broken.wav").write_bytes(b"RIFF....not a wav")
     sf.write(str(clips / "blip.flac"), np.full(800, 0.1, np.float32), 16000)  # 0.05 s: under the minimum
     out = tmp_path / "idx" / "clips.pt"
-    assert search_cli.main(["index-audio", "--checkpoint", env["checkpoint"], "--audio", str(clips), "--out", str(out),
-                            "--no-progress", "--batch-size", "3"]) == 0
+    assert (
+        search_cli.main(
+            [
+                "index-audio",
+                "--checkpoint",
+                env["checkpoint"],
+                "--audio",
+                str(clips),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--batch-size",
+                "3",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert f"skipped: {clips / 'broken.wav'}: cannot read audio" in captured.err
     assert f"skipped: {clips / 'blip.flac'}: 0.050 s of audio, shorter than the model's minimum" in captured.err
@@ -189,8 +282,20 @@ def test_index_audio_is_incremental_skips_unreadable_clips_and_answers_image_que
         assert query["image"] == images[q] and [r["path"] for r in query["results"]] == [index.paths[i] for i in top]
         assert np.allclose([r["score"] for r in query["results"]], scores[top].numpy(), atol=1e-4)
     # re-ranked by the head: the image's tokens against each clip's sequence
-    record = _query_json(capsys, "--index", str(out), "--checkpoint", env["checkpoint"], images[0], "--top-k", "4",
-                         "--rerank-k", "4", "--rerank-score", "sim")
+    record = _query_json(
+        capsys,
+        "--index",
+        str(out),
+        "--checkpoint",
+        env["checkpoint"],
+        images[0],
+        "--top-k",
+        "4",
+        "--rerank-k",
+        "4",
+        "--rerank-score",
+        "sim",
+    )
     results = record["queries"][0]["results"]
     for r in results:
         logit = _match_logits(env["model"], enc.load_audio(r["absolute_path"]), [images[0]], enc.transform)[0]
@@ -198,22 +303,51 @@ def test_index_audio_is_incremental_skips_unreadable_clips_and_answers_image_que
     assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
     # an html page with one player per clip
     page = tmp_path / "clips.html"
-    assert search_cli.main(["query", "--index", str(out), "--checkpoint", env["checkpoint"], images[0],
-                            "--top-k", "4", "--html", str(page)]) == 0
+    assert (
+        search_cli.main(
+            [
+                "query",
+                "--index",
+                str(out),
+                "--checkpoint",
+                env["checkpoint"],
+                images[0],
+                "--top-k",
+                "4",
+                "--html",
+                str(page),
+            ]
+        )
+        == 0
+    )
     html = page.read_text()
     assert html.count("<audio") == 4 and html.count('<img class="query-image"') == 1
 
     # incremental: one clip changed, one deleted, one added, the broken one fixed
     speak("a green circle", clips / "caption0.wav")
-    os.utime(clips / "caption0.wav", ns=(10 ** 18, 10 ** 18))
+    os.utime(clips / "caption0.wav", ns=(10**18, 10**18))
     (clips / "more" / "caption1.wav").unlink()
     speak("four stars", clips / "new.wav")
     shutil.copy(clips / "caption2.wav", clips / "broken.wav")
     capsys.readouterr()
-    assert search_cli.main(["index-audio", "--checkpoint", env["checkpoint"], "--audio", str(clips), "--out", str(out),
-                            "--no-progress"]) == 0
-    assert f"indexed 5 spoken clips in {out}: 3 embedded, 2 unchanged, 1 removed, 1 unreadable" \
-        in capsys.readouterr().out
+    assert (
+        search_cli.main(
+            [
+                "index-audio",
+                "--checkpoint",
+                env["checkpoint"],
+                "--audio",
+                str(clips),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        f"indexed 5 spoken clips in {out}: 3 embedded, 2 unchanged, 1 removed, 1 unreadable" in capsys.readouterr().out
+    )
     assert sorted(os.listdir(out.parent)) == ["clips.pt"]
 
 
@@ -223,8 +357,9 @@ def test_indexes_of_the_wrong_kind_or_model_are_refused(env, tmp_path, capsys):
     copy = tmp_path / "photos.pt"
     shutil.copy(env["image_index"], copy)
     good = copy.read_bytes()
-    err = _error(capsys, "index-audio", "--checkpoint", env["checkpoint"], "--audio", str(env["clips"]),
-                 "--out", str(copy))
+    err = _error(
+        capsys, "index-audio", "--checkpoint", env["checkpoint"], "--audio", str(env["clips"]), "--out", str(copy)
+    )
     assert f"{copy}: an index of images, this command writes one of spoken clips" in err
     assert copy.read_bytes() == good
     # the clips' index belongs to one checkpoint's speech side: another checkpoint is refused
@@ -236,8 +371,17 @@ def test_indexes_of_the_wrong_kind_or_model_are_refused(env, tmp_path, capsys):
     assert f"{clip}: cannot read image" in err
     err = _error(capsys, "query", "--index", env["image_index"], "--checkpoint", env["checkpoint"], image)
     assert f"{image}: cannot read audio: this is a PNG image, not a sound file" in err
-    err = _error(capsys, "query", "--index", env["audio_index"], "--checkpoint", env["checkpoint"], image,
-                 "--transcripts", str(tmp_path / "t.txt"))
+    err = _error(
+        capsys,
+        "query",
+        "--index",
+        env["audio_index"],
+        "--checkpoint",
+        env["checkpoint"],
+        image,
+        "--transcripts",
+        str(tmp_path / "t.txt"),
+    )
     assert "--transcripts describes spoken queries" in err
 
 
@@ -276,13 +420,28 @@ def test_service_answers_like_the_cli_with_timings_and_refuses_bad_input(env, ca
     service = SearchService(enc, image_index=image_index, audio_index=audio_index, max_query_seconds=4.0)
     assert service.has_matching_head and service.default_rerank_k == 12 and service.default_rerank_score == "sim+sic"
     clip = str(env["clips"] / "caption0.wav")
-    record = _query_json(capsys, "--index", env["image_index"], "--checkpoint", env["checkpoint"], clip, "--top-k",
-                         "5", "--rerank-k", "4")
+    record = _query_json(
+        capsys,
+        "--index",
+        env["image_index"],
+        "--checkpoint",
+        env["checkpoint"],
+        clip,
+        "--top-k",
+        "5",
+        "--rerank-k",
+        "4",
+    )
     answer = service.search_images(clip, top_k=5, rerank_k=4)
     assert [h.as_dict() for h in answer.hits] == [
-        dict(r, score=pytest.approx(r["score"], abs=1e-5), cosine=pytest.approx(r["cosine"], abs=1e-5),
-             match=pytest.approx(r["match"], abs=1e-4) if r["match"] is not None else None)
-        for r in record["queries"][0]["results"]]
+        dict(
+            r,
+            score=pytest.approx(r["score"], abs=1e-5),
+            cosine=pytest.approx(r["cosine"], abs=1e-5),
+            match=pytest.approx(r["match"], abs=1e-4) if r["match"] is not None else None,
+        )
+        for r in record["queries"][0]["results"]
+    ]
     assert set(answer.timings) == {"decode", "embed", "search", "rerank", "total"}
     assert answer.timings["total"] >= answer.timings["embed"] + answer.timings["rerank"] > 0
     assert answer.query_wave.numel() == enc.load_audio(clip).numel()
@@ -317,7 +476,9 @@ def test_service_answers_like_the_cli_with_timings_and_refuses_bad_input(env, ca
     assert torch.allclose(embedding_only.embed_audio([clip]), enc.embed_audio([clip]))
     service = SearchService(embedding_only, image_index=image_index)
     assert [h.path for h in service.search_images(clip, top_k=5).hits] == [h.path for h in again.hits]
-    with pytest.raises(SearchIndexError, match=r"was loaded without its matching head: load it with keep_matching=True"):
+    with pytest.raises(
+        SearchIndexError, match=r"was loaded without its matching head: load it with keep_matching=True"
+    ):
         service.search_images(clip, rerank_k=3)
 
 
@@ -335,7 +496,8 @@ def test_concurrent_requests_get_the_answers_they_would_get_alone(env):
         for _ in range(6):
             got = service.search_images(c, top_k=9, rerank_k=4)
             if [h.path for h in got.hits] != [h.path for h in alone[c].hits] or not np.allclose(
-                    [h.score for h in got.hits], [h.score for h in alone[c].hits], atol=1e-5):
+                [h.score for h in got.hits], [h.score for h in alone[c].hits], atol=1e-5
+            ):
                 failures.append(c)
 
     threads = [threading.Thread(target=worker, args=(c,)) for c in clips]
@@ -378,8 +540,21 @@ def test_page_marks_the_paired_image_and_never_breaks_a_file_name(env, tmp_path,
     paired_abs = env["photos"] / env["long_name"]
     transcripts.write_text(f"{CAPTIONS[0]}\t{env['long_name']}\n{CAPTIONS[1]}\t{paired_abs}\n")
     page = tmp_path / "results.html"
-    record = _query_json(capsys, "--index", env["image_index"], "--checkpoint", env["checkpoint"], clip0, clip1,
-                         "--top-k", "9", "--transcripts", str(transcripts), "--html", str(page))
+    record = _query_json(
+        capsys,
+        "--index",
+        env["image_index"],
+        "--checkpoint",
+        env["checkpoint"],
+        clip0,
+        clip1,
+        "--top-k",
+        "9",
+        "--transcripts",
+        str(transcripts),
+        "--html",
+        str(page),
+    )
     for q in record["queries"]:
         assert q["paired_image"] == env["long_name"]  # an absolute path is made relative to the index root
         assert q["paired_rank"] == next(r["rank"] for r in q["results"] if r["path"] == env["long_name"])
@@ -390,13 +565,32 @@ def test_page_marks_the_paired_image_and_never_breaks_a_file_name(env, tmp_path,
     assert f'<span class="name">{shown}</span>' in html and shown.endswith("581f.jpg") and "\u2026" in shown
     # not in the top k: said so
     (tmp_path / "one.txt").write_text("x\tnot/there.png\n")
-    record = _query_json(capsys, "--index", env["image_index"], "--checkpoint", env["checkpoint"], clip0,
-                         "--top-k", "1", "--transcripts", str(tmp_path / "one.txt"))
+    record = _query_json(
+        capsys,
+        "--index",
+        env["image_index"],
+        "--checkpoint",
+        env["checkpoint"],
+        clip0,
+        "--top-k",
+        "1",
+        "--transcripts",
+        str(tmp_path / "one.txt"),
+    )
     assert record["queries"][0]["paired_rank"] is None
     bad = tmp_path / "bad.txt"
     bad.write_text("a\tb\tc\n")
-    err = _error(capsys, "query", "--index", env["image_index"], "--checkpoint", env["checkpoint"], clip0,
-                 "--transcripts", str(bad))
+    err = _error(
+        capsys,
+        "query",
+        "--index",
+        env["image_index"],
+        "--checkpoint",
+        env["checkpoint"],
+        clip0,
+        "--transcripts",
+        str(bad),
+    )
     assert f"{bad}:1: expected TRANSCRIPT or TRANSCRIPT<TAB>IMAGE_PATH" in err
 
     chromium = _chromium()
@@ -404,9 +598,22 @@ def test_page_marks_the_paired_image_and_never_breaks_a_file_name(env, tmp_path,
         pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
     probed = tmp_path / "probed.html"
     probed.write_text(html.replace("</body>", _NAMES_PROBE + "</body>"))
-    proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'p'}",
-                           "--window-size=1200,1400", "--virtual-time-budget=5000", "--dump-dom", probed.as_uri()],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--user-data-dir={tmp_path / 'p'}",
+            "--window-size=1200,1400",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            probed.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert '<pre id="probe">' in proc.stdout, proc.stderr[-2000:]
     names = json.loads(proc.stdout.split('<pre id="probe">')[1].split("</pre>")[0])
     assert len(names) == 18

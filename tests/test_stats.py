@@ -28,8 +28,10 @@ def test_the_ablation_table_pairs_every_row_with_sic_by_seed(tmp_path):
     def record(value):
         return {"test": {"recall": {"mean_r1": value}}}
 
-    runs = {"sic": {1: record(10.0), 2: record(12.0), 3: record(11.0)},
-            "cmd-qkv": {1: record(11.0), 2: record(14.0), 3: record(12.0), 4: record(50.0)}}
+    runs = {
+        "sic": {1: record(10.0), 2: record(12.0), 3: record(11.0)},
+        "cmd-qkv": {1: record(11.0), 2: record(14.0), 3: record(12.0), 4: record(50.0)},
+    }
     paired = paired_vs(runs)
     assert list(paired) == ["cmd-qkv"] and paired["cmd-qkv"]["seeds"] == [1, 2, 3]  # seed 4 has no pair
     assert paired["cmd-qkv"]["mean"] == pytest.approx(4 / 3)
@@ -42,14 +44,18 @@ def test_the_ablation_table_pairs_every_row_with_sic_by_seed(tmp_path):
 def test_the_alpha_figure_shares_sic_as_alpha_zero_and_counts_seeds(tmp_path):
     from cmd_demo.ablation import alpha_series, plot_alpha
 
-    table = {"sic": {"mean_r1": (44.0, 2.0), "num_seeds": 5},
-             "cmd-qkv": {"mean_r1": (41.0, 1.0), "num_seeds": 5},
-             "cmd-qkv-a0.25": {"mean_r1": (46.0, 0.5), "num_seeds": 2},
-             "cmd-literal": {"mean_r1": (42.0, 0.0), "num_seeds": 1},
-             "c2f": {"mean_r1": (47.0, 4.0), "num_seeds": 5}}  # not a CMD row: not on the figure
+    table = {
+        "sic": {"mean_r1": (44.0, 2.0), "num_seeds": 5},
+        "cmd-qkv": {"mean_r1": (41.0, 1.0), "num_seeds": 5},
+        "cmd-qkv-a0.25": {"mean_r1": (46.0, 0.5), "num_seeds": 2},
+        "cmd-literal": {"mean_r1": (42.0, 0.0), "num_seeds": 1},
+        "c2f": {"mean_r1": (47.0, 4.0), "num_seeds": 5},
+    }  # not a CMD row: not on the figure
     series = alpha_series(table)
-    assert series == {"literal": [(0.0, 44.0, 2.0, 5), (1.0, 42.0, 0.0, 1)],
-                      "qkv": [(0.0, 44.0, 2.0, 5), (0.25, 46.0, 0.5, 2), (1.0, 41.0, 1.0, 5)]}
+    assert series == {
+        "literal": [(0.0, 44.0, 2.0, 5), (1.0, 42.0, 0.0, 1)],
+        "qkv": [(0.0, 44.0, 2.0, 5), (0.25, 46.0, 0.5, 2), (1.0, 41.0, 1.0, 5)],
+    }
     assert alpha_series({"sic": table["sic"]}) == {}
     pytest.importorskip("matplotlib")  # the plot extra: environment A (environment B lacks it)
     assert plot_alpha(table, str(tmp_path / "a.png"), "t") == series and (tmp_path / "a.png").stat().st_size > 0

@@ -20,12 +20,27 @@ from cmd_plugin.models.clip_upstream import ClipImageUpstream, register_model_co
 
 TEXT_CFG = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
 # the vision_cfg keys of open_clip's EVA01-g-14.json, with a tiny trunk
-EVA_LIKE = {"image_size": 64, "timm_model_name": "test_vit", "timm_model_pretrained": False,
-            "timm_pool": "token", "timm_proj": None}
-AVG_POOL = {"image_size": 64, "timm_model_name": "test_vit2", "timm_model_pretrained": False,
-            "timm_pool": "avg", "timm_proj": "linear"}
-EVA02_TINY = {"image_size": 224, "timm_model_name": "eva02_tiny_patch14_224", "timm_model_pretrained": False,
-              "timm_pool": "token", "timm_proj": None}
+EVA_LIKE = {
+    "image_size": 64,
+    "timm_model_name": "test_vit",
+    "timm_model_pretrained": False,
+    "timm_pool": "token",
+    "timm_proj": None,
+}
+AVG_POOL = {
+    "image_size": 64,
+    "timm_model_name": "test_vit2",
+    "timm_model_pretrained": False,
+    "timm_pool": "avg",
+    "timm_proj": "linear",
+}
+EVA02_TINY = {
+    "image_size": 224,
+    "timm_model_name": "eva02_tiny_patch14_224",
+    "timm_model_pretrained": False,
+    "timm_pool": "token",
+    "timm_proj": None,
+}
 
 
 def _write_model(directory, name, vision_cfg, seed=0):
@@ -81,7 +96,9 @@ def test_timm_tower_pooled_equals_encode_image_and_stays_frozen(models, kind):
         torch.testing.assert_close(pooled, _reference(name, weights).encode_image(images), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(patches[:, 0], patches[:, 1])
     # another weights file gives other outputs: the weights were loaded, not re-initialised
-    other = _write_model(os.path.dirname(config), f"{name}-other", dict(EVA_LIKE if kind == "eva_like" else AVG_POOL), seed=5)
+    other = _write_model(
+        os.path.dirname(config), f"{name}-other", dict(EVA_LIKE if kind == "eva_like" else AVG_POOL), seed=5
+    )
     assert not torch.allclose(ClipImageUpstream(other[0], other[2], other[1])(images)[0], pooled)
 
 
@@ -127,8 +144,13 @@ def test_eva_trunk_at_224_px(tmp_path):
 
 
 def test_unsupported_timm_towers_are_refused_with_the_reason(tmp_path):
-    attn_pool = {"image_size": 64, "timm_model_name": "test_vit3", "timm_model_pretrained": False,
-                 "timm_pool": "map", "timm_proj": None}
+    attn_pool = {
+        "image_size": 64,
+        "timm_model_name": "test_vit3",
+        "timm_model_pretrained": False,
+        "timm_pool": "map",
+        "timm_proj": None,
+    }
     name, config, _ = _write_model(str(tmp_path), "cmd-test-timm-map", attn_pool)
     with pytest.raises(ValueError, match="pools its tokens by attention"):
         ClipImageUpstream(name, model_config=config)

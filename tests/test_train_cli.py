@@ -46,8 +46,11 @@ def _composed(corpus, overrides):
     # hydra < 1.1 has no --resolve: its output is resolved here, ${hydra:job.name} (the method, see
     # cmd_plugin/config/method/) from the hydra section it printed and the rest with the plugin's resolver
     resolve = ["--resolve"] if compat.hydra_version() >= (1, 1) else []
-    proc = run_train(["--config-dir", os.path.join("examples", corpus), "task._name=speech_image", *overrides,
-                      "--cfg", "all"] + resolve, cwd=REPO)
+    proc = run_train(
+        ["--config-dir", os.path.join("examples", corpus), "task._name=speech_image", *overrides, "--cfg", "all"]
+        + resolve,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     import hydra_plugins.cmd_plugin_searchpath.searchpath  # noqa: F401  (registers ${cmd_plugin_dir:})
 
@@ -83,7 +86,11 @@ def test_shipped_config_composes_with_the_plugin(corpus):
     # tensorboard logs next to the checkpoints
     assert cfg["common"]["tensorboard_logdir"] == f"{cfg['checkpoint']['save_dir']}/tensorboard"
     # configs and dataclasses are one source of truth: no key the dataclass does not know
-    for section, dc in (("task", SpeechImageConfig), ("model", CmdSpeechImageConfig), ("criterion", CmdContrastiveConfig)):
+    for section, dc in (
+        ("task", SpeechImageConfig),
+        ("model", CmdSpeechImageConfig),
+        ("criterion", CmdContrastiveConfig),
+    ):
         unknown = set(cfg[section]) - set(dc.__dataclass_fields__) - {"_name"}
         assert not unknown, f"{corpus}: {section} keys unknown to {dc.__name__}: {unknown}"
     if corpus != "tiny":
@@ -189,8 +196,10 @@ def test_shipped_configs_log_next_to_the_checkpoints(corpus):
         hydra_cfg = yaml.safe_load(f)["hydra"]
     assert hydra_cfg["run"]["dir"] == "."
     handler = hydra_cfg["job_logging"]["handlers"]["file"]
-    assert handler == {"class": "hydra_plugins._cmd_plugin_logging.RunLogFileHandler",
-                       "filename": "${checkpoint.save_dir}/hydra_train.log"}
+    assert handler == {
+        "class": "hydra_plugins._cmd_plugin_logging.RunLogFileHandler",
+        "filename": "${checkpoint.save_dir}/hydra_train.log",
+    }
 
 
 def _free_port():
@@ -207,19 +216,37 @@ def test_two_gloo_workers_train_and_validate_the_whole_split(tiny_encoders, tmp_
     torchrun = _console_script("torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
-        [torchrun, "--nproc_per_node=2", f"--master-port={_free_port()}", TRAIN,
-         "--config-dir", os.path.join(REPO, "examples", "tiny"), "task._name=speech_image", f"task.data={data}",
-         f"model.hubert_path={tiny_encoders['hubert_path']}", f"model.image_model={tiny_encoders['image_model']}",
-         f"model.image_model_config={tiny_encoders['image_model_config']}",
-         f"model.image_pretrained={tiny_encoders['image_pretrained']}", f"checkpoint.save_dir={tmp_path / 'ckpt'}",
-         "optimization.max_update=3", "dataset.batch_size=3", "common.log_interval=1",
-         "distributed_training.distributed_world_size=2", "distributed_training.distributed_backend=gloo",
-         "distributed_training.ddp_backend=legacy_ddp", "distributed_training.distributed_init_method=env://",
-         "distributed_training.distributed_no_spawn=true",
-         # omegaconf 2.1+: ${oc.env:RANK}; 2.0 (fairseq from source): ${env:RANK}
-         f"distributed_training.distributed_rank=${{{compat.env_resolver()}:RANK}}",
-         f"criterion.global_batch_negatives={global_negatives}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            torchrun,
+            "--nproc_per_node=2",
+            f"--master-port={_free_port()}",
+            TRAIN,
+            "--config-dir",
+            os.path.join(REPO, "examples", "tiny"),
+            "task._name=speech_image",
+            f"task.data={data}",
+            f"model.hubert_path={tiny_encoders['hubert_path']}",
+            f"model.image_model={tiny_encoders['image_model']}",
+            f"model.image_model_config={tiny_encoders['image_model_config']}",
+            f"model.image_pretrained={tiny_encoders['image_pretrained']}",
+            f"checkpoint.save_dir={tmp_path / 'ckpt'}",
+            "optimization.max_update=3",
+            "dataset.batch_size=3",
+            "common.log_interval=1",
+            "distributed_training.distributed_world_size=2",
+            "distributed_training.distributed_backend=gloo",
+            "distributed_training.ddp_backend=legacy_ddp",
+            "distributed_training.distributed_init_method=env://",
+            "distributed_training.distributed_no_spawn=true",
+            # omegaconf 2.1+: ${oc.env:RANK}; 2.0 (fairseq from source): ${env:RANK}
+            f"distributed_training.distributed_rank=${{{compat.env_resolver()}:RANK}}",
+            f"criterion.global_batch_negatives={global_negatives}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
@@ -246,12 +273,23 @@ def test_bf16_training_learns_and_scores(tiny_encoders, tmp_path):
     data = make_corpus(tmp_path, {"train": (8, 2), "valid": (4, 2)})
     save_dir = tmp_path / "ckpt"
     proc = run_train(
-        ["--config-dir", os.path.join(REPO, "examples", "tiny"), "task._name=speech_image", f"task.data={data}",
-         f"model.hubert_path={tiny_encoders['hubert_path']}", f"model.image_model={tiny_encoders['image_model']}",
-         f"model.image_model_config={tiny_encoders['image_model_config']}",
-         f"model.image_pretrained={tiny_encoders['image_pretrained']}", f"checkpoint.save_dir={save_dir}",
-         "common.bf16=true", "dataset.batch_size=8", "common.log_interval=1", "optimization.lr=[0.002]",
-         "lr_scheduler.warmup_updates=2", "optimization.max_update=12"],
+        [
+            "--config-dir",
+            os.path.join(REPO, "examples", "tiny"),
+            "task._name=speech_image",
+            f"task.data={data}",
+            f"model.hubert_path={tiny_encoders['hubert_path']}",
+            f"model.image_model={tiny_encoders['image_model']}",
+            f"model.image_model_config={tiny_encoders['image_model_config']}",
+            f"model.image_pretrained={tiny_encoders['image_pretrained']}",
+            f"checkpoint.save_dir={save_dir}",
+            "common.bf16=true",
+            "dataset.batch_size=8",
+            "common.log_interval=1",
+            "optimization.lr=[0.002]",
+            "lr_scheduler.warmup_updates=2",
+            "optimization.max_update=12",
+        ],
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -259,10 +297,24 @@ def test_bf16_training_learns_and_scores(tiny_encoders, tmp_path):
     assert len(losses) == 12 and all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
     out_json = tmp_path / "recall.json"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", "eval_recall.py"), "--checkpoint",
-                           str(save_dir / "checkpoint_best.pt"), "--data", str(data), "--split", "valid",
-                           "--output-json", str(out_json), "--no-progress"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "examples", "eval_recall.py"),
+            "--checkpoint",
+            str(save_dir / "checkpoint_best.pt"),
+            "--data",
+            str(data),
+            "--split",
+            "valid",
+            "--output-json",
+            str(out_json),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
 

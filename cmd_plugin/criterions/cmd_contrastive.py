@@ -35,8 +35,8 @@ from ..distributed import (
     gather_with_local_grad,
     replicated_param,
 )
-from ..objectives.batch import GlobalBatch
 from ..modules.multimodal import image_tokens
+from ..objectives.batch import GlobalBatch
 from ..objectives.c2f.queue_sic import QueueSicObjective
 from ..objectives.c2f.sim import SimObjective
 from ..objectives.cmd.objective import CmdObjective
@@ -51,40 +51,64 @@ class CmdContrastiveConfig(FairseqDataclass):
     )
     cmd_pairs: ChoiceEnum(["all", "paired"]) = field(
         default="all",
-        metadata={"help": "all: reconstruct every image with every speech as query (B^2 fusions); "
-                  "paired: only with its own caption (B fusions, cheaper)"},
+        metadata={
+            "help": "all: reconstruct every image with every speech as query (B^2 fusions); "
+            "paired: only with its own caption (B fusions, cheaper)"
+        },
     )
     global_batch_negatives: bool = field(
         default=True, metadata={"help": "gather features from all data-parallel workers for negatives"}
     )
     noise_seed: int = field(
-        default=II("common.seed"), metadata={"help": "seed of the patch noise and of the SIM hard-negative sampling"})
+        default=II("common.seed"), metadata={"help": "seed of the patch noise and of the SIM hard-negative sampling"}
+    )
     # ---- coarse-to-fine alignment (second paper) ----
     sic_weight: float = field(
-        default=1.0, metadata={"help": "weight of L_sic (speech-image contrastive); SIC alone: cmd_weight=0, "
-                               "sim_weight=0"})
+        default=1.0,
+        metadata={"help": "weight of L_sic (speech-image contrastive); SIC alone: cmd_weight=0, sim_weight=0"},
+    )
     sim_weight: float = field(
-        default=0.0, metadata={"help": "weight of L_sim (speech-image matching on hard negatives; needs "
-                               "model.multimodal_layers > 0); 0 = off. ALBEF weighs its ITM loss 1 (a choice)"})
+        default=0.0,
+        metadata={
+            "help": "weight of L_sim (speech-image matching on hard negatives; needs "
+            "model.multimodal_layers > 0); 0 = off. ALBEF weighs its ITM loss 1 (a choice)"
+        },
+    )
     sim_hard_start: int = field(
-        default=0, metadata={"help": "SIM negatives are random (any other image/caption) before this update, then hard "
-                             "(0 = hard from the start, ALBEF)"})
+        default=0,
+        metadata={
+            "help": "SIM negatives are random (any other image/caption) before this update, then hard "
+            "(0 = hard from the start, ALBEF)"
+        },
+    )
     sim_hard_ramp: int = field(
-        default=0, metadata={"help": "after sim_hard_start, the share of hard SIM negatives rises linearly from 0 to 1 "
-                             "over this many updates (0 = all at once)"})
+        default=0,
+        metadata={
+            "help": "after sim_hard_start, the share of hard SIM negatives rises linearly from 0 to 1 "
+            "over this many updates (0 = all at once)"
+        },
+    )
     queue_start: int = field(
-        default=0, metadata={"help": "the queue is scored and filled from this update on (0 = from the start, "
-                                     "ALBEF)"})
+        default=0, metadata={"help": "the queue is scored and filled from this update on (0 = from the start, ALBEF)"}
+    )
     distill_alpha: float = field(
-        default=0.0, metadata={"help": "alpha_md: SIC targets = alpha_md * momentum softmax + (1 - alpha_md) * "
-                                       "multi-positive targets (needs model.c2f_momentum)"})
+        default=0.0,
+        metadata={
+            "help": "alpha_md: SIC targets = alpha_md * momentum softmax + (1 - alpha_md) * "
+            "multi-positive targets (needs model.c2f_momentum)"
+        },
+    )
     distill_ramp_updates: int = field(
-        default=-1, metadata={"help": "alpha_md rises linearly from 0 over this many optimizer updates (-1 = the "
-                                      "first epoch, ALBEF; 0 = no ramp)"})
+        default=-1,
+        metadata={
+            "help": "alpha_md rises linearly from 0 over this many optimizer updates (-1 = the "
+            "first epoch, ALBEF; 0 = no ramp)"
+        },
+    )
     update_freq: List[int] = field(
         default=II("optimization.update_freq"),
-        metadata={"help": "fairseq's update_freq (read, not set here): converts the first epoch's batches to "
-                          "updates"})
+        metadata={"help": "fairseq's update_freq (read, not set here): converts the first epoch's batches to updates"},
+    )
 
 
 @register_criterion("cmd_contrastive", dataclass=CmdContrastiveConfig)
@@ -97,14 +121,19 @@ class CmdContrastiveCriterion(FairseqCriterion):
         self.keep_sequences = False  # validation keeps speech sequences and image tokens (re-ranked recall)
         weights = (cfg.sic_weight, cfg.cmd_weight, cfg.sim_weight)
         if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
-            raise ValueError(f"criterion loss weights sic_weight/cmd_weight/sim_weight = {weights}: each must be >= 0 "
-                             "and at least one > 0")
-        self.sic = QueueSicObjective(cfg.distill_alpha, cfg.distill_ramp_updates, lambda: cfg.update_freq,
-                                     queue_start=cfg.queue_start)
+            raise ValueError(
+                f"criterion loss weights sic_weight/cmd_weight/sim_weight = {weights}: each must be >= 0 "
+                "and at least one > 0"
+            )
+        self.sic = QueueSicObjective(
+            cfg.distill_alpha, cfg.distill_ramp_updates, lambda: cfg.update_freq, queue_start=cfg.queue_start
+        )
         # (weight, objective) in the order their terms are added
         self.objectives = [(cfg.sic_weight, self.sic)]
         if cfg.sim_weight > 0:
-            self.objectives.append((cfg.sim_weight, SimObjective(cfg.noise_seed, cfg.sim_hard_start, cfg.sim_hard_ramp)))
+            self.objectives.append(
+                (cfg.sim_weight, SimObjective(cfg.noise_seed, cfg.sim_hard_start, cfg.sim_hard_ramp))
+            )
         if cfg.cmd_weight > 0:
             self.objectives.append((cfg.cmd_weight, CmdObjective(cfg.patch_noise_ratio, cfg.cmd_pairs, cfg.noise_seed)))
         self._checked = None
@@ -129,11 +158,15 @@ class CmdContrastiveCriterion(FairseqCriterion):
         for _, objective in self.objectives:
             objective.check_model(model)
         if getattr(model, "fusion", None) is not None and self.cfg.cmd_weight == 0:
-            raise ValueError("model.cmd_fusion=true builds the CMD fusion encoder but criterion.cmd_weight=0 never "
-                             "trains it: set model.cmd_fusion=false (method=sic or method=c2f do)")
+            raise ValueError(
+                "model.cmd_fusion=true builds the CMD fusion encoder but criterion.cmd_weight=0 never "
+                "trains it: set model.cmd_fusion=false (method=sic or method=c2f do)"
+            )
         if getattr(model, "multimodal", None) is not None and self.cfg.sim_weight == 0:
-            raise ValueError("model.multimodal_layers > 0 builds the SIM encoder but criterion.sim_weight=0 never "
-                             "trains it: set model.multimodal_layers=0")
+            raise ValueError(
+                "model.multimodal_layers > 0 builds the SIM encoder but criterion.sim_weight=0 never "
+                "trains it: set model.multimodal_layers=0"
+            )
         self._checked = model
 
     def forward(self, model, sample, reduce=True):
@@ -149,14 +182,16 @@ class CmdContrastiveCriterion(FairseqCriterion):
         # sum over workers gives the global sums once
         share = batch.local_size / batch.size
         logging_output = {key: value * share for key, value in logging_output.items()}
-        logging_output.update({
-            "loss": loss.item() * share,
-            "temperature": 1.0 / batch.logit_scale.item() * batch.local_size,
-            "ntokens": sample["ntokens"],
-            "padded_samples": int(sample["net_input"]["padding_mask"].sum()),
-            "nsentences": batch.local_size,
-            "sample_size": batch.local_size,
-        })
+        logging_output.update(
+            {
+                "loss": loss.item() * share,
+                "temperature": 1.0 / batch.logit_scale.item() * batch.local_size,
+                "ntokens": sample["ntokens"],
+                "padded_samples": int(sample["net_input"]["padding_mask"].sum()),
+                "nsentences": batch.local_size,
+                "sample_size": batch.local_size,
+            }
+        )
         self.last_embeddings = None
         if not model.training:
             self.last_embeddings = self._validation_embeddings(batch, gathered)
@@ -198,10 +233,21 @@ class CmdContrastiveCriterion(FairseqCriterion):
         if gathered is None:
             gathered = (speech, image, image_ids, sample_ids, split_codes)
         batch = GlobalBatch(
-            speech=speech, image=image, patches=patches, keys=item_keys(split_codes, image_ids),
-            logit_scale=replicated_param(model.clamped_logit_scale(), world), world=world, local_size=local_size,
-            training=model.training, update_num=self.update_num, seq=seq, seq_mask=seq_mask, speech_m=speech_m,
-            group=group, dp_world=dp_world, seq_is_global=seq_is_global,
+            speech=speech,
+            image=image,
+            patches=patches,
+            keys=item_keys(split_codes, image_ids),
+            logit_scale=replicated_param(model.clamped_logit_scale(), world),
+            world=world,
+            local_size=local_size,
+            training=model.training,
+            update_num=self.update_num,
+            seq=seq,
+            seq_mask=seq_mask,
+            speech_m=speech_m,
+            group=group,
+            dp_world=dp_world,
+            seq_is_global=seq_is_global,
         )
         return batch, local_items, gathered
 

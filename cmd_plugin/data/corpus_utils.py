@@ -105,9 +105,7 @@ def probe_audio(
     the order of ``items``, whatever order the threads finish in (libsndfile releases the GIL,
     so threads overlap the file-system latency of hundreds of thousands of small files).
     """
-    return _map_in_order(
-        lambda chunk: _probe_chunk(chunk, sample_rate), items, workers, show_progress, desc, "wav"
-    )
+    return _map_in_order(lambda chunk: _probe_chunk(chunk, sample_rate), items, workers, show_progress, desc, "wav")
 
 
 # (absolute image path, where it is listed, e.g. "Flickr_8k.testImages.txt:12 (split 'test')")

@@ -86,8 +86,11 @@ def cache_identity(upstream, pretrained_path: str) -> dict:
     file ``pretrained_path``) records: :func:`~cmd_plugin.encoder_identity.image_encoder_identity`
     plus "weights_file" (informational) and "weights_hashed"."""
     check_weights_file(pretrained_path)
-    return {**image_encoder_identity(upstream), "weights_file": os.path.abspath(pretrained_path),
-            "weights_hashed": WEIGHTS_HASHED}
+    return {
+        **image_encoder_identity(upstream),
+        "weights_file": os.path.abspath(pretrained_path),
+        "weights_hashed": WEIGHTS_HASHED,
+    }
 
 
 _WEIGHTS_SHA256_MEMO: Dict[tuple, str] = {}
@@ -105,8 +108,13 @@ def encoder_identity(model_name: str, pretrained_path: str, model_config_path: s
         raise ImageCacheError(str(err)) from None
     st = os.stat(pretrained_path)
     architecture = {k: v for k, v in model_config.items() if k != "preprocess_cfg"}
-    key = (model_name, os.path.abspath(pretrained_path), st.st_size, st.st_mtime_ns,
-           json.dumps(architecture, sort_keys=True))
+    key = (
+        model_name,
+        os.path.abspath(pretrained_path),
+        st.st_size,
+        st.st_mtime_ns,
+        json.dumps(architecture, sort_keys=True),
+    )
     if key not in _WEIGHTS_SHA256_MEMO:
         from ..models.clip_upstream import ClipImageUpstream  # imports fairseq (cmd_plugin.models)
 
@@ -154,8 +162,10 @@ def identity_differences(cached: dict, current: dict) -> List[str]:
             path = current.get("weights_file", "")
             b = _file_sha256(path) if path and os.path.isfile(path) else None
             if a != b:
-                out.append(f"{words} ({key}) differs: cache {a!r} vs the encoder's weights file {path or '?'} {b!r} "
-                           "(sha256 of the file, as this older cache recorded it)")
+                out.append(
+                    f"{words} ({key}) differs: cache {a!r} vs the encoder's weights file {path or '?'} {b!r} "
+                    "(sha256 of the file, as this older cache recorded it)"
+                )
             continue
         if a == b:
             continue
@@ -222,10 +232,16 @@ def partial_dir_of(out_dir: str) -> str:
 def _build_key(identity: dict, paths: Sequence[str], embed_dim: int, num_patches: int) -> dict:
     """What a partial build must share with this one to be resumed."""
     digest = hashlib.sha256("\n".join(paths).encode("utf-8")).hexdigest()
-    return _as_json({
-        "identity": identity, "paths_sha256": digest, "num_images": len(paths),
-        "embed_dim": embed_dim, "num_patches": num_patches, "dtype": np.dtype(CACHE_DTYPE).name,
-    })
+    return _as_json(
+        {
+            "identity": identity,
+            "paths_sha256": digest,
+            "num_images": len(paths),
+            "embed_dim": embed_dim,
+            "num_patches": num_patches,
+            "dtype": np.dtype(CACHE_DTYPE).name,
+        }
+    )
 
 
 def _resumable_rows(partial: str, key: dict, log) -> Optional[int]:
@@ -237,8 +253,10 @@ def _resumable_rows(partial: str, key: dict, log) -> Optional[int]:
             log(f"{partial}: an unfinished build of other images or another encoder: starting over")
             return None
         rows = int(progress["rows_done"])
-        shapes = {CLS_FILE: [key["num_images"], key["embed_dim"]],
-                  PATCHES_FILE: [key["num_images"], key["num_patches"], key["embed_dim"]]}
+        shapes = {
+            CLS_FILE: [key["num_images"], key["embed_dim"]],
+            PATCHES_FILE: [key["num_images"], key["num_patches"], key["embed_dim"]],
+        }
         for name, shape in shapes.items():
             array = np.load(os.path.join(partial, name), mmap_mode="r")
             if list(array.shape) != shape or array.dtype != CACHE_DTYPE:
@@ -333,8 +351,10 @@ def write_image_cache(
             f"identity preprocessing {identity.get('preprocess')} differs from the upstream's {preprocess_identity(built)}"
         )
     if identity.get("weights_sha256") != tensors_sha256(upstream):
-        raise ImageCacheError("identity weights checksum (weights_sha256) is not the upstream's: give the identity "
-                              "of the encoder that writes the cache (cache_identity(upstream, weights_file))")
+        raise ImageCacheError(
+            "identity weights checksum (weights_sha256) is not the upstream's: give the identity "
+            "of the encoder that writes the cache (cache_identity(upstream, weights_file))"
+        )
 
     out_dir = os.path.abspath(out_dir)
     if os.path.lexists(out_dir):
@@ -366,10 +386,15 @@ def write_image_cache(
                 raise ImageCacheError(
                     f"the cache of {num_images} images needs {needed / 1e9:.1f} GB; {parent} has {free / 1e9:.1f} GB free"
                 )
-            cls_out = open_memmap(os.path.join(partial, CLS_FILE), mode="w+", dtype=CACHE_DTYPE,
-                                  shape=(num_images, embed_dim))
-            patches_out = open_memmap(os.path.join(partial, PATCHES_FILE), mode="w+", dtype=CACHE_DTYPE,
-                                      shape=(num_images, num_patches, embed_dim))
+            cls_out = open_memmap(
+                os.path.join(partial, CLS_FILE), mode="w+", dtype=CACHE_DTYPE, shape=(num_images, embed_dim)
+            )
+            patches_out = open_memmap(
+                os.path.join(partial, PATCHES_FILE),
+                mode="w+",
+                dtype=CACHE_DTYPE,
+                shape=(num_images, num_patches, embed_dim),
+            )
             cls_out.flush()
             patches_out.flush()
             start = 0
@@ -388,13 +413,17 @@ def write_image_cache(
         upstream.to(device).eval()
         loader = torch.utils.data.DataLoader(
             _ImageFiles(paths[start:], upstream.preprocess, where[start:] if where is not None else None),
-            batch_size=batch_size, shuffle=False,
-            num_workers=num_workers, pin_memory=str(device).startswith("cuda"),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            pin_memory=str(device).startswith("cuda"),
         )
         row = start
         last_sync = time.time()
-        with torch.inference_mode(), tqdm(total=num_images, initial=start, unit="img", disable=not progress,
-                                          desc="encoding images") as bar:
+        with (
+            torch.inference_mode(),
+            tqdm(total=num_images, initial=start, unit="img", disable=not progress, desc="encoding images") as bar,
+        ):
             for pixels in loader:
                 pooled, patches = upstream(pixels.to(device, non_blocking=True))
                 n = pooled.size(0)
@@ -405,10 +434,13 @@ def write_image_cache(
                     )
                 pooled = pooled.float().cpu().numpy()
                 patches = patches.float().cpu().numpy()
-                if np.abs(pooled).max() > np.finfo(CACHE_DTYPE).max or np.abs(patches).max() > np.finfo(CACHE_DTYPE).max:
+                if (
+                    np.abs(pooled).max() > np.finfo(CACHE_DTYPE).max
+                    or np.abs(patches).max() > np.finfo(CACHE_DTYPE).max
+                ):
                     raise ImageCacheError(f"encoder outputs near {paths[row]} overflow {np.dtype(CACHE_DTYPE).name}")
-                cls_out[row:row + n] = pooled
-                patches_out[row:row + n] = patches
+                cls_out[row : row + n] = pooled
+                patches_out[row : row + n] = patches
                 row += n
                 bar.update(n)
                 if time.time() - last_sync >= sync_interval:

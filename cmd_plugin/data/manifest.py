@@ -147,9 +147,7 @@ def _read_rooted(path: str, with_sizes: bool):
 def _read_parallel(path: str, expected: int, tsv_path: str) -> List[str]:
     lines = _read_lines(path)
     if len(lines) != expected:
-        raise ManifestError(
-            f"{path}: has {len(lines)} lines, expected {expected} (one per utterance of {tsv_path})"
-        )
+        raise ManifestError(f"{path}: has {len(lines)} lines, expected {expected} (one per utterance of {tsv_path})")
     return lines
 
 
@@ -226,15 +224,16 @@ def write_manifest(data_dir: str, split: str, manifest: SpeechImageManifest) -> 
                 raise ManifestError(f"{what} {v!r} contains a tab or newline")
     os.makedirs(data_dir, exist_ok=True)
     contents = {
-        "tsv": [manifest.audio_root]
-        + [f"{p}\t{n}" for p, n in zip(manifest.audio_paths, manifest.num_samples)],
+        "tsv": [manifest.audio_root] + [f"{p}\t{n}" for p, n in zip(manifest.audio_paths, manifest.num_samples)],
         "img": [manifest.image_root] + list(manifest.image_paths),
     }
     if manifest.speakers is not None:
         contents["spk"] = list(manifest.speakers)
     if manifest.texts is not None:
         contents["wrd"] = [" ".join(t.split()) for t in manifest.texts]
-    atomic_write_all({os.path.join(data_dir, f"{split}.{ext}"): _lines_writer(lines) for ext, lines in contents.items()})
+    atomic_write_all(
+        {os.path.join(data_dir, f"{split}.{ext}"): _lines_writer(lines) for ext, lines in contents.items()}
+    )
     # a stale optional file from an earlier run would no longer be parallel
     for ext in ("spk", "wrd"):
         if ext not in contents:

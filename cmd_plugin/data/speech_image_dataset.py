@@ -89,9 +89,7 @@ class SpeechImageDataset(RawAudioDataset):
         keep = (sizes >= min_sample_size) & (sizes <= upper)
         self.kept = np.nonzero(keep)[0]
         if len(self.kept) == 0:
-            raise ManifestError(
-                f"split {split!r}: no utterance within [{min_sample_size}, {upper}] samples"
-            )
+            raise ManifestError(f"split {split!r}: no utterance within [{min_sample_size}, {upper}] samples")
         if len(self.kept) < len(sizes):
             logger.info(f"{split}: dropped {len(sizes) - len(self.kept)} utterances outside the size limits")
         self.sizes = sizes[self.kept]

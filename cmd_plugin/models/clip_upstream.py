@@ -31,12 +31,11 @@ import os
 from pathlib import Path
 from typing import Tuple
 
-import torch
-from torch import nn
-
 import open_clip
+import torch
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
+from torch import nn
 
 from ..quiet import building_open_clip
 
@@ -142,7 +141,7 @@ class ClipImageUpstream(nn.Module):
                 trunk = self.visual.trunk
                 tokens = trunk.forward_features(images)  # (B, prefix + N, C), after the trunk's norm
                 pooled = self.visual.head(trunk.forward_head(tokens))
-                patches = tokens[:, trunk.num_prefix_tokens:]
+                patches = tokens[:, trunk.num_prefix_tokens :]
                 patches = self.visual.head(trunk.head(trunk.head_drop(trunk.fc_norm(patches))))
             else:
                 pooled, tokens = self.visual(images)

@@ -40,12 +40,12 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 from omegaconf import MISSING
 
+from ..modules.fusion import FUSION_ATTENTION_CHOICES, FusionEncoder
 from ..modules.momentum import MomentumCopies
+from ..modules.multimodal import MatchingHead, MultimodalEncoder
 from ..modules.queue import EmbeddingQueue
 from .clip_upstream import ClipImageUpstream
-from ..modules.fusion import FUSION_ATTENTION_CHOICES, FusionEncoder
 from .hubert_upstream import HUBERT_STATE_CHOICES, HubertUpstream
-from ..modules.multimodal import MatchingHead, MultimodalEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ MOMENTUM_PARTS = ("layer_weights", "cls_token", "speech_encoder", "speech_proj")
 @dataclass
 class CmdSpeechImageConfig(FairseqDataclass):
     hubert_path: str = field(
-        default=MISSING, metadata={"help": "fairseq HuBERT checkpoint in the released format, e.g. "
-                                           "hubert_large_ll60k.pt"}
+        default=MISSING,
+        metadata={"help": "fairseq HuBERT checkpoint in the released format, e.g. hubert_large_ll60k.pt"},
     )
     image_model: str = field(
         default="ViT-L-14-quickgelu",
@@ -67,8 +67,10 @@ class CmdSpeechImageConfig(FairseqDataclass):
     )
     image_pretrained: str = field(
         default="",
-        metadata={"help": "LOCAL weights file for image_model (open_clip_pytorch_model.bin/.safetensors "
-                  "or a saved state dict); empty = random init (tests only); nothing is downloaded"},
+        metadata={
+            "help": "LOCAL weights file for image_model (open_clip_pytorch_model.bin/.safetensors "
+            "or a saved state dict); empty = random init (tests only); nothing is downloaded"
+        },
     )
     image_model_config: str = field(
         default="", metadata={"help": "optional open_clip model JSON registered before building image_model"}
@@ -83,55 +85,94 @@ class CmdSpeechImageConfig(FairseqDataclass):
     speech_encoder_ffn_dim: int = field(default=4096, metadata={"help": "FFN size of the speech transformer layer"})
     speech_encoder_dropout: float = field(default=0.1, metadata={"help": "dropout in the speech transformer layer"})
     cmd_fusion: bool = field(
-        default=True, metadata={"help": "build the CMD fusion encoder (training only; needed by criterion.cmd_weight "
-                                        "> 0)"})
+        default=True,
+        metadata={"help": "build the CMD fusion encoder (training only; needed by criterion.cmd_weight > 0)"},
+    )
     fusion_attention: ChoiceEnum(FUSION_ATTENTION_CHOICES) = field(
         default="qkv",
-        metadata={"help": "how Ω's speech query scores the patches (a choice; modules/fusion.py): literal, "
-                  "cosine (1 parameter), qkv (3E^2+2E parameters); uniform: a control with qkv's value projection"},
+        metadata={
+            "help": "how Ω's speech query scores the patches (a choice; modules/fusion.py): literal, "
+            "cosine (1 parameter), qkv (3E^2+2E parameters); uniform: a control with qkv's value projection"
+        },
     )
     hubert_layer_states: ChoiceEnum(HUBERT_STATE_CHOICES) = field(
         default="superb",
-        metadata={"help": "which HuBERT states the layer weights mix: superb (transformer input, each layer, encoder "
-                          "output; s3prl's) or cnn_and_layers"},
+        metadata={
+            "help": "which HuBERT states the layer weights mix: superb (transformer input, each layer, encoder "
+            "output; s3prl's) or cnn_and_layers"
+        },
     )
     temperature_init: float = field(
-        default=0.07, metadata={"help": "initial contrastive temperature tau (a choice: CLIP's value); also "
-                                "the fusion encoder's initial tau for fusion_attention=cosine"})
+        default=0.07,
+        metadata={
+            "help": "initial contrastive temperature tau (a choice: CLIP's value); also "
+            "the fusion encoder's initial tau for fusion_attention=cosine"
+        },
+    )
     max_logit_scale: float = field(
-        default=100.0, metadata={"help": "upper clamp of 1/tau (a choice: CLIP's value), for both temperatures"})
+        default=100.0, metadata={"help": "upper clamp of 1/tau (a choice: CLIP's value), for both temperatures"}
+    )
 
     # ---- coarse-to-fine alignment (second paper); off by default ----
     c2f_momentum: bool = field(
         default=False,
-        metadata={"help": "build the momentum model: EMA copies of the trainable speech side (frozen upstreams "
-                          "shared); needed by criterion.distill_alpha > 0"})
+        metadata={
+            "help": "build the momentum model: EMA copies of the trainable speech side (frozen upstreams "
+            "shared); needed by criterion.distill_alpha > 0"
+        },
+    )
     momentum: float = field(
-        default=0.995, metadata={"help": "EMA decay of the momentum model, applied once per optimizer update "
-                                 "(a choice: ALBEF's 0.995; the paper gives none)"})
+        default=0.995,
+        metadata={
+            "help": "EMA decay of the momentum model, applied once per optimizer update "
+            "(a choice: ALBEF's 0.995; the paper gives none)"
+        },
+    )
     momentum_dropout: bool = field(
-        default=True, metadata={"help": "the momentum copies run in train mode during training, dropout on "
-                                "(a choice: ALBEF's momentum encoders are ordinary train-mode modules); false: "
-                                "always eval mode"})
+        default=True,
+        metadata={
+            "help": "the momentum copies run in train mode during training, dropout on "
+            "(a choice: ALBEF's momentum encoders are ordinary train-mode modules); false: "
+            "always eval mode"
+        },
+    )
     queue_size: int = field(
-        default=0, metadata={"help": "embedding queue slots of momentum embeddings of past global batches (0 = no "
-                                     "queue; refused if larger than the training split)"})
+        default=0,
+        metadata={
+            "help": "embedding queue slots of momentum embeddings of past global batches (0 = no "
+            "queue; refused if larger than the training split)"
+        },
+    )
     multimodal_layers: int = field(
-        default=0, metadata={"help": "depth of the SIM multimodal encoder: self-attention, cross-attention to the "
-                                     "image tokens, FFN per layer (0 = no SIM parts)"})
-    multimodal_heads: int = field(default=8, metadata={"help": "attention heads of the multimodal encoder (a "
-                                                               "choice)"})
+        default=0,
+        metadata={
+            "help": "depth of the SIM multimodal encoder: self-attention, cross-attention to the "
+            "image tokens, FFN per layer (0 = no SIM parts)"
+        },
+    )
+    multimodal_heads: int = field(default=8, metadata={"help": "attention heads of the multimodal encoder (a choice)"})
     multimodal_ffn_dim: int = field(default=4096, metadata={"help": "FFN size of the multimodal encoder (a choice)"})
     multimodal_dropout: float = field(default=0.1, metadata={"help": "dropout in the multimodal encoder (a choice)"})
     multimodal_frame_pool: int = field(
-        default=1, metadata={"help": "SIM input: every k speech frames averaged, padding excluded, CLS kept (1 = "
-                                     "every frame, the paper)"})
+        default=1,
+        metadata={
+            "help": "SIM input: every k speech frames averaged, padding excluded, CLS kept (1 = every frame, the paper)"
+        },
+    )
     multimodal_speech_tokens: int = field(
-        default=0, metadata={"help": "SIM input: the speech summarised once per utterance by this many learned query "
-                                     "tokens after its CLS (0 = every frame)"})
+        default=0,
+        metadata={
+            "help": "SIM input: the speech summarised once per utterance by this many learned query "
+            "tokens after its CLS (0 = every frame)"
+        },
+    )
     multimodal_patch_pool: int = field(
-        default=1, metadata={"help": "SIM input: the image's patch grid averaged in k x k blocks, CLS kept (1 = every "
-                             "patch). A choice that cuts SIM and re-ranking cost"})
+        default=1,
+        metadata={
+            "help": "SIM input: the image's patch grid averaged in k x k blocks, CLS kept (1 = every "
+            "patch). A choice that cuts SIM and re-ranking cost"
+        },
+    )
 
 
 def pool_frames(seq: torch.Tensor, mask: Optional[torch.Tensor], k: int):
@@ -172,8 +213,10 @@ class CmdSpeechImageModel(BaseFairseqModel):
         self.fusion = None
         if cfg.cmd_fusion:
             self.fusion = FusionEncoder(
-                embed_dim, attention=cfg.fusion_attention,
-                temperature_init=cfg.temperature_init, max_logit_scale=cfg.max_logit_scale,
+                embed_dim,
+                attention=cfg.fusion_attention,
+                temperature_init=cfg.temperature_init,
+                max_logit_scale=cfg.max_logit_scale,
             )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature_init)))
 
@@ -181,9 +224,14 @@ class CmdSpeechImageModel(BaseFairseqModel):
         self.multimodal = self.matching_head = None
         if cfg.multimodal_layers > 0:
             self.multimodal = MultimodalEncoder(
-                dim, embed_dim, layers=cfg.multimodal_layers, heads=cfg.multimodal_heads,
-                ffn_dim=cfg.multimodal_ffn_dim, dropout=cfg.multimodal_dropout,
-                speech_tokens=cfg.multimodal_speech_tokens, patch_pool=cfg.multimodal_patch_pool,
+                dim,
+                embed_dim,
+                layers=cfg.multimodal_layers,
+                heads=cfg.multimodal_heads,
+                ffn_dim=cfg.multimodal_ffn_dim,
+                dropout=cfg.multimodal_dropout,
+                speech_tokens=cfg.multimodal_speech_tokens,
+                patch_pool=cfg.multimodal_patch_pool,
             )
             self.matching_head = MatchingHead(dim)
             if cfg.multimodal_frame_pool < 1:
@@ -217,7 +265,8 @@ class CmdSpeechImageModel(BaseFairseqModel):
     # ---- frozen upstreams stay out of checkpoints ----
     def _frozen_prefixes(self):
         return tuple(
-            p for p, frozen in ((HUBERT_PREFIX, self.cfg.freeze_hubert), (IMAGE_PREFIX, self.cfg.freeze_image_encoder))
+            p
+            for p, frozen in ((HUBERT_PREFIX, self.cfg.freeze_hubert), (IMAGE_PREFIX, self.cfg.freeze_image_encoder))
             if frozen
         )
 
@@ -252,9 +301,13 @@ class CmdSpeechImageModel(BaseFairseqModel):
         return result
 
     # parts built only when switched on, and the switch that builds each (for upgrade_state_dict_named)
-    OPTIONAL_PARTS = {"fusion": "model.cmd_fusion", "multimodal": "model.multimodal_layers",
-                      "matching_head": "model.multimodal_layers", "queue": "model.queue_size",
-                      "momentum_model": "model.c2f_momentum"}
+    OPTIONAL_PARTS = {
+        "fusion": "model.cmd_fusion",
+        "multimodal": "model.multimodal_layers",
+        "matching_head": "model.multimodal_layers",
+        "queue": "model.queue_size",
+        "momentum_model": "model.c2f_momentum",
+    }
 
     def upgrade_state_dict_named(self, state_dict, name):
         """Checkpoints of earlier versions: the state of a part this model does not build (e.g. the
@@ -292,8 +345,9 @@ class CmdSpeechImageModel(BaseFairseqModel):
         x = speech_encoder(x, src_key_padding_mask=mask)
         return F.normalize(speech_proj(x[:, 0]), dim=-1), x, mask
 
-    def encode_speech_sequence(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None,
-                               momentum: bool = False):
+    def encode_speech_sequence(
+        self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, momentum: bool = False
+    ):
         """source (B, T) waveform, padding_mask (B, T) True at padding -> dict with
         ``speech`` S_cls (B, E) unit norm, ``speech_seq`` the speech layer's output (B, 1+T', D)
         (CLS first: the multimodal encoder's input), ``speech_mask`` (B, 1+T') True at padding
@@ -314,7 +368,11 @@ class CmdSpeechImageModel(BaseFairseqModel):
             m = self.momentum_model
             with torch.no_grad():  # fp32 copies (MomentumCopies keep_fp32): run them in fp32
                 speech_m, _, _ = self._speech_head(
-                    states.detach().float(), frame_mask, m["layer_weights"], m["cls_token"], m["speech_encoder"],
+                    states.detach().float(),
+                    frame_mask,
+                    m["layer_weights"],
+                    m["cls_token"],
+                    m["speech_encoder"],
                     m["speech_proj"],
                 )
             out["speech_m"] = speech_m.to(speech.dtype)
@@ -325,8 +383,9 @@ class CmdSpeechImageModel(BaseFairseqModel):
         return self.encode_speech_sequence(source, padding_mask)["speech"]
 
     # ---- coarse-to-fine: matching head, momentum, inference ----
-    def match_logits(self, speech_seq: torch.Tensor, speech_mask: Optional[torch.Tensor],
-                     image_tok: torch.Tensor) -> torch.Tensor:
+    def match_logits(
+        self, speech_seq: torch.Tensor, speech_mask: Optional[torch.Tensor], image_tok: torch.Tensor
+    ) -> torch.Tensor:
         """SIM logits of P (speech, image) pairs: speech_seq (P, 1+T', D), speech_mask (P, 1+T') or None,
         image_tok (P, 1+N, E) (:func:`image_tokens`) -> (P, 2), class 1 = match."""
         if self.multimodal is None:
@@ -389,8 +448,10 @@ class CmdSpeechImageModel(BaseFairseqModel):
             raise ValueError("forward needs either images or cached image_cls + image_patches")
         if image_index is None:
             image_index = torch.arange(speech.size(0), device=speech.device)
-        out.update({
-            "image": image[image_index].to(speech.dtype),
-            "patches": patches[image_index].to(speech.dtype),
-        })
+        out.update(
+            {
+                "image": image[image_index].to(speech.dtype),
+                "patches": patches[image_index].to(speech.dtype),
+            }
+        )
         return out

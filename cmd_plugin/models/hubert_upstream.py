@@ -57,9 +57,7 @@ def _refuse_other_model(checkpoint_path: str, model_name) -> ValueError:
             f"{checkpoint_path} is {what} (cfg.model._name={model_name!r}), not a HuBERT checkpoint: "
             f"cmd_plugin's speech upstream is HuBERT only; {_GIVE_INSTEAD}"
         )
-    return ValueError(
-        f"{checkpoint_path} is not a HuBERT checkpoint (cfg.model._name={model_name!r}); {_GIVE_INSTEAD}"
-    )
+    return ValueError(f"{checkpoint_path} is not a HuBERT checkpoint (cfg.model._name={model_name!r}); {_GIVE_INSTEAD}")
 
 
 def _fine_tuned_encoder(checkpoint_path: str, state):
@@ -74,8 +72,6 @@ def _fine_tuned_encoder(checkpoint_path: str, state):
     on a config key HubertCtcConfig lacks, ``autoregressive``; building the encoder alone
     needs neither that nor the label dictionaries, whose sizes are taken from the weights.)
     """
-
-
 
     fine_tuned_cfg = state["cfg"]
     pre_cfg = fine_tuned_cfg.model.get("w2v_args")
@@ -96,7 +92,7 @@ def _fine_tuned_encoder(checkpoint_path: str, state):
             f"not from HuBERT; {_GIVE_INSTEAD}"
         )
     prefix = "w2v_encoder.w2v_model."
-    weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    weights = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
     if not weights:
         raise ValueError(f"{checkpoint_path}: a hubert_ctc checkpoint without {prefix}* weights")
     with open_dict(pre_cfg):
@@ -131,7 +127,6 @@ def load_hubert_checkpoint(checkpoint_path: str):
     checkpoint, or that pickles classes fairseq checkpoints do not hold
     (:func:`cmd_plugin.checkpoints.safe_torch_load`).
     """
-
 
     if not os.path.isfile(checkpoint_path):
         raise FileNotFoundError(f"HuBERT checkpoint not found: {checkpoint_path}")
@@ -260,9 +255,7 @@ class HubertUpstream(nn.Module):
         if source.dim() != 2:
             raise ValueError(f"source must be (B, T), got {tuple(source.shape)}")
         if padding_mask is not None and padding_mask.shape != source.shape:
-            raise ValueError(
-                f"padding_mask {tuple(padding_mask.shape)} does not match source {tuple(source.shape)}"
-            )
+            raise ValueError(f"padding_mask {tuple(padding_mask.shape)} does not match source {tuple(source.shape)}")
         if padding_mask is not None:
             padding_mask = padding_mask.bool()
         if self.normalize:

@@ -30,8 +30,9 @@ FUSION_ATTENTION_CHOICES = ("literal", "cosine", "qkv", "uniform")
 
 
 class FusionEncoder(nn.Module):
-    def __init__(self, dim: int, attention: str = "qkv", temperature_init: float = 0.07,
-                 max_logit_scale: float = 100.0):
+    def __init__(
+        self, dim: int, attention: str = "qkv", temperature_init: float = 0.07, max_logit_scale: float = 100.0
+    ):
         """dim: joint embedding size E (768 for ViT-L/14); attention: one of
         FUSION_ATTENTION_CHOICES; temperature_init / max_logit_scale: initial value and upper
         clamp of 1/τ_Ω for ``cosine``."""
@@ -76,8 +77,9 @@ class FusionEncoder(nn.Module):
         """FC + residual + LayerNorm of pooled features (..., E) (the paper's Eq. 2)."""
         return self.norm(self.fc(pooled) + pooled)
 
-    def forward(self, queries: torch.Tensor, patches: torch.Tensor, all_pairs: bool = True,
-                return_attention: bool = False):
+    def forward(
+        self, queries: torch.Tensor, patches: torch.Tensor, all_pairs: bool = True, return_attention: bool = False
+    ):
         """Reconstruct image features F' from (noisy) patches, attended by speech queries.
 
         Args:
@@ -103,8 +105,9 @@ class FusionEncoder(nn.Module):
         return self.output(self.v_proj(patches).mean(dim=1))
 
 
-def attention_statistics(attention: torch.Tensor, recon: torch.Tensor, recon_mean_pooled: torch.Tensor
-                         ) -> Dict[str, torch.Tensor]:
+def attention_statistics(
+    attention: torch.Tensor, recon: torch.Tensor, recon_mean_pooled: torch.Tensor
+) -> Dict[str, torch.Tensor]:
     """Summaries that show whether the fusion attends (sums over rows, for summable logging).
 
     Args:

@@ -107,7 +107,9 @@ class MomentumCopies(nn.Module):
                 duplicate.requires_grad_(False)
                 self.copies[_key(name)] = duplicate
             else:
-                raise TypeError(f"momentum copy of {name!r}: expected an nn.Module or nn.Parameter, got {type(part).__name__}")
+                raise TypeError(
+                    f"momentum copy of {name!r}: expected an nn.Module or nn.Parameter, got {type(part).__name__}"
+                )
             online_refs[name] = part
         # a plain dict attribute: nn.Module does not register its contents
         self._online = online_refs

@@ -24,8 +24,15 @@ __all__ = ["MultimodalEncoder", "SpeechSummary", "MatchingHead", "image_tokens",
 
 def image_tokens(image_cls: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
     """(B, E) pooled image embedding and (B, N, E) patch tokens -> (B, 1+N, E), CLS first."""
-    if image_cls.dim() != 2 or patches.dim() != 3 or patches.shape[0] != image_cls.shape[0] or patches.shape[2] != image_cls.shape[1]:
-        raise ValueError(f"image_cls (B, E) and patches (B, N, E) expected, got {tuple(image_cls.shape)} and {tuple(patches.shape)}")
+    if (
+        image_cls.dim() != 2
+        or patches.dim() != 3
+        or patches.shape[0] != image_cls.shape[0]
+        or patches.shape[2] != image_cls.shape[1]
+    ):
+        raise ValueError(
+            f"image_cls (B, E) and patches (B, N, E) expected, got {tuple(image_cls.shape)} and {tuple(patches.shape)}"
+        )
     return torch.cat([image_cls[:, None, :].to(patches.dtype), patches], dim=1)
 
 
@@ -41,8 +48,17 @@ class MultimodalEncoder(nn.Module):
         dropout: dropout inside the layers.
     """
 
-    def __init__(self, dim: int, image_dim: int, layers: int = 2, heads: int = 8, ffn_dim: int = 4096, dropout: float = 0.1,
-                 speech_tokens: int = 0, patch_pool: int = 1):
+    def __init__(
+        self,
+        dim: int,
+        image_dim: int,
+        layers: int = 2,
+        heads: int = 8,
+        ffn_dim: int = 4096,
+        dropout: float = 0.1,
+        speech_tokens: int = 0,
+        patch_pool: int = 1,
+    ):
         super().__init__()
         if speech_tokens < 0 or patch_pool < 1:
             raise ValueError(f"speech_tokens must be >= 0 and patch_pool >= 1, got {speech_tokens} and {patch_pool}")
@@ -58,8 +74,13 @@ class MultimodalEncoder(nn.Module):
         self.image_norm = nn.LayerNorm(image_dim)
         self.image_proj = nn.Linear(image_dim, dim)
         layer = nn.TransformerDecoderLayer(
-            d_model=dim, nhead=heads, dim_feedforward=ffn_dim, dropout=dropout,
-            activation="gelu", batch_first=True, norm_first=True,
+            d_model=dim,
+            nhead=heads,
+            dim_feedforward=ffn_dim,
+            dropout=dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
         )
         self.layers = nn.TransformerDecoder(layer, num_layers=layers, norm=nn.LayerNorm(dim))
 
@@ -127,8 +148,10 @@ def pool_patch_grid(tokens: torch.Tensor, k: int) -> torch.Tensor:
     bsz, length, dim = tokens.shape
     side = int(round((length - 1) ** 0.5))
     if side * side != length - 1 or side % k:
-        raise ValueError(f"patch pooling by {k} needs a square grid of patches with a side divisible by {k}, "
-                         f"got {length - 1} patches")
+        raise ValueError(
+            f"patch pooling by {k} needs a square grid of patches with a side divisible by {k}, "
+            f"got {length - 1} patches"
+        )
     grid = tokens[:, 1:].reshape(bsz, side // k, k, side // k, k, dim).mean(dim=(2, 4))
     return torch.cat([tokens[:, :1], grid.reshape(bsz, -1, dim)], dim=1)
 

@@ -92,8 +92,10 @@ class EmbeddingQueue(nn.Module):
         if image.dim() != 2 or image.shape != (n, self.image.size(1)):
             raise ValueError(f"image must be ({n}, {self.image.size(1)}), got {tuple(image.shape)}")
         if image_key.shape != (n, 2) or image_key.is_floating_point():
-            raise ValueError(f"image_key must be ({n}, 2) integers (split code, image id), got "
-                             f"{image_key.dtype} {tuple(image_key.shape)}")
+            raise ValueError(
+                f"image_key must be ({n}, 2) integers (split code, image id), got "
+                f"{image_key.dtype} {tuple(image_key.shape)}"
+            )
         if n == 0:
             return
         start = max(0, n - self.size)
@@ -125,7 +127,9 @@ class EmbeddingQueue(nn.Module):
         self.ptr.zero_()
         self.num_enqueued.zero_()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # a clearer message than torch's size mismatch when the configured size changed
         for name in ("speech", "image"):
             key = prefix + name
@@ -135,7 +139,9 @@ class EmbeddingQueue(nn.Module):
                     f"{tuple(getattr(self, name).shape)} (size, dim): resume with the queue size and embedding "
                     "dim the checkpoint was trained with"
                 )
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 def gather_global(tensor: torch.Tensor, group=None, world_size: int = 1) -> torch.Tensor:

@@ -58,7 +58,9 @@ class SicObjective(Objective):
     @staticmethod
     def logs(batch: GlobalBatch, loss, s2i, i2s) -> Dict[str, float]:
         return {
-            "sic_loss": loss.item(), "sic_s2i_loss": s2i.item(), "sic_i2s_loss": i2s.item(),
+            "sic_loss": loss.item(),
+            "sic_s2i_loss": s2i.item(),
+            "sic_i2s_loss": i2s.item(),
             "s2i_correct": in_batch_accuracy(batch.scores, batch.keys, batch.keys),
             "i2s_correct": in_batch_accuracy(batch.scores.t(), batch.keys, batch.keys),
         }

@@ -29,9 +29,8 @@ from ..files import atomic_write, atomic_write_json
 from ..inference import ImageBatches
 from ..loading import autocast, resolve_device, why_no_matching_head
 from ..modules.multimodal import image_tokens
-from .rerank import (RERANK_SCORES, SequencePairScorer, rerank, reranked_recall,
-                                    sic_weight, sim_split_auc, top1_changes)
 from .recall import chance_recall, retrieval_recall
+from .rerank import RERANK_SCORES, SequencePairScorer, rerank, reranked_recall, sic_weight, sim_split_auc, top1_changes
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +104,7 @@ def encode_split(
     # speech: the dataset's collater, without reading pixels per batch (images are encoded apart)
     audio = _shallow_copy_with(dataset, images=_no_pixels)
     order = np.argsort(-np.asarray(dataset.sizes), kind="stable")
-    batches = [order[i:i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
     loader = torch.utils.data.DataLoader(
         audio, batch_sampler=batches, collate_fn=audio.collater, num_workers=num_workers
     )
@@ -128,7 +127,8 @@ def encode_split(
     image_paths = list(dataset.image_paths)
     images_loader = torch.utils.data.DataLoader(
         ImageBatches(image_paths, batch_size, dataset.images),
-        batch_size=None, num_workers=num_workers,
+        batch_size=None,
+        num_workers=num_workers,
     )
     image_chunks, token_chunks = [], []
     for read in tqdm(images_loader, desc=f"{split}: images", unit="batch", disable=not progress):
@@ -193,26 +193,44 @@ def check_rerank_model(model, checkpoint: str) -> None:
 
 
 @torch.no_grad()
-def rerank_split(model, emb: SplitEmbeddings, k: int, score: str = "sim", device: str = "cpu",
-                 pair_batch: int = 256, ks: Sequence[int] = RECALL_KS, chunk_size: int = 4096) -> Dict[str, Any]:
+def rerank_split(
+    model,
+    emb: SplitEmbeddings,
+    k: int,
+    score: str = "sim",
+    device: str = "cpu",
+    pair_batch: int = 256,
+    ks: Sequence[int] = RECALL_KS,
+    chunk_size: int = 4096,
+) -> Dict[str, Any]:
     """Re-rank each query's SIC top-K with the matching head, both directions
     (:func:`cmd_plugin.retrieval.rerank.rerank`): ``score`` "sim" ranks by the match logit alone (ALBEF),
-    "sim+sic" by match logit + SIC cosine (BLIP), "sim+sic_logit" by match logit + cosine / τ. Needs ``encode_split(..., keep_sequences=True)``.
+    "sim+sic" by match logit + SIC cosine (BLIP), "sim+sic_logit" by match logit + cosine / τ.
+    Needs ``encode_split(..., keep_sequences=True)``.
     Returns :func:`cmd_plugin.retrieval.rerank.reranked_recall`'s dict plus ``num_pairs`` (distinct pairs
     scored), ``top1_changes`` (:func:`cmd_plugin.retrieval.rerank.top1_changes`) and ``seconds`` (wall
     time of the re-ranking)."""
     if score not in RERANK_SCORES:
         raise EvaluationError(f"--rerank-score must be one of {RERANK_SCORES}, got {score!r}")
     if emb.speech_sequences is None or emb.image_tokens is None:
-        raise EvaluationError("re-ranking needs the speech sequences and image tokens (encode_split keep_sequences=True)")
+        raise EvaluationError(
+            "re-ranking needs the speech sequences and image tokens (encode_split keep_sequences=True)"
+        )
     if isinstance(k, bool) or not isinstance(k, int) or k < max(ks):
         raise EvaluationError(f"--rerank-k must be an integer >= {max(ks)} (the largest reported R@k), got {k!r}")
     dev = torch.device(device)
     model = model.eval().to(dev)
     start = time.perf_counter()
     scorer = SequencePairScorer(model, emb.speech_sequences, emb.image_tokens, device=dev)
-    result = rerank(emb.speech.float(), emb.images.float(), scorer, k, sic_weight=sic_weight(score, float(model.logit_scale.exp())),
-                    pair_batch=pair_batch, chunk_size=chunk_size)
+    result = rerank(
+        emb.speech.float(),
+        emb.images.float(),
+        scorer,
+        k,
+        sic_weight=sic_weight(score, float(model.logit_scale.exp())),
+        pair_batch=pair_batch,
+        chunk_size=chunk_size,
+    )
     recall = reranked_recall(result, emb.image_ids, ks=ks)
     recall["top1_changes"] = top1_changes(result, emb.image_ids)
     recall["seconds"] = time.perf_counter() - start
@@ -221,8 +239,9 @@ def rerank_split(model, emb: SplitEmbeddings, k: int, score: str = "sim", device
     return recall
 
 
-def sim_auc_split(model, emb: SplitEmbeddings, device: str = "cpu", seed: int = 0,
-                  pair_batch: int = 256) -> Dict[str, float]:
+def sim_auc_split(
+    model, emb: SplitEmbeddings, device: str = "cpu", seed: int = 0, pair_batch: int = 256
+) -> Dict[str, float]:
     """The matching head's AUC on a whole split (:func:`cmd_plugin.retrieval.rerank.sim_split_auc`):
     positives against each utterance's hardest SIC negative and against a random other image.
     Needs ``encode_split(..., keep_sequences=True)``."""
@@ -230,8 +249,9 @@ def sim_auc_split(model, emb: SplitEmbeddings, device: str = "cpu", seed: int = 
         raise EvaluationError("SIM AUC needs the speech sequences and image tokens (encode_split keep_sequences=True)")
     dev = torch.device(device)
     scorer = SequencePairScorer(model.eval().to(dev), emb.speech_sequences, emb.image_tokens, device=dev)
-    return sim_split_auc(emb.speech, emb.images, emb.image_ids, scorer, torch.Generator().manual_seed(seed),
-                         pair_batch=pair_batch)
+    return sim_split_auc(
+        emb.speech, emb.images, emb.image_ids, scorer, torch.Generator().manual_seed(seed), pair_batch=pair_batch
+    )
 
 
 # ---------------------------------------------------------------- files
@@ -262,8 +282,12 @@ def load_embeddings(path: str) -> SplitEmbeddings:
     if not isinstance(payload, dict) or payload.get("format") != EMBEDDINGS_FORMAT:
         raise EvaluationError(f"{path}: not an embeddings file written by --save-embeddings")
     emb = SplitEmbeddings(
-        speech=payload["speech"], images=payload["images"], image_ids=payload["image_ids"],
-        utterance_paths=payload["utterance_paths"], image_paths=payload["image_paths"], meta=payload["meta"],
+        speech=payload["speech"],
+        images=payload["images"],
+        image_ids=payload["image_ids"],
+        utterance_paths=payload["utterance_paths"],
+        image_paths=payload["image_paths"],
+        meta=payload["meta"],
     )
     n, u = emb.speech.shape[0], emb.images.shape[0]
     if emb.image_ids.shape != (n,) or len(emb.utterance_paths) != n or len(emb.image_paths) != u:
@@ -275,8 +299,9 @@ def load_embeddings(path: str) -> SplitEmbeddings:
     return emb
 
 
-def results_record(results: Dict[str, Any], chance: Dict[str, float], captions_per_image: int,
-                   emb: SplitEmbeddings, **context) -> Dict[str, Any]:
+def results_record(
+    results: Dict[str, Any], chance: Dict[str, float], captions_per_image: int, emb: SplitEmbeddings, **context
+) -> Dict[str, Any]:
     """The JSON record: every figure, the counts, where they come from and when."""
     record = {
         "recall": {k: float(v) for k, v in results.items() if "_r" in k and "hits" not in k},

@@ -47,7 +47,7 @@ try:
 except ImportError as err:  # pragma: no cover - the message is the point
     raise ImportError(
         f"cmd_plugin.retrieval.mteb_model needs mteb ({err}): install the extra with "
-        "`pip install -e \".[mteb]\" -c constraints/env-a.txt` (Python >= 3.11)"
+        '`pip install -e ".[mteb]" -c constraints/env-a.txt` (Python >= 3.11)'
     ) from err
 
 from ..data.manifest import ManifestError, check_files_exist, check_split, read_manifest
@@ -72,8 +72,12 @@ def checkpoint_fingerprint(encoder: SpeechImageEncoder) -> str:
     layer's weights, mixed states, normalisation, rate, window) and the image identity (tower weights,
     preprocessing), informational keys left out. Used as the mteb revision: two checkpoints with equal
     fingerprints embed alike, so mteb's result cache may share their results."""
-    identity = {key: value for part in (encoder.speech_identity, encoder.identity)
-                for key, value in part.items() if not key.startswith("_")}
+    identity = {
+        key: value
+        for part in (encoder.speech_identity, encoder.identity)
+        for key, value in part.items()
+        if not key.startswith("_")
+    }
     canonical = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -95,18 +99,25 @@ def load_speech_image_encoder(checkpoint: str, **kwargs) -> SpeechImageEncoder:
         encoder = SpeechImageEncoder.from_checkpoint(checkpoint, **kwargs)
     except (FileNotFoundError, ValueError) as err:  # CheckpointError, InferenceError, missing upstream files
         detail = str(err) if checkpoint in str(err) else f"{checkpoint}: {err}"  # the file named once
-        raise MtebModelError(f"{detail} -- mteb cannot use it: an mteb model needs a trained cmd_speech_image "
-                             "checkpoint, which embeds both speech and images") from err
+        raise MtebModelError(
+            f"{detail} -- mteb cannot use it: an mteb model needs a trained cmd_speech_image "
+            "checkpoint, which embeds both speech and images"
+        ) from err
     missing = [part for part in ("hubert", "speech_proj") if getattr(encoder.model, part, None) is None]
     if missing or not hasattr(encoder.model, "encode_speech_sequence"):
         raise MtebModelError(
             f"{checkpoint}: mteb cannot use it: its model has no speech side "
-            f"(missing {', '.join(missing) or 'encode_speech_sequence'}); SpokenCOCO-style tasks embed speech and images")
+            f"(missing {', '.join(missing) or 'encode_speech_sequence'}); SpokenCOCO-style tasks embed speech and images"
+        )
     return encoder
 
 
-def build_model_meta(encoder: SpeechImageEncoder, checkpoint: str, name: Optional[str] = None,
-                     loader_kwargs: Optional[Dict[str, Any]] = None) -> "ModelMeta":
+def build_model_meta(
+    encoder: SpeechImageEncoder,
+    checkpoint: str,
+    name: Optional[str] = None,
+    loader_kwargs: Optional[Dict[str, Any]] = None,
+) -> "ModelMeta":
     """mteb's ModelMeta of a loaded checkpoint: name 'cmd_plugin/<label>', revision = fingerprint,
     modalities audio and image, the joint space's size, cosine similarity. ``loader_kwargs`` are what
     :func:`load_mteb_model` needs to rebuild the model (``ModelMeta.load_model``)."""
@@ -134,15 +145,18 @@ def build_model_meta(encoder: SpeechImageEncoder, checkpoint: str, name: Optiona
     )
 
 
-def load_mteb_model(model_name: str, revision: Optional[str] = None, checkpoint: str = "",
-                    device: Optional[str] = None, **kwargs) -> "CmdSpeechImageMteb":
+def load_mteb_model(
+    model_name: str, revision: Optional[str] = None, checkpoint: str = "", device: Optional[str] = None, **kwargs
+) -> "CmdSpeechImageMteb":
     """The loader ``ModelMeta.load_model`` calls (mteb's signature: name, revision, keyword arguments)."""
     if not checkpoint:
         raise MtebModelError(f"{model_name}: no checkpoint given to load (loader_kwargs['checkpoint'])")
     model = CmdSpeechImageMteb.from_checkpoint(checkpoint, device=device or "cpu", name=model_name, **kwargs)
     if revision and revision != model.mteb_model_meta.revision:
-        raise MtebModelError(f"{checkpoint}: fingerprint {model.mteb_model_meta.revision}, expected revision "
-                             f"{revision} (the checkpoint or its upstream files changed)")
+        raise MtebModelError(
+            f"{checkpoint}: fingerprint {model.mteb_model_meta.revision}, expected revision "
+            f"{revision} (the checkpoint or its upstream files changed)"
+        )
     return model
 
 
@@ -154,9 +168,16 @@ class CmdSpeechImageMteb(AbsEncoder):
     call's item ids and embeddings are kept in ``recorded[(task name, modality)]`` (a list of
     (ids, (n, E) tensor) pairs): examples/eval_mteb.py scores our R@K on the very embeddings mteb scored."""
 
-    def __init__(self, encoder: SpeechImageEncoder, checkpoint: str = "", name: Optional[str] = None,
-                 batch_size: int = DEFAULT_BATCH_SIZE, sort_window: int = DEFAULT_SORT_WINDOW,
-                 loader_kwargs: Optional[Dict[str, Any]] = None, record: bool = False):
+    def __init__(
+        self,
+        encoder: SpeechImageEncoder,
+        checkpoint: str = "",
+        name: Optional[str] = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        sort_window: int = DEFAULT_SORT_WINDOW,
+        loader_kwargs: Optional[Dict[str, Any]] = None,
+        record: bool = False,
+    ):
         if batch_size < 1 or sort_window < 1:
             raise MtebModelError(f"batch_size and sort_window must be positive, got {batch_size} and {sort_window}")
         self.record = record
@@ -169,20 +190,39 @@ class CmdSpeechImageMteb(AbsEncoder):
         self.mteb_model_meta = build_model_meta(encoder, self.checkpoint, name=name, loader_kwargs=loader_kwargs)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str, device: str = "cpu", fp16: bool = False, name: Optional[str] = None,
-                        batch_size: int = DEFAULT_BATCH_SIZE, sort_window: int = DEFAULT_SORT_WINDOW,
-                        record: bool = False, **upstreams) -> "CmdSpeechImageMteb":
+    def from_checkpoint(
+        cls,
+        checkpoint: str,
+        device: str = "cpu",
+        fp16: bool = False,
+        name: Optional[str] = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        sort_window: int = DEFAULT_SORT_WINDOW,
+        record: bool = False,
+        **upstreams,
+    ) -> "CmdSpeechImageMteb":
         """Load ``checkpoint`` (``upstreams``: hubert_path / image_pretrained / image_model_config re-point
         moved upstream files, as everywhere else)."""
         encoder = load_speech_image_encoder(checkpoint, device=device, fp16=fp16, **upstreams)
-        loader_kwargs = {"checkpoint": os.path.abspath(checkpoint), "fp16": fp16, "batch_size": batch_size,
-                         "sort_window": sort_window, **{k: v for k, v in upstreams.items() if v is not None}}
-        return cls(encoder, checkpoint=checkpoint, name=name, batch_size=batch_size, sort_window=sort_window,
-                   loader_kwargs=loader_kwargs, record=record)
+        loader_kwargs = {
+            "checkpoint": os.path.abspath(checkpoint),
+            "fp16": fp16,
+            "batch_size": batch_size,
+            "sort_window": sort_window,
+            **{k: v for k, v in upstreams.items() if v is not None},
+        }
+        return cls(
+            encoder,
+            checkpoint=checkpoint,
+            name=name,
+            batch_size=batch_size,
+            sort_window=sort_window,
+            loader_kwargs=loader_kwargs,
+            record=record,
+        )
 
     # ---- mteb's encoder protocol ----
-    def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None,
-               **kwargs) -> np.ndarray:
+    def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str, prompt_type=None, **kwargs) -> np.ndarray:
         """mteb's DataLoader of audio or image items -> (N, E) float32 unit-norm embeddings, in order."""
         columns = set(_column_names(inputs))
         what = f"task {task_metadata.name} ({hf_subset}/{hf_split}, {getattr(prompt_type, 'value', prompt_type) or 'items'})"
@@ -191,7 +231,8 @@ class CmdSpeechImageMteb(AbsEncoder):
             gives = ", ".join(given) if given else f"no audio or image (columns: {', '.join(sorted(columns))})"
             raise MtebModelError(
                 f"{self.mteb_model_meta.name}: {what} gives {gives}; this model embeds either "
-                "speech (audio) or images, one modality per item (tasks such as SpokenCOCOA2IRetrieval)")
+                "speech (audio) or images, one modality per item (tasks such as SpokenCOCOA2IRetrieval)"
+            )
         progress = bool(kwargs.get("show_progress_bar", True))
         modality = "audio" if "audio" in columns else "image"
         if modality == "audio":
@@ -248,8 +289,9 @@ def audio_item(item, name: str) -> Tuple[np.ndarray, int]:
         try:
             samples, rate = item["array"], item["sampling_rate"]
         except (KeyError, TypeError, IndexError) as err:
-            raise InferenceError(f"{name}: expected an audio item with 'array' and 'sampling_rate', "
-                                 f"got {type(item).__name__}") from err
+            raise InferenceError(
+                f"{name}: expected an audio item with 'array' and 'sampling_rate', got {type(item).__name__}"
+            ) from err
     samples = samples.numpy() if isinstance(samples, torch.Tensor) else np.asarray(samples, dtype=np.float32)
     if samples.ndim == 2:
         samples = samples.T  # (C, T) -> (T, C)
@@ -261,8 +303,18 @@ def audio_item(item, name: str) -> Tuple[np.ndarray, int]:
 
 TASK_DIRECTIONS = {
     # category: (name suffix, query modality, corpus modality, description)
-    "a2i": ("A2I", "audio", "image", "queries are spoken captions, the corpus holds the images; one relevant image per query"),
-    "i2a": ("I2A", "image", "audio", "queries are images, the corpus holds the spoken captions; every caption of the image is relevant"),
+    "a2i": (
+        "A2I",
+        "audio",
+        "image",
+        "queries are spoken captions, the corpus holds the images; one relevant image per query",
+    ),
+    "i2a": (
+        "I2A",
+        "image",
+        "audio",
+        "queries are images, the corpus holds the spoken captions; every caption of the image is relevant",
+    ),
 }
 
 
@@ -322,13 +374,17 @@ class ManifestRetrievalTask(AbsTaskRetrieval):
             return
         utterances, images, relevant = manifest_split_data(self.data_dir, self.split, self.category)
         queries, corpus = (utterances, images) if self.category == "a2i" else (images, utterances)
-        self.dataset = {"default": {self.split: {"queries": queries, "corpus": corpus,
-                                                 "relevant_docs": relevant, "top_ranked": None}}}
+        self.dataset = {
+            "default": {
+                self.split: {"queries": queries, "corpus": corpus, "relevant_docs": relevant, "top_ranked": None}
+            }
+        }
         self.data_loaded = True
 
 
-def manifest_task(data_dir: str, split: str = "test", category: str = "a2i",
-                  name: Optional[str] = None) -> ManifestRetrievalTask:
+def manifest_task(
+    data_dir: str, split: str = "test", category: str = "a2i", name: Optional[str] = None
+) -> ManifestRetrievalTask:
     """One local task: ``category`` 'a2i' (speech -> image) or 'i2a' (image -> speech) of a manifest split."""
     if category not in TASK_DIRECTIONS:
         raise MtebModelError(f"category must be one of {sorted(TASK_DIRECTIONS)}, got {category!r}")
@@ -337,12 +393,17 @@ def manifest_task(data_dir: str, split: str = "test", category: str = "a2i",
     except (FileNotFoundError, ValueError) as err:
         raise MtebModelError(f"{data_dir}: no manifest split {split!r} for an mteb task: {err}") from err
     metadata = manifest_task_metadata(data_dir, split, category, name=name)
-    task_class = type(metadata.name, (ManifestRetrievalTask,), {
-        "metadata": metadata, "data_dir": os.path.abspath(data_dir), "split": split, "category": category})
+    task_class = type(
+        metadata.name,
+        (ManifestRetrievalTask,),
+        {"metadata": metadata, "data_dir": os.path.abspath(data_dir), "split": split, "category": category},
+    )
     return task_class()
 
 
-def manifest_tasks(data_dir: str, split: str = "test", categories: Sequence[str] = ("a2i", "i2a")) -> List[ManifestRetrievalTask]:
+def manifest_tasks(
+    data_dir: str, split: str = "test", categories: Sequence[str] = ("a2i", "i2a")
+) -> List[ManifestRetrievalTask]:
     """The local tasks of a manifest split: speech -> image ('a2i') and image -> speech ('i2a')."""
     return [manifest_task(data_dir, split, category) for category in categories]
 
@@ -382,16 +443,22 @@ def read_wav(manifest, row: int) -> Tuple[np.ndarray, int]:
     except Exception as err:  # libsndfile's errors vary by format
         raise ManifestError(f"{where}: cannot read audio {path} ({type(err).__name__}: {err})") from None
     if wav.shape[0] != manifest.num_samples[row]:
-        raise ManifestError(f"{where}: {path} has {wav.shape[0]} samples, the manifest says "
-                            f"{manifest.num_samples[row]} (the file changed since preparation: re-run it)")
+        raise ManifestError(
+            f"{where}: {path} has {wav.shape[0]} samples, the manifest says "
+            f"{manifest.num_samples[row]} (the file changed since preparation: re-run it)"
+        )
     return wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0], int(rate)
 
 
 def audio_dataset(manifest) -> "datasets.Dataset":
     """{id, audio: {array, sampling_rate}} for every utterance, built column-wise in Arrow (no Python floats)."""
     arrays, rates = [], []
-    for row in tqdm(range(len(manifest)), desc=f"reading {manifest.tsv_file or 'audio'}", unit="wav",
-                    disable=len(manifest) < PROGRESS_FROM):
+    for row in tqdm(
+        range(len(manifest)),
+        desc=f"reading {manifest.tsv_file or 'audio'}",
+        unit="wav",
+        disable=len(manifest) < PROGRESS_FROM,
+    ):
         samples, rate = read_wav(manifest, row)
         arrays.append(samples)
         rates.append(rate)
@@ -400,6 +467,7 @@ def audio_dataset(manifest) -> "datasets.Dataset":
     values = pa.array(np.concatenate(arrays) if arrays else np.zeros(0, np.float32), type=pa.float32())
     audio = pa.StructArray.from_arrays(
         [pa.LargeListArray.from_arrays(pa.array(offsets), values), pa.array(rates, type=pa.int32())],
-        names=["array", "sampling_rate"])
+        names=["array", "sampling_rate"],
+    )
     table = pa.table({"id": pa.array(manifest.audio_paths, type=pa.string()), "audio": audio})
     return datasets.Dataset(table)

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 # Float counts are exact below 2**24; beyond that we count in int64 (slower, never hit in practice).
-_MAX_EXACT_FLOAT_COUNT = 2 ** 24
+_MAX_EXACT_FLOAT_COUNT = 2**24
 
 
 def check_ks(ks: Iterable[int]) -> Tuple[int, ...]:
@@ -68,9 +68,7 @@ def _check_inputs(speech_emb, image_emb, image_ids, chunk_size):
             f"{tuple(speech_emb.shape)} and {tuple(image_emb.shape)}"
         )
     if speech_emb.dtype != image_emb.dtype:
-        raise TypeError(
-            f"speech_emb and image_emb must share a dtype, got {speech_emb.dtype} and {image_emb.dtype}"
-        )
+        raise TypeError(f"speech_emb and image_emb must share a dtype, got {speech_emb.dtype} and {image_emb.dtype}")
     if speech_emb.device != image_emb.device:
         raise ValueError(
             f"speech_emb and image_emb must be on one device, got {speech_emb.device} and {image_emb.device}"
@@ -79,17 +77,14 @@ def _check_inputs(speech_emb, image_emb, image_ids, chunk_size):
         raise TypeError(f"image_ids must be a torch.Tensor, got {type(image_ids).__name__}")
     if image_ids.dim() != 1 or image_ids.shape[0] != speech_emb.shape[0]:
         raise ValueError(
-            f"image_ids must have shape ({speech_emb.shape[0]},) (one per utterance), "
-            f"got {tuple(image_ids.shape)}"
+            f"image_ids must have shape ({speech_emb.shape[0]},) (one per utterance), got {tuple(image_ids.shape)}"
         )
     if image_ids.is_floating_point() or image_ids.is_complex() or image_ids.dtype == torch.bool:
         raise TypeError(f"image_ids must be an integer tensor, got {image_ids.dtype}")
     num_images = image_emb.shape[0]
     lo, hi = int(image_ids.min()), int(image_ids.max())
     if lo < 0 or hi >= num_images:
-        raise ValueError(
-            f"image_ids must index image_emb rows in [0, {num_images}), got values in [{lo}, {hi}]"
-        )
+        raise ValueError(f"image_ids must index image_emb rows in [0, {num_images}), got values in [{lo}, {hi}]")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
@@ -263,8 +258,10 @@ def format_recall_rows(rows: Sequence[Tuple[str, Dict[str, float]]], ks: Sequenc
     group_width = cell * len(ks)
     sep = " | "
     header1 = (" " * label_width + sep + sep.join(f"{name:^{group_width}}" for _, name in _DIRECTIONS)).rstrip()
-    header2 = f"{'Model':<{label_width}}" + sep + sep.join(
-        "".join(f"{'R@' + str(k):>{cell}}" for k in ks) for _ in _DIRECTIONS
+    header2 = (
+        f"{'Model':<{label_width}}"
+        + sep
+        + sep.join("".join(f"{'R@' + str(k):>{cell}}" for k in ks) for _ in _DIRECTIONS)
     )
     lines = [header1, header2, "-" * len(header2)]
     for label, results in rows:

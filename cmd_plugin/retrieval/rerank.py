@@ -22,12 +22,22 @@ from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 
-from .recall import check_ks
-from ..objectives.c2f.losses import ranking_pairs
 from ..modules.multimodal import match_score
+from ..objectives.c2f.losses import ranking_pairs
+from .recall import check_ks
 
-__all__ = ["RERANK_SCORES", "DEFAULT_RERANK_SCORE", "sic_weight", "RerankResult", "SequencePairScorer", "sic_topk", "rerank", "reranked_recall", "top1_changes",
-           "sim_split_auc"]
+__all__ = [
+    "RERANK_SCORES",
+    "DEFAULT_RERANK_SCORE",
+    "sic_weight",
+    "RerankResult",
+    "SequencePairScorer",
+    "sic_topk",
+    "rerank",
+    "reranked_recall",
+    "top1_changes",
+    "sim_split_auc",
+]
 
 # (speech_index (P,), image_index (P,)) int64 on the CPU -> (P,) scores
 PairScorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -80,7 +90,7 @@ class RerankResult:
 def _topk_rows(queries: torch.Tensor, keys: torch.Tensor, k: int, chunk_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
     values, indices = [], []
     for start in range(0, queries.size(0), chunk_size):
-        scores = queries[start:start + chunk_size] @ keys.T
+        scores = queries[start : start + chunk_size] @ keys.T
         v, i = scores.topk(k, dim=1)
         values.append(v)
         indices.append(i)
@@ -100,7 +110,9 @@ def sic_topk(speech_emb: torch.Tensor, image_emb: torch.Tensor, k: int, chunk_si
         if emb.dim() != 2 or emb.size(0) == 0:
             raise ValueError(f"{name} must be a non-empty (N, D) tensor, got {tuple(emb.shape)}")
     if speech_emb.size(1) != image_emb.size(1):
-        raise ValueError(f"speech_emb and image_emb differ in dim: {tuple(speech_emb.shape)} vs {tuple(image_emb.shape)}")
+        raise ValueError(
+            f"speech_emb and image_emb differ in dim: {tuple(speech_emb.shape)} vs {tuple(image_emb.shape)}"
+        )
     s2i = _topk_rows(speech_emb, image_emb, min(k, image_emb.size(0)), chunk_size)
     i2s = _topk_rows(image_emb, speech_emb, min(k, speech_emb.size(0)), chunk_size)
     return s2i + i2s
@@ -143,12 +155,12 @@ def rerank(
     keys, inverse = torch.unique(torch.cat([s2i_keys.reshape(-1), i2s_keys.reshape(-1)]), return_inverse=True)
     scores = torch.empty(keys.numel(), dtype=torch.float32)
     for start in range(0, keys.numel(), pair_batch):
-        part = keys[start:start + pair_batch]
+        part = keys[start : start + pair_batch]
         out = pair_score(part // num_images, part % num_images)
         out = torch.as_tensor(out).detach().float().cpu().reshape(-1)
         if out.numel() != part.numel():
             raise ValueError(f"pair_score returned {out.numel()} scores for {part.numel()} pairs")
-        scores[start:start + part.numel()] = out
+        scores[start : start + part.numel()] = out
     split = s2i_keys.numel()
     s2i_scores = scores[inverse[:split]].view_as(s2i_index)
     i2s_scores = scores[inverse[split:]].view_as(i2s_index)
@@ -177,11 +189,15 @@ def reranked_recall(result: RerankResult, image_ids: torch.Tensor, ks: Sequence[
     ks = check_ks(ks)
     num_speech, num_images = result.s2i_index.size(0), result.i2s_index.size(0)
     # each direction on its own: R@k is defined for k <= its K, or any k when its K lists every candidate
-    for direction, listed, candidates in (("speech -> image", result.s2i_index.size(1), num_images),
-                                          ("image -> speech", result.i2s_index.size(1), num_speech)):
+    for direction, listed, candidates in (
+        ("speech -> image", result.s2i_index.size(1), num_images),
+        ("image -> speech", result.i2s_index.size(1), num_speech),
+    ):
         if max(ks) > listed and listed < candidates:
-            raise ValueError(f"re-ranked {direction} recall is defined for k <= K = {listed} (of {candidates} "
-                             f"candidates), got ks {list(ks)}: raise --rerank-k")
+            raise ValueError(
+                f"re-ranked {direction} recall is defined for k <= K = {listed} (of {candidates} "
+                f"candidates), got ks {list(ks)}: raise --rerank-k"
+            )
     miss = num_images + num_speech  # a right answer outside the K candidates: a miss at every k
     image_ids = image_ids.detach().cpu().long()
     if image_ids.shape != (num_speech,):
@@ -242,8 +258,14 @@ def top1_changes(result: RerankResult, image_ids: torch.Tensor) -> Dict[str, int
 
 
 @torch.no_grad()
-def sim_split_auc(speech_emb: torch.Tensor, image_emb: torch.Tensor, image_ids: torch.Tensor, pair_score: PairScorer,
-                  generator: torch.Generator, pair_batch: int = 256) -> Dict[str, float]:
+def sim_split_auc(
+    speech_emb: torch.Tensor,
+    image_emb: torch.Tensor,
+    image_ids: torch.Tensor,
+    pair_score: PairScorer,
+    generator: torch.Generator,
+    pair_batch: int = 256,
+) -> Dict[str, float]:
     """How well the matching head tells each utterance's image from other images, over a whole split:
     the AUC of the scores of the N positive pairs against N hard negatives (each utterance's most
     SIC-similar other image) and against N random negatives (a uniformly drawn other image).
@@ -264,9 +286,16 @@ def sim_split_auc(speech_emb: torch.Tensor, image_emb: torch.Tensor, image_ids: 
     random = (image_ids + offset) % num_images  # uniform over the other images
     speech_index = torch.cat([rows, rows, rows])
     image_index = torch.cat([image_ids, hard, random])
-    scores = torch.cat([torch.as_tensor(pair_score(speech_index[i:i + pair_batch], image_index[i:i + pair_batch]))
-                        .float().cpu().reshape(-1) for i in range(0, speech_index.numel(), pair_batch)])
-    pos, neg_hard, neg_random = scores[:num], scores[num:2 * num], scores[2 * num:]
+    scores = torch.cat(
+        [
+            torch.as_tensor(pair_score(speech_index[i : i + pair_batch], image_index[i : i + pair_batch]))
+            .float()
+            .cpu()
+            .reshape(-1)
+            for i in range(0, speech_index.numel(), pair_batch)
+        ]
+    )
+    pos, neg_hard, neg_random = scores[:num], scores[num : 2 * num], scores[2 * num :]
     out = {"pairs": num}
     for name, negatives in (("auc_hard", neg_hard), ("auc_random", neg_random)):
         above, compared = ranking_pairs(pos, negatives)

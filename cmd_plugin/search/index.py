@@ -61,27 +61,52 @@ class SearchIndexError(ValueError):
 class ApproximateIndexConfig:
     """FAISS inverted-file index (IVF) parameters; every value is recorded in the index file."""
 
-    mode: str = field(default="auto", metadata={
-        "help": "auto: build an approximate index when the collection has at least min_images images "
-                "(and faiss is installed); always; never (exact search only)"})
-    min_images: int = field(default=200_000, metadata={
-        "help": "size from which mode=auto builds the approximate index (a choice: exact search times in "
-                "benchmarks/README.md, bench_search.py)"})
-    nlist: int = field(default=0, metadata={
-        "help": "number of inverted lists (k-means cells); 0 = the power of two nearest 4 sqrt(N)"})
-    nprobe: int = field(default=0, metadata={
-        "help": "cells visited per query by default (a query may ask for another); 0 = nlist / 8 "
-                "(its recall in benchmarks/README.md, bench_search.py)"})
-    encoding: str = field(default="SQfp16", metadata={
-        "help": "how FAISS stores vectors in the cells: Flat (float32), SQfp16 (half the memory, "
-                "same ranking in practice) or SQ8 (a quarter, lower recall); candidates are "
-                "re-scored exactly from the stored embeddings either way"})
-    train_points_per_list: int = field(default=40, metadata={
-        "help": "k-means training sample = this x nlist embeddings (sampled with seed; FAISS asks "
-                "for at least 39; more costs build time linearly)"})
-    retrain_factor: float = field(default=2.0, metadata={
-        "help": "an incremental update re-trains the cells when the collection grew or shrank by "
-                "more than this factor since they were trained; otherwise it adds/removes vectors"})
+    mode: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: build an approximate index when the collection has at least min_images images "
+            "(and faiss is installed); always; never (exact search only)"
+        },
+    )
+    min_images: int = field(
+        default=200_000,
+        metadata={
+            "help": "size from which mode=auto builds the approximate index (a choice: exact search times in "
+            "benchmarks/README.md, bench_search.py)"
+        },
+    )
+    nlist: int = field(
+        default=0, metadata={"help": "number of inverted lists (k-means cells); 0 = the power of two nearest 4 sqrt(N)"}
+    )
+    nprobe: int = field(
+        default=0,
+        metadata={
+            "help": "cells visited per query by default (a query may ask for another); 0 = nlist / 8 "
+            "(its recall in benchmarks/README.md, bench_search.py)"
+        },
+    )
+    encoding: str = field(
+        default="SQfp16",
+        metadata={
+            "help": "how FAISS stores vectors in the cells: Flat (float32), SQfp16 (half the memory, "
+            "same ranking in practice) or SQ8 (a quarter, lower recall); candidates are "
+            "re-scored exactly from the stored embeddings either way"
+        },
+    )
+    train_points_per_list: int = field(
+        default=40,
+        metadata={
+            "help": "k-means training sample = this x nlist embeddings (sampled with seed; FAISS asks "
+            "for at least 39; more costs build time linearly)"
+        },
+    )
+    retrain_factor: float = field(
+        default=2.0,
+        metadata={
+            "help": "an incremental update re-trains the cells when the collection grew or shrank by "
+            "more than this factor since they were trained; otherwise it adds/removes vectors"
+        },
+    )
     seed: int = field(default=1, metadata={"help": "seed of the training sample and of k-means"})
 
     def __post_init__(self):
@@ -140,7 +165,7 @@ class SearchIndex:
 
     @property
     def what(self) -> str:
-        """"images" or "spoken clips"."""
+        """ "images" or "spoken clips"."""
         return MODALITIES[self.modality][0]
 
     def __len__(self) -> int:
@@ -237,28 +262,35 @@ def merged_index(
     if dtype not in EMBEDDING_DTYPES:
         raise SearchIndexError(f"embedding dtype must be one of {sorted(EMBEDDING_DTYPES)}, got {dtype!r}")
     if modality not in MODALITIES or (old is not None and old.modality != modality):
-        raise SearchIndexError(f"cannot merge {modality!r} rows into an index of "
-                               f"{old.modality if old is not None else '?'!r} rows")
+        raise SearchIndexError(
+            f"cannot merge {modality!r} rows into an index of {old.modality if old is not None else '?'!r} rows"
+        )
     torch_dtype = EMBEDDING_DTYPES[dtype]
     if new_embeddings.dim() != 2 or new_embeddings.shape[0] != len(new_files):
-        raise SearchIndexError(
-            f"{len(new_files)} new files but embeddings of shape {tuple(new_embeddings.shape)}")
+        raise SearchIndexError(f"{len(new_files)} new files but embeddings of shape {tuple(new_embeddings.shape)}")
     keep = torch.as_tensor(plan.keep_rows, dtype=torch.long)
     next_id = old.next_id if old is not None else 0
     new_ids = torch.arange(next_id, next_id + len(new_files), dtype=torch.long)
     if old is not None and len(keep):
         if old.embed_dim != new_embeddings.shape[1] and len(new_files):
             raise SearchIndexError(
-                f"{old.source}: embeddings of dim {old.embed_dim}, the model gives {new_embeddings.shape[1]}")
+                f"{old.source}: embeddings of dim {old.embed_dim}, the model gives {new_embeddings.shape[1]}"
+            )
         kept_emb = old.embeddings[keep].to(torch_dtype)
         parts = (
             [old.paths[r] for r in plan.keep_rows],
-            old.mtimes_ns[keep], old.sizes[keep], old.ids[keep],
+            old.mtimes_ns[keep],
+            old.sizes[keep],
+            old.ids[keep],
         )
     else:
         kept_emb = torch.empty(0, new_embeddings.shape[1], dtype=torch_dtype)
-        parts = ([], torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long),
-                 torch.empty(0, dtype=torch.long))
+        parts = (
+            [],
+            torch.empty(0, dtype=torch.long),
+            torch.empty(0, dtype=torch.long),
+            torch.empty(0, dtype=torch.long),
+        )
     paths = parts[0] + [f.path for f in new_files]
     return SearchIndex(
         root=os.path.abspath(root),
@@ -311,8 +343,10 @@ def load_index(path: str) -> SearchIndex:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:
-        raise SearchIndexError(f"{path}: not a search index, expected {expected} "
-                               f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+        raise SearchIndexError(
+            f"{path}: not a search index, expected {expected} "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from err
     if not isinstance(payload, dict) or payload.get("format") != INDEX_FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise SearchIndexError(f"{path}: not a search index (format {found!r}), expected {expected}")
@@ -341,17 +375,28 @@ def load_index(path: str) -> SearchIndex:
         raise bad("'root' or 'identity' missing")
     approximate = payload.get("approximate")
     if approximate is not None and (
-        not isinstance(approximate, dict) or not isinstance(approximate.get("params"), dict)
-        or not isinstance(approximate.get("data"), torch.Tensor) or approximate["data"].dtype != torch.uint8
+        not isinstance(approximate, dict)
+        or not isinstance(approximate.get("params"), dict)
+        or not isinstance(approximate.get("data"), torch.Tensor)
+        or approximate["data"].dtype != torch.uint8
     ):
         raise bad("'approximate' is not {'params': dict, 'data': uint8 tensor}")
     modality = payload.get("modality", "image")
     if modality not in MODALITIES:
         raise bad(f"'modality' is {modality!r}, expected one of {sorted(MODALITIES)}")
     return SearchIndex(
-        root=payload["root"], paths=paths, embeddings=emb, mtimes_ns=payload["mtimes_ns"],
-        sizes=payload["sizes"], ids=ids, next_id=next_id, identity=payload["identity"],
-        approximate=approximate, meta=payload.get("meta") or {}, source=os.path.abspath(path), modality=modality,
+        root=payload["root"],
+        paths=paths,
+        embeddings=emb,
+        mtimes_ns=payload["mtimes_ns"],
+        sizes=payload["sizes"],
+        ids=ids,
+        next_id=next_id,
+        identity=payload["identity"],
+        approximate=approximate,
+        meta=payload.get("meta") or {},
+        source=os.path.abspath(path),
+        modality=modality,
     )
 
 
@@ -376,8 +421,10 @@ def exact_top_k(
         score; equal scores are ordered by row (lower first) among the rows kept.
     """
     if queries.dim() != 2 or embeddings.dim() != 2 or queries.shape[1] != embeddings.shape[1]:
-        raise ValueError(f"queries (Q, E) and embeddings (N, E) must share E, got "
-                         f"{tuple(queries.shape)} and {tuple(embeddings.shape)}")
+        raise ValueError(
+            f"queries (Q, E) and embeddings (N, E) must share E, got "
+            f"{tuple(queries.shape)} and {tuple(embeddings.shape)}"
+        )
     if k < 1 or block_rows < 1:
         raise ValueError(f"k and block_rows must be positive, got {k} and {block_rows}")
     num_q, n = queries.shape[0], embeddings.shape[0]
@@ -390,7 +437,7 @@ def exact_top_k(
     block_buf = torch.empty(min(block_rows, n), embeddings.shape[1], dtype=queries.dtype) if convert else None
     score_buf = torch.empty(num_q, min(block_rows, n), dtype=queries.dtype)
     for start in range(0, n, block_rows):
-        block = embeddings[start:start + block_rows]
+        block = embeddings[start : start + block_rows]
         m = block.shape[0]
         if convert:
             block = block_buf[:m].copy_(block)
@@ -436,7 +483,8 @@ def import_faiss():
         import faiss
     except ImportError as err:
         raise SearchIndexError(
-            "the approximate index needs FAISS: pip install faiss-cpu (or use exact search)") from err
+            "the approximate index needs FAISS: pip install faiss-cpu (or use exact search)"
+        ) from err
     return faiss
 
 
@@ -481,18 +529,23 @@ def build_approximate(
     _add_in_blocks(index, embeddings, ids, block_rows)
     params = dataclasses.asdict(cfg)
     params.update(
-        nlist=int(nlist), nprobe=int(cfg.nprobe or auto_nprobe(nlist)), factory=f"IVF{nlist},{cfg.encoding}",
+        nlist=int(nlist),
+        nprobe=int(cfg.nprobe or auto_nprobe(nlist)),
+        factory=f"IVF{nlist},{cfg.encoding}",
         metric="inner_product",
-        trained_on=int(n), train_sample=int(num_train), faiss_version=faiss.__version__,
-        build_seconds=round(time.time() - started, 3), num_vectors=int(index.ntotal),
+        trained_on=int(n),
+        train_sample=int(num_train),
+        faiss_version=faiss.__version__,
+        build_seconds=round(time.time() - started, 3),
+        num_vectors=int(index.ntotal),
     )
     return {"params": params, "data": torch.from_numpy(faiss.serialize_index(index).copy())}
 
 
 def _add_in_blocks(index, embeddings, ids, block_rows):
     for start in range(0, embeddings.shape[0], block_rows):
-        block = embeddings[start:start + block_rows].float().numpy()
-        index.add_with_ids(block, ids[start:start + block_rows].numpy().astype(np.int64))
+        block = embeddings[start : start + block_rows].float().numpy()
+        index.add_with_ids(block, ids[start : start + block_rows].numpy().astype(np.int64))
 
 
 def load_approximate(approximate: Dict[str, Any]):
@@ -514,8 +567,11 @@ def update_approximate(index: SearchIndex, old: Optional[SearchIndex], cfg: Appr
         params = current["params"]
         trained_on = max(1, int(params.get("trained_on", 1)))
         ratio = max(len(index) / trained_on, trained_on / max(1, len(index)))
-        same = (params.get("encoding") == cfg.encoding and (not cfg.nlist or params.get("nlist") == cfg.nlist)
-                and ratio <= cfg.retrain_factor)
+        same = (
+            params.get("encoding") == cfg.encoding
+            and (not cfg.nlist or params.get("nlist") == cfg.nlist)
+            and ratio <= cfg.retrain_factor
+        )
         if same and old is not None:
             faiss = import_faiss()
             ann = load_approximate(current)
@@ -527,8 +583,9 @@ def update_approximate(index: SearchIndex, old: Optional[SearchIndex], cfg: Appr
             if len(new_rows):
                 _add_in_blocks(ann, index.embeddings[new_rows], index.ids[new_rows], 65536)
             if ann.ntotal != len(index):
-                raise SearchIndexError(f"approximate index holds {ann.ntotal} vectors after the update, "
-                                       f"the index {len(index)}")
+                raise SearchIndexError(
+                    f"approximate index holds {ann.ntotal} vectors after the update, the index {len(index)}"
+                )
             nprobe = int(cfg.nprobe or auto_nprobe(params["nlist"]))
             params = dict(params, nprobe=nprobe, num_vectors=int(ann.ntotal))
             index.approximate = {"params": params, "data": torch.from_numpy(faiss.serialize_index(ann).copy())}
@@ -568,16 +625,19 @@ def check_identity(index: SearchIndex, identity: Dict[str, Any], words=None) -> 
             name = (words or {}).get(key, key)
             diffs.append(f"{name} ({key}): index {_short(a)} vs model {_short(b)}")
     if diffs:
-        encoder, command = (("speech encoder", "index-audio") if index.modality == "audio" else ("image encoder", "index"))
+        encoder, command = (
+            ("speech encoder", "index-audio") if index.modality == "audio" else ("image encoder", "index")
+        )
         raise SearchIndexError(
             f"{index.source or 'index'} was built with another {encoder} than this checkpoint's: "
-            + "; ".join(diffs) + f" -- build an index with this checkpoint (examples/search.py {command})"
+            + "; ".join(diffs)
+            + f" -- build an index with this checkpoint (examples/search.py {command})"
         )
 
 
 def _short(value, limit=80):
     text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def search(
@@ -597,8 +657,9 @@ def search(
     if len(index) == 0:
         raise SearchIndexError(f"{index.source}: the index holds no {index.what}")
     if queries.dim() != 2 or queries.shape[1] != index.embed_dim:
-        raise SearchIndexError(f"{index.source}: embeddings of dim {index.embed_dim}, "
-                               f"queries of shape {tuple(queries.shape)}")
+        raise SearchIndexError(
+            f"{index.source}: embeddings of dim {index.embed_dim}, queries of shape {tuple(queries.shape)}"
+        )
     queries = queries.float()
     use_ann = (index.approximate is not None) if exact is None else not exact
     if use_ann and index.approximate is None:

@@ -30,9 +30,9 @@ NAME_CHARS = 20  # longest file name shown whole on a 180 px card (at 0.8em); lo
 class PageResult:
     rank: int
     score: float
-    path: str           # as shown (relative to the index root)
+    path: str  # as shown (relative to the index root)
     absolute_path: str  # read for the thumbnail
-    detail: str = ""    # e.g. "cosine 0.412 · match 3.10" (shown under the score)
+    detail: str = ""  # e.g. "cosine 0.412 · match 3.10" (shown under the score)
     waveform: Optional[np.ndarray] = None  # a spoken clip: (T,) float32 mono, played on the card
     sample_rate: int = 16000
     score_label: str = "score"
@@ -46,14 +46,19 @@ class PageQuery:
     transcript: Optional[str] = None
     results: List[PageResult] = field(default_factory=list)
     image_path: Optional[str] = None  # an image query: shown as a thumbnail
-    paired: Optional[str] = None      # the query's paired result, as PageResult.path shows it
+    paired: Optional[str] = None  # the query's paired result, as PageResult.path shows it
 
 
 def wav_data_uri(waveform: np.ndarray, sample_rate: int) -> str:
     """(T,) float samples -> "data:audio/wav;base64,..." (16-bit PCM, clipped to [-1, 1])."""
     buf = io.BytesIO()
-    sf.write(buf, np.clip(np.asarray(waveform, dtype=np.float32), -1.0, 1.0), int(sample_rate),
-             format="WAV", subtype="PCM_16")
+    sf.write(
+        buf,
+        np.clip(np.asarray(waveform, dtype=np.float32), -1.0, 1.0),
+        int(sample_rate),
+        format="WAV",
+        subtype="PCM_16",
+    )
     return "data:audio/wav;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -130,17 +135,23 @@ def result_card(result: PageResult, paired: bool = False) -> str:
         caption.append(f'<span class="dir">{_esc(directory)}/</span>')
     caption.append(f'<span class="name">{_esc(short_name(name))}</span>')
     cls = "result paired" if paired else "result"
-    return (f'<figure class="{cls}" title="{_esc(result.absolute_path)}" data-rank="{result.rank}" '
-            f'data-path="{_esc(result.path)}">{media}<figcaption>{"".join(caption)}</figcaption></figure>')
+    return (
+        f'<figure class="{cls}" title="{_esc(result.absolute_path)}" data-rank="{result.rank}" '
+        f'data-path="{_esc(result.path)}">{media}<figcaption>{"".join(caption)}</figcaption></figure>'
+    )
 
 
 def query_section(query: PageQuery, number: int, heading: Optional[str] = None) -> str:
     """One query's block: its player (or image), transcript, paired-image note and result cards."""
-    parts = [f'<section class="query" id="query-{number}">',
-             f"<h2>{_esc(heading if heading is not None else f'Query {number}: {query.name}')}</h2>"]
+    parts = [
+        f'<section class="query" id="query-{number}">',
+        f"<h2>{_esc(heading if heading is not None else f'Query {number}: {query.name}')}</h2>",
+    ]
     if query.waveform is not None:
-        parts.append(f'<audio class="query-audio" controls preload="auto" '
-                     f'src="{wav_data_uri(query.waveform, query.sample_rate)}"></audio>')
+        parts.append(
+            f'<audio class="query-audio" controls preload="auto" '
+            f'src="{wav_data_uri(query.waveform, query.sample_rate)}"></audio>'
+        )
     if query.image_path is not None:
         uri = thumbnail_data_uri(query.image_path)
         if uri is not None:
@@ -160,8 +171,14 @@ def query_section(query: PageQuery, number: int, heading: Optional[str] = None) 
 def render_page(queries: Sequence[PageQuery], title: str = "Spoken image search", subtitle: str = "") -> str:
     """The whole page as one HTML string."""
     parts = [
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        f"<title>{_esc(title)}</title>", f"<style>{STYLE}</style>", "</head>", "<body>",
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        f"<title>{_esc(title)}</title>",
+        f"<style>{STYLE}</style>",
+        "</head>",
+        "<body>",
         f"<header><h1>{_esc(title)}</h1>",
     ]
     if subtitle:

@@ -56,9 +56,16 @@ class Hit:
     note: str = ""
 
     def as_dict(self) -> Dict[str, Any]:
-        return {"rank": self.rank, "score": round(self.score, 6), "cosine": round(self.cosine, 6),
-                "match": None if self.match is None else round(self.match, 6), "reranked": self.reranked,
-                "path": self.path, "absolute_path": self.absolute_path, **({"note": self.note} if self.note else {})}
+        return {
+            "rank": self.rank,
+            "score": round(self.score, 6),
+            "cosine": round(self.cosine, 6),
+            "match": None if self.match is None else round(self.match, 6),
+            "reranked": self.reranked,
+            "path": self.path,
+            "absolute_path": self.absolute_path,
+            **({"note": self.note} if self.note else {}),
+        }
 
 
 @dataclass
@@ -73,8 +80,9 @@ class Answer:
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
-def rerank_order(cosines: Sequence[float], match: Sequence[Optional[float]], k: int, score: str,
-                 logit_scale: float = 1.0) -> List[Tuple[int, float]]:
+def rerank_order(
+    cosines: Sequence[float], match: Sequence[Optional[float]], k: int, score: str, logit_scale: float = 1.0
+) -> List[Tuple[int, float]]:
     """Positions of the candidates (SIC order) after re-ranking the first ``k`` -> [(position,
     score)]: the re-scored ones by decreasing score (ties keep SIC order), then those that could not
     be re-scored (``match`` None) and the candidates past K, in SIC order with their cosine."""
@@ -91,15 +99,24 @@ class SearchService:
     ``image_index`` (speech -> images) and ``audio_index`` of spoken clips (image -> speech).
     Each index is checked against the model (image / speech identity) here, once."""
 
-    def __init__(self, encoder, image_index: Optional[SearchIndex] = None, audio_index: Optional[SearchIndex] = None,
-                 max_query_seconds: Optional[float] = None, match_batch: int = 64, exact: Optional[bool] = None,
-                 nprobe: Optional[int] = None):
+    def __init__(
+        self,
+        encoder,
+        image_index: Optional[SearchIndex] = None,
+        audio_index: Optional[SearchIndex] = None,
+        max_query_seconds: Optional[float] = None,
+        match_batch: int = 64,
+        exact: Optional[bool] = None,
+        nprobe: Optional[int] = None,
+    ):
         if image_index is None and audio_index is None:
             raise SearchIndexError("give an index of images, of spoken clips, or both")
         for index, modality in ((image_index, "image"), (audio_index, "audio")):
             if index is not None and index.modality != modality:
-                raise SearchIndexError(f"{index.source}: an index of {index.what}, expected one of "
-                                       f"{'images' if modality == 'image' else 'spoken clips'}")
+                raise SearchIndexError(
+                    f"{index.source}: an index of {index.what}, expected one of "
+                    f"{'images' if modality == 'image' else 'spoken clips'}"
+                )
             if index is not None and len(index) == 0:
                 raise SearchIndexError(f"{index.source}: the index holds no {index.what}")
         self.encoder = encoder
@@ -155,15 +172,18 @@ class SearchService:
             name = name or "audio"
         seconds = wave.numel() / enc.sample_rate
         if self.max_query_seconds is not None and seconds > self.max_query_seconds:
-            raise InferenceError(f"{name}: {seconds:.1f} s of audio, longer than this server's limit of "
-                                 f"{self.max_query_seconds:g} s per query (--max-query-seconds)")
+            raise InferenceError(
+                f"{name}: {seconds:.1f} s of audio, longer than this server's limit of "
+                f"{self.max_query_seconds:g} s per query (--max-query-seconds)"
+            )
         if wave.numel() < enc.min_samples:
             enc.windows(wave, name)  # raises: shorter than the model's minimum
         check_audible(wave, name)
         return wave
 
-    def search_images(self, audio, top_k: int = 10, rerank_k: int = 0, rerank_score: Optional[str] = None,
-                      name: Optional[str] = None) -> Answer:
+    def search_images(
+        self, audio, top_k: int = 10, rerank_k: int = 0, rerank_score: Optional[str] = None, name: Optional[str] = None
+    ) -> Answer:
         """Images of the image index for one spoken query (a path or (samples, rate))."""
         if self.image_index is None:
             raise SearchIndexError("no index of images was given: speech -> image search is off")
@@ -180,8 +200,9 @@ class SearchService:
         answer.query_wave = wave
         return answer
 
-    def rank_images(self, queries: torch.Tensor, sequences, top_k: int = 10, rerank_k: int = 0,
-                    rerank_score: Optional[str] = None) -> List[Answer]:
+    def rank_images(
+        self, queries: torch.Tensor, sequences, top_k: int = 10, rerank_k: int = 0, rerank_score: Optional[str] = None
+    ) -> List[Answer]:
         """Answers for Q embedded spoken queries (Q, E) (one search over the index for all), each
         re-ranked with its windows' sequences (``embed_waveforms(..., return_sequences=True)``)."""
         score = self.check_rerank(rerank_k, rerank_score)
@@ -232,26 +253,29 @@ class SearchService:
         head = next(model.multimodal.parameters())
         out = []
         for start in range(0, len(sequences), self.match_batch):
-            seqs = sequences[start:start + self.match_batch]
+            seqs = sequences[start : start + self.match_batch]
             longest = max(s.size(0) for s in seqs)
             batch = torch.zeros(len(seqs), longest, seqs[0].size(1), dtype=head.dtype, device=head.device)
             mask = torch.ones(len(seqs), longest, dtype=torch.bool, device=head.device)
             for p, s in enumerate(seqs):
-                batch[p, :s.size(0)] = s.to(head.device, head.dtype)
-                mask[p, :s.size(0)] = False
+                batch[p, : s.size(0)] = s.to(head.device, head.dtype)
+                mask[p, : s.size(0)] = False
             with enc.autocast():
-                logits = model.match_logits(batch, mask, tokens[start:start + self.match_batch].to(head.device))
+                logits = model.match_logits(batch, mask, tokens[start : start + self.match_batch].to(head.device))
             out.append(match_score(logits, "logit").float().cpu())
         return torch.cat(out)
 
     # ---------------------------------------------------------------- image -> speech
 
-    def search_clips(self, image, top_k: int = 10, rerank_k: int = 0, rerank_score: Optional[str] = None,
-                     name: Optional[str] = None) -> Answer:
+    def search_clips(
+        self, image, top_k: int = 10, rerank_k: int = 0, rerank_score: Optional[str] = None, name: Optional[str] = None
+    ) -> Answer:
         """Spoken clips of the audio index for one image query (a path or a PIL image)."""
         if self.audio_index is None:
-            raise SearchIndexError("no index of spoken clips was given: image -> speech search is off "
-                                   "(build one with examples/search.py index-audio)")
+            raise SearchIndexError(
+                "no index of spoken clips was given: image -> speech search is off "
+                "(build one with examples/search.py index-audio)"
+            )
         self.check_rerank(rerank_k, rerank_score)
         started = time.perf_counter()
         pixels = load_image(image, self.encoder.transform, name=name)
@@ -271,8 +295,14 @@ class SearchService:
             emb = torch.nn.functional.normalize(cls.float(), dim=-1).cpu()
             return emb, image_tokens(cls.float(), patches.float())
 
-    def rank_clips(self, queries: torch.Tensor, tokens: torch.Tensor, top_k: int = 10, rerank_k: int = 0,
-                   rerank_score: Optional[str] = None) -> List[Answer]:
+    def rank_clips(
+        self,
+        queries: torch.Tensor,
+        tokens: torch.Tensor,
+        top_k: int = 10,
+        rerank_k: int = 0,
+        rerank_score: Optional[str] = None,
+    ) -> List[Answer]:
         """Answers for Q embedded image queries (Q, E), re-ranked with their tokens (Q, 1+N, E)."""
         score = self.check_rerank(rerank_k, rerank_score)
         with torch.inference_mode():
@@ -314,14 +344,25 @@ class SearchService:
     def _ranked(self, index: SearchIndex, queries: torch.Tensor, top_k: int, rerank_k: int) -> List[Answer]:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise SearchIndexError(f"the number of results must be a whole number >= 1, got {top_k!r}")
-        found = search(index, queries, k=max(top_k, rerank_k), exact=self.exact, nprobe=self.nprobe,
-                       ann=self._ann.get(index.modality))
+        found = search(
+            index,
+            queries,
+            k=max(top_k, rerank_k),
+            exact=self.exact,
+            nprobe=self.nprobe,
+            ann=self._ann.get(index.modality),
+        )
         answers = []
         for rows, cosines in zip(found.rows, found.scores):
-            hits = [Hit(rank=i + 1, score=s, cosine=s, path=index.paths[r], absolute_path=index.absolute_path(r))
-                    for i, (r, s) in enumerate(zip(rows, cosines))]
-            answer = Answer(hits=hits[:top_k], method=found.method,
-                            timings={"search": found.seconds / len(found.rows), "rerank": 0.0})
+            hits = [
+                Hit(rank=i + 1, score=s, cosine=s, path=index.paths[r], absolute_path=index.absolute_path(r))
+                for i, (r, s) in enumerate(zip(rows, cosines))
+            ]
+            answer = Answer(
+                hits=hits[:top_k],
+                method=found.method,
+                timings={"search": found.seconds / len(found.rows), "rerank": 0.0},
+            )
             answer.extra.update(rows=rows, all_hits=hits, top_k=top_k, num_rows=len(index))
             answers.append(answer)
         return answers
@@ -330,14 +371,25 @@ class SearchService:
         hits, rows = answer.extra["all_hits"], answer.extra["rows"]
         k = min(k, len(hits))
         match = list(match_of(rows[:k])) + [None] * (len(hits) - k)
-        order = rerank_order([h.cosine for h in hits], match, k, score,
-                             logit_scale=float(self.encoder.model.logit_scale.exp()))
+        order = rerank_order(
+            [h.cosine for h in hits], match, k, score, logit_scale=float(self.encoder.model.logit_scale.exp())
+        )
         reranked = []
         for rank, (position, value) in enumerate(order, start=1):
             h = hits[position]
             scored = match[position] is not None
             note = "" if scored or position >= k else "cannot be read any more: not re-ranked"
-            reranked.append(Hit(rank=rank, score=value, cosine=h.cosine, path=h.path, absolute_path=h.absolute_path,
-                                match=match[position], reranked=scored, note=note))
-        answer.hits = reranked[:answer.extra["top_k"]]
+            reranked.append(
+                Hit(
+                    rank=rank,
+                    score=value,
+                    cosine=h.cosine,
+                    path=h.path,
+                    absolute_path=h.absolute_path,
+                    match=match[position],
+                    reranked=scored,
+                    note=note,
+                )
+            )
+        answer.hits = reranked[: answer.extra["top_k"]]
         answer.rerank = {"k": k, "score": score, "scored": sum(m is not None for m in match)}

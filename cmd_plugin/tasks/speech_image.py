@@ -39,16 +39,23 @@ from omegaconf import II, MISSING
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from ..checkpoints import make_checkpoint_copies_atomic
-from ..data.image_cache import CachedImages, ImageCacheError, ImageFeatureCache, encoder_identity
 from ..criterions.cmd_contrastive import CmdContrastiveCriterion
-from ..encoder_identity import open_clip_preprocess
+from ..data.image_cache import CachedImages, ImageCacheError, ImageFeatureCache, encoder_identity
 from ..data.manifest import ManifestError, check_files_exist, read_manifest
-from ..nonfinite import NonFiniteGuard, zero_loss
 from ..data.speech_image_dataset import PixelImages, SpeechImageDataset
+from ..encoder_identity import open_clip_preprocess
 from ..modules.queue import check_queue_size
-from ..retrieval.recall import retrieval_recall
-from ..retrieval.rerank import DEFAULT_RERANK_SCORE, RERANK_SCORES, SequencePairScorer, rerank, reranked_recall, sic_weight
+from ..nonfinite import NonFiniteGuard, zero_loss
 from ..objectives.targets import split_code
+from ..retrieval.recall import retrieval_recall
+from ..retrieval.rerank import (
+    DEFAULT_RERANK_SCORE,
+    RERANK_SCORES,
+    SequencePairScorer,
+    rerank,
+    reranked_recall,
+    sic_weight,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +80,10 @@ class SpeechImageConfig(FairseqDataclass):
     )
     image_feature_cache: str = field(
         default="",
-        metadata={"help": "directory from examples/cache_image_features.py: batches carry its cached image features "
-                          "('' = encode pixels)"},
+        metadata={
+            "help": "directory from examples/cache_image_features.py: batches carry its cached image features "
+            "('' = encode pixels)"
+        },
     )
     sample_rate: int = field(default=16000, metadata={"help": "audio sample rate; files must match it"})
     min_sample_size: int = field(default=1600, metadata={"help": "drop utterances shorter than this (samples)"})
@@ -87,24 +96,32 @@ class SpeechImageConfig(FairseqDataclass):
     )
     valid_rerank_k: int = field(
         default=0,
-        metadata={"help": "C2F: also log valid recall after re-ranking each query's SIC top-K with the matching head "
-                          "(0 = off; >= 10)"},
+        metadata={
+            "help": "C2F: also log valid recall after re-ranking each query's SIC top-K with the matching head "
+            "(0 = off; >= 10)"
+        },
     )
     valid_rerank_score: ChoiceEnum(RERANK_SCORE_CHOICES) = field(
         default=DEFAULT_RERANK_SCORE,
-        metadata={"help": "re-ranking score: sim+sic_logit = match logit + SIC logit, cosine / temperature (chosen "
-                  "on the demo's valid split), sim+sic = match logit + SIC cosine (BLIP), sim = the match logit "
-                  "alone (ALBEF)"},
+        metadata={
+            "help": "re-ranking score: sim+sic_logit = match logit + SIC logit, cosine / temperature (chosen "
+            "on the demo's valid split), sim+sic = match logit + SIC cosine (BLIP), sim = the match logit "
+            "alone (ALBEF)"
+        },
     )
     check_files: bool = field(
         default=True,
-        metadata={"help": "when a split is loaded, check that every listed wav (and image, unless cached) exists "
-                  "and stop with the missing ones named, before any training or scoring"},
+        metadata={
+            "help": "when a split is loaded, check that every listed wav (and image, unless cached) exists "
+            "and stop with the missing ones named, before any training or scoring"
+        },
     )
     nonfinite_patience: int = field(
         default=5,
-        metadata={"help": "training batches with a non-finite loss tolerated in a row (each is reported with its "
-                  "files and contributes no gradient); one more stops the run"},
+        metadata={
+            "help": "training batches with a non-finite loss tolerated in a row (each is reported with its "
+            "files and contributes no gradient); one more stops the run"
+        },
     )
 
 
@@ -192,11 +209,15 @@ class SpeechImageTask(FairseqTask):
             if isinstance(ds, SpeechImageDataset) and ds.shuffle and self._queue_size:
                 check_queue_size(self._queue_size, len(ds), name)
         if 0 < self.cfg.valid_rerank_k < max(RECALL_KS):
-            raise ValueError(f"task.valid_rerank_k={self.cfg.valid_rerank_k}: re-ranked R@{max(RECALL_KS)} needs "
-                             f"K >= {max(RECALL_KS)}")
+            raise ValueError(
+                f"task.valid_rerank_k={self.cfg.valid_rerank_k}: re-ranked R@{max(RECALL_KS)} needs "
+                f"K >= {max(RECALL_KS)}"
+            )
         if self.cfg.valid_rerank_k > 0 and getattr(model, "multimodal", None) is None:
-            raise ValueError(f"task.valid_rerank_k={self.cfg.valid_rerank_k} needs a model with a matching head "
-                             "(model.multimodal_layers > 0)")
+            raise ValueError(
+                f"task.valid_rerank_k={self.cfg.valid_rerank_k} needs a model with a matching head "
+                "(model.multimodal_layers > 0)"
+            )
         if self.cfg.image_feature_cache:
             # cached features are the outputs of the encoder as it was: training it would
             # silently diverge from them
@@ -213,8 +234,10 @@ class SpeechImageTask(FairseqTask):
     def build_criterion(self, cfg, from_checkpoint=False):
         criterion = super().build_criterion(cfg, from_checkpoint)
         if not isinstance(criterion, CmdContrastiveCriterion):
-            raise ValueError(f"task speech_image trains with criterion cmd_contrastive, got {type(criterion).__name__}: "
-                             "set criterion._name=cmd_contrastive")
+            raise ValueError(
+                f"task speech_image trains with criterion cmd_contrastive, got {type(criterion).__name__}: "
+                "set criterion._name=cmd_contrastive"
+            )
         return criterion
 
     def max_positions(self):
@@ -300,8 +323,11 @@ class SpeechImageTask(FairseqTask):
             return loss, sample_size, logging_output
         # items are filed by their own split: a worker may have run fairseq's dummy batch (a
         # training batch) while the others scored the valid split; only unshuffled splits count
-        scored = {split_code(name): name for name, ds in self.datasets.items()
-                  if isinstance(ds, SpeechImageDataset) and not ds.shuffle}
+        scored = {
+            split_code(name): name
+            for name, ds in self.datasets.items()
+            if isinstance(ds, SpeechImageDataset) and not ds.shuffle
+        }
         for split in {scored[c] for c in emb["split_codes"].tolist() if c in scored}:
             store = self._valid_embeddings.setdefault(split, {})
             for i in (emb["split_codes"] == split_code(split)).nonzero()[:, 0].tolist():
@@ -344,8 +370,10 @@ class SpeechImageTask(FairseqTask):
             ranked = rerank(speech, images, scorer, self.cfg.valid_rerank_k, sic_weight=weight)
             rr = reranked_recall(ranked, image_index, ks=RECALL_KS)
             self._valid_recall[split].update({"rerank_" + key: float(rr[key]) for key in RECALL_KEYS})
-        logger.info(f"{split}: whole-split recall on {len(ids)} utterances x {len(unique_ids)} images: "
-                    + ", ".join(f"{k}={v:.1f}" for k, v in self._valid_recall[split].items()))
+        logger.info(
+            f"{split}: whole-split recall on {len(ids)} utterances x {len(unique_ids)} images: "
+            + ", ".join(f"{k}={v:.1f}" for k, v in self._valid_recall[split].items())
+        )
         return self._valid_recall[split]
 
     @property
@@ -355,4 +383,3 @@ class SpeechImageTask(FairseqTask):
     @property
     def target_dictionary(self):
         return None
-

@@ -23,7 +23,6 @@ import sys
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
-
 # spellings of before the method group -> the override that replaces them (any "+method=X" -> "method=X")
 OLD_SPELLINGS = {"+ablation=no_cmd": "method=sic"}
 
@@ -100,7 +99,9 @@ class ConfigDirFirstSearchPathPlugin(SearchPathPlugin):
         # the shared method group, behind the corpus config's directory (which could shadow an option)
         package = _package_dir()
         if package is not None:
-            path.insert(1 if args.config_dir else 0, _element("cmd_plugin", f"file://{os.path.join(package, 'config')}"))
+            path.insert(
+                1 if args.config_dir else 0, _element("cmd_plugin", f"file://{os.path.join(package, 'config')}")
+            )
 
 
 def _element(provider: str, path: str):

@@ -22,10 +22,10 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .distillation import distillation_targets
-from .hard_negatives import sample_hard_negatives
 from ..sic import soft_cross_entropy
 from ..targets import multi_positive_targets
+from .distillation import distillation_targets
+from .hard_negatives import sample_hard_negatives
 
 __all__ = ["queue_sic_loss", "SimPairs", "sim_pairs", "sim_loss", "ranking_pairs", "binary_entropy"]
 
@@ -92,7 +92,9 @@ class SimPairs(NamedTuple):
 
 
 def sim_pairs(
-    sic_logits: torch.Tensor, keys: torch.Tensor, generator: Optional[torch.Generator] = None,
+    sic_logits: torch.Tensor,
+    keys: torch.Tensor,
+    generator: Optional[torch.Generator] = None,
     hard_shares: Sequence[float] = (1.0,),
 ) -> SimPairs:
     """The SIM pairs of a batch: its B positive pairs, then for each share in ``hard_shares`` one
@@ -113,7 +115,9 @@ def sim_pairs(
     """
     bsz = sic_logits.size(0)
     if sic_logits.shape != (bsz, bsz) or keys.shape[0] != bsz:
-        raise ValueError(f"sic_logits must be (B, B) with B keys, got {tuple(sic_logits.shape)} and {tuple(keys.shape)}")
+        raise ValueError(
+            f"sic_logits must be (B, B) with B keys, got {tuple(sic_logits.shape)} and {tuple(keys.shape)}"
+        )
     rows = torch.arange(bsz, device=sic_logits.device)
     speech, image, hard = [rows], [rows], [torch.zeros(bsz, dtype=torch.bool, device=rows.device)]
     for share in hard_shares:

@@ -5,7 +5,8 @@ Used in place of :class:`cmd_plugin.objectives.sic.SicObjective` when the model 
 the criterion distils. At validation (no queue, no distillation) it is the in-batch SIC. The
 queue is filled only by training forwards that are not fairseq's dummy batch, with this worker's
 items gathered from every worker (so all workers hold the same queue), never with a non-finite
-item, and only from update ``queue_start`` on. alpha_md ramps linearly from 0 over ``ramp_updates`` (:func:`.distillation.distillation_weight`).
+item, and only from update ``queue_start`` on. alpha_md ramps linearly from 0 over ``ramp_updates``
+(:func:`.distillation.distillation_weight`).
 Logs the SIC values plus ``distill_alpha`` and ``queue_negatives`` (per-item means).
 """
 
@@ -14,11 +15,11 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from ...modules.queue import enqueue_global_batch
 from ..batch import GlobalBatch, present, summed
 from ..sic import SicObjective, symmetric_infonce
 from .distillation import distillation_weight
 from .losses import queue_sic_loss
-from ...modules.queue import enqueue_global_batch
 
 __all__ = ["QueueSicObjective", "ramp_updates_for"]
 
@@ -29,8 +30,10 @@ def ramp_updates_for(ramp_updates: int, epoch_batches: Optional[int], update_fre
     if ramp_updates >= 0:
         return ramp_updates
     if not epoch_batches:
-        raise ValueError("criterion.distill_ramp_updates=-1 ramps over the first epoch, whose length is not known "
-                         "here (no training iterator from task speech_image): give a number of updates")
+        raise ValueError(
+            "criterion.distill_ramp_updates=-1 ramps over the first epoch, whose length is not known "
+            "here (no training iterator from task speech_image): give a number of updates"
+        )
     freq = int(update_freq[0]) if hasattr(update_freq, "__getitem__") else int(update_freq)  # fairseq's list
     return max(1, math.ceil(epoch_batches / max(1, freq)))
 
@@ -45,7 +48,9 @@ class QueueSicObjective(SicObjective):
         if not 0.0 <= distill_alpha <= 1.0:
             raise ValueError(f"criterion.distill_alpha must be in [0, 1], got {distill_alpha}")
         if ramp_updates < -1:
-            raise ValueError(f"criterion.distill_ramp_updates must be -1 (first epoch), 0 or positive, got {ramp_updates}")
+            raise ValueError(
+                f"criterion.distill_ramp_updates must be -1 (first epoch), 0 or positive, got {ramp_updates}"
+            )
         self.distill_alpha, self.ramp_updates, self.update_freq = distill_alpha, ramp_updates, update_freq
         self.epoch_batches: Optional[int] = None  # this worker's training batches per epoch (set by the criterion)
         self.enqueue_enabled = True  # False for fairseq's dummy batch
@@ -77,8 +82,9 @@ class QueueSicObjective(SicObjective):
             loss, s2i, i2s = symmetric_infonce(batch.scores, batch.keys, batch.keys, batch.logit_scale)
             return loss, self.logs(batch, loss, s2i, i2s)
         entries = queue.entries() if queue is not None else (None, None, None)
-        loss, s2i, i2s, _ = queue_sic_loss(batch.speech, batch.image, batch.keys, batch.logit_scale, *entries,
-                                           speech_m=batch.speech_m, alpha=alpha)
+        loss, s2i, i2s, _ = queue_sic_loss(
+            batch.speech, batch.image, batch.keys, batch.logit_scale, *entries, speech_m=batch.speech_m, alpha=alpha
+        )
         logs = self.logs(batch, loss, s2i, i2s)
         logs["distill_alpha"] = alpha * batch.size
         if queue is not None:

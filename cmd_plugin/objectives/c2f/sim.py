@@ -21,10 +21,10 @@ import torch
 from torch.func import functional_call
 
 from ...distributed import replicated_param
+from ...modules.multimodal import image_tokens
 from ..batch import GlobalBatch, Objective, present, summed
 from .hard_negatives import hard_negative_share
 from .losses import binary_entropy, ranking_pairs, sim_loss, sim_pairs
-from ...modules.multimodal import image_tokens
 
 __all__ = ["SimObjective"]
 
@@ -52,13 +52,18 @@ class SimObjective(Objective):
         mm_params = {n: replicated_param(p, batch.world) for n, p in model.multimodal.named_parameters()}
         head_params = {n: replicated_param(p, batch.world) for n, p in model.matching_head.named_parameters()}
         seq_mask = None if batch.seq_mask is None else batch.seq_mask[speech_index]
-        fused = functional_call(model.multimodal, mm_params,
-                                (batch.seq[speech_index], seq_mask, tokens[image_index]))[:, 0]
+        fused = functional_call(model.multimodal, mm_params, (batch.seq[speech_index], seq_mask, tokens[image_index]))[
+            :, 0
+        ]
         logits = functional_call(model.matching_head, head_params, (fused,))
         trained = torch.ones_like(labels, dtype=torch.bool) if batch.training else (labels == 1) | hard
         loss, correct = sim_loss(logits[trained], labels[trained], batch.size)
-        logs = {"sim_loss": loss.item(), "sim_correct": correct, "sim_pairs": int(trained.sum()),
-                "sim_prior": binary_entropy(batch.size / max(1, int(trained.sum()))) * batch.size}
+        logs = {
+            "sim_loss": loss.item(),
+            "sim_correct": correct,
+            "sim_pairs": int(trained.sum()),
+            "sim_prior": binary_entropy(batch.size / max(1, int(trained.sum()))) * batch.size,
+        }
         with torch.no_grad():
             odds = (logits[:, 1] - logits[:, 0]).float()
             positive = labels == 1

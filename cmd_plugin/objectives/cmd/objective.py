@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ...distributed import replicated_param
+from ...modules.fusion import attention_statistics, diagonal_pairs
 from ..batch import GlobalBatch, Objective, present, summed
 from ..sic import in_batch_accuracy, symmetric_infonce
-from ...modules.fusion import attention_statistics, diagonal_pairs
 from .noise import apply_patch_noise, draw_patch_noise
 
 __all__ = ["CmdObjective", "ATTENTION_STATS"]
@@ -39,8 +39,10 @@ class CmdObjective(Objective):
 
     def check_model(self, model) -> None:
         if getattr(model, "fusion", None) is None:
-            raise ValueError("criterion.cmd_weight > 0 needs the fusion encoder: set model.cmd_fusion=true "
-                             "(method=cmd or method=c2f_cmd)")
+            raise ValueError(
+                "criterion.cmd_weight > 0 needs the fusion encoder: set model.cmd_fusion=true "
+                "(method=cmd or method=c2f_cmd)"
+            )
 
     def __call__(self, model, batch: GlobalBatch) -> Tuple[torch.Tensor, Dict[str, float]]:
         speech, patches, keys = batch.speech, batch.patches, batch.keys
@@ -49,8 +51,9 @@ class CmdObjective(Objective):
         positions, sources = draw_patch_noise(identities, patches.size(1), self.noise_ratio, generator)
         noisy = apply_patch_noise(patches, positions, sources)
         params = {name: replicated_param(p, batch.world) for name, p in model.fusion.named_parameters()}
-        recon, attn = functional_call(model.fusion, params, (speech, noisy),
-                                      {"all_pairs": self.all_pairs, "return_attention": True})
+        recon, attn = functional_call(
+            model.fusion, params, (speech, noisy), {"all_pairs": self.all_pairs, "return_attention": True}
+        )
         if self.all_pairs:  # (B, B, E): recon[i, j] = image j reconstructed with speech i as the query
             own_attn, own_recon = diagonal_pairs(attn, recon)
             recon = F.normalize(recon.float(), dim=-1)

@@ -25,6 +25,7 @@ from cmd_demo.demo import EXAMPLES, build_inputs, minimal_pairs_stage, run, trai
 from cmd_demo.stats import paired_difference
 from cmd_plugin.files import atomic_write, atomic_write_json
 from cmd_plugin.modules.fusion import FUSION_ATTENTION_CHOICES
+from cmd_plugin.progress import fairseq_log_fields
 
 DEFAULT_ROWS = ["sic", "cmd-literal", "cmd-cosine", "cmd-qkv", "cmd-qkv-a0.25", "cmd-qkv-a0.5"]
 C2F_ROWS = ["sic", "cmd-qkv", "c2f", "c2f-cmd", "c2f-rerank10", "c2f-rerank50"]
@@ -100,19 +101,6 @@ ATTENTION_KEYS = ("attn_entropy", "attn_max", "attn_cos_mean_pool")
 SIM_KEYS = ("sim_auc_hard", "sim_auc_random", "sim_loss", "sim_prior")  # the matching head on valid (C2F)
 
 
-def _log_fields(line: str) -> dict:
-    """The numeric ``key value`` fields of one fairseq progress line (``prefix | key value | ...``),
-    as floats; the prefix (timestamp, epoch) and non-numeric fields are left out."""
-    fields = {}
-    for part in line.split(" | ")[1:]:
-        key, _, value = part.strip().rpartition(" ")
-        try:
-            fields[key] = float(value)
-        except ValueError:
-            pass
-    return fields
-
-
 def best_valid_line(log_text: str):
     """The fields of the validation line whose mean_r1 selected checkpoint_best.pt (fairseq keeps
     the last of equal bests), from a fairseq-hydra-train log; None when there is none."""
@@ -120,7 +108,7 @@ def best_valid_line(log_text: str):
     for line in log_text.splitlines():
         if "valid on 'valid' subset" not in line:
             continue
-        fields = _log_fields(line)
+        fields = fairseq_log_fields(line)
         if "mean_r1" in fields and (best is None or fields["mean_r1"] >= best["mean_r1"]):
             best = fields
     return best
@@ -136,7 +124,7 @@ def last_train_line(log_text: str):
     for line in log_text.splitlines():
         if "][train][INFO] - epoch " not in line:
             continue
-        last = _log_fields(line)
+        last = fairseq_log_fields(line)
     return last
 
 

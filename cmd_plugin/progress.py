@@ -19,7 +19,25 @@ from typing import Dict, List, Optional
 
 _NESTED = re.compile(r"\+ \[(?P<started>[^\]]+)\] |  \[(?P<report>.+)")
 _UPDATES = re.compile(r"num_updates[=\s]+(\d+)")
-_VALID_FIELD = r"\|\s*{name}\s+(-?[\d.]+(?:e-?\d+)?)\s*(?:\||$)"
+
+
+def fairseq_log_fields(line: str) -> dict:
+    """The numeric ``key value`` fields of one of fairseq's ``|``-separated log lines (validation and
+    epoch summaries: ``prefix | key value | ...``), as floats; the prefix and non-numeric fields are left out."""
+    fields = {}
+    for part in line.split(" | ")[1:]:
+        key, _, value = part.strip().rpartition(" ")
+        try:
+            fields[key] = float(value)
+        except ValueError:
+            pass
+    return fields
+
+
+def whole_lines(pending: str, text: str):
+    """(the whole lines of ``pending + text``, the start of a line still being written)."""
+    *lines, rest = (pending + text).split("\n")
+    return lines, rest
 
 
 def format_seconds(seconds: float) -> str:
@@ -42,17 +60,19 @@ class FairseqProgress:
     valid: Optional[float] = None
     first_seen: Optional[tuple] = None  # (time, updates) of the first update count read
     last_seen: Optional[tuple] = None
+    pending: str = ""  # the start of a line whose end has not been logged yet
 
     def read(self, text: str, now: float) -> None:
-        """Take in newly logged ``text`` (any number of whole or partial lines)."""
-        for line in text.splitlines():
+        """Take in newly logged ``text``; a line still being written is kept until its end arrives."""
+        lines, self.pending = whole_lines(self.pending, text)
+        for line in lines:
             match = _UPDATES.search(line)
             if match:
                 self.updates = max(self.updates, int(match.group(1)))
-            if self.metric and "valid" in line:
-                value = re.search(_VALID_FIELD.format(name=re.escape(self.metric)), line)
-                if value:
-                    self.valid = float(value.group(1))
+            if self.metric and "valid on" in line:
+                value = fairseq_log_fields(line).get(self.metric)
+                if value is not None:
+                    self.valid = value
         if self.updates and (self.last_seen is None or self.updates != self.last_seen[1]):
             self.last_seen = (now, self.updates)
             if self.first_seen is None:
@@ -87,9 +107,11 @@ class LatestLine:
 
     def __init__(self):
         self.line = None
+        self.pending = ""
 
     def read(self, text: str, now: float) -> None:
-        for line in text.splitlines():
+        lines, self.pending = whole_lines(self.pending, text)
+        for line in lines:
             match = _NESTED.match(line)
             if match and match.group("started"):
                 self.line = f"{match.group('started')}: started"

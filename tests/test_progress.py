@@ -37,14 +37,17 @@ def test_fairseq_progress_reads_updates_the_latest_valid_figure_and_time_left():
     assert "no valid mean_r1 yet" in p.describe()
     p.read(VALID_LINE.format(r=52.3, n=157) + "\n", now=200.0)
     assert p.valid == 52.3 and p.updates == 157
-    p.read(VALID_LINE.format(r=61.75, n=314), now=300.0)  # a line still being written is read too
+    line = VALID_LINE.format(r=61.75, n=314)
+    p.read(line[:-30], now=250.0)  # a line still being written is not read before its end
+    assert p.valid == 52.3 and p.updates == 157
+    p.read(line[-30:] + "\n", now=300.0)
     assert p.describe() == f"314/1200 updates, valid mean_r1 61.75, ~{format_seconds((1200 - 314) * 200 / 304)} left"
 
 
 def test_a_valid_field_is_matched_whole_not_by_prefix():
     p = FairseqProgress(metric="uer")
     p.read(
-        "[valid][INFO] - epoch 002 | valid on 'valid' subset | loss 1.2 | uer_raw 9.9 | uer 4.4 | num_updates 888",
+        "[valid][INFO] - epoch 002 | valid on 'valid' subset | loss 1.2 | uer_raw 9.9 | uer 4.4 | num_updates 888\n",
         now=1.0,
     )
     assert p.valid == 4.4 and p.describe() == "888 updates, valid uer 4.4"
@@ -57,13 +60,11 @@ def test_a_nested_runner_passes_its_latest_line_on():
     assert follower.describe() == "running"
     follower.read("+ [HuBERT pre-training] fairseq-hydra-train --config-dir x   (log: /w/pretrain.log)\n", now=2.0)
     assert follower.describe() == "HuBERT pre-training: started"
-    follower.read(
-        "  [HuBERT pre-training 1m00s] 200/400 updates, valid loss 6.1, ~1m00s left   (log: /w/p.log)\n", now=3.0
-    )
-    assert (
-        follower.describe()
-        == "[HuBERT pre-training 1m00s] 200/400 updates, valid loss 6.1, ~1m00s left   (log: /w/p.log)"
-    )
+    report = "  [HuBERT pre-training 1m00s] 200/400 updates, valid loss 6.1, ~1m00s left   (log: /w/p.log)"
+    follower.read(report[:20], now=3.0)  # a line still being written is not passed on cut short
+    assert follower.describe() == "HuBERT pre-training: started"
+    follower.read(report[20:] + "\n", now=3.5)
+    assert follower.describe() == report.strip()
 
 
 def _script(tmp_path, name, body):

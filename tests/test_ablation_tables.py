@@ -245,6 +245,7 @@ def test_other_paired_comparisons_name_two_rows_of_the_sweep():
 def test_a_report_from_the_committed_records_gives_re_ranked_rows_their_own_figures(tmp_path):
     """--report-only on records alone (no checkpoint, no work dir): a re-ranked row reads its re-scored
     record, not its base run's SIC one."""
+    pytest.importorskip("matplotlib", reason="the report draws its figures (the plot extra; not in environment B)")
     import json
     import os
     import shutil

@@ -258,4 +258,3 @@ def test_pre_commit_runs_the_ruff_version_the_test_command_pins():
     with open(os.path.join(REPO, ".pre-commit-config.yaml")) as f:
         hook = f.read()
     assert "astral-sh/ruff-pre-commit" in hook and f"rev: v{pinned}\n" in hook
-    import ruff  # noqa: F401  (installed by the lint extra: scripts/run_tests.sh's lint step runs it)

@@ -38,6 +38,7 @@ import torch
 
 from cmd_plugin.data.manifest import ManifestError, SpeechImageManifest
 from cmd_plugin.files import atomic_write
+from cmd_plugin.progress import CountProgress
 from cmd_plugin.quiet import building_open_clip
 from cmd_plugin.retrieval.recall import retrieval_recall
 
@@ -297,6 +298,7 @@ def pretrain_clip(
     model.train()
     result: Dict[str, float] = {}
     start = time.time()
+    progress = CountProgress("CLIP pre-training", cfg.steps, "steps", log=logger.info)
     for step, batch in enumerate(distinct_image_batches(len(train_images), cfg.batch_size, cfg.steps, rng)):
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
@@ -319,6 +321,7 @@ def pretrain_clip(
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0.0, max_logit_scale)
+        progress.update(step + 1)
         last = step + 1 == cfg.steps
         if last or (cfg.eval_interval > 0 and (step + 1) % cfg.eval_interval == 0):
             message = f"step {step + 1}/{cfg.steps} loss {loss.item():.3f} ({time.time() - start:.0f}s)"

@@ -4,9 +4,9 @@ several independent jobs side by side.
 
 fairseq's own trainings (``fairseq-hydra-train``) are followed through the lines they log
 (``num_updates=N`` in ``train_inner`` lines, ``| mean_r1 71.2 |`` style fields in ``valid`` lines);
-any other job is followed through the latest progress line it printed itself in this module's format,
-which is how a script that runs its own jobs with :func:`run_jobs` (``examples/train_hubert_upstream.py``
-runs fairseq's HuBERT recipe) passes their progress on to whoever runs it.
+any other job through the latest line it printed, so that a script that runs its own jobs with
+:func:`run_jobs` (``examples/train_hubert_upstream.py`` runs fairseq's HuBERT recipe) passes their
+progress on to whoever runs it.
 """
 
 import dataclasses
@@ -103,7 +103,10 @@ class FairseqProgress:
 
 
 class LatestLine:
-    """Follows a job that runs its own jobs with :func:`run_jobs`: the latest line that printed."""
+    """Follows any other job: its latest line, shortened. A job that runs its own jobs with
+    :func:`run_jobs` passes their lines on this way (a "+ [label] command" line reads "label: started")."""
+
+    width = 160
 
     def __init__(self):
         self.line = None
@@ -112,11 +115,16 @@ class LatestLine:
     def read(self, text: str, now: float) -> None:
         lines, self.pending = whole_lines(self.pending, text)
         for line in lines:
+            if not line.strip():
+                continue
             match = _NESTED.match(line)
             if match and match.group("started"):
                 self.line = f"{match.group('started')}: started"
             elif match:
                 self.line = "[" + match.group("report").strip()
+            else:
+                line = line.strip()
+                self.line = line if len(line) <= self.width else line[: self.width - 3] + "..."
 
     def describe(self) -> str:
         return self.line or "running"

@@ -56,8 +56,10 @@ def test_a_valid_field_is_matched_whole_not_by_prefix():
 def test_a_nested_runner_passes_its_latest_line_on():
     follower = LatestLine()
     assert follower.describe() == "running"
-    follower.read("+ /usr/bin/python learn_kmeans.py feats train 1\n", now=1.0)  # a plain command line
-    assert follower.describe() == "running"
+    follower.read("+ /usr/bin/python learn_kmeans.py feats train 1\n\n", now=1.0)  # any other line, as it is
+    assert follower.describe() == "+ /usr/bin/python learn_kmeans.py feats train 1"
+    follower.read("x" * 500 + "\n", now=1.5)
+    assert len(follower.describe()) == LatestLine.width and follower.describe().endswith("...")
     follower.read("+ [HuBERT pre-training] fairseq-hydra-train --config-dir x   (log: /w/pretrain.log)\n", now=2.0)
     assert follower.describe() == "HuBERT pre-training: started"
     report = "  [HuBERT pre-training 1m00s] 200/400 updates, valid loss 6.1, ~1m00s left   (log: /w/p.log)"

@@ -22,7 +22,7 @@ import time
 from typing import Optional
 
 from cmd_demo.demo import EXAMPLES, build_inputs, minimal_pairs_stage, run, train_and_score
-from cmd_demo.stats import paired_difference
+from cmd_demo.stats import holm_adjust, paired_difference, seeds_for_power
 from cmd_plugin.files import atomic_write, atomic_write_json
 from cmd_plugin.modules.fusion import FUSION_ATTENTION_CHOICES
 from cmd_plugin.progress import fairseq_log_fields
@@ -350,12 +350,96 @@ def paired_vs(runs, base: str = "sic", key: str = "mean_r1", split: str = "test"
     }
 
 
-def parse_comparison(text: str, rows):
+def parse_comparison(text: str, rows, option: str = "--compare"):
     """``ROW:BASE`` (both among ``rows``) -> (ROW, BASE): a paired difference to report besides those against sic."""
     row, sep, base = text.partition(":")
     if not sep or row not in rows or base not in rows or row == base:
-        raise ValueError(f"--compare {text!r}: expected ROW:BASE with two different rows of --rows {rows}")
+        raise ValueError(f"{option} {text!r}: expected ROW:BASE with two different rows of --rows {rows}")
     return row, base
+
+
+# the metrics of a declared (primary) comparison: each row's per-seed value, None where the run lacks it
+PRIMARY_METRICS = {
+    "test mean R@1": lambda record: record["test"]["recall"]["mean_r1"],
+    "minimal-pairs mean": lambda record: (record.get("minimal_pairs") or {}).get("mp_mean"),
+}
+
+
+def primary_tests(runs, primaries, alpha: float = 0.05):
+    """The declared comparisons: every (ROW, BASE) of ``primaries`` on every metric of
+    :data:`PRIMARY_METRICS` -> {"ROW - BASE on METRIC": paired difference with its two-sided p and
+    Holm's adjusted p across ALL of them ("p_holm"), "significant" (p_holm <= alpha)}. A declared
+    test without paired seeds yet stays in the family with p = 1 (so the correction never shrinks
+    because a run is missing) and is marked "missing"."""
+    tests, pvalues = {}, {}
+    for row, base in primaries:
+        for metric, value in PRIMARY_METRICS.items():
+            name = f"{row} - {base} on {metric}"
+            a = {s: value(r) for s, r in runs.get(row, {}).items() if value(r) is not None}
+            b = {s: value(r) for s, r in runs.get(base, {}).items() if value(r) is not None}
+            if len(set(a) & set(b)) < 2:
+                tests[name] = {"missing": True, "n": len(set(a) & set(b))}
+                pvalues[name] = 1.0
+                continue
+            tests[name] = {**paired_difference(a, b), "missing": False}
+            pvalues[name] = tests[name]["p"]
+    adjusted = holm_adjust(pvalues)
+    for name, test in tests.items():
+        test["p_holm"] = adjusted[name]
+        test["significant"] = (not test["missing"]) and adjusted[name] <= alpha
+    return tests
+
+
+def plan_seeds(records, primaries, deltas, alpha: float = 0.05, power: float = 0.8):
+    """How many paired seeds each declared test needs: for every (ROW, BASE) of ``primaries`` and
+    metric of ``deltas`` ({metric of PRIMARY_METRICS: the smallest difference worth detecting}), the
+    spread (sd) of the per-seed differences in the ablation ``records`` (their "rows" -> "per_seed";
+    the first record holding both rows with at least 3 common seeds), and the seeds for ``power``
+    at Bonferroni's alpha / (number of tests), the level Holm's first step applies (so enough for
+    every step). Returns {name: {"sd", "seeds_measured", "source", "delta", "seeds"}}."""
+    values = {
+        "test mean R@1": lambda seed: seed["test"]["mean_r1"],
+        "minimal-pairs mean": lambda seed: (seed.get("minimal_pairs") or {}).get("mp_mean"),
+    }
+    tests = len(primaries) * len(deltas)
+    plan = {}
+    for row, base in primaries:
+        for metric, delta in deltas.items():
+            name = f"{row} - {base} on {metric}"
+            plan[name] = {"sd": None, "seeds_measured": 0, "source": None, "delta": delta, "seeds": None}
+            for source, record in records:
+                per = record.get("rows", {})
+                if row not in per or base not in per:
+                    continue
+                a = {s: values[metric](v) for s, v in per[row]["per_seed"].items()}
+                b = {s: values[metric](v) for s, v in per[base]["per_seed"].items()}
+                common = [s for s in a if s in b and a[s] is not None and b[s] is not None]
+                if len(common) < 3:
+                    continue
+                sd = statistics.stdev([a[s] - b[s] for s in common])
+                plan[name].update(
+                    sd=sd,
+                    seeds_measured=len(common),
+                    source=source,
+                    seeds=seeds_for_power(delta, sd, alpha / tests, power),
+                )
+                break
+    return plan
+
+
+def format_primary(tests, alpha: float = 0.05) -> str:
+    """One line per declared test: difference, 95 % interval, p, Holm-adjusted p and the verdict."""
+    lines = []
+    for name, d in tests.items():
+        if d["missing"]:
+            lines.append(f"  {name}: not run yet ({d['n']} paired seeds; counted with p = 1)")
+            continue
+        verdict = f"significant at {alpha:g} after Holm" if d["significant"] else "not significant after Holm"
+        lines.append(
+            f"  {name}: {d['mean']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] ({d['n']} paired seeds, "
+            f"sd {d['sd']:.2f}; p {d['p']:.4f}, Holm p {d['p_holm']:.4f}: {verdict})"
+        )
+    return "\n".join(lines)
 
 
 def format_paired(paired, base: Optional[str] = "sic") -> str:
@@ -492,6 +576,40 @@ def write_json(record, path):
     atomic_write_json(path, record, indent=1)
 
 
+def print_plan(args):
+    """``--plan-from``: the seeds the declared comparisons need, from recorded sweeps; builds nothing."""
+    rows = list(dict.fromkeys(args.rows))
+    primaries = [parse_comparison(c, rows, "--primary") for c in args.primary]
+    if not primaries:
+        raise SystemExit("--plan-from needs the declared comparisons (--primary ROW:BASE ...)")
+    records = []
+    for path in args.plan_from:
+        try:
+            with open(path) as f:
+                records.append((path, json.load(f)))
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"{path}: cannot read an ablation record ({e})") from None
+    deltas = {"test mean R@1": args.plan_delta_r1, "minimal-pairs mean": args.plan_delta_mp}
+    plan = plan_seeds(records, primaries, deltas, power=args.plan_power)
+    tests = len(plan)
+    print(
+        f"seeds for {args.plan_power:.0%} power, two-sided paired t at 0.05 / {tests} = {0.05 / tests:.4f} "
+        "(Bonferroni: Holm's first step), at the spread of the recorded sweeps:"
+    )
+    for name, p in plan.items():
+        if p["sd"] is None:
+            print(f"  {name}: no recorded sweep has both rows with 3 or more common seeds")
+            continue
+        print(
+            f"  {name}: delta {p['delta']:g}, sd {p['sd']:.2f} over {p['seeds_measured']} seeds "
+            f"({os.path.basename(p['source'])}) -> {p['seeds'] or 'more than 1000'} seeds"
+        )
+    needed = [p["seeds"] for p in plan.values() if p["seeds"]]
+    if needed:
+        print(f"the sweep needs max({', '.join(map(str, needed))}) = {max(needed)} paired seeds per row")
+    return plan
+
+
 def run_ablation(args, argv=None):
     """The sweep with the options of ``examples/ablation.py`` (the demo's corpus options, ``rows``,
     ``seeds``, ``out_dir``, ``name``): train or reuse each run, print the table, write NAME_u<updates>.json
@@ -499,6 +617,7 @@ def run_ablation(args, argv=None):
     rows = list(dict.fromkeys(args.rows))
     specs = {row: row_spec(row) for row in rows}  # bad row names fail before any work
     comparisons = [parse_comparison(c, rows) for c in (getattr(args, "compare", None) or [])]
+    primaries = [parse_comparison(c, rows, "--primary") for c in (getattr(args, "primary", None) or [])]
     overrides = {row: spec["overrides"] for row, spec in specs.items()}
 
     timings = {}
@@ -663,12 +782,20 @@ def run_ablation(args, argv=None):
     if extra:
         print("other paired differences of test mean R@1 (same seeds):")
         print(format_paired(extra, base=None))
+    primary = primary_tests(runs, primaries) if primaries else {}
+    if primary:
+        print(
+            f"declared primary comparisons ({len(primary)} tests; Holm's correction across all of them, "
+            "family-wise 0.05; every other figure above is exploratory):"
+        )
+        print(format_primary(primary))
     command = " ".join([os.path.basename(sys.executable), "examples/ablation.py"] + list(argv or sys.argv[1:]))
     print(f"made by: {command} (checkout {checkout_commit()})")
     record = {
         "paired_vs_sic": paired,
         "paired_vs_sic_valid": paired_vs(runs, split="valid") if paired else {},
         "paired_other": extra,
+        "primary": primary,
         "command": command,
         "commit": checkout_commit(),
         "header": header,

@@ -27,7 +27,7 @@ and ``c2f-cmd`` (method=c2f_cmd); ``c2f[-cmd]-rerankK[-simsic|-simsiclogit]`` re
 
 import argparse
 
-from cmd_demo.ablation import DEFAULT_ROWS, run_ablation
+from cmd_demo.ablation import DEFAULT_ROWS, print_plan, run_ablation
 from cmd_demo.demo import add_corpus_arguments
 
 
@@ -57,11 +57,36 @@ def main(argv=None):
         help="paired differences to report besides each row against sic, e.g. cmd-qkv:cmd-uniform",
     )
     parser.add_argument(
+        "--primary",
+        nargs="*",
+        default=[],
+        metavar="ROW:BASE",
+        help="declared (primary) comparisons, each tested on test mean R@1 and on the minimal-pairs mean "
+        "(paired t over seeds) with Holm's correction across all of them; declare them before running "
+        "(docs/results.md, 'The fine-grained comparison')",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="train and score nothing: the table of the runs that have finished (a sweep in progress)",
     )
+    parser.add_argument(
+        "--plan-from",
+        nargs="*",
+        default=[],
+        metavar="RECORD",
+        help="plan, do not run: print the paired seeds the --primary comparisons need for --plan-power, "
+        "at the spread of these recorded sweeps (OUT_DIR/NAME_u<updates>.json)",
+    )
+    parser.add_argument("--plan-delta-r1", type=float, default=2.3, help="planned effect on test mean R@1 (points)")
+    parser.add_argument(
+        "--plan-delta-mp", type=float, default=2.0, help="planned effect on the minimal-pairs mean (points)"
+    )
+    parser.add_argument("--plan-power", type=float, default=0.8, help="planned power of each declared test")
     args = parser.parse_args(argv)
+    if args.plan_from:
+        print_plan(args)
+        return
     run_ablation(args, argv)
 
 

@@ -94,6 +94,73 @@ def rerank_order(
     return scored + rest
 
 
+def configured_rerank_score(task_cfg) -> str:
+    """The re-ranking score a checkpoint was tuned with (its ``task.valid_rerank_score``), or
+    :data:`DEFAULT_RERANK_SCORE` when it names none or an unknown one."""
+    score = str(getattr(task_cfg, "valid_rerank_score", None) or DEFAULT_RERANK_SCORE)
+    return score if score in RERANK_SCORES else DEFAULT_RERANK_SCORE
+
+
+def embed_images_with_tokens(encoder, pixels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(Q, 3, H, W) preprocessed images -> ((Q, E) unit-norm I_cls on the CPU, as
+    ``encoder.embed_pixels``, and (Q, 1+N, E) image tokens on the model's device, the matching
+    head's input), from one pass of the image tower."""
+    with torch.inference_mode():
+        with encoder.autocast():
+            cls, patches = encoder.model.encode_image(pixels.to(encoder.device))
+        emb = torch.nn.functional.normalize(cls.float(), dim=-1).cpu()
+        return emb, image_tokens(cls.float(), patches.float())
+
+
+@torch.no_grad()
+def match_pair_logits(
+    encoder, sequences: Sequence[torch.Tensor], tokens: torch.Tensor, token_rows=None, batch_size: int = 64
+) -> torch.Tensor:
+    """(P,) match logits on the CPU of P (speech sequence (1+T', D), image tokens) pairs, ``batch_size``
+    pairs at a time (sequences padded, with a mask): pair p's image tokens are ``tokens[p]`` or, with
+    ``token_rows`` (P,), ``tokens[token_rows[p]]`` (gathered one batch at a time)."""
+    model = encoder.model
+    head = next(model.multimodal.parameters())
+    out = []
+    for start in range(0, len(sequences), batch_size):
+        seqs = sequences[start : start + batch_size]
+        longest = max(s.size(0) for s in seqs)
+        batch = torch.zeros(len(seqs), longest, seqs[0].size(1), dtype=head.dtype, device=head.device)
+        mask = torch.ones(len(seqs), longest, dtype=torch.bool, device=head.device)
+        for p, s in enumerate(seqs):
+            batch[p, : s.size(0)] = s.to(head.device, head.dtype)
+            mask[p, : s.size(0)] = False
+        part = slice(start, start + batch_size)
+        rows = tokens[part] if token_rows is None else tokens[token_rows[part]]
+        with encoder.autocast():
+            logits = model.match_logits(batch, mask, rows.to(head.device))
+        out.append(match_score(logits, "logit").float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def window_match_logits(
+    encoder, windows: Sequence[Sequence[torch.Tensor]], tokens: torch.Tensor, batch_size: int = 64
+) -> torch.Tensor:
+    """(Q, M) matching-head scores of Q spoken queries against M images on the CPU: query q's score
+    for image m is the mean of the match logits of q's windows (``embed_waveforms(...,
+    return_sequences=True)``: one sequence per window) with image m's tokens (``tokens`` (M, 1+N, E))."""
+    num = tokens.size(0)
+    counts = torch.tensor([len(w) for w in windows], dtype=torch.float32)
+    if (counts == 0).any():
+        raise ValueError("every spoken query needs at least one window's sequence")
+    pairs = [(q, w, m) for q, query in enumerate(windows) for w in range(len(query)) for m in range(num)]
+    scores = match_pair_logits(
+        encoder,
+        [windows[q][w] for q, w, _ in pairs],
+        tokens,
+        token_rows=torch.tensor([m for _, _, m in pairs], dtype=torch.long),
+        batch_size=batch_size,
+    )
+    where = torch.tensor([q * num + m for q, _, m in pairs], dtype=torch.long)
+    sums = torch.zeros(len(windows) * num).index_add_(0, where, scores)
+    return sums.view(len(windows), num) / counts[:, None]
+
+
 class SearchService:
     """A loaded :class:`~cmd_plugin.inference.SpeechImageEncoder` and up to two indexes:
     ``image_index`` (speech -> images) and ``audio_index`` of spoken clips (image -> speech).
@@ -138,9 +205,7 @@ class SearchService:
         self.match_batch = match_batch
         cfg = encoder.task.cfg
         self.default_rerank_k = int(getattr(cfg, "valid_rerank_k", 0) or 0) or DEFAULT_RERANK_K
-        self.default_rerank_score = str(getattr(cfg, "valid_rerank_score", None) or DEFAULT_RERANK_SCORE)
-        if self.default_rerank_score not in RERANK_SCORES:
-            self.default_rerank_score = DEFAULT_RERANK_SCORE
+        self.default_rerank_score = configured_rerank_score(cfg)
 
     @property
     def has_matching_head(self) -> bool:
@@ -226,10 +291,7 @@ class SearchService:
                 failed.append((i, str(err)))
         if not pixels:
             return None, read, failed
-        model, enc = self.encoder.model, self.encoder
-        with enc.autocast():
-            cls, patches = model.encode_image(torch.stack(pixels).to(enc.device))
-        return image_tokens(cls.float(), patches.float()), read, failed
+        return embed_images_with_tokens(self.encoder, torch.stack(pixels))[1], read, failed
 
     def _image_match(self, windows: List[torch.Tensor], rows: Sequence[int]) -> List[Optional[float]]:
         """Matching-head scores of one query (its windows' sequences) against index rows; None for
@@ -239,31 +301,10 @@ class SearchService:
         out: List[Optional[float]] = [None] * len(rows)
         if tokens is None:
             return out
-        pairs = [(w, t) for t in range(len(read)) for w in range(len(windows))]
-        scores = self._match_pairs([windows[w] for w, _ in pairs], tokens[[t for _, t in pairs]])
-        per_image = torch.zeros(len(read))
-        per_image.index_add_(0, torch.tensor([t for _, t in pairs]), scores)
+        scores = window_match_logits(self.encoder, [windows], tokens, batch_size=self.match_batch)[0]
         for t, position in enumerate(read):
-            out[position] = float(per_image[t] / len(windows))
+            out[position] = float(scores[t])
         return out
-
-    def _match_pairs(self, sequences: List[torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
-        """(P,) match logits of P (speech sequence (1+T', D), image tokens (1+N, E)) pairs."""
-        model, enc = self.encoder.model, self.encoder
-        head = next(model.multimodal.parameters())
-        out = []
-        for start in range(0, len(sequences), self.match_batch):
-            seqs = sequences[start : start + self.match_batch]
-            longest = max(s.size(0) for s in seqs)
-            batch = torch.zeros(len(seqs), longest, seqs[0].size(1), dtype=head.dtype, device=head.device)
-            mask = torch.ones(len(seqs), longest, dtype=torch.bool, device=head.device)
-            for p, s in enumerate(seqs):
-                batch[p, : s.size(0)] = s.to(head.device, head.dtype)
-                mask[p, : s.size(0)] = False
-            with enc.autocast():
-                logits = model.match_logits(batch, mask, tokens[start : start + self.match_batch].to(head.device))
-            out.append(match_score(logits, "logit").float().cpu())
-        return torch.cat(out)
 
     # ---------------------------------------------------------------- image -> speech
 
@@ -288,12 +329,7 @@ class SearchService:
 
     def embed_image_queries(self, pixels: torch.Tensor):
         """(Q, 3, H, W) preprocessed query images -> ((Q, E) unit-norm I_cls on the CPU, (Q, 1+N, E) tokens)."""
-        enc = self.encoder
-        with torch.inference_mode():
-            with enc.autocast():
-                cls, patches = enc.model.encode_image(pixels.to(enc.device))
-            emb = torch.nn.functional.normalize(cls.float(), dim=-1).cpu()
-            return emb, image_tokens(cls.float(), patches.float())
+        return embed_images_with_tokens(self.encoder, pixels)
 
     def rank_clips(
         self,
@@ -331,12 +367,9 @@ class SearchService:
         if not waves:
             return out
         _, sequences = enc.embed_waveforms(waves, names, return_sequences=True)
-        flat = [(c, w) for c, clip in enumerate(sequences) for w in clip]
-        scores = self._match_pairs([w for _, w in flat], tokens[None].expand(len(flat), -1, -1))
-        sums = torch.zeros(len(waves)).index_add_(0, torch.tensor([c for c, _ in flat]), scores)
-        counts = torch.zeros(len(waves)).index_add_(0, torch.tensor([c for c, _ in flat]), torch.ones(len(flat)))
+        scores = window_match_logits(enc, sequences, tokens[None], batch_size=self.match_batch)[:, 0]
         for c, position in enumerate(read):
-            out[position] = float(sums[c] / counts[c])
+            out[position] = float(scores[c])
         return out
 
     # ---------------------------------------------------------------- shared

@@ -309,11 +309,15 @@ def build_inputs(args, timings):
     # the same start from the training split's written captions) and the minimal-pairs set. Valid and
     # test are never read by either pre-training. The upstream keeps torch's threads (one per core, faster
     # for a fairseq training than one thread: docs/demo.md, "Where the time goes"); the short stages one each.
+    # The recipe's MFCC, k-means and labels have the machine to themselves: beside the other jobs they
+    # took 86 s instead of 25 (docs/demo.md), so those start once the labels are written.
     upstream_dir = os.path.join(work, "upstream")
     negatives = "" if args.clip_negatives == "none" else f"_neg-{args.clip_negatives}"
     pretrained_clip = os.path.join(work, f"tiny_clip_pretrained_{args.clip_steps}steps{negatives}.bin")
     jobs = []
+    after_labels = None
     if not os.path.isfile(os.path.join(upstream_dir, "upstream.json")):
+        after_labels = os.path.join(upstream_dir, ".labels.done")  # train_hubert_upstream.py's stage marker
         jobs.append(
             LoggedJob(
                 "speech upstream (fairseq HuBERT recipe)",
@@ -358,10 +362,13 @@ def build_inputs(args, timings):
                 ],
                 os.path.join(work, "clip_pretraining.log"),
                 threads=1,
+                start_after=after_labels,
             )
         )
     pairs_job = minimal_pairs_job(work)
-    jobs += [pairs_job] if pairs_job else []
+    if pairs_job:
+        pairs_job.start_after = after_labels
+        jobs.append(pairs_job)
     if jobs:
         timings.update(zip([job.label for job in jobs], run_side_by_side(jobs)))
         print_lines_starting(os.path.join(work, "clip_pretraining.log"), "held-out")

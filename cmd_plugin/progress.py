@@ -135,7 +135,9 @@ class LoggedJob:
     """A command whose output goes to ``log_path``. ``total_updates``/``metric`` make it a fairseq
     training (followed by :class:`FairseqProgress`); without them it is followed by :class:`LatestLine`.
     ``threads`` sets OMP_NUM_THREADS for it (None: inherited); ``append`` keeps what the log already
-    holds (a resumed run) instead of starting it anew."""
+    holds (a resumed run) instead of starting it anew. ``start_after`` (a file path) holds the job back
+    until that file exists (e.g. a stage of another job that should have the machine to itself);
+    its seconds count from its start."""
 
     label: str
     cmd: List[str]
@@ -146,6 +148,7 @@ class LoggedJob:
     env: Optional[Dict[str, str]] = None
     fairseq: bool = False
     append: bool = False
+    start_after: Optional[str] = None
 
     def follower(self):
         if self.fairseq or self.total_updates or self.metric:
@@ -200,7 +203,8 @@ def run_jobs(jobs: List[LoggedJob], every: Optional[float] = None, out=None, pol
     every = progress_period() if every is None else every
     start = time.time()
     running = {}
-    for job in jobs:
+
+    def launch(job):
         os.makedirs(os.path.dirname(os.path.abspath(job.log_path)), exist_ok=True)
         env = dict(os.environ if job.env is None else job.env)
         if job.threads:
@@ -211,9 +215,25 @@ def run_jobs(jobs: List[LoggedJob], every: Optional[float] = None, out=None, pol
         print(f"+ [{job.label}] " + " ".join(job.cmd) + f"   (log: {job.log_path})", file=out, flush=True)
         proc = subprocess.Popen(job.cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         running[job.label] = (job, proc, log, job.follower(), reader, time.time())
+
+    waiting = []
+    for job in jobs:
+        if job.start_after and not os.path.exists(job.start_after):
+            print(f"  [{job.label}] starts once {job.start_after} exists", file=out, flush=True)
+            waiting.append(job)
+        else:
+            launch(job)
     seconds, next_report = {}, start + every
     try:
-        while running:
+        while running or waiting:
+            for job in [j for j in waiting if os.path.exists(j.start_after)]:
+                waiting.remove(job)
+                launch(job)
+            if waiting and not running:
+                raise JobFailed(
+                    f"{', '.join(j.label for j in waiting)}: waited for "
+                    f"{', '.join(j.start_after for j in waiting)}, which no job made"
+                )
             time.sleep(poll)
             now = time.time()
             for label in list(running):
@@ -238,6 +258,8 @@ def run_jobs(jobs: List[LoggedJob], every: Optional[float] = None, out=None, pol
                         file=out,
                         flush=True,
                     )
+                for job in waiting:
+                    print(f"  [{job.label}] waiting for {job.start_after}", file=out, flush=True)
     finally:
         for job, proc, log, _, reader, _ in running.values():
             proc.terminate()

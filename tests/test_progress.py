@@ -3,6 +3,7 @@ job's progress is passed on, and jobs run side by side with a line per period na
 
 import io
 import sys
+import time
 
 import pytest
 
@@ -148,3 +149,38 @@ def test_a_count_progress_prints_at_the_period_with_time_left_and_closes_its_lin
     for done in range(1, 5):
         progress.update(done)
     assert quiet == []  # a loop shorter than the period prints nothing
+
+
+def test_a_job_held_back_starts_once_its_file_exists_and_fails_if_nothing_makes_it(tmp_path):
+    # job a writes the marker half a second in; job b records when it started
+    first = _script(
+        tmp_path, "first.py", "import sys, time\ntime.sleep(0.5)\nopen(sys.argv[1], 'w').close()\ntime.sleep(0.3)\n"
+    )
+    second = _script(tmp_path, "second.py", "import sys, time\nopen(sys.argv[1], 'w').write(repr(time.time()))\n")
+    marker, started = tmp_path / "stage.done", tmp_path / "b.started"
+    out = io.StringIO()
+    t0 = time.time()
+    seconds = run_jobs(
+        [
+            LoggedJob("job a", first + [str(marker)], str(tmp_path / "a.log")),
+            LoggedJob("job b", second + [str(started)], str(tmp_path / "b.log"), start_after=str(marker)),
+        ],
+        every=0.1,
+        out=out,
+        poll=0.05,
+    )
+    assert float(started.read_text()) - t0 >= 0.5  # not before the marker
+    assert seconds["job b"] < seconds["job a"]  # its seconds count from its own start
+    assert f"[job b] starts once {marker} exists" in out.getvalue()
+    with pytest.raises(JobFailed, match=r"job c: waited for .*never\.done, which no job made"):
+        run_jobs(
+            [
+                LoggedJob("job a", first + [str(tmp_path / "other.done")], str(tmp_path / "a2.log")),
+                LoggedJob(
+                    "job c", second + [str(started)], str(tmp_path / "c.log"), start_after=str(tmp_path / "never.done")
+                ),
+            ],
+            every=60,
+            out=io.StringIO(),
+            poll=0.05,
+        )

@@ -20,6 +20,12 @@ caption of a base is embedded (S_cls), every image (I_cls), with the project's i
 Tie rule: a variant whose similarity equals the base's counts against the model (not a win, not
 half a win), as the project's recall ties do; ties are counted in the record.
 
+A coarse-to-fine checkpoint (one with a matching head) is scored twice: by the cosine, and by the
+re-ranking score ``SIM + w * SIC`` of :mod:`cmd_plugin.retrieval.rerank` on every (caption, image of
+its group) pair, SIM the matching head's logit (averaged over the caption's windows, as the search
+service does) and w from the score kind (the checkpoint's ``task.valid_rerank_score`` unless
+another is asked for). The same figures for that score are the record's ``"reranked"`` block.
+
 Its CLI is ``examples/score_minimal_pairs.py``.
 """
 
@@ -34,7 +40,10 @@ import torch
 
 from cmd_demo.minimal_pairs import PAIRS_FILE
 from cmd_plugin.files import atomic_write_json
-from cmd_plugin.inference import SpeechImageEncoder
+from cmd_plugin.inference import SpeechImageEncoder, load_image
+from cmd_plugin.loading import why_no_matching_head
+from cmd_plugin.retrieval.rerank import RERANK_SCORES, sic_weight
+from cmd_plugin.search.service import configured_rerank_score, embed_images_with_tokens, window_match_logits
 
 RECORD_FORMAT = "cmd_plugin.minimal_pairs_score.v1"
 TIE_RULE = (
@@ -165,6 +174,32 @@ def score_groups(groups: Sequence[Dict], attributes: Optional[Sequence[str]] = N
 # ---------------------------------------------------------------- with a model
 
 
+def reranked_groups(groups: Sequence[Dict], weight: float) -> List[Dict]:
+    """Pure arithmetic of the re-ranking score: ``groups`` as :func:`score_groups` takes them (cosine
+    ``similarities``) plus ``match``, the matching head's logits of the same (caption, image) pairs
+    -> the same groups with ``similarities`` = match + ``weight`` * cosine (float64), ``match`` kept."""
+    out = []
+    for i, group in enumerate(groups):
+        cosine = np.asarray(group["similarities"], dtype=np.float64)
+        match = np.asarray(group["match"], dtype=np.float64)
+        if match.shape != cosine.shape:
+            raise MinimalPairsError(f"group {i}: match logits of shape {match.shape}, cosines of {cosine.shape}")
+        out.append({**group, "match": match, "similarities": match + weight * cosine})
+    return out
+
+
+def _rerank_choice(rerank: Optional[bool], rerank_score: Optional[str]) -> Optional[bool]:
+    """Checks the re-ranking options before anything loads; returns ``rerank`` with an explicit score
+    counting as asking for re-ranking."""
+    if rerank_score is not None:
+        if rerank is False:
+            raise MinimalPairsError(f"a re-ranking score ({rerank_score!r}) was given with re-ranking turned off")
+        if rerank_score not in RERANK_SCORES:
+            raise MinimalPairsError(f"re-ranking score must be one of {RERANK_SCORES}, got {rerank_score!r}")
+        return True
+    return rerank
+
+
 def score_minimal_pairs(
     checkpoint: Optional[str],
     pairs_dir: str,
@@ -175,13 +210,24 @@ def score_minimal_pairs(
     hubert_path: Optional[str] = None,
     image_pretrained: Optional[str] = None,
     image_model_config: Optional[str] = None,
+    rerank: Optional[bool] = None,
+    rerank_score: Optional[str] = None,
+    match_batch: int = 64,
 ) -> Dict:
     """Embed the set's captions and images with ``checkpoint`` (or a loaded ``encoder``, a
     :class:`cmd_plugin.inference.SpeechImageEncoder`) and score it; returns the record
     (:func:`score_groups`' figures plus provenance and timing). The set is checked before the
-    model is loaded."""
+    model is loaded.
+
+    Re-ranking (the record's ``"reranked"``, None without it): ``rerank`` None scores by the
+    re-ranking score too when the model has a matching head (a checkpoint is then loaded with it;
+    a given ``encoder`` must have been loaded with ``keep_matching=True``), True insists on it (an
+    error without a head), False leaves it out. ``rerank_score`` (one of ``RERANK_SCORES``; default:
+    the checkpoint's ``task.valid_rerank_score``) implies ``rerank``. ``match_batch``: pairs per pass
+    of the matching head."""
     if batch_size < 1:
         raise MinimalPairsError(f"batch size must be positive, got {batch_size}")
+    rerank = _rerank_choice(rerank, rerank_score)
     start = time.perf_counter()
     pairs = load_pairs(pairs_dir)
     if encoder is None:
@@ -194,21 +240,35 @@ def score_minimal_pairs(
             hubert_path=hubert_path,
             image_pretrained=image_pretrained,
             image_model_config=image_model_config,
+            keep_matching=rerank is not False,
         )
+    if rerank and not encoder.has_matching_head:
+        why = why_no_matching_head(encoder.model, encoder.checkpoint)
+        raise MinimalPairsError(f"{why}; score by the cosine alone (without --rerank-score, or with --no-rerank)")
+    rerank = encoder.has_matching_head if rerank is None else rerank
     loaded = time.perf_counter()
     groups = pairs["groups"]
     wavs = [w for g in groups for w in g["wavs"]]
     images = [p for g in groups for p in [g["base_image"]] + [v["image"] for v in g["variants"]]]
-    speech = encoder.embed_audio(wavs, batch_size=batch_size)
-    pictures = encoder.embed_images(images, batch_size=max(batch_size, 32))
+    if rerank:  # the same embeddings, with what the matching head reads
+        waves = [encoder.load_audio(w) for w in wavs]
+        speech, windows = encoder.embed_waveforms(waves, wavs, batch_size=batch_size, return_sequences=True)
+        pictures, tokens = _images_with_tokens(encoder, images, max(batch_size, 32))
+    else:
+        speech = encoder.embed_audio(wavs, batch_size=batch_size)
+        pictures = encoder.embed_images(images, batch_size=max(batch_size, 32))
     embedded = time.perf_counter()
 
     scored, w, m = [], 0, 0
     for g in groups:
         n_wav, n_img = len(g["wavs"]), 1 + len(g["variants"])
         sims = (speech[w : w + n_wav] @ pictures[m : m + n_img].T).to(torch.float64).numpy()
-        scored.append({"attributes": [v["attribute"] for v in g["variants"]], "similarities": sims})
+        scored.append({"base": g["base"], "attributes": [v["attribute"] for v in g["variants"]], "similarities": sims})
+        if rerank:
+            match = window_match_logits(encoder, windows[w : w + n_wav], tokens[m : m + n_img], match_batch)
+            scored[-1]["match"] = match.to(torch.float64).numpy()
         w, m = w + n_wav, m + n_img
+    matched = time.perf_counter()
     meta = pairs["meta"]
     record = {
         "format": RECORD_FORMAT,
@@ -228,14 +288,51 @@ def score_minimal_pairs(
             }
             for g, s in zip(groups, scored)
         ],
+        "reranked": _reranked_block(encoder, scored, rerank_score, meta.get("attributes")) if rerank else None,
         "device": str(encoder.device),
         "seconds": {
             "load": round(loaded - start, 3),
             "embed": round(embedded - loaded, 3),
+            **({"match": round(matched - embedded, 3)} if rerank else {}),
             "total": round(time.perf_counter() - start, 3),
         },
     }
     return record
+
+
+def _images_with_tokens(encoder, paths: Sequence[str], batch_size: int):
+    """Image files -> ((M, E) unit-norm I_cls, (M, 1+N, E) image tokens on the CPU)."""
+    embeddings, tokens = [], []
+    for start in range(0, len(paths), batch_size):
+        pixels = torch.stack([load_image(p, encoder.transform) for p in paths[start : start + batch_size]])
+        emb, tok = embed_images_with_tokens(encoder, pixels)
+        embeddings.append(emb)
+        tokens.append(tok.cpu())
+    return torch.cat(embeddings), torch.cat(tokens)
+
+
+def _reranked_block(encoder, scored: Sequence[Dict], rerank_score: Optional[str], attributes) -> Dict:
+    configured = configured_rerank_score(encoder.task.cfg)
+    kind = rerank_score or configured
+    logit_scale = float(encoder.model.logit_scale.detach().exp())
+    weight = sic_weight(kind, logit_scale)
+    groups = reranked_groups(scored, weight)
+    return {
+        "score": kind,
+        "checkpoint_score": configured,  # the checkpoint's task.valid_rerank_score (what it was tuned with)
+        "sic_weight": weight,
+        "logit_scale": logit_scale,
+        **score_groups(groups, attributes=attributes),
+        # per group, each caption's (rows) match logit and re-ranking score with the base and each variant
+        "groups": [
+            {
+                "base": g.get("base"),
+                "match": g["match"].round(6).tolist(),
+                "similarities": g["similarities"].round(6).tolist(),
+            }
+            for g in groups
+        ],
+    }
 
 
 def written_caption_reference(encoder, pairs_dir: str) -> Dict:
@@ -268,31 +365,48 @@ def written_caption_reference(encoder, pairs_dir: str) -> Dict:
 
 
 def format_table(record: Dict) -> str:
-    """The per-attribute table, the mean and the in-group R@1, each next to chance."""
+    """The per-attribute table, the mean and the in-group R@1, each next to chance; the re-ranked
+    figures (a coarse-to-fine checkpoint) in a column beside the cosine's."""
     c = record["counts"]
     ref = record.get("written_captions")
+    rr = record.get("reranked")
     per_group = c["variants"] / c["groups"]
     lines = [
         f"Minimal pairs: {c['groups']} scenes x {per_group:g} variants, {c['utterances']} spoken captions "
         f"(right image above the one-attribute variant; chance {record['pairwise_chance']:.0f} %)",
-        f"  {'attribute':<12}{'pairs':>7}{'accuracy':>11}" + (f"{'written captions, CLIP alone':>31}" if ref else ""),
+        f"  {'attribute':<12}{'pairs':>7}{'accuracy':>11}"
+        + (f"{'re-ranked':>11}" if rr else "")
+        + (f"{'written captions, CLIP alone':>31}" if ref else ""),
     ]
     for attribute, s in record["attributes"].items():
         acc = "-" if s["accuracy"] is None else f"{s['accuracy']:.1f} %"
-        ties = f"  ({s['ties']} ties)" if s["ties"] else ""
+        ties = [f"{s['ties']} ties"] if s["ties"] else []
         extra = ""
+        if rr:
+            r = rr["attributes"].get(attribute, {})
+            a = r.get("accuracy")
+            extra += f"{'-' if a is None else f'{a:.1f} %':>11}"
+            ties += [f"{r['ties']} re-ranked ties"] if r.get("ties") else []
         if ref:
             r = ref["attributes"].get(attribute, {}).get("accuracy")
-            extra = f"{'-' if r is None else f'{r:.1f} %':>31}"
+            extra += f"{'-' if r is None else f'{r:.1f} %':>31}"
+        ties = f"  ({', '.join(ties)})" if ties else ""
         lines.append(f"  {attribute:<12}{s['pairs']:>7}{acc:>11}{extra}{ties}")
     lines.append(
         f"  {'mean':<12}{c['pairs']:>7}{record['mean_accuracy']:>9.1f} %"
+        + (f"{rr['mean_accuracy']:>9.1f} %" if rr else "")
         + (f"{ref['mean_accuracy']:>29.1f} %" if ref else "")
     )
     lines.append(
         f"  R@1 of the right image in its group (1 + {per_group:g} images): {record['group_r1']:.1f} % "
-        f"(chance {record['group_r1_chance']:.1f} %)"
+        f"(chance {record['group_r1_chance']:.1f} %)" + (f", re-ranked {rr['group_r1']:.1f} %" if rr else "")
     )
+    if rr:
+        source = "the checkpoint's" if rr["score"] == rr["checkpoint_score"] else "asked for"
+        lines.append(
+            f"  accuracy: by the cosine; re-ranked: by the matching head's score {rr['score']} "
+            f"(match logit + {rr['sic_weight']:.4g} x cosine, {source}) within each group"
+        )
     return "\n".join(lines)
 
 

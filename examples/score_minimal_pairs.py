@@ -7,7 +7,9 @@ one attribute in which an image differs from what the caption says?
 
 Per attribute, how often the base image scores above its one-attribute variant for the base's
 spoken captions (chance 50 %), their mean, and the base's R@1 in its group; ties count against
-the model. The set is ``examples/generate_minimal_pairs.py``'s; ``cmd_demo/minimal_pairs_scoring.py``
+the model. A coarse-to-fine checkpoint (one with a matching head) is also scored by its re-ranking
+score within each group, printed beside (--rerank-score, --no-rerank).
+The set is ``examples/generate_minimal_pairs.py``'s; ``cmd_demo/minimal_pairs_scoring.py``
 says how it is scored (and scores it from Python).
 """
 
@@ -26,6 +28,7 @@ from cmd_demo.minimal_pairs_scoring import (
 )
 from cmd_plugin.inference import SpeechImageEncoder
 from cmd_plugin.loading import add_loading_options, upstream_paths
+from cmd_plugin.retrieval.rerank import RERANK_SCORES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-json", help="write the record here (atomically)")
     add_loading_options(parser)  # --hubert-path, --image-pretrained, --image-model-config, --device, --fp16
     parser.add_argument("--batch-size", type=int, default=8, help="utterances per batch (default: 8)")
+    rerank = parser.add_mutually_exclusive_group()
+    rerank.add_argument(
+        "--rerank-score",
+        choices=RERANK_SCORES,
+        help="a coarse-to-fine checkpoint is also scored by this re-ranking score on every (caption, image "
+        "of its group) pair: sim = the matching head's logit, sim+sic = logit + cosine, sim+sic_logit = logit "
+        "+ cosine / temperature (default: the score the checkpoint was tuned with, its task.valid_rerank_score); "
+        "an error for a checkpoint without a matching head",
+    )
+    rerank.add_argument(
+        "--no-rerank",
+        action="store_true",
+        help="score by the cosine alone, even a checkpoint with a matching head (loaded without it)",
+    )
     parser.add_argument(
         "--written-captions",
         action="store_true",
@@ -55,7 +72,11 @@ def main(argv=None) -> int:
         if args.written_captions:
             load_pairs(args.pairs_dir)  # a broken set is named before the model loads
             encoder = SpeechImageEncoder.from_checkpoint(
-                args.checkpoint, device=args.device, fp16=args.fp16, **upstream_paths(args)
+                args.checkpoint,
+                device=args.device,
+                fp16=args.fp16,
+                keep_matching=not args.no_rerank,
+                **upstream_paths(args),
             )
         record = score_minimal_pairs(
             args.checkpoint,
@@ -64,6 +85,8 @@ def main(argv=None) -> int:
             fp16=args.fp16,
             batch_size=args.batch_size,
             encoder=encoder,
+            rerank=False if args.no_rerank else None,
+            rerank_score=args.rerank_score,
             **upstream_paths(args),
         )
         if encoder is not None:

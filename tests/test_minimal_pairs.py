@@ -1,8 +1,8 @@
 """The minimal-pairs test set (cmd_demo/minimal_pairs.py, CLI examples/generate_minimal_pairs.py)
 and its scorer (cmd_demo/minimal_pairs_scoring.py, CLI examples/score_minimal_pairs.py): variants
 differ from their base in exactly one described attribute and never repeat a training scene; the
-layout is Flickr 8k's; the scoring arithmetic; the CLI end to end on a tiny checkpoint; bad input
-named.
+layout is Flickr 8k's; the scoring arithmetic; the CLI end to end on a tiny checkpoint; a
+coarse-to-fine checkpoint also scored by its re-ranking score (SIM + w * SIC); bad input named.
 
 The generator runs the real espeak-ng and sox (the tests fail, not skip, without them)."""
 
@@ -314,6 +314,48 @@ def test_score_groups_all_right_all_wrong_and_chance():
     assert r["group_r1_chance"] == pytest.approx(100 * (3 / 7 + 1 / 2) / 4)
 
 
+def test_reranked_scores_are_the_match_logit_plus_w_cosine_and_can_disagree_with_the_cosine():
+    from cmd_plugin.retrieval.rerank import sic_weight
+
+    # captions x (base, colour variant, shape variant); dyadic values, so the sums are exact
+    cosine = [[0.5, 0.75, 0.25], [0.5, 0.25, 0.25]]
+    match = [[2.0, 0.0, 3.0], [0.0, 1.0, -2.0]]
+    groups = [{"base": "b", "attributes": ["colour", "shape"], "similarities": cosine, "match": match}]
+    by_cosine = score.score_groups(groups)
+    assert [by_cosine["attributes"][a]["accuracy"] for a in ("colour", "shape")] == [50.0, 100.0]
+    assert by_cosine["group_r1"] == 50.0  # caption 2 has the base above both variants
+
+    w = sic_weight("sim+sic_logit", 4.0)  # 1/τ = 4
+    reranked = score.reranked_groups(groups, w)
+    assert reranked[0]["similarities"].tolist() == [[4.0, 3.0, 4.0], [2.0, 2.0, -1.0]]
+    assert reranked[0]["match"].tolist() == match and reranked[0]["base"] == "b"
+    r = score.score_groups(reranked)
+    # caption 1: colour now won, shape tied (a loss); caption 2: colour tied, shape won
+    assert r["attributes"]["colour"] == {"accuracy": 50.0, "wins": 1, "ties": 1, "pairs": 2}
+    assert r["attributes"]["shape"] == {"accuracy": 50.0, "wins": 1, "ties": 1, "pairs": 2}
+    assert r["mean_accuracy"] == 50.0 and r["group_r1"] == 0.0  # the cosine's 75 % and 50 %
+    # "sim" (w = 0): the match logit alone
+    alone = score.score_groups(score.reranked_groups(groups, sic_weight("sim")))
+    assert [alone["attributes"][a]["wins"] for a in ("colour", "shape")] == [1, 1]
+    assert alone["attributes"]["colour"]["ties"] == 0 == alone["attributes"]["shape"]["ties"]
+    with pytest.raises(score.MinimalPairsError, match="match logits of shape"):
+        score.reranked_groups([{**groups[0], "match": [[1.0, 2.0]]}], 1.0)
+
+    # the table prints the re-ranked column beside the cosine's, with the score it used
+    record = {
+        **by_cosine,
+        "reranked": {"score": "sim+sic_logit", "checkpoint_score": "sim+sic_logit", "sic_weight": w, **r},
+    }
+    table = score.format_table(record)
+    assert re.search(r"^  attribute +pairs +accuracy +re-ranked$", table, re.M), table
+    assert re.search(r"^  colour +2 +50\.0 % +50\.0 %  \(1 re-ranked ties\)$", table, re.M), table
+    assert re.search(r"^  shape +2 +100\.0 % +50\.0 %  \(1 re-ranked ties\)$", table, re.M), table
+    assert re.search(r"^  mean +4 +75\.0 % +50\.0 %$", table, re.M), table
+    assert "(chance 33.3 %), re-ranked 0.0 %" in table
+    assert "sim+sic_logit (match logit + 4 x cosine, the checkpoint's)" in table
+    assert "re-ranked" not in score.format_table({**by_cosine, "reranked": None})
+
+
 def test_score_groups_refuses_mismatched_or_nonfinite_similarities():
     with pytest.raises(score.MinimalPairsError, match="1 base \\+ 2 variants"):
         score.score_groups([{"attributes": ["colour", "shape"], "similarities": [[0.1, 0.2]]}])
@@ -471,3 +513,117 @@ def test_bad_sets_are_refused_before_the_model_loads_naming_the_file(pairs, tmp_
     assert f"{missing_jpg}: not found (named by {bad / 'minimal_pairs.json'}: groups[2]" in run(bad)
     # with a good set, a missing checkpoint is named
     assert f"checkpoint not found: {no_model}" in run(out)
+
+
+# ---------------------------------------------------------------- re-ranked by a matching head
+
+
+@pytest.fixture(scope="module")
+def c2f_checkpoint(tiny_encoders, tmp_path_factory):
+    """A coarse-to-fine checkpoint (a matching head), tuned with "sim+sic"."""
+    from test_search_service import HEAD
+
+    path, _ = make_checkpoint(
+        str(tmp_path_factory.mktemp("mp_c2f") / "checkpoint_best.pt"),
+        tiny_encoders,
+        seed=1,
+        task={"valid_rerank_score": "sim+sic"},
+        **HEAD,
+    )
+    return path
+
+
+def _by_hand(encoder, wav, images):
+    """One caption against images, from the model's own methods: (match logits averaged over the
+    caption's windows, cosines of its S_cls with the images' I_cls), and its number of windows."""
+    import torch
+    from PIL import Image
+
+    from cmd_plugin.modules.multimodal import image_tokens
+
+    model = encoder.model
+    windows = encoder.windows(encoder.load_audio(wav), wav)
+    with torch.no_grad():
+        cls, patches = model.encode_image(
+            torch.stack([encoder.transform(Image.open(p).convert("RGB")) for p in images])
+        )
+        tokens = image_tokens(cls, patches)
+        logits, speech = [], []
+        for window in windows:
+            out = model.encode_speech_sequence(window[None])
+            logits.append(model.match_logits(out["speech_seq"].expand(len(images), -1, -1), None, tokens)[:, 1])
+            speech.append(out["speech"][0])
+        s_cls = torch.nn.functional.normalize(torch.stack(speech).mean(0), dim=-1)
+        cosines = torch.nn.functional.normalize(cls, dim=-1) @ s_cls
+    return torch.stack(logits).mean(0).tolist(), cosines.tolist(), len(windows)
+
+
+def test_a_coarse_to_fine_checkpoint_is_also_scored_by_its_reranking_score(pairs, c2f_checkpoint, tmp_path, capsys):
+    from cmd_plugin.inference import SpeechImageEncoder
+
+    out, meta, _ = pairs
+    encoder = SpeechImageEncoder.from_checkpoint(c2f_checkpoint, keep_matching=True)
+    record = score.score_minimal_pairs(None, str(out), encoder=encoder)
+    rr = record["reranked"]
+    # the checkpoint's own score: sim+sic, w = 1
+    assert rr["score"] == rr["checkpoint_score"] == "sim+sic" and rr["sic_weight"] == 1.0
+    assert rr["logit_scale"] == pytest.approx(encoder.model.logit_scale.exp().item())
+    assert rr["counts"] == record["counts"] and list(rr["attributes"]) == ATTRIBUTES
+    for s in rr["attributes"].values():
+        assert s["pairs"] == NUM_BASES * CAPTIONS and s["accuracy"] == pytest.approx(100 * s["wins"] / s["pairs"])
+    assert [g["base"] for g in rr["groups"]] == [g["base"] for g in meta["groups"]]
+    for g, cos in zip(rr["groups"], record["groups"]):
+        assert np.shape(g["match"]) == np.shape(g["similarities"]) == np.shape(cos["similarities"]) == (CAPTIONS, 7)
+        assert np.allclose(g["similarities"], np.add(g["match"], cos["similarities"]), atol=2e-6)
+
+    # one caption by hand: the last group's last caption against its base and every variant
+    group = meta["groups"][-1]
+    images = [
+        str(out / "Flicker8k_Dataset" / f"{s}.jpg") for s in [group["base"]] + [v["stem"] for v in group["variants"]]
+    ]
+    match, cosines, num_windows = _by_hand(encoder, str(out / "flickr_audio" / "wavs" / group["wavs"][-1]), images)
+    assert num_windows > 1  # the caption is longer than the tiny model's 2.5 s: the mean over windows
+    assert rr["groups"][-1]["match"][-1] == pytest.approx(match, abs=1e-5)
+    assert record["groups"][-1]["similarities"][-1] == pytest.approx(cosines, abs=1e-5)
+    assert rr["groups"][-1]["similarities"][-1] == pytest.approx(np.add(match, cosines), abs=1e-5)
+
+    # the CLI: another score asked for, or none; the cosine figures stay the same
+    result_json = tmp_path / "score.json"
+    argv = ["--checkpoint", c2f_checkpoint, "--pairs-dir", str(out), "--output-json", str(result_json)]
+    assert score_cli.main(argv + ["--rerank-score", "sim"]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"^  mean +\d+ +\d+\.\d % +\d+\.\d %$", table, re.M) and "score sim (match logit + 0 x" in table
+    by_sim = json.loads(result_json.read_text())
+    assert by_sim["reranked"]["score"] == "sim" and by_sim["reranked"]["checkpoint_score"] == "sim+sic"
+    assert by_sim["reranked"]["sic_weight"] == 0.0
+    assert by_sim["reranked"]["groups"][-1]["similarities"] == by_sim["reranked"]["groups"][-1]["match"]
+    assert by_sim["reranked"]["groups"][-1]["match"][-1] == pytest.approx(match, abs=1e-5)
+    assert score_cli.main(argv + ["--no-rerank"]) == 0
+    assert "re-ranked" not in capsys.readouterr().out
+    plain = json.loads(result_json.read_text())
+    assert plain["reranked"] is None
+    for key in ("attributes", "mean_accuracy", "group_r1", "groups"):
+        assert plain[key] == record[key] == by_sim[key], key
+    with pytest.raises(SystemExit) as exit_info:
+        score_cli.main(argv + ["--no-rerank", "--rerank-score", "sim"])
+    assert exit_info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_a_checkpoint_without_a_matching_head_is_scored_by_the_cosine_alone(pairs, checkpoint, c2f_checkpoint, capsys):
+    from cmd_plugin.inference import SpeechImageEncoder
+
+    out, _, _ = pairs
+    encoder = SpeechImageEncoder.from_checkpoint(checkpoint, keep_matching=True)
+    assert score.score_minimal_pairs(None, str(out), encoder=encoder)["reranked"] is None
+    with pytest.raises(score.MinimalPairsError, match=r"has no matching head .*score by the cosine alone"):
+        score.score_minimal_pairs(None, str(out), encoder=encoder, rerank=True)
+    with pytest.raises(SystemExit) as exit_info:
+        score_cli.main(["--checkpoint", checkpoint, "--pairs-dir", str(out), "--rerank-score", "sim+sic"])
+    assert exit_info.value.code == 2 and "has no matching head" in capsys.readouterr().err
+    # a coarse-to-fine checkpoint loaded without its head: nothing to re-rank with, said so when asked
+    without = SpeechImageEncoder.from_checkpoint(c2f_checkpoint)
+    assert score.score_minimal_pairs(None, str(out), encoder=without)["reranked"] is None
+    with pytest.raises(score.MinimalPairsError, match="loaded without its matching head"):
+        score.score_minimal_pairs(None, str(out), encoder=without, rerank_score="sim")
+    with pytest.raises(score.MinimalPairsError, match="one of"):  # refused before anything loads
+        score.score_minimal_pairs("never_loaded.pt", str(out), rerank_score="logit")

@@ -79,6 +79,8 @@ def build_arg_overrides(
     is replaced by ``image_feature_cache`` ("" = encode pixels): a training-time cache may not
     hold the scored images, so scoring uses a cache only when asked to."""
     overrides = {"image_feature_cache": os.path.abspath(image_feature_cache) if image_feature_cache else ""}
+    # scoring reads waveforms: a training-time cache of upstream states holds the training splits only
+    overrides["speech_feature_cache"] = ""
     for key, value in (
         ("data", data),
         ("hubert_path", hubert_path),

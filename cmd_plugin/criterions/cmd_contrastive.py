@@ -187,7 +187,10 @@ class CmdContrastiveCriterion(FairseqCriterion):
                 "loss": loss.item() * share,
                 "temperature": 1.0 / batch.logit_scale.item() * batch.local_size,
                 "ntokens": sample["ntokens"],
-                "padded_samples": int(sample["net_input"]["padding_mask"].sum()),
+                # padded samples, or padded frames when the upstream's states are cached
+                "padded_samples": int(
+                    sample["net_input"].get("padding_mask", sample["net_input"].get("speech_frame_mask")).sum()
+                ),
                 "nsentences": batch.local_size,
                 "sample_size": batch.local_size,
             }

@@ -65,6 +65,7 @@ class SpeechImageDataset(RawAudioDataset):
         max_sample_size: Optional[int] = None,
         shuffle: bool = True,
         num_length_buckets: int = 0,
+        speech_states=None,
     ):
         """
         Args:
@@ -78,12 +79,19 @@ class SpeechImageDataset(RawAudioDataset):
             num_length_buckets: 0 orders utterances by exact length; N > 0 groups them in N
                 length quantiles and shuffles within each, so batches of similar length still
                 change composition (and negatives) from epoch to epoch.
+            speech_states: a :class:`~cmd_plugin.data.speech_cache.SpeechStateCache` of this split: items
+                carry the frozen upstream's states instead of waveforms, batches ``speech_states``
+                (num_states, B, frames, D) and ``speech_frame_mask`` (B, frames) instead of ``source``
+                and ``padding_mask``.
         """
         super().__init__(sample_rate=sample_rate, shuffle=shuffle, pad=True, normalize=False)
         self.manifest = manifest
         self.split = split
         self.images = images
         self.num_length_buckets = num_length_buckets
+        self.speech_states = speech_states
+        if speech_states is not None:
+            speech_states.check_manifest(manifest)
         sizes = np.asarray(manifest.num_samples, dtype=np.int64)
         upper = max_sample_size if max_sample_size is not None else np.iinfo(np.int64).max
         keep = (sizes >= min_sample_size) & (sizes <= upper)
@@ -96,8 +104,8 @@ class SpeechImageDataset(RawAudioDataset):
         self.image_ids = manifest.image_ids[self.kept]
         self.image_paths = manifest.unique_images
 
-    def __getitem__(self, index: int):
-        row = int(self.kept[index])
+    def read_wave(self, row: int) -> torch.Tensor:
+        """The manifest row's waveform (float32, checked against the manifest); errors name its line."""
         path = self.manifest.audio_path(row)
         where = self.manifest.audio_where(row)
         # errors name the manifest line: a bare libsndfile message from a data-loader worker
@@ -118,7 +126,14 @@ class SpeechImageDataset(RawAudioDataset):
                 f"{where}: {path} has {wav.shape[0]} samples, the manifest says {expected} "
                 "(the file changed since preparation: re-run it)"
             )
-        return {"id": index, "source": torch.from_numpy(wav[:, 0]), "image_id": int(self.image_ids[index])}
+        return torch.from_numpy(wav[:, 0])
+
+    def __getitem__(self, index: int):
+        row = int(self.kept[index])
+        if self.speech_states is not None:
+            # the frozen upstream's states of this utterance, (frames, num_states, D), instead of its waveform
+            return {"id": index, "states": self.speech_states[row], "image_id": int(self.image_ids[index])}
+        return {"id": index, "source": self.read_wave(row), "image_id": int(self.image_ids[index])}
 
     def describe_items(self, indices: List[int]) -> List[str]:
         """'<split>.tsv:<line> <wav> (image <split>.img:<line> <image>)' per dataset index."""
@@ -150,16 +165,41 @@ class SpeechImageDataset(RawAudioDataset):
         # primary key: length (bucket); ties broken by the random permutation
         return np.lexsort((order, keys))[::-1]
 
+    def collate_states(self, samples):
+        """Cached items -> {"id", "net_input": {"speech_states" (S, B, T', D) float32, zero past each
+        utterance's frames, "speech_frame_mask" (B, T') True at padding}}."""
+        if not samples:
+            return {}
+        lengths = [s["states"].shape[0] for s in samples]
+        num_states, dim = samples[0]["states"].shape[1:]
+        states = torch.zeros(num_states, len(samples), max(lengths), dim)
+        mask = torch.ones(len(samples), max(lengths), dtype=torch.bool)
+        for i, (s, n) in enumerate(zip(samples, lengths)):
+            states[:, i, :n] = s["states"].transpose(0, 1).float()
+            mask[i, :n] = False
+        return {
+            "id": torch.LongTensor([s["id"] for s in samples]),
+            "net_input": {"speech_states": states, "speech_frame_mask": mask},
+        }
+
     def collater(self, samples):
-        batch = super().collater(samples)
-        if not batch:
-            return batch
-        image_ids = torch.tensor([s["image_id"] for s in samples if s["source"] is not None])
+        if self.speech_states is not None:
+            batch = self.collate_states(samples)
+            if not batch:
+                return batch
+            image_ids = torch.tensor([s["image_id"] for s in samples])
+            padding = batch["net_input"]["speech_frame_mask"]
+        else:
+            batch = super().collater(samples)
+            if not batch:
+                return batch
+            image_ids = torch.tensor([s["image_id"] for s in samples if s["source"] is not None])
+            padding = batch["net_input"]["padding_mask"]
         unique_ids, image_index = torch.unique(image_ids, return_inverse=True)
         batch["net_input"].update(self.images([self.image_paths[i] for i in unique_ids.tolist()]))
         batch["net_input"]["image_index"] = image_index
         batch["image_ids"] = image_ids
         batch["split"] = self.split
         batch["nsentences"] = len(image_ids)
-        batch["ntokens"] = int((~batch["net_input"]["padding_mask"]).sum())
+        batch["ntokens"] = int((~padding).sum())  # samples, or frames when states are cached
         return batch

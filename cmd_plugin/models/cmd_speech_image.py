@@ -346,14 +346,26 @@ class CmdSpeechImageModel(BaseFairseqModel):
         return F.normalize(speech_proj(x[:, 0]), dim=-1), x, mask
 
     def encode_speech_sequence(
-        self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, momentum: bool = False
+        self,
+        source: Optional[torch.Tensor],
+        padding_mask: Optional[torch.Tensor] = None,
+        momentum: bool = False,
+        speech_states: Optional[torch.Tensor] = None,
+        speech_frame_mask: Optional[torch.Tensor] = None,
     ):
         """source (B, T) waveform, padding_mask (B, T) True at padding -> dict with
         ``speech`` S_cls (B, E) unit norm, ``speech_seq`` the speech layer's output (B, 1+T', D)
         (CLS first: the multimodal encoder's input), ``speech_mask`` (B, 1+T') True at padding
         (or None); with ``momentum`` (needs c2f_momentum) also ``speech_m`` (B, E), the momentum
-        model's S_cls from the same HuBERT states, without gradient."""
-        states, frame_mask = self.hubert(source, padding_mask)  # (L+1, B, T', D), (B, T')
+        model's S_cls from the same HuBERT states, without gradient. With ``speech_states``
+        (L+1, B, T', D) and ``speech_frame_mask`` (B, T') -- the frozen upstream's states read from
+        a cache (:mod:`cmd_plugin.data.speech_cache`) -- the upstream is skipped (``source`` None)."""
+        if speech_states is not None:
+            if not self.hubert.freeze:
+                raise ValueError("cached speech states need a frozen upstream (model.freeze_hubert=true)")
+            states, frame_mask = speech_states, speech_frame_mask
+        else:
+            states, frame_mask = self.hubert(source, padding_mask)  # (L+1, B, T', D), (B, T')
         speech, seq, mask = self._speech_head(
             states, frame_mask, self.layer_weights, self.cls_token, self.speech_encoder, self.speech_proj
         )
@@ -420,24 +432,34 @@ class CmdSpeechImageModel(BaseFairseqModel):
 
     def forward(
         self,
-        source: torch.Tensor,
+        source: Optional[torch.Tensor] = None,
         padding_mask: Optional[torch.Tensor] = None,
         image_index: Optional[torch.Tensor] = None,
         images: Optional[torch.Tensor] = None,
         image_cls: Optional[torch.Tensor] = None,
         image_patches: Optional[torch.Tensor] = None,
+        speech_states: Optional[torch.Tensor] = None,
+        speech_frame_mask: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """Encode a batch of B utterances and the U distinct images they describe.
 
-        ``image_index`` (B,) maps each utterance to its image. Images come either as pixels
+        ``image_index`` (B,) maps each utterance to its image. Speech comes as waveforms ``source``
+        / ``padding_mask``, or as the frozen upstream's cached states ``speech_states`` /
+        ``speech_frame_mask`` (:meth:`encode_speech_sequence`). Images come either as pixels
         ``images`` (U, 3, H, W), or as cached encoder outputs ``image_cls`` (U, E) (un-normalised
         pooled embedding) and ``image_patches`` (U, N, E).
         Returns speech (B, E), image (B, E) unit-norm embeddings and patches (B, N, E); also
         ``speech_seq`` (B, 1+T', D) / ``speech_mask`` (the speech layer's output, for SIM) and, in
         training with c2f_momentum, ``speech_m`` (B, E) momentum embeddings.
         """
+        if source is None and speech_states is None:
+            raise ValueError("forward needs speech: a waveform batch (source) or cached states (speech_states)")
         out = self.encode_speech_sequence(
-            source, padding_mask, momentum=self.training and self.momentum_model is not None
+            source,
+            padding_mask,
+            momentum=self.training and self.momentum_model is not None,
+            speech_states=speech_states,
+            speech_frame_mask=speech_frame_mask,
         )
         speech = out["speech"]
         if images is not None:

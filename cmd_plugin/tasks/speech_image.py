@@ -42,6 +42,7 @@ from ..checkpoints import make_checkpoint_copies_atomic
 from ..criterions.cmd_contrastive import CmdContrastiveCriterion
 from ..data.image_cache import CachedImages, ImageCacheError, ImageFeatureCache, encoder_identity
 from ..data.manifest import ManifestError, check_files_exist, read_manifest
+from ..data.speech_cache import SpeechCacheError, SpeechStateCache, upstream_identity
 from ..data.speech_image_dataset import PixelImages, SpeechImageDataset
 from ..encoder_identity import open_clip_preprocess
 from ..modules.queue import check_queue_size
@@ -83,6 +84,14 @@ class SpeechImageConfig(FairseqDataclass):
         metadata={
             "help": "directory from examples/cache_image_features.py: batches carry its cached image features "
             "('' = encode pixels)"
+        },
+    )
+    speech_feature_cache: str = field(
+        default="",
+        metadata={
+            "help": "directory from examples/cache_speech_features.py: training and validation read each "
+            "utterance's frozen HuBERT states from it instead of running the upstream ('' = encode waveforms; "
+            "needs model.freeze_hubert=true; scoring always encodes waveforms)"
         },
     )
     sample_rate: int = field(default=16000, metadata={"help": "audio sample rate; files must match it"})
@@ -142,6 +151,7 @@ class SpeechImageTask(FairseqTask):
         super().__init__(cfg)
         self._transform = None
         self._image_cache: Optional[ImageFeatureCache] = None
+        self._speech_identity: Optional[dict] = None  # the model's upstream, once built (speech_feature_cache)
         self._valid_embeddings: Dict[str, Dict[int, tuple]] = {}
         self._valid_recall: Dict[str, Dict[str, float]] = {}
         self._valid_model = None
@@ -187,10 +197,17 @@ class SpeechImageTask(FairseqTask):
             images = CachedImages(manifest, self.image_cache)
         else:
             images = PixelImages(manifest, self.transform)
+        speech_states = None
+        if self.cfg.speech_feature_cache:
+            speech_states = SpeechStateCache(self.cfg.speech_feature_cache, split)
+            if self._speech_identity is not None:  # a split loaded after the model (fairseq's training split)
+                speech_states.check_identity(self._speech_identity)
+            logger.info(f"{split}: frozen upstream states from cache {speech_states.cache_dir}")
         self.datasets[split] = SpeechImageDataset(
             manifest,
             split,
             images=images,
+            speech_states=speech_states,
             sample_rate=self.cfg.sample_rate,
             min_sample_size=self.cfg.min_sample_size if size_limits else 0,
             max_sample_size=self.cfg.max_sample_size if size_limits else None,
@@ -218,6 +235,18 @@ class SpeechImageTask(FairseqTask):
                 f"task.valid_rerank_k={self.cfg.valid_rerank_k} needs a model with a matching head "
                 "(model.multimodal_layers > 0)"
             )
+        if self.cfg.speech_feature_cache:
+            # cached states are the outputs of the upstream as it was: fine-tuning it would silently diverge
+            if not getattr(model.cfg, "freeze_hubert", True):
+                raise SpeechCacheError(
+                    f"task.speech_feature_cache={self.cfg.speech_feature_cache} needs a frozen upstream: set "
+                    "model.freeze_hubert=true, or task.speech_feature_cache='' to encode waveforms"
+                )
+            identity = upstream_identity(model.hubert)
+            for name, ds in self.datasets.items():
+                if isinstance(ds, SpeechImageDataset) and ds.speech_states is not None:
+                    ds.speech_states.check_identity(identity)
+            self._speech_identity = identity
         if self.cfg.image_feature_cache:
             # cached features are the outputs of the encoder as it was: training it would
             # silently diverge from them

@@ -180,6 +180,15 @@ def test_minimal_pairs_summary_and_its_table():
     head = text.splitlines()[0]
     assert head.index("colour") < head.index("mean") < head.index("group_r1")
     assert "75.0±7.1" in text and "80.0±0.0" in text
+    # a coarse-to-fine checkpoint's record also holds the figures by its re-ranking score
+    c2f = minimal_pairs_summary(dict(record, reranked={"mean_accuracy": 70.0, "group_r1": 30.0}))
+    assert c2f["mp_reranked_mean"] == 70.0 and c2f["mp_reranked_group_r1"] == 30.0 and c2f["mp_mean"] == 65.0
+    runs["c2f"] = {1: {"test": _record(10.0), "valid": _record(20.0), "minimal_pairs": c2f}}
+    text = format_minimal_pairs(aggregate(runs))
+    head = text.splitlines()[0]
+    assert head.index("group_r1") < head.index("reranked_mean") < head.index("reranked_group_r1")
+    sic_line = next(line for line in text.splitlines() if line.startswith("sic"))
+    assert sic_line.rstrip().endswith("-")  # a cosine-only row has no re-ranked figures
 
 
 def test_a_run_counts_as_finished_only_with_every_record_its_row_reads(tmp_path):

@@ -295,10 +295,12 @@ class SpeechImageEncoder:
         image_model_config: Optional[str] = None,
         long_audio: str = "windows",
         keep_matching: bool = False,
+        keep_fusion: bool = False,
     ) -> "SpeechImageEncoder":
         """Load ``checkpoint`` once; ``device`` cpu/cuda/cuda:N, ``fp16`` (CUDA only) encodes under
         float16 autocast. The upstream arguments re-point files that moved since training.
-        ``keep_matching`` keeps a coarse-to-fine checkpoint's SIM encoder and matching head (to re-rank)."""
+        ``keep_matching`` keeps a coarse-to-fine checkpoint's SIM encoder and matching head (to re-rank and
+        to explain with its Grad-CAM), ``keep_fusion`` a CMD checkpoint's fusion encoder (:meth:`explain`)."""
         resolve_device(device, fp16)  # fail before the slow load
         # No manifest is read: task.data only has to be a directory for the task to set up.
         model, task = load_cmd_checkpoint(
@@ -308,6 +310,7 @@ class SpeechImageEncoder:
             image_pretrained=image_pretrained,
             image_model_config=image_model_config,
             keep_matching=keep_matching,
+            keep_fusion=keep_fusion,
         )
         return cls(model, task, device=device, fp16=fp16, checkpoint=checkpoint, long_audio=long_audio)
 
@@ -451,6 +454,34 @@ class SpeechImageEncoder:
 
     # ---- images ----
     @torch.no_grad()
+    def explain(self, audio: AudioInput, image, sample_rate: Optional[int] = None, name: Optional[str] = None):
+        """Why this image for this spoken query: every map the checkpoint can give of the pair
+        (:func:`cmd_plugin.retrieval.explain.explain_pair`), most specific first -- the matching
+        head's Grad-CAM over the patches with the match logit's saliency over the speech frames
+        (coarse-to-fine checkpoints loaded with ``keep_matching=True``), the cosine of S_cls with each
+        patch (every checkpoint), the fusion encoder's attention (CMD checkpoints loaded with
+        ``keep_fusion=True``). ``audio`` as :meth:`load_audio` (a clip longer than the model's limit
+        is cut into the windows :meth:`embed_audio` uses: the maps are their mean, the saliencies
+        side by side), ``image`` a path or a PIL image. Each :class:`~cmd_plugin.retrieval.explain.Explanation`
+        holds a map on the patch grid and a saliency per speech frame, both in [0, 1].
+
+            enc = SpeechImageEncoder.from_checkpoint("checkpoint_best.pt", keep_matching=True)
+            best = enc.explain("query.wav", "photo.jpg")[0]
+            print(best.label, best.peak(), best.image_map.shape)
+        """
+        from .retrieval.explain import combine_windows, explain_pair
+
+        label = name or (os.fspath(audio) if isinstance(audio, (str, os.PathLike)) else "audio")
+        wave = self.load_audio(audio, sample_rate=sample_rate, name=label)
+        check_audible(wave, label)  # nothing to explain in silence
+        pixels = load_image(image, self.transform, name=name)[None].to(self.device)
+        per_window = []
+        for window in self.windows(wave, label):  # a clip over the model's limit: as embed_audio cuts it
+            with torch.no_grad():
+                states, frame_mask = self.model.hubert(window[None].to(self.device))
+            per_window.append(explain_pair(self.model, states, frame_mask, pixels))
+        return combine_windows(per_window)
+
     def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) preprocessed pixels -> (B, E) float32 unit-norm I_cls."""
         with self.autocast():

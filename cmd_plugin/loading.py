@@ -100,12 +100,14 @@ def load_cmd_checkpoint(
     image_model_config: Optional[str] = None,
     image_feature_cache: str = "",
     keep_matching: bool = False,
+    keep_fusion: bool = False,
 ):
     """Load a trained ``cmd_speech_image`` checkpoint -> (model in eval mode on CPU, task).
 
     ``data`` re-points ``task.data`` (the manifest directory to score); the other arguments
     re-point the frozen upstreams' files. ``keep_matching`` keeps the SIM encoder and matching
-    head (re-ranking); everything else that only training uses is dropped. Raises
+    head (re-ranking), ``keep_fusion`` a CMD checkpoint's fusion encoder (its attention explains a pair);
+    everything else that only training uses is dropped. Raises
     :class:`FileNotFoundError` naming a missing checkpoint or upstream file (and the option that
     re-points it), :class:`~cmd_plugin.checkpoints.CheckpointError` for a file that is not a
     ``cmd_speech_image`` checkpoint.
@@ -150,7 +152,7 @@ def load_cmd_checkpoint(
 
     models, _, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint], arg_overrides=overrides, state=state)
     model = models[0]
-    model.remove_pretraining_modules(keep_matching=keep_matching)
+    model.remove_pretraining_modules(keep_matching=keep_matching, keep_fusion=keep_fusion)
     return model.eval(), task
 
 

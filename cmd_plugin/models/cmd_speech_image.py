@@ -412,11 +412,12 @@ class CmdSpeechImageModel(BaseFairseqModel):
         if self.momentum_model is not None:
             self.momentum_model.step(num_updates, self.cfg.momentum)
 
-    def remove_pretraining_modules(self, keep_matching: bool = False) -> None:
-        """Remove what only training uses, as fairseq's models name it: the CMD fusion encoder, the
-        momentum copies, the queue, and the SIM encoder and matching head unless ``keep_matching``
-        (re-ranking scores with them)."""
-        self.fusion = None
+    def remove_pretraining_modules(self, keep_matching: bool = False, keep_fusion: bool = False) -> None:
+        """Remove what only training uses, as fairseq's models name it: the CMD fusion encoder unless
+        ``keep_fusion`` (its attention explains a pair), the momentum copies, the queue, and the SIM
+        encoder and matching head unless ``keep_matching`` (re-ranking scores with them)."""
+        if not keep_fusion:
+            self.fusion = None
         self.momentum_model = None
         self.queue = None
         if not keep_matching:

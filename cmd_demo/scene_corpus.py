@@ -387,6 +387,21 @@ def _group_centres(obj: SceneObject, side: float) -> Tuple[List[Tuple[float, flo
     return [(cx + o, cy) for o in offsets], r
 
 
+def group_boxes(obj: SceneObject, image_size: float) -> List[Tuple[float, float, float, float]]:
+    """The box (x0, y0, x1, y1) in pixels of each shape of a group, in an image ``image_size`` pixels
+    wide, with the renderer's own geometry (where :func:`render_scene` draws it)."""
+    centres, r = _group_centres(obj, float(image_size))
+    boxes = []
+    for cx, cy in centres:
+        if obj.shape == "circle":
+            points = [(cx - r, cy - r), (cx + r, cy + r)]
+        else:
+            points = _shape_points(obj.shape, cx, cy, r, obj.angle)
+        xs, ys = zip(*points)
+        boxes.append((min(xs), min(ys), max(xs), max(ys)))
+    return boxes
+
+
 def _shade(rgb: Sequence[int], delta: int) -> Tuple[int, int, int]:
     return tuple(max(0, min(255, c + delta)) for c in rgb)
 

@@ -71,7 +71,7 @@ from cmd_plugin.search.index import (  # noqa: E402
     scan_images,
     update_approximate,
 )
-from cmd_plugin.search.page import PageQuery, PageResult, render_page  # noqa: E402
+from cmd_plugin.search.page import PageQuery, PageResult, explanation_view, render_page  # noqa: E402
 from cmd_plugin.search.service import SearchService  # noqa: E402
 
 logger = logging.getLogger("search")
@@ -189,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search_options(q)
     q.add_argument("--json", action="store_true", help="print results as one JSON document")
     q.add_argument("--html", help="write a self-contained results page here")
+    q.add_argument(
+        "--explain",
+        type=int,
+        default=3,
+        metavar="K",
+        help="with --html, show for each spoken query where it lands on each of its top K images (the "
+        "matching head's Grad-CAM for a coarse-to-fine checkpoint, else the cosine with each patch) and "
+        "which part of the query drove it; 0: off (default: 3)",
+    )
     q.add_argument(
         "--transcripts",
         help="text file, one line per spoken QUERY in order: its transcript, optionally followed by "
@@ -467,7 +476,11 @@ def run_query(args) -> dict:
     transcripts = _read_transcripts(args.transcripts, len(args.queries), index.root)
     resolve_device(args.device, args.fp16)
     t0 = time.perf_counter()
-    encoder = _load_encoder(args, long_audio=args.long_audio, keep_matching=args.rerank_k > 0)
+    explain_k = args.explain if (args.html and speech) else 0
+    if explain_k < 0:
+        raise SearchIndexError(f"--explain must be >= 0, got {args.explain}")
+    # the matching head explains a result too (its Grad-CAM), re-ranking or not
+    encoder = _load_encoder(args, long_audio=args.long_audio, keep_matching=args.rerank_k > 0 or explain_k > 0)
     service = _service(args, encoder, [index])
     service.check_rerank(args.rerank_k, args.rerank_score)
     load_seconds = time.perf_counter() - t0
@@ -493,8 +506,12 @@ def run_query(args) -> dict:
         queries, tokens = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         embedded = time.perf_counter()
         answers = service.rank_clips(queries, tokens, args.top_k, args.rerank_k, args.rerank_score)
+    if explain_k:
+        for answer, wave in zip(answers, waves):
+            service.explain_hits(answer, explain_k, wave=wave)
     search_seconds = sum(a.timings["search"] for a in answers)
     rerank_seconds = sum(a.timings["rerank"] for a in answers)
+    explain_seconds = sum(a.timings.get("explain", 0.0) for a in answers)
     n = len(args.queries)
     record = {
         "index": os.path.abspath(args.index),
@@ -510,7 +527,9 @@ def run_query(args) -> dict:
             "search": round(search_seconds, 6),
             "rerank": round(rerank_seconds, 4),
             "per_query": round((embedded - t1 + search_seconds + rerank_seconds) / n, 4),
+            "explain": round(explain_seconds, 4),  # not in per_query: the page's maps, not the search
         },
+        "explained_top": explain_k,
         "queries": [],
     }
     for qi, (path, answer) in enumerate(zip(args.queries, answers)):
@@ -523,9 +542,14 @@ def run_query(args) -> dict:
                     paired_image=paired, paired_rank=next((h.rank for h in answer.hits if h.path == paired), None)
                 )
         entry["results"] = [h.as_dict() for h in answer.hits]
+        for r in entry["results"]:
+            if r["rank"] in answer.extra.get("explanations", {}):
+                r["explanation"] = answer.extra["explanations"][r["rank"]].to_dict()
+            elif r["rank"] in answer.extra.get("explain_errors", {}):
+                r["explanation_error"] = answer.extra["explain_errors"][r["rank"]]
         record["queries"].append(entry)
     if args.html:
-        _write_page(args.html, record, waves, encoder)
+        _write_page(args.html, record, waves, encoder, answers)
         record["html"] = os.path.abspath(args.html)
     if args.json:
         print(json.dumps(record, indent=2, ensure_ascii=False))
@@ -553,13 +577,20 @@ def run_query(args) -> dict:
             f"(embedding {1000 * t['embed_queries'] / n:.1f} ms, "
             f"search {1000 * t['search'] / n:.2f} ms{rerank}); model load {t['load_model']:.1f} s"
         )
+        if explain_k:
+            explained = sum(len(a.extra.get("explanations", {})) for a in answers)
+            print(
+                f"explaining the top {explain_k} of each query for the page: "
+                f"{1000 * t['explain'] / max(explained, 1):.1f} ms per result ({explained} results)"
+            )
         if args.html:
             print(f"results page: {record['html']}")
     return record
 
 
-def page_result(r, clip_wave=None, sample_rate=16000):
-    """A query record's result -> the page's card (match and cosine shown when re-ranked)."""
+def page_result(r, clip_wave=None, sample_rate=16000, explanation=None):
+    """A query record's result -> the page's card (match and cosine shown when re-ranked; the map of
+    ``explanation``, a :func:`explanation_view`, when given)."""
     detail = f"match {r['match']:.3f} \u00b7 cosine {r['cosine']:.3f}" if r.get("reranked") else ""
     label = "re-ranked" if r.get("reranked") else "cosine"
     return PageResult(
@@ -571,13 +602,21 @@ def page_result(r, clip_wave=None, sample_rate=16000):
         waveform=clip_wave,
         sample_rate=sample_rate,
         score_label=label,
+        explanation=explanation,
     )
 
 
-def _write_page(path, record, waves, encoder):
+def _write_page(path, record, waves, encoder, answers=None):
     queries = []
     for i, q in enumerate(record["queries"]):
         if "audio" in q:
+            explained = (answers[i].extra.get("explanations", {}) if answers else {}) or {}
+            views = {
+                rank: explanation_view(e, r["absolute_path"], waves[i].numpy(), encoder.sample_rate)
+                for r in q["results"]
+                for rank, e in explained.items()
+                if r["rank"] == rank
+            }
             queries.append(
                 PageQuery(
                     name=os.path.basename(q["audio"]),
@@ -585,7 +624,7 @@ def _write_page(path, record, waves, encoder):
                     sample_rate=encoder.sample_rate,
                     transcript=q["transcript"],
                     paired=q.get("paired_image"),
-                    results=[page_result(r) for r in q["results"]],
+                    results=[page_result(r, explanation=views.get(r["rank"])) for r in q["results"]],
                 )
             )
         else:
@@ -602,6 +641,11 @@ def _write_page(path, record, waves, encoder):
     subtitle = f"{count} {what} in {record['index']}; {record['method']} search"
     if record["rerank"]:
         subtitle += f"; top {record['rerank']['k']} re-ranked by the matching head ({record['rerank']['score']})"
+    if record.get("explained_top"):
+        subtitle += (
+            f"; on the top {record['explained_top']} of each query, where it lands (heatmap) and which part of "
+            "the query drove it (the coloured strip under the waveform)"
+        )
     title = "Spoken image search" if record["modality"] == "image" else "Image to speech search"
     atomic_write_text(path, render_page(queries, title=title, subtitle=subtitle))
 

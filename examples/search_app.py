@@ -4,7 +4,9 @@ Speech -> images: record from the microphone or upload a clip (any format soundf
 Search, see the ranked images (rank, score, path) and hear the query as the model heard it.
 Image -> speech (with an index of spoken clips): upload an image, hear the ranked clips. With a
 coarse-to-fine checkpoint a checkbox re-ranks the top K with the matching head (K from the
-checkpoint's task.valid_rerank_k, else 32). Every answer shows the time of each step.
+checkpoint's task.valid_rerank_k, else 32). Another checkbox shows, on the top 3 images, where the
+query lands (a heatmap: the matching head's Grad-CAM, or the cosine with each patch) and which part of
+the query drove it (a strip under the waveform). Every answer shows the time of each step.
 
 Bad input (silence, a clip too short or too long, a file that is not audio or not an image) is
 answered with a message in the page; the server goes on serving. What Gradio itself refuses before
@@ -27,7 +29,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves thi
 import gradio as gr  # noqa: E402
 
 from cmd_plugin.inference import InferenceError  # noqa: E402
-from cmd_plugin.search.page import STYLE, PageQuery, PageResult, query_section  # noqa: E402
+from cmd_plugin.search.page import STYLE, PageQuery, PageResult, explanation_view, query_section  # noqa: E402
 
 logger = logging.getLogger("search_app")
 
@@ -47,17 +49,25 @@ def _error_html(message: str) -> str:
     return f'<div class="cmd-error" role="alert">{html.escape(message)}</div>'
 
 
-def timing_text(timings, rerank=None, method="") -> str:
-    """ "decoding 3.1 ms · embedding 41.0 ms · search 0.12 ms · re-ranking 80.2 ms · total 125 ms"."""
+EXPLAIN_TOP = 3  # results shown with where the query lands (a choice: the first row of cards)
+
+
+def timing_text(timings, rerank=None, method="", explained=0) -> str:
+    """ "decoding 3.1 ms · embedding 41.0 ms · search 0.12 ms · re-ranking 80.2 ms · total 125 ms"
+    (and "explaining top 3 40.1 ms" when results were explained: the total then includes it)."""
     ms = {k: 1000 * v for k, v in timings.items()}
     parts = [f"decoding {ms['decode']:.1f} ms", f"embedding {ms['embed']:.1f} ms", f"search {ms['search']:.2f} ms"]
     if rerank:
         parts.append(f"re-ranking top {rerank['k']} ({rerank['score']}) {ms['rerank']:.1f} ms")
+    if explained:
+        parts.append(f"explaining top {explained} {ms['explain']:.1f} ms")
     parts.append(f"total {ms['total']:.0f} ms")
     return " \u00b7 ".join(parts) + (f" ({method} search)" if method else "")
 
 
 def _cards(answer, clip_waves=None, sample_rate=16000):
+    explained = answer.extra.get("explanations", {})
+    query = None if answer.query_wave is None else answer.query_wave.numpy()
     cards = []
     for i, h in enumerate(answer.hits):
         detail = f"match {h.match:.3f} \u00b7 cosine {h.cosine:.3f}" if h.reranked else h.note
@@ -71,6 +81,11 @@ def _cards(answer, clip_waves=None, sample_rate=16000):
                 waveform=None if clip_waves is None else clip_waves[i],
                 sample_rate=sample_rate,
                 score_label="re-ranked" if h.reranked else "cosine",
+                explanation=(
+                    explanation_view(explained[h.rank], h.absolute_path, query, sample_rate)
+                    if h.rank in explained
+                    else None
+                ),
             )
         )
     return cards
@@ -111,10 +126,10 @@ class App:
             logger.exception("search failed")
             return "", _error_html(f"internal error ({type(err).__name__}: {err}); the server log has the details")
 
-    def speech_to_images(self, audio_path, top_k, rerank, rerank_k):
-        return self._guarded(self._speech_to_images, audio_path, top_k, rerank, rerank_k)
+    def speech_to_images(self, audio_path, top_k, rerank, rerank_k, explain=False):
+        return self._guarded(self._speech_to_images, audio_path, top_k, rerank, rerank_k, explain)
 
-    def _speech_to_images(self, audio_path, top_k, rerank, rerank_k):
+    def _speech_to_images(self, audio_path, top_k, rerank, rerank_k, explain=False):
         if not audio_path:
             raise InferenceError("no query yet: record from the microphone or upload an audio file first")
         top_k, k = self._options(top_k, rerank, rerank_k)
@@ -122,6 +137,11 @@ class App:
         answer = self.service.search_images(
             audio_path, top_k=top_k, rerank_k=k, rerank_score=self.rerank_score, name=name
         )
+        explained = 0
+        if explain:
+            self.service.explain_hits(answer, EXPLAIN_TOP)
+            answer.timings["total"] += answer.timings["explain"]
+            explained = min(EXPLAIN_TOP, len(answer.hits))
         query = PageQuery(
             name=name,
             waveform=answer.query_wave.numpy(),
@@ -133,7 +153,7 @@ class App:
             "as the model heard it: 16 kHz mono)"
         )
         return (
-            timing_text(answer.timings, answer.rerank, answer.method),
+            timing_text(answer.timings, answer.rerank, answer.method, explained),
             _results_html(query_section(query, 1, heading=heading), answer, "speech-to-image"),
         )
 
@@ -204,12 +224,22 @@ class App:
                         elem_id="query-audio",
                     )
                     top_k, rerank, rerank_k = self._controls("speech")
+                    explain = gr.Checkbox(
+                        value=False,
+                        label=f"Show where the query lands on the top {EXPLAIN_TOP} images, and which part of it "
+                        + (
+                            "drove the match (the matching head's Grad-CAM)"
+                            if service.has_matching_head
+                            else "drove it (the cosine with each patch: coarser)"
+                        ),
+                        elem_id="explain-speech",
+                    )
                     button = gr.Button("Search", variant="primary", elem_id="search-speech")
                     timing = gr.Markdown(elem_id="timing-speech", elem_classes=["cmd-timing"])
                     results = gr.HTML(elem_id="results-speech")
                     button.click(
                         self.speech_to_images,
-                        [audio, top_k, rerank, rerank_k],
+                        [audio, top_k, rerank, rerank_k, explain],
                         [timing, results],
                         api_name="speech_to_images",
                         concurrency_limit=self.concurrency,

@@ -742,13 +742,20 @@ def test_results_page_plays_the_query_and_shows_decoded_thumbnails_in_chromium(e
         )
         == 0
     )
-    assert f"results page: {page}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"results page: {page}" in out
     html = page.read_text()
     # self-contained: nothing fetched from disk or network
     assert "file://" not in html and "http" not in html.replace("http-equiv", "")
     assert html.count("<audio") == 2 and html.count('<img src="data:image/jpeg;base64,') == 10
     assert "a red circle &amp; a &lt;blue&gt; square" in html
     assert html.count('class="transcript"') == 1  # the second query has no transcript
+    # --explain 3 (the default): the top 3 of each query with where it lands and which part of it drove it
+    # (a CMD checkpoint: the cosine with each patch), the time it took printed like the other steps
+    assert html.count('<img class="explain-map" src="data:image/png;base64,') == 6
+    assert html.count('<img class="explain-saliency" src="data:image/png;base64,') == 6
+    assert html.count('data-kind="patch_similarity"') == 6
+    assert "explaining the top 3 of each query for the page" in out
 
     chromium = _chromium()
     flags = [
@@ -782,7 +789,8 @@ def test_results_page_plays_the_query_and_shows_decoded_thumbnails_in_chromium(e
     )
     assert '<pre id="probe">' in proc.stdout, proc.stderr[-2000:]
     probe = json.loads(proc.stdout.split('<pre id="probe">')[1].split("</pre>")[0])
-    assert len(probe["images"]) == 10 and all(i["w"] > 0 and i["complete"] for i in probe["images"])
+    # 10 thumbnails, 6 heatmaps and 6 saliency strips, every one decoded
+    assert len(probe["images"]) == 22 and all(i["w"] > 0 and i["complete"] for i in probe["images"])
     assert len(probe["audio"]) == 2
     for a, expected in zip(probe["audio"], (2.0, 2.0)):
         assert a["error"] is None and a["ready"] >= 1 and a["canPlay"] in ("maybe", "probably")

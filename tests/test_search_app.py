@@ -251,6 +251,42 @@ def test_microphone_query_shows_ranked_decoded_images_and_reranks_in_chromium(se
     print(f"\nmicrophone query: submit to gallery {1000 * seconds:.0f} ms ({timing}); screenshot {shot}")
 
 
+_EXPLAINED = """
+var box = document.querySelector(arguments[0]);
+return Array.prototype.map.call(box.querySelectorAll('figure.result .explain'), function (e) {
+  var map = e.querySelector('img.explain-map'), strip = e.querySelector('img.explain-saliency');
+  return {kind: e.dataset.kind, rank: +e.closest('figure').dataset.rank,
+          map: [map.complete, map.naturalWidth, map.naturalHeight],
+          strip: strip ? [strip.complete, strip.naturalWidth, strip.naturalHeight] : null};
+});
+"""
+
+
+def test_a_ticked_box_shows_where_the_query_lands_on_the_top_results_in_chromium(env, server, browser, screenshots):  # noqa: F811
+    d = browser
+    d.get(server["url"])
+    _wait(d, "#query-audio button[aria-label='Upload file']").click()
+    _upload(d, "#query-audio", env["clips"] / "more" / "caption1.wav")
+    _wait(d, "#query-audio button[aria-label='Play']")
+    box = d.find_element(By.CSS_SELECTOR, "#explain-speech input[type=checkbox]")
+    assert "matching head's Grad-CAM" in d.find_element(By.CSS_SELECTOR, "#explain-speech").text
+    box.click()
+    d.find_element(By.CSS_SELECTOR, "#search-speech").click()
+    _, status = _results(d, "#results-speech")
+    assert status == "ok", status
+    explained = d.execute_script(_EXPLAINED, "#results-speech")
+    # the top 3 cards, each with a decoded heatmap over its image and a decoded saliency strip
+    assert [e["rank"] for e in explained] == [1, 2, 3], explained
+    for e in explained:
+        assert e["kind"] == "matching_gradcam"
+        assert e["map"][0] and e["map"][1] > 0 and e["map"][2] > 0, e
+        assert e["strip"] and e["strip"][0] and e["strip"][1] == 180 and e["strip"][2] == 36, e
+    timing = d.find_element(By.CSS_SELECTOR, "#timing-speech").text
+    assert "explaining top 3" in timing, timing
+    shot = _save_screenshot(d, screenshots, "app_explained.png")
+    print(f"\nexplained query: {timing}; screenshot {shot}")
+
+
 def test_uploads_a_clip_and_an_image_and_explains_bad_input_in_the_page(env, server, browser, screenshots, tmp_path):  # noqa: F811
     from cmd_plugin.search.service import SearchService
 
@@ -311,7 +347,7 @@ def test_uploads_a_clip_and_an_image_and_explains_bad_input_in_the_page(env, ser
 
 
 def _ask(client, path, top_k=10, rerank=False, k=12):
-    timing, page = client.predict(handle_file(str(path)), top_k, rerank, k, api_name="/speech_to_images")
+    timing, page = client.predict(handle_file(str(path)), top_k, rerank, k, False, api_name="/speech_to_images")
     return timing, page
 
 
@@ -336,7 +372,9 @@ def test_bad_input_is_answered_with_a_message_and_the_server_keeps_serving(env, 
         assert message in html.unescape(page), (path, page)
         assert timing == "" and "Traceback" not in page
     with pytest.raises(AppError, match="Value 0 is less than minimum value 1"):  # gradio's own check of the field
-        client.predict(handle_file(str(env["clips"] / "caption0.wav")), 0, False, 12, api_name="/speech_to_images")
+        client.predict(
+            handle_file(str(env["clips"] / "caption0.wav")), 0, False, 12, False, api_name="/speech_to_images"
+        )
     with pytest.raises(AppError, match="cannot identify image file"):  # gradio's image box opens it first
         client.predict(handle_file(str(env["clips"] / "caption0.wav")), 10, False, 12, api_name="/image_to_speech")
     # still serving

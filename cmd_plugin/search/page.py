@@ -36,6 +36,8 @@ class PageResult:
     waveform: Optional[np.ndarray] = None  # a spoken clip: (T,) float32 mono, played on the card
     sample_rate: int = 16000
     score_label: str = "score"
+    # why this result (:func:`explanation_view`): {"overlay", "saliency" (data URIs or None), "label", "kind"}
+    explanation: Optional[dict] = None
 
 
 @dataclass
@@ -76,6 +78,70 @@ def thumbnail_data_uri(path: str, size: int = THUMBNAIL_PX) -> Optional[str]:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _png_uri(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _heat(values: np.ndarray, size) -> Image.Image:
+    """Values in [0, 1] (a grid, or a 1-row strip) -> an RGB heat image of ``size`` (w, h), smoothly
+    upsampled, coloured dark blue (0) through yellow to red (1) by PIL's ``ImageOps.colorize``."""
+    from PIL import ImageOps
+
+    grey = Image.fromarray(np.uint8(np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0) * 255))
+    grey = grey.resize(size, Image.BILINEAR)
+    return ImageOps.colorize(grey, black="#08306b", mid="#ffd700", white="#d7191c")
+
+
+def heatmap_overlay_uri(path: str, image_map, size: int = THUMBNAIL_PX, alpha: float = 0.55) -> Optional[str]:
+    """An image file with an explanation map (rows, cols in [0, 1]) laid over it as a heat layer
+    -> "data:image/png;base64,..." at most ``size`` px, or None when the file cannot be read."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((size, size))
+    except Exception:
+        return None
+    return _png_uri(Image.blend(im, _heat(image_map, im.size), alpha))
+
+
+def saliency_strip_uri(
+    waveform: np.ndarray, saliency, frame_seconds: float, sample_rate: int, width: int = 180, height: int = 36
+) -> str:
+    """The query's waveform (its envelope, one column per pixel) over a strip coloured by a saliency per
+    speech frame in [0, 1] (frame ``frame_seconds`` long): which stretch of the query drove the match."""
+    from PIL import ImageDraw
+
+    wave = np.asarray(waveform, dtype=np.float32)
+    duration = max(len(wave) / float(sample_rate), 1e-6)
+    saliency = np.asarray(saliency, dtype=np.float32)
+    # the saliency of the frame under each pixel column (frames past the clip's end are dropped)
+    columns = np.minimum((np.arange(width) + 0.5) / width * duration / frame_seconds, len(saliency) - 1).astype(int)
+    strip = _heat(saliency[columns][None, :], (width, height))
+    draw = ImageDraw.Draw(strip)
+    edges = np.linspace(0, len(wave), width + 1).astype(int)
+    peak = float(np.abs(wave).max()) or 1.0
+    for x in range(width):
+        chunk = wave[edges[x] : max(edges[x + 1], edges[x] + 1)]
+        half = 0.45 * height * float(np.abs(chunk).max()) / peak if len(chunk) else 0.0
+        draw.line([(x, height / 2 - half), (x, height / 2 + half)], fill=(255, 255, 255))
+    return _png_uri(strip)
+
+
+def explanation_view(explanation, image_path: str, waveform: Optional[np.ndarray], sample_rate: int) -> dict:
+    """An :class:`~cmd_plugin.retrieval.explain.Explanation` as a result card shows it."""
+    saliency = None
+    if explanation.speech_saliency is not None and waveform is not None:
+        saliency = saliency_strip_uri(waveform, explanation.speech_saliency, explanation.frame_seconds, sample_rate)
+    return {
+        "overlay": heatmap_overlay_uri(image_path, explanation.image_map),
+        "saliency": saliency,
+        "label": explanation.label,
+        "kind": explanation.kind,
+    }
+
+
 def short_name(name: str, limit: int = NAME_CHARS) -> str:
     """``name`` whole when at most ``limit`` characters, else its start and end around an
     ellipsis, the end (extension included) kept longer: "a3c9f0e1…e77b581f.jpg"."""
@@ -108,6 +174,10 @@ figcaption .badge { background: #2e7d32; color: #fff; border-radius: 3px; paddin
 figcaption .detail { color: #555; }
 figcaption .dir, figcaption .name { display: block; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
 figcaption .dir { color: #777; }
+figure.result .explain { margin-top: 4px; }
+figure.result .explain img.explain-map { width: 180px; height: 180px; object-fit: contain; }
+figure.result .explain img.explain-saliency { width: 180px; height: 36px; display: block; border-radius: 3px; }
+figure.result .explain .why { font-size: 0.75em; color: #555; display: block; }
 """
 
 
@@ -134,6 +204,16 @@ def result_card(result: PageResult, paired: bool = False) -> str:
     if directory:
         caption.append(f'<span class="dir">{_esc(directory)}/</span>')
     caption.append(f'<span class="name">{_esc(short_name(name))}</span>')
+    if result.explanation and result.explanation.get("overlay"):
+        e = result.explanation
+        why = [
+            f'<div class="explain" data-kind="{_esc(e["kind"])}">',
+            f'<img class="explain-map" src="{e["overlay"]}" alt="where the query lands" title="{_esc(e["label"])}">',
+        ]
+        if e.get("saliency"):
+            why.append(f'<img class="explain-saliency" src="{e["saliency"]}" alt="which part of the query drove it">')
+        why.append(f'<span class="why">{_esc(e["kind"].replace("_", " "))}: {_esc(e["label"])}</span></div>')
+        media += "".join(why)
     cls = "result paired" if paired else "result"
     return (
         f'<figure class="{cls}" title="{_esc(result.absolute_path)}" data-rank="{result.rank}" '

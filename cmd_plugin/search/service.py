@@ -265,6 +265,28 @@ class SearchService:
         answer.query_wave = wave
         return answer
 
+    def explain_hits(self, answer: Answer, k: int, wave: Optional[torch.Tensor] = None) -> Answer:
+        """Why each of the top ``k`` images of a spoken query (``wave``, default ``answer.query_wave``):
+        its most specific map (:meth:`SpeechImageEncoder.explain`: the matching head's Grad-CAM when the
+        encoder holds one, else the cosine with each patch) in ``answer.extra["explanations"]`` {rank:
+        Explanation}; an image or clip that cannot be explained gets its reason in
+        ``answer.extra["explain_errors"]``. Adds ``answer.timings["explain"]``."""
+        wave = answer.query_wave if wave is None else wave
+        if wave is None:
+            raise SearchIndexError("explaining results needs the spoken query's waveform")
+        started = time.perf_counter()
+        explanations, errors = {}, {}
+        for hit in answer.hits[: max(0, int(k))]:
+            try:
+                explanations[hit.rank] = self.encoder.explain(
+                    (wave.numpy(), self.encoder.sample_rate), hit.absolute_path
+                )[0]
+            except InferenceError as err:
+                errors[hit.rank] = str(err)
+        answer.extra["explanations"], answer.extra["explain_errors"] = explanations, errors
+        answer.timings["explain"] = time.perf_counter() - started
+        return answer
+
     def rank_images(
         self, queries: torch.Tensor, sequences, top_k: int = 10, rerank_k: int = 0, rerank_score: Optional[str] = None
     ) -> List[Answer]:

@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from cmd_demo.minimal_pairs_scoring import format_table as format_minimal_pairs
+from cmd_demo.pointing_game import format_scores as format_pointing_game
 from cmd_plugin.checkpoints import load_checkpoint_state
 from cmd_plugin.data.manifest import read_manifest
 from cmd_plugin.progress import JobFailed, LoggedJob, format_seconds, run_jobs
@@ -166,6 +167,53 @@ def minimal_pairs_job(work):
         os.path.join(work, "minimal_pairs.log"),
         threads=1,
     )
+
+
+def pointing_game_job(work):
+    """The pointing-game set's generation as a job (None when the set exists): fresh scenes of two or
+    three groups, one spoken caption per group, its own seed and voices (cmd_demo/pointing_game.py)."""
+    set_dir = os.path.join(work, "pointing_game")
+    if os.path.isdir(set_dir):
+        return None
+    return LoggedJob(
+        "pointing-game set",
+        [
+            sys.executable,
+            os.path.join(EXAMPLES, "pointing_game.py"),
+            "make",
+            "--out-dir",
+            set_dir,
+            "--exclude-scenes",
+            os.path.join(work, "corpus", "scene_corpus.json"),
+        ],
+        os.path.join(work, "pointing_game.log"),
+        threads=1,
+    )
+
+
+def pointing_game_stage(work, checkpoint, timings):
+    """Where the checkpoint's explanation maps point, on the pointing-game set; returns the record."""
+    job = pointing_game_job(work)
+    if job is not None:
+        timings[job.label] = run_side_by_side([job])[0]
+    out_json = os.path.join(os.path.dirname(checkpoint), "pointing_game_score.json")
+    timings["pointing game"] = run(
+        [
+            sys.executable,
+            os.path.join(EXAMPLES, "pointing_game.py"),
+            "score",
+            "--checkpoint",
+            checkpoint,
+            "--set",
+            os.path.join(work, "pointing_game"),
+            "--output-json",
+            out_json,
+        ],
+        log_path=out_json[: -len(".json")] + ".log",
+        label="pointing game",
+    )
+    with open(out_json) as f:
+        return json.load(f)
 
 
 def minimal_pairs_stage(work, checkpoint, timings):
@@ -372,10 +420,10 @@ def build_inputs(args, timings):
                 start_after=after_labels,
             )
         )
-    pairs_job = minimal_pairs_job(work)
-    if pairs_job:
-        pairs_job.start_after = after_labels
-        jobs.append(pairs_job)
+    for set_job in (minimal_pairs_job(work), pointing_game_job(work)):
+        if set_job:
+            set_job.start_after = after_labels
+            jobs.append(set_job)
     if jobs:
         timings.update(zip([job.label for job in jobs], run_side_by_side(jobs)))
         print_lines_starting(os.path.join(work, "clip_pretraining.log"), "held-out")
@@ -525,6 +573,8 @@ def run_demo(args):
     print()
     mp_record = minimal_pairs_stage(work, record["checkpoint"], timings)
     print(format_minimal_pairs(mp_record))
+    print()
+    print(format_pointing_game(pointing_game_stage(work, record["checkpoint"], timings)))
     print()
     t = time.time()
     page, search_record = search_demo(sys.executable, work, inputs["manifests"], record["checkpoint"])

@@ -88,6 +88,9 @@ def test_demo_prints_both_rows_next_to_chance_from_the_eval_records(demo_run):
         "eval no_cmd",
         "minimal-pairs set",
         "minimal pairs",
+        "speech states",
+        "pointing-game set",
+        "pointing game",
     ):
         assert stage in out.split("stage times:")[-1]
     # the model was trained on the recipe's fine-tuned upstream, frozen
@@ -95,6 +98,9 @@ def test_demo_prints_both_rows_next_to_chance_from_the_eval_records(demo_run):
     assert upstream["upstream"] == str(work / "upstream" / "hubert_finetuned.pt")
     train_log = (work / "train_cmd.log").read_text()
     assert f"model.hubert_path={upstream['upstream']}" in train_log or upstream["upstream"] in train_log
+    # ... reading its states from the cache made once after the recipe, in the upstream's directory
+    assert (work / "upstream" / "speech_cache" / "train.json").is_file()
+    assert "frozen upstream states from cache" in train_log
     weights = out.split("layer weights the model learnt")[1].splitlines()[0].split(":")[-1].split()
     assert len(weights) == 3 and abs(sum(float(w) for w in weights) - 1.0) < 0.02
     # the fine-grained test follows the R@K table, from the record next to the checkpoint
@@ -102,6 +108,12 @@ def test_demo_prints_both_rows_next_to_chance_from_the_eval_records(demo_run):
         mp = json.load(f)
     assert out.index("Minimal pairs") > out.index("Speech→Image")
     assert f"{mp['mean_accuracy']:.1f}" in out
+    # ... and the pointing game of its explanation maps (a CMD checkpoint: the cosine with each patch and
+    # its fusion encoder's attention)
+    with open(work / "checkpoints_cmd" / "pointing_game_score.json") as f:
+        pg = json.load(f)
+    assert list(pg["kinds"]) == ["patch_similarity", "fusion_attention"]
+    assert f"patch_similarity: {pg['kinds']['patch_similarity']['accuracy']:.1f} %" in out
     # it ends with the command that serves its own index and checkpoint in a browser
     # it closes with where to look: the results page, the app, the logs
     closing = out.split("\nDone in ")[1]
@@ -118,6 +130,8 @@ def test_demo_runs_independent_stages_side_by_side_and_reports_progress_naming_t
     done = {label: i for i, line in enumerate(lines) for label in re.findall(r"^  \[([^\]]+)\] done in", line)}
     side_by_side = ("speech upstream (fairseq HuBERT recipe)", "CLIP pre-training", "minimal-pairs set")
     assert max(started[label] for label in side_by_side) < min(done[label] for label in side_by_side)
+    # the recipe's MFCC and k-means run alone: the others start once its labels are written
+    assert f"[CLIP pre-training] starts once {work / 'upstream' / '.labels.done'} exists" in out
     assert f"(log: {work / 'upstream.log'})" in out and f"(log: {work / 'train_cmd.log'})" in out
     # the training's progress lines: updates done of the total and the latest valid figure
     progress = [line for line in lines if line.startswith("  [train cmd ") and "done in" not in line]

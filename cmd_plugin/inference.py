@@ -469,18 +469,44 @@ class SpeechImageEncoder:
             best = enc.explain("query.wav", "photo.jpg")[0]
             print(best.label, best.peak(), best.image_map.shape)
         """
+        return self.explain_images(audio, [image], sample_rate=sample_rate, name=name)[0]
+
+    def explain_images(
+        self,
+        audio: AudioInput,
+        images: Sequence,
+        sample_rate: Optional[int] = None,
+        name: Optional[str] = None,
+        keep_errors: bool = False,
+        most_specific: bool = False,
+    ) -> List:
+        """:meth:`explain` of one query against several images, the query's HuBERT states computed once.
+        With ``keep_errors`` an image that cannot be read gives its :class:`InferenceError` in its place
+        instead of raising it; with ``most_specific`` each image gets only the first, most specific map."""
         from .retrieval.explain import combine_windows, explain_pair
 
         label = name or (os.fspath(audio) if isinstance(audio, (str, os.PathLike)) else "audio")
         wave = self.load_audio(audio, sample_rate=sample_rate, name=label)
         check_audible(wave, label)  # nothing to explain in silence
-        pixels = load_image(image, self.transform, name=name)[None].to(self.device)
-        per_window = []
+        windows = []
         for window in self.windows(wave, label):  # a clip over the model's limit: as embed_audio cuts it
             with torch.no_grad():
-                states, frame_mask = self.model.hubert(window[None].to(self.device))
-            per_window.append(explain_pair(self.model, states, frame_mask, pixels))
-        return combine_windows(per_window)
+                windows.append(self.model.hubert(window[None].to(self.device)))
+        out = []
+        for image in images:
+            try:
+                pixels = load_image(image, self.transform)[None].to(self.device)
+            except InferenceError as err:
+                if not keep_errors:
+                    raise
+                out.append(err)
+                continue
+            out.append(
+                combine_windows(
+                    [explain_pair(self.model, states, mask, pixels, most_specific) for states, mask in windows]
+                )
+            )
+        return out
 
     def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) preprocessed pixels -> (B, E) float32 unit-norm I_cls."""

@@ -133,6 +133,13 @@ def test_every_checkpoint_kind_gives_the_maps_it_can(pair):
     assert "coarser" in maps[1].label
     plain = SpeechImageEncoder.from_checkpoint(pair["cmd"])
     assert [e.kind for e in plain.explain(pair["wav"], pair["image"])] == ["patch_similarity"]
+    # one query against several images (its states computed once): the most specific map only, and an
+    # unreadable image kept as its error when asked
+    many = c2f.explain_images(pair["wav"], [pair["image"], "/nonexistent.png"], keep_errors=True, most_specific=True)
+    assert [e.kind for e in many[0]] == ["matching_gradcam"] and isinstance(many[1], InferenceError)
+    assert torch.equal(many[0][0].image_map, c2f.explain(pair["wav"], pair["image"])[0].image_map)
+    with pytest.raises(InferenceError, match="nonexistent"):
+        c2f.explain_images(pair["wav"], ["/nonexistent.png"])
     # no weight of the model got a gradient, and it is back in eval mode
     assert all(p.grad is None for p in c2f.model.parameters()) and not c2f.model.training
     # a clip over the model's limit: the windows embed_audio uses, maps averaged, saliencies in turn

@@ -276,13 +276,19 @@ class SearchService:
             raise SearchIndexError("explaining results needs the spoken query's waveform")
         started = time.perf_counter()
         explanations, errors = {}, {}
-        for hit in answer.hits[: max(0, int(k))]:
-            try:
-                explanations[hit.rank] = self.encoder.explain(
-                    (wave.numpy(), self.encoder.sample_rate), hit.absolute_path
-                )[0]
-            except InferenceError as err:
-                errors[hit.rank] = str(err)
+        hits = answer.hits[: max(0, int(k))]
+        if hits:
+            maps = self.encoder.explain_images(
+                (wave.numpy(), self.encoder.sample_rate),
+                [h.absolute_path for h in hits],
+                keep_errors=True,
+                most_specific=True,
+            )
+            for hit, found in zip(hits, maps):
+                if isinstance(found, InferenceError):
+                    errors[hit.rank] = str(found)
+                else:
+                    explanations[hit.rank] = found[0]
         answer.extra["explanations"], answer.extra["explain_errors"] = explanations, errors
         answer.timings["explain"] = time.perf_counter() - started
         return answer

@@ -227,7 +227,7 @@ def rerank_split(
         emb.images.float(),
         scorer,
         k,
-        sic_weight=sic_weight(score, float(model.logit_scale.exp())),
+        sic_weight=sic_weight(score, float(model.logit_scale.detach().exp())),
         pair_batch=pair_batch,
         chunk_size=chunk_size,
     )

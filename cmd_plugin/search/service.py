@@ -433,7 +433,7 @@ class SearchService:
         k = min(k, len(hits))
         match = list(match_of(rows[:k])) + [None] * (len(hits) - k)
         order = rerank_order(
-            [h.cosine for h in hits], match, k, score, logit_scale=float(self.encoder.model.logit_scale.exp())
+            [h.cosine for h in hits], match, k, score, logit_scale=float(self.encoder.model.logit_scale.detach().exp())
         )
         reranked = []
         for rank, (position, value) in enumerate(order, start=1):

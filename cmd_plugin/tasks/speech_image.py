@@ -395,7 +395,7 @@ class SpeechImageTask(FairseqTask):
             sequences = [store[i][3] for i in ids]
             tokens = torch.stack([store[ids[first[i]]][4] for i in unique_ids.tolist()])
             scorer = SequencePairScorer(self._valid_model, sequences, tokens)
-            weight = sic_weight(str(self.cfg.valid_rerank_score), float(self._valid_model.logit_scale.exp()))
+            weight = sic_weight(str(self.cfg.valid_rerank_score), float(self._valid_model.logit_scale.detach().exp()))
             ranked = rerank(speech, images, scorer, self.cfg.valid_rerank_k, sic_weight=weight)
             rr = reranked_recall(ranked, image_index, ks=RECALL_KS)
             self._valid_recall[split].update({"rerank_" + key: float(rr[key]) for key in RECALL_KEYS})

@@ -148,100 +148,60 @@ def learned_layer_weights(checkpoint):
     return torch.softmax(state[key].float(), dim=0).tolist()
 
 
-def minimal_pairs_job(work):
-    """The minimal-pairs set's generation as a job (None when the set exists): its own seed and voices,
+def held_out_set_job(work, name, label, script):
+    """A held-out test set's generation as a job (None when WORK/name exists): its own seed and voices,
     no scene of the corpus. It needs only the corpus, so the demo makes it beside the upstreams."""
-    pairs_dir = os.path.join(work, "minimal_pairs")
-    if os.path.isdir(pairs_dir):
+    out_dir = os.path.join(work, name)
+    if os.path.isdir(out_dir):
         return None
+    corpus_scenes = os.path.join(work, "corpus", "scene_corpus.json")
     return LoggedJob(
-        "minimal-pairs set",
-        [
-            sys.executable,
-            os.path.join(EXAMPLES, "generate_minimal_pairs.py"),
-            "--out-dir",
-            pairs_dir,
-            "--exclude-scenes",
-            os.path.join(work, "corpus", "scene_corpus.json"),
-        ],
-        os.path.join(work, "minimal_pairs.log"),
+        label,
+        [sys.executable, *script, "--out-dir", out_dir, "--exclude-scenes", corpus_scenes],
+        os.path.join(work, name + ".log"),
         threads=1,
+    )
+
+
+def minimal_pairs_job(work):
+    return held_out_set_job(
+        work, "minimal_pairs", "minimal-pairs set", [os.path.join(EXAMPLES, "generate_minimal_pairs.py")]
     )
 
 
 def pointing_game_job(work):
-    """The pointing-game set's generation as a job (None when the set exists): fresh scenes of two or
-    three groups, one spoken caption per group, its own seed and voices (cmd_demo/pointing_game.py)."""
-    set_dir = os.path.join(work, "pointing_game")
-    if os.path.isdir(set_dir):
-        return None
-    return LoggedJob(
-        "pointing-game set",
-        [
-            sys.executable,
-            os.path.join(EXAMPLES, "pointing_game.py"),
-            "make",
-            "--out-dir",
-            set_dir,
-            "--exclude-scenes",
-            os.path.join(work, "corpus", "scene_corpus.json"),
-        ],
-        os.path.join(work, "pointing_game.log"),
-        threads=1,
+    """Fresh scenes of two or three groups, one spoken caption per group (cmd_demo/pointing_game.py)."""
+    return held_out_set_job(
+        work, "pointing_game", "pointing-game set", [os.path.join(EXAMPLES, "pointing_game.py"), "make"]
     )
+
+
+def _score_on_set(set_job, checkpoint, timings, label, record, cmd):
+    """Make the set if it is missing, then run ``cmd`` (+ --output-json) on it; returns the record written
+    next to the checkpoint."""
+    if set_job is not None:
+        timings[set_job.label] = run_side_by_side([set_job])[0]
+    out_json = os.path.join(os.path.dirname(checkpoint), record + ".json")
+    timings[label] = run(
+        [sys.executable, *cmd, "--output-json", out_json], log_path=out_json[: -len(".json")] + ".log", label=label
+    )
+    with open(out_json) as f:
+        return json.load(f)
 
 
 def pointing_game_stage(work, checkpoint, timings):
     """Where the checkpoint's explanation maps point, on the pointing-game set; returns the record."""
-    job = pointing_game_job(work)
-    if job is not None:
-        timings[job.label] = run_side_by_side([job])[0]
-    out_json = os.path.join(os.path.dirname(checkpoint), "pointing_game_score.json")
-    timings["pointing game"] = run(
-        [
-            sys.executable,
-            os.path.join(EXAMPLES, "pointing_game.py"),
-            "score",
-            "--checkpoint",
-            checkpoint,
-            "--set",
-            os.path.join(work, "pointing_game"),
-            "--output-json",
-            out_json,
-        ],
-        log_path=out_json[: -len(".json")] + ".log",
-        label="pointing game",
-    )
-    with open(out_json) as f:
-        return json.load(f)
+    script = os.path.join(EXAMPLES, "pointing_game.py")
+    cmd = [script, "score", "--checkpoint", checkpoint, "--set", os.path.join(work, "pointing_game")]
+    return _score_on_set(pointing_game_job(work), checkpoint, timings, "pointing game", "pointing_game_score", cmd)
 
 
 def minimal_pairs_stage(work, checkpoint, timings):
     """The fine-grained test: a minimal-pairs set beside the corpus (its own seed and voices, no
     training scene), scored with the trained checkpoint. Returns score_minimal_pairs.py's record."""
-    py = sys.executable
-    pairs_dir = os.path.join(work, "minimal_pairs")
-    job = minimal_pairs_job(work)
-    if job is not None:
-        timings[job.label] = run_side_by_side([job])[0]
-    out_json = os.path.join(os.path.dirname(checkpoint), "minimal_pairs_score.json")
-    timings["minimal pairs"] = run(
-        [
-            py,
-            os.path.join(EXAMPLES, "score_minimal_pairs.py"),
-            "--checkpoint",
-            checkpoint,
-            "--pairs-dir",
-            pairs_dir,
-            "--output-json",
-            out_json,
-            "--written-captions",
-        ],
-        log_path=out_json[: -len(".json")] + ".log",
-        label="minimal pairs",
-    )
-    with open(out_json) as f:
-        return json.load(f)
+    script = os.path.join(EXAMPLES, "score_minimal_pairs.py")
+    cmd = [script, "--checkpoint", checkpoint, "--pairs-dir", os.path.join(work, "minimal_pairs"), "--written-captions"]
+    return _score_on_set(minimal_pairs_job(work), checkpoint, timings, "minimal pairs", "minimal_pairs_score", cmd)
 
 
 def print_lines_starting(path, start, prefix=""):

@@ -143,6 +143,37 @@ def test_eva_trunk_at_224_px(tmp_path):
         torch.testing.assert_close(upstream.visual.trunk.head(tokens[:, 0]), pooled, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["eva_like", "avg_pool", "eva02"])
+def test_timm_value_path_is_each_token_through_the_last_attention_alone(models, kind, tmp_path):
+    """A token that attends to itself only: the last block's attention run on a one-token sequence,
+    token by token (whatever the attention's inner layout: timm's fused qkv, Eva's separate biases and
+    rotary embedding), then the trunk's norm and the same token-wise map as the plain patches."""
+    if kind == "eva02":
+        name, config, weights = _write_model(str(tmp_path), "cmd-test-eva02-tiny-vp", EVA02_TINY)
+    else:
+        name, config, weights = models[kind]
+    upstream = ClipImageUpstream(name, pretrained=weights, model_config=config)
+    assert upstream.has_value_path
+    images = _images(2, upstream.image_size[0], seed=3)
+    pooled, patches, dense = upstream.value_path_patches(images)
+    plain_pooled, plain_patches = upstream(images)
+    torch.testing.assert_close(pooled, plain_pooled)
+    torch.testing.assert_close(patches, plain_patches)
+    trunk = upstream.visual.trunk
+    last = trunk.blocks[-1]
+    seen = []
+    handle = last.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        trunk.forward_features(images)
+        handle.remove()
+        x = last.norm1(seen[-1])
+        alone = torch.cat([last.attn(x[:, i : i + 1]) for i in range(x.shape[1])], dim=1)
+        expected = upstream._timm_patches_to_joint(trunk.norm(alone))
+    assert dense.shape == patches.shape
+    torch.testing.assert_close(dense, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(dense, patches, atol=1e-4)
+
+
 def test_unsupported_timm_towers_are_refused_with_the_reason(tmp_path):
     attn_pool = {
         "image_size": 64,

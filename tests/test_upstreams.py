@@ -246,6 +246,36 @@ def test_clip_pooled_equals_open_clip_encode_image(tiny_clip):
     assert not torch.allclose(patches[:, 0], patches[:, 1])
 
 
+def test_clip_value_path_patches_are_maskclips_dense_features(tiny_clip):
+    """The value path written out as MaskCLIP does: the last block's input, ln_1, the value slice of the
+    in-projection, the output projection, then ln_post and the joint-space projection (no residual, no
+    MLP); the pooled embedding and the plain patches come from the same single run."""
+    import torch.nn.functional as F
+
+    model_name, config_path, weights_path = tiny_clip
+    upstream = ClipImageUpstream(model_name, pretrained=weights_path, model_config=config_path)
+    assert upstream.has_value_path
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    pooled, patches, dense = upstream.value_path_patches(images)
+    plain_pooled, plain_patches = upstream(images)
+    torch.testing.assert_close(pooled, plain_pooled)
+    torch.testing.assert_close(patches, plain_patches)
+    visual = upstream.visual
+    blocks = visual.transformer.resblocks
+    with torch.no_grad():
+        x = visual._embeds(images)
+        for block in blocks[:-1]:
+            x = block(x)
+        last = blocks[-1]
+        width = x.shape[-1]
+        values = F.linear(last.ln_1(x), last.attn.in_proj_weight[2 * width :], last.attn.in_proj_bias[2 * width :])
+        expected = visual.ln_post(last.attn.out_proj(values))[:, 1:] @ visual.proj
+    assert dense.shape == (2, 64, 32)
+    torch.testing.assert_close(dense, expected, atol=ATOL, rtol=1e-4)
+    assert not torch.allclose(dense, patches, atol=1e-3)
+    assert all(p.grad is None for p in upstream.parameters())
+
+
 def test_clip_weights_round_trip_and_preprocess(tiny_clip):
     from PIL import Image
 

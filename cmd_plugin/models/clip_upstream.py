@@ -27,6 +27,7 @@ tokens mapped into the same joint space by the map that produces the pooled embe
   multimodal encoder see one kind of input whatever the tower.
 """
 
+import inspect
 import os
 from pathlib import Path
 from typing import Tuple
@@ -141,12 +142,67 @@ class ClipImageUpstream(nn.Module):
                 trunk = self.visual.trunk
                 tokens = trunk.forward_features(images)  # (B, prefix + N, C), after the trunk's norm
                 pooled = self.visual.head(trunk.forward_head(tokens))
-                patches = tokens[:, trunk.num_prefix_tokens :]
-                patches = self.visual.head(trunk.head(trunk.head_drop(trunk.fc_norm(patches))))
+                patches = self._timm_patches_to_joint(tokens)
             else:
                 pooled, tokens = self.visual(images)
                 patches = tokens @ self.visual.proj
         return pooled, patches
+
+    def _timm_patches_to_joint(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A timm trunk's tokens after its final norm (B, prefix + N, C) -> patches (B, N, E)."""
+        trunk = self.visual.trunk
+        patches = tokens[:, trunk.num_prefix_tokens :]
+        return self.visual.head(trunk.head(trunk.head_drop(trunk.fc_norm(patches))))
+
+    @property
+    def has_value_path(self) -> bool:
+        """Whether :meth:`value_path_patches` can run: an open_clip ViT, or a timm trunk whose last block
+        has ``norm1`` and an ``attn`` taking ``attn_mask`` (timm's VisionTransformer and Eva blocks)."""
+        if self.tower != "timm":
+            return True
+        blocks = getattr(self.visual.trunk, "blocks", None)
+        last = blocks[-1] if blocks is not None and len(blocks) else None
+        if last is None or not hasattr(last, "norm1") or not hasattr(last, "attn"):
+            return False
+        return "attn_mask" in inspect.signature(last.attn.forward).parameters
+
+    @torch.no_grad()
+    def value_path_patches(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W) -> (pooled, patches, value-path patches (B, N, E)), the tower run once.
+
+        The value-path patches are MaskCLIP's dense features (Zhou et al., ECCV 2022): the last
+        block's self-attention with every token attending to itself only (so its output is the value
+        projection then the output projection of the token itself), without that block's residual and
+        MLP, then the same final norm and joint-space map as the patches. The last block's query-key
+        attention mixes every patch token with the whole image, which is why the plain patch tokens
+        localise poorly; the value path keeps each token's own content. Used only to explain
+        (:mod:`cmd_plugin.retrieval.explain`), never to train.
+        """
+        if self.tower == "timm":
+            last = self.visual.trunk.blocks[-1]
+            norm, attention = last.norm1, lambda x, mask: last.attn(x, attn_mask=mask)
+        else:
+            last = self.visual.transformer.resblocks[-1]
+            norm, attention = last.ln_1, lambda x, mask: last.attention(q_x=x, attn_mask=mask)
+        seen = []
+        handle = last.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        try:
+            pooled, patches = self.forward(images)
+        finally:
+            handle.remove()
+        x = seen[-1]
+        length = x.shape[1]
+        itself = torch.full((length, length), float("-inf"), dtype=x.dtype, device=x.device)
+        itself.fill_diagonal_(0.0)
+        values = attention(norm(x), itself)
+        if self.tower == "timm":
+            dense = self._timm_patches_to_joint(self.visual.trunk.norm(values))
+        else:
+            visual = self.visual
+            if not visual.final_ln_after_pool:
+                values = visual.ln_post(values)
+            dense = visual._global_pool(values)[1] @ visual.proj
+        return pooled, patches, dense
 
 
 def _timm_output_dim(visual) -> int:

@@ -190,9 +190,18 @@ def _score_on_set(set_job, checkpoint, timings, label, record, cmd):
 
 
 def pointing_game_stage(work, checkpoint, timings):
-    """Where the checkpoint's explanation maps point, on the pointing-game set; returns the record."""
+    """Where the checkpoint's explanation maps point, on the pointing-game set, beside its frozen CLIP's
+    own text tower on the written captions; returns the record."""
     script = os.path.join(EXAMPLES, "pointing_game.py")
-    cmd = [script, "score", "--checkpoint", checkpoint, "--set", os.path.join(work, "pointing_game")]
+    cmd = [
+        script,
+        "score",
+        "--checkpoint",
+        checkpoint,
+        "--set",
+        os.path.join(work, "pointing_game"),
+        "--written-captions",
+    ]
     return _score_on_set(pointing_game_job(work), checkpoint, timings, "pointing game", "pointing_game_score", cmd)
 
 

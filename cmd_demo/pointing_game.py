@@ -244,6 +244,38 @@ def score_pointing_game(encoder, set_dir: str, progress=None) -> Dict:
     }
 
 
+def written_caption_pointing(encoder, set_dir: str) -> Dict:
+    """The same trials pointed at by the checkpoint's frozen CLIP alone: its text tower's embedding of
+    each WRITTEN caption against its image tower's patch tokens, the value-path ones
+    (``dense_similarity``) and the plain ones (``patch_similarity``) -> {"kinds": {kind:
+    :func:`score_trials` figures}}. How well the image tower's own patches localise what its own text
+    names bounds the speech maps built on them (the speech is trained against that frozen tower)."""
+    import open_clip
+    import torch
+    import torch.nn.functional as F
+
+    from cmd_plugin.inference import load_image
+    from cmd_plugin.retrieval.explain import patch_grid
+
+    meta = load_pointing_game(set_dir)
+    cfg = encoder.model.cfg  # a custom tower's config was registered when the encoder's tower was built
+    clip = open_clip.create_model(cfg.image_model, pretrained=cfg.image_pretrained or None).eval()
+    tokenizer = open_clip.get_tokenizer(cfg.image_model)
+    tower = encoder.model.image_encoder
+    peaks: Dict[str, List] = {"dense_similarity": [], "patch_similarity": []}
+    grid = None
+    with torch.inference_mode():
+        for trial in meta["trials"]:
+            text = F.normalize(clip.encode_text(tokenizer([trial["caption"]])).float(), dim=-1)[0]
+            pixels = load_image(trial["image_path"], encoder.transform)[None].to(encoder.device)
+            _, patches, dense = tower.value_path_patches(pixels)
+            for kind, tokens in (("dense_similarity", dense), ("patch_similarity", patches)):
+                sims = patch_grid(F.normalize(tokens[0].float(), dim=-1) @ text.to(tokens.device))
+                grid = tuple(sims.shape)
+                peaks[kind].append(divmod(int(torch.argmax(sims)), grid[1]))
+    return {"kinds": {kind: score_trials(meta["trials"], p, *grid) for kind, p in peaks.items()}}
+
+
 def format_scores(record: Dict) -> str:
     lines = [
         f"pointing game ({next(iter(record['kinds'].values()))['trials']} captions naming one group; hit = the "
@@ -260,6 +292,12 @@ def format_scores(record: Dict) -> str:
                 f"    by {attribute}: "
                 + ", ".join(f"{v} {c['accuracy']:.0f} ({c['trials']})" for v, c in values.items())
             )
+    if record.get("written_captions"):
+        lines.append(
+            "  the image tower's own text tower on the WRITTEN captions (a reference for the tower's patches):"
+        )
+        for kind, s in record["written_captions"]["kinds"].items():
+            lines.append(f"    {kind}: {s['accuracy']:.1f} % (chance {s['chance']:.1f} %, {s['hits']}/{s['trials']})")
     return "\n".join(lines)
 
 

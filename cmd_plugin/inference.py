@@ -456,11 +456,12 @@ class SpeechImageEncoder:
     @torch.no_grad()
     def explain(self, audio: AudioInput, image, sample_rate: Optional[int] = None, name: Optional[str] = None):
         """Why this image for this spoken query: every map the checkpoint can give of the pair
-        (:func:`cmd_plugin.retrieval.explain.explain_pair`), most specific first -- the matching
-        head's Grad-CAM over the patches with the match logit's saliency over the speech frames
-        (coarse-to-fine checkpoints loaded with ``keep_matching=True``), the cosine of S_cls with each
-        patch (every checkpoint), the fusion encoder's attention (CMD checkpoints loaded with
-        ``keep_fusion=True``). ``audio`` as :meth:`load_audio` (a clip longer than the model's limit
+        (:func:`cmd_plugin.retrieval.explain.explain_pair`), the best-pointing first -- the cosine of
+        S_cls with each patch's value-path token (MaskCLIP's dense features; every checkpoint whose tower
+        has one), the matching head's Grad-CAM over the patches with the match logit's saliency over the
+        speech frames (coarse-to-fine checkpoints loaded with ``keep_matching=True``), the cosine with
+        each plain patch token (every checkpoint), the fusion encoder's attention (CMD checkpoints
+        loaded with ``keep_fusion=True``). ``audio`` as :meth:`load_audio` (a clip longer than the model's limit
         is cut into the windows :meth:`embed_audio` uses: the maps are their mean, the saliencies
         side by side), ``image`` a path or a PIL image. Each :class:`~cmd_plugin.retrieval.explain.Explanation`
         holds a map on the patch grid and a saliency per speech frame, both in [0, 1].
@@ -478,11 +479,11 @@ class SpeechImageEncoder:
         sample_rate: Optional[int] = None,
         name: Optional[str] = None,
         keep_errors: bool = False,
-        most_specific: bool = False,
+        first_only: bool = False,
     ) -> List:
         """:meth:`explain` of one query against several images, the query's HuBERT states computed once.
         With ``keep_errors`` an image that cannot be read gives its :class:`InferenceError` in its place
-        instead of raising it; with ``most_specific`` each image gets only the first, most specific map."""
+        instead of raising it; with ``first_only`` each image gets only the first map (the best-pointing one)."""
         from .retrieval.explain import combine_windows, explain_pair
 
         label = name or (os.fspath(audio) if isinstance(audio, (str, os.PathLike)) else "audio")
@@ -503,7 +504,7 @@ class SpeechImageEncoder:
                 continue
             out.append(
                 combine_windows(
-                    [explain_pair(self.model, states, mask, pixels, most_specific) for states, mask in windows]
+                    [explain_pair(self.model, states, mask, pixels, first_only) for states, mask in windows]
                 )
             )
         return out

@@ -7,6 +7,8 @@ names? (``cmd_demo/pointing_game.py`` says how the set is drawn and scored.)
     # every map the checkpoint gives (coarse-to-fine: its matching head's Grad-CAM too)
     python examples/pointing_game.py score --checkpoint work/checkpoints_cmd/checkpoint_best.pt \\
         --set work/pointing_game --output-json work/checkpoints_cmd/pointing_game.json
+    # ... and, as a reference, the checkpoint's frozen CLIP alone pointing with its written captions
+    python examples/pointing_game.py score --checkpoint CK --set work/pointing_game --written-captions
 """
 
 import argparse
@@ -24,6 +26,7 @@ from cmd_demo.pointing_game import (  # noqa: E402
     make_pointing_game,
     score_pointing_game,
     write_score,
+    written_caption_pointing,
 )
 from cmd_demo.scene_corpus import ToolMissingError  # noqa: E402
 
@@ -52,6 +55,12 @@ def parse_args(argv=None):
     score.add_argument("--set", required=True, help="directory written by 'make'")
     score.add_argument("--output-json", default=None, help="the record (written atomically)")
     score.add_argument("--device", default="cpu")
+    score.add_argument(
+        "--written-captions",
+        action="store_true",
+        help="also point with the checkpoint's frozen CLIP alone: its text tower on the written captions "
+        "against its image tower's patch tokens (a reference for what the tower's patches localise)",
+    )
     args = p.parse_args(argv)
     if args.command == "make" and not args.exclude_scenes and not args.no_exclude:
         p.error("give the training corpus's scene_corpus.json with --exclude-scenes (or --no-exclude)")
@@ -91,6 +100,8 @@ def main(argv=None) -> int:
             progress.update(done)
 
         record = score_pointing_game(encoder, args.set, progress=report)
+        if args.written_captions:
+            record["written_captions"] = written_caption_pointing(encoder, args.set)
         if args.output_json:
             write_score(record, args.output_json)
         print(format_scores(record))

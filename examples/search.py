@@ -195,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         metavar="K",
         help="with --html, show for each spoken query where it lands on each of its top K images (the "
-        "matching head's Grad-CAM for a coarse-to-fine checkpoint, else the cosine with each patch) and "
-        "which part of the query drove it; 0: off (default: 3)",
+        "cosine of its embedding with each patch's value-path token, the map that pointed best; see "
+        "docs/grounding.md) and which part of the query drove it; 0: off (default: 3)",
     )
     q.add_argument(
         "--transcripts",
@@ -479,7 +479,7 @@ def run_query(args) -> dict:
     explain_k = args.explain if (args.html and speech) else 0
     if explain_k < 0:
         raise SearchIndexError(f"--explain must be >= 0, got {args.explain}")
-    # the matching head explains a result too (its Grad-CAM), re-ranking or not
+    # the matching head explains a result too (its Grad-CAM, for towers without a value path), re-ranking or not
     encoder = _load_encoder(args, long_audio=args.long_audio, keep_matching=args.rerank_k > 0 or explain_k > 0)
     service = _service(args, encoder, [index])
     service.check_rerank(args.rerank_k, args.rerank_score)

@@ -5,7 +5,7 @@ Search, see the ranked images (rank, score, path) and hear the query as the mode
 Image -> speech (with an index of spoken clips): upload an image, hear the ranked clips. With a
 coarse-to-fine checkpoint a checkbox re-ranks the top K with the matching head (K from the
 checkpoint's task.valid_rerank_k, else 32). Another checkbox shows, on the top 3 images, where the
-query lands (a heatmap: the matching head's Grad-CAM, or the cosine with each patch) and which part of
+query lands (a heatmap: the cosine with each patch's value-path token, docs/grounding.md) and which part of
 the query drove it (a strip under the waveform). Every answer shows the time of each step.
 
 Bad input (silence, a clip too short or too long, a file that is not audio or not an image) is
@@ -227,11 +227,7 @@ class App:
                     explain = gr.Checkbox(
                         value=False,
                         label=f"Show where the query lands on the top {EXPLAIN_TOP} images, and which part of it "
-                        + (
-                            "drove the match (the matching head's Grad-CAM)"
-                            if service.has_matching_head
-                            else "drove it (the cosine with each patch: coarser)"
-                        ),
+                        "drove the match (each card names its map)",
                         elem_id="explain-speech",
                     )
                     button = gr.Button("Search", variant="primary", elem_id="search-speech")

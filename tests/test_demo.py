@@ -108,12 +108,13 @@ def test_demo_prints_both_rows_next_to_chance_from_the_eval_records(demo_run):
         mp = json.load(f)
     assert out.index("Minimal pairs") > out.index("Speech→Image")
     assert f"{mp['mean_accuracy']:.1f}" in out
-    # ... and the pointing game of its explanation maps (a CMD checkpoint: the cosine with each patch and
-    # its fusion encoder's attention)
+    # ... and the pointing game of its explanation maps (a CMD checkpoint: the cosine with each patch's
+    # value-path token, with each plain patch token, and its fusion encoder's attention)
     with open(work / "checkpoints_cmd" / "pointing_game_score.json") as f:
         pg = json.load(f)
-    assert list(pg["kinds"]) == ["patch_similarity", "fusion_attention"]
-    assert f"patch_similarity: {pg['kinds']['patch_similarity']['accuracy']:.1f} %" in out
+    assert list(pg["kinds"]) == ["dense_similarity", "patch_similarity", "fusion_attention"]
+    assert f"dense_similarity: {pg['kinds']['dense_similarity']['accuracy']:.1f} %" in out
+    assert list(pg["written_captions"]["kinds"]) == ["dense_similarity", "patch_similarity"]
     # it ends with the command that serves its own index and checkpoint in a browser
     # it closes with where to look: the results page, the app, the logs
     closing = out.split("\nDone in ")[1]

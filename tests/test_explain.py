@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from test_search import make_checkpoint
 from test_search_service import HEAD
@@ -107,7 +108,7 @@ def test_every_checkpoint_kind_gives_the_maps_it_can(pair):
 
     c2f = SpeechImageEncoder.from_checkpoint(pair["c2f"], keep_matching=True)
     maps = c2f.explain(pair["wav"], pair["image"])
-    assert [e.kind for e in maps] == ["matching_gradcam", "patch_similarity"]
+    assert [e.kind for e in maps] == ["dense_similarity", "matching_gradcam", "patch_similarity"]
     for e in maps:
         _check(e)
     # the Grad-CAM's score is the pair's match logit, as the re-ranking computes it
@@ -117,26 +118,33 @@ def test_every_checkpoint_kind_gives_the_maps_it_can(pair):
         out = c2f.model.encode_speech_sequence(c2f.load_audio(pair["wav"])[None])
         _, tokens = embed_images_with_tokens(c2f, c2f.transform(Image.open(pair["image"]).convert("RGB"))[None])
         logit = c2f.model.match_logits(out["speech_seq"], out["speech_mask"], tokens)[0, 1]
-    assert maps[0].score == pytest.approx(float(logit), abs=1e-4)
-    # ... and the cosine map's score is the pair's cosine
+    assert maps[1].score == pytest.approx(float(logit), abs=1e-4)
+    # ... and the cosine maps' score is the pair's cosine
     emb = c2f.embed_audio([pair["wav"]])[0]
     img = c2f.embed_images([pair["image"]])[0]
-    assert maps[1].score == pytest.approx(float(emb @ img), abs=1e-4)
+    assert maps[0].score == pytest.approx(float(emb @ img), abs=1e-4) and maps[2].score == maps[0].score
+    # the value-path map is the speech embedding's cosine with the tower's value-path patch tokens, a map
+    # other than the plain patches' (the last block's attention mixes those with the whole image)
+    pixels = c2f.transform(Image.open(pair["image"]).convert("RGB"))[None]
+    _, plain_patches, dense = c2f.model.image_encoder.value_path_patches(pixels)
+    expected = F.cosine_similarity(dense[0], emb[None], dim=-1).reshape(8, 8)
+    assert torch.allclose(maps[0].raw, expected, atol=1e-4)
+    assert not torch.allclose(dense, plain_patches, atol=1e-3)
     # speech saliency: one value per HuBERT frame (1 s: (16000 - 400) // 160 + 1 = 98, then // 2 -> 49)
-    assert maps[0].speech_saliency.shape == (49,) and maps[1].speech_saliency.shape == (49,)
+    assert all(e.speech_saliency.shape == (49,) for e in maps)
 
     cmd = SpeechImageEncoder.from_checkpoint(pair["cmd"], keep_fusion=True)
     maps = cmd.explain(pair["wav"], pair["image"])
-    assert [e.kind for e in maps] == ["patch_similarity", "fusion_attention"]
+    assert [e.kind for e in maps] == ["dense_similarity", "patch_similarity", "fusion_attention"]
     for e in maps:
         _check(e)
-    assert "coarser" in maps[1].label
+    assert "coarser" in maps[2].label
     plain = SpeechImageEncoder.from_checkpoint(pair["cmd"])
-    assert [e.kind for e in plain.explain(pair["wav"], pair["image"])] == ["patch_similarity"]
-    # one query against several images (its states computed once): the most specific map only, and an
+    assert [e.kind for e in plain.explain(pair["wav"], pair["image"])] == ["dense_similarity", "patch_similarity"]
+    # one query against several images (its states computed once): the first map only, and an
     # unreadable image kept as its error when asked
-    many = c2f.explain_images(pair["wav"], [pair["image"], "/nonexistent.png"], keep_errors=True, most_specific=True)
-    assert [e.kind for e in many[0]] == ["matching_gradcam"] and isinstance(many[1], InferenceError)
+    many = c2f.explain_images(pair["wav"], [pair["image"], "/nonexistent.png"], keep_errors=True, first_only=True)
+    assert [e.kind for e in many[0]] == ["dense_similarity"] and isinstance(many[1], InferenceError)
     assert torch.equal(many[0][0].image_map, c2f.explain(pair["wav"], pair["image"])[0].image_map)
     with pytest.raises(InferenceError, match="nonexistent"):
         c2f.explain_images(pair["wav"], ["/nonexistent.png"])

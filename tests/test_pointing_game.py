@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 from test_search import make_checkpoint
 from test_search_service import HEAD
 
@@ -16,6 +17,7 @@ from cmd_demo.pointing_game import (
     make_pointing_game,
     score_pointing_game,
     score_trials,
+    written_caption_pointing,
 )
 
 
@@ -83,14 +85,35 @@ def test_a_set_names_one_group_per_caption_and_is_scored_for_every_map(pointing_
     encoder = SpeechImageEncoder.from_checkpoint(path, keep_matching=True)
     done = []
     scores = score_pointing_game(encoder, out, progress=lambda d, t: done.append((d, t)))
-    assert set(scores["kinds"]) == {"matching_gradcam", "patch_similarity"}
+    assert list(scores["kinds"]) == ["dense_similarity", "matching_gradcam", "patch_similarity"]
     assert done[-1] == (len(meta["trials"]), len(meta["trials"]))
     for kind, s in scores["kinds"].items():
         assert s["trials"] == len(meta["trials"]) and 0 < s["chance"] < 100 and s["grid"] == [8, 8]
     # the aggregate is the trials' own: each map's peak against the named group's cells
-    hits = 0
+    hits = {"dense_similarity": 0, "matching_gradcam": 0}
     for trial in meta["trials"]:
-        peak = encoder.explain(trial["wav_path"], trial["image_path"])[0].peak()
-        hits += peak in hit_cells(trial["boxes"], 8, 8)
-    assert scores["kinds"]["matching_gradcam"]["hits"] == hits
+        for e in encoder.explain(trial["wav_path"], trial["image_path"])[:2]:
+            hits[e.kind] += e.peak() in hit_cells(trial["boxes"], 8, 8)
+    assert {kind: scores["kinds"][kind]["hits"] for kind in hits} == hits
     assert "pointing game" in format_scores(scores) and "by position" in format_scores(scores)
+
+    # the reference: the frozen CLIP alone, its text tower on the written captions against its patches
+    import open_clip
+    import torch
+    import torch.nn.functional as F
+
+    written = written_caption_pointing(encoder, out)
+    assert list(written["kinds"]) == ["dense_similarity", "patch_similarity"]
+    clip = open_clip.create_model(tiny_encoders["image_model"], pretrained=tiny_encoders["image_pretrained"]).eval()
+    tokenizer = open_clip.get_tokenizer(tiny_encoders["image_model"])
+    recount = 0
+    with torch.no_grad():
+        for trial in meta["trials"]:
+            text = F.normalize(clip.encode_text(tokenizer([trial["caption"]])), dim=-1)[0]
+            pixels = encoder.transform(Image.open(trial["image_path"]).convert("RGB"))[None]
+            _, _, dense = encoder.model.image_encoder.value_path_patches(pixels)
+            peak = divmod(int(torch.argmax(F.normalize(dense[0], dim=-1) @ text)), 8)
+            recount += peak in hit_cells(trial["boxes"], 8, 8)
+    assert written["kinds"]["dense_similarity"]["hits"] == recount
+    scores["written_captions"] = written
+    assert "own text tower on the WRITTEN captions" in format_scores(scores)

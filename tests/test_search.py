@@ -751,10 +751,10 @@ def test_results_page_plays_the_query_and_shows_decoded_thumbnails_in_chromium(e
     assert "a red circle &amp; a &lt;blue&gt; square" in html
     assert html.count('class="transcript"') == 1  # the second query has no transcript
     # --explain 3 (the default): the top 3 of each query with where it lands and which part of it drove it
-    # (a CMD checkpoint: the cosine with each patch), the time it took printed like the other steps
+    # (the cosine with each patch's value-path token), the time it took printed like the other steps
     assert html.count('<img class="explain-map" src="data:image/png;base64,') == 6
     assert html.count('<img class="explain-saliency" src="data:image/png;base64,') == 6
-    assert html.count('data-kind="patch_similarity"') == 6
+    assert html.count('data-kind="dense_similarity"') == 6
     assert "explaining the top 3 of each query for the page" in out
 
     chromium = _chromium()

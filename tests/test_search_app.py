@@ -269,7 +269,7 @@ def test_a_ticked_box_shows_where_the_query_lands_on_the_top_results_in_chromium
     _upload(d, "#query-audio", env["clips"] / "more" / "caption1.wav")
     _wait(d, "#query-audio button[aria-label='Play']")
     box = d.find_element(By.CSS_SELECTOR, "#explain-speech input[type=checkbox]")
-    assert "matching head's Grad-CAM" in d.find_element(By.CSS_SELECTOR, "#explain-speech").text
+    assert "each card names its map" in d.find_element(By.CSS_SELECTOR, "#explain-speech").text
     box.click()
     d.find_element(By.CSS_SELECTOR, "#search-speech").click()
     _, status = _results(d, "#results-speech")
@@ -278,7 +278,7 @@ def test_a_ticked_box_shows_where_the_query_lands_on_the_top_results_in_chromium
     # the top 3 cards, each with a decoded heatmap over its image and a decoded saliency strip
     assert [e["rank"] for e in explained] == [1, 2, 3], explained
     for e in explained:
-        assert e["kind"] == "matching_gradcam"
+        assert e["kind"] == "dense_similarity"
         assert e["map"][0] and e["map"][1] > 0 and e["map"][2] > 0, e
         assert e["strip"] and e["strip"][0] and e["strip"][1] == 180 and e["strip"][2] == 36, e
     timing = d.find_element(By.CSS_SELECTOR, "#timing-speech").text

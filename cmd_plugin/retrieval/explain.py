@@ -1,7 +1,15 @@
 """Why this image? Where a spoken query lands on an image, and which stretch of the query drove it.
 
-For one (utterance, image) pair, what each kind of checkpoint can show (pure torch):
+For one (utterance, image) pair, what each kind of checkpoint can show (pure torch), in the order
+:func:`explain_pair` returns them -- the order of the pointing game on a set of its own (seed 2,
+docs/grounding.md), so that a page or an app showing one map shows the one that pointed best:
 
+* **every checkpoint** whose image tower has a value path (open_clip ViTs, timm ViT-style trunks): the
+  cosine of the speech embedding S_cls with each patch's own content, MaskCLIP's dense features
+  (:meth:`~cmd_plugin.models.clip_upstream.ClipImageUpstream.value_path_patches`: the tower's last block
+  with each token attending to itself only), with the saliency of cos(S_cls, I_cls) over the speech
+  frames (:data:`EXPLANATION_KINDS` ``dense_similarity``). The plain patch tokens have been mixed
+  with the whole image by the last block's attention; these have not.
 * **coarse-to-fine** (a matching head): ALBEF's Grad-CAM for image-text matching, with the speech in
   the text's place -- the attention of one cross-attention layer of the multimodal encoder times the
   positive part of the match logit's gradient with respect to it, averaged over heads and over the
@@ -10,7 +18,7 @@ For one (utterance, image) pair, what each kind of checkpoint can show (pure tor
   times input of the frozen HuBERT states, summed over layers and channels). The model's own
   fine-grained evidence.
 * **every checkpoint** (SIC, CMD, coarse-to-fine): the cosine of the speech embedding S_cls with each
-  patch token in the joint space (:func:`patch_similarity`), and the saliency of cos(S_cls, I_cls)
+  plain patch token in the joint space (:func:`patch_similarity`), and the saliency of cos(S_cls, I_cls)
   over the speech frames. Coarser: the contrastive loss trains I_cls, the pooled embedding, against
   the speech, never a patch, so a patch's cosine is a by-product.
 * **CMD checkpoints loaded with their fusion encoder** (``keep_fusion``): the fusion encoder's
@@ -45,6 +53,9 @@ __all__ = [
 ]
 
 EXPLANATION_KINDS = {
+    "dense_similarity": "cosine of the speech embedding with each patch's own content (MaskCLIP's value path "
+    "through the image tower's last block; coarser than a matching head in kind: training aligns the speech "
+    "with the pooled image, never a patch)",
     "matching_gradcam": "Grad-CAM of the matching head's match logit over the multimodal encoder's "
     "cross-attention to the patches (ALBEF's map for image-text matching)",
     "patch_similarity": "cosine of the speech embedding with each patch token in the joint space "
@@ -164,11 +175,6 @@ def multimodal_forward(multimodal, speech, speech_mask, image, layer: int = -1):
     return x, attention
 
 
-def _speech_saliency(states: torch.Tensor) -> torch.Tensor:
-    """|gradient x input| of the HuBERT states (S, 1, T', D), summed over layers and channels -> (T',)."""
-    return (states.grad * states.detach()).abs().sum(dim=(0, 1, 3))
-
-
 # Which cross-attention and which query rows the Grad-CAM reads: a choice, made on a pointing-game set
 # of its own (seed 2) with a coarse-to-fine checkpoint of the demo corpus: the first layer averaged over
 # every query token (CLS and the speech tokens) hit 45.1 % of 144 trials (chance 23.9 %); the last layer,
@@ -241,7 +247,7 @@ def _cosine_and_saliency(model, states, frame_mask, image_emb):
         )
         cosine = (speech[0] * image_emb.float()).sum()
         (grad,) = torch.autograd.grad(cosine, [states])
-    return speech[0].detach(), float(cosine), _speech_saliency(states, grad)
+    return speech[0].detach(), float(cosine.detach()), _speech_saliency(states, grad)
 
 
 def frame_seconds(model) -> float:
@@ -280,21 +286,46 @@ def combine_windows(per_window: List[List[Explanation]]) -> List[Explanation]:
     return out
 
 
-def explain_pair(model, states, frame_mask, pixels, most_specific: bool = False) -> List[Explanation]:
+def explain_pair(model, states, frame_mask, pixels, first_only: bool = False) -> List[Explanation]:
     """Every explanation ``model`` can give of one pair: the HuBERT ``states`` (S, 1, T', D) and
     ``frame_mask`` of one utterance (``model.hubert(source)``), ``pixels`` (1, 3, H, W) of one image
-    (the model's transform). The most specific first: the matching head's Grad-CAM (coarse-to-fine
-    checkpoints loaded with their head), the cosine with each patch (all), the fusion attention (CMD
-    checkpoints loaded with their fusion encoder); ``most_specific``: the first of them only (what a
-    results page shows). Eval mode; gradients reach the inputs only, never the weights' ``.grad``
-    (safe beside concurrent requests on one model)."""
+    (the model's transform). In the module's order: the value-path cosine (towers that have one), the
+    matching head's Grad-CAM (coarse-to-fine checkpoints loaded with their head), the cosine with each
+    plain patch (all), the fusion attention (CMD checkpoints loaded with their fusion encoder);
+    ``first_only``: the first of them only (what a results page shows). Eval mode; gradients reach the
+    inputs only, never the weights' ``.grad`` (safe beside concurrent requests on one model)."""
     was_training = model.training
     model.eval()
     try:
         seconds = frame_seconds(model)
+        tower = model.image_encoder
+        dense = None
         with torch.no_grad():
-            image_emb, patches = model.encode_image(pixels)  # unit-norm I_cls: the image tokens' CLS, as in training
+            if tower.has_value_path:
+                pooled, patches, dense = tower.value_path_patches(pixels)
+            else:
+                pooled, patches = tower(pixels)
+        image_emb = F.normalize(pooled, dim=-1)  # unit-norm I_cls, as model.encode_image gives it
+        speech, cosine, cos_saliency = _cosine_and_saliency(model, states, frame_mask, image_emb[0])
         out = []
+
+        def cosine_map(kind, tokens):
+            sims = patch_grid(patch_similarity(speech, tokens[0]))
+            return Explanation(
+                kind,
+                normalise(sims),
+                cosine,
+                normalise(cos_saliency),
+                seconds,
+                "gradient x input of cos(S_cls, I_cls)",
+                raw=sims,
+                raw_saliency=cos_saliency,
+            )
+
+        if dense is not None:
+            out.append(cosine_map("dense_similarity", dense))
+            if first_only:
+                return out
         if getattr(model, "multimodal", None) is not None and getattr(model, "matching_head", None) is not None:
             logit, cam, saliency = matching_gradcam(model, states, frame_mask, image_emb, patches)
             out.append(
@@ -309,23 +340,10 @@ def explain_pair(model, states, frame_mask, pixels, most_specific: bool = False)
                     raw_saliency=saliency,
                 )
             )
-            if most_specific:
+            if first_only:
                 return out
-        speech, cosine, saliency = _cosine_and_saliency(model, states, frame_mask, image_emb[0])
-        sims = patch_grid(patch_similarity(speech, patches[0]))
-        out.append(
-            Explanation(
-                "patch_similarity",
-                normalise(sims),
-                cosine,
-                normalise(saliency),
-                seconds,
-                "gradient x input of cos(S_cls, I_cls)",
-                raw=sims,
-                raw_saliency=saliency,
-            )
-        )
-        if getattr(model, "fusion", None) is not None and not most_specific:
+        out.append(cosine_map("patch_similarity", patches))
+        if getattr(model, "fusion", None) is not None and not first_only:
             with torch.no_grad():
                 attention = patch_grid(fusion_attention(model.fusion, speech, patches[0]))
             out.append(Explanation("fusion_attention", normalise(attention), cosine, None, seconds, raw=attention))

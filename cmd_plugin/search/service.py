@@ -267,8 +267,8 @@ class SearchService:
 
     def explain_hits(self, answer: Answer, k: int, wave: Optional[torch.Tensor] = None) -> Answer:
         """Why each of the top ``k`` images of a spoken query (``wave``, default ``answer.query_wave``):
-        its most specific map (:meth:`SpeechImageEncoder.explain`: the matching head's Grad-CAM when the
-        encoder holds one, else the cosine with each patch) in ``answer.extra["explanations"]`` {rank:
+        its first map (:meth:`SpeechImageEncoder.explain`: the value-path cosine, which pointed best;
+        the matching head's Grad-CAM or the plain patch cosine for towers without a value path) in ``answer.extra["explanations"]`` {rank:
         Explanation}; an image or clip that cannot be explained gets its reason in
         ``answer.extra["explain_errors"]``. Adds ``answer.timings["explain"]``."""
         wave = answer.query_wave if wave is None else wave
@@ -282,7 +282,7 @@ class SearchService:
                 (wave.numpy(), self.encoder.sample_rate),
                 [h.absolute_path for h in hits],
                 keep_errors=True,
-                most_specific=True,
+                first_only=True,
             )
             for hit, found in zip(hits, maps):
                 if isinstance(found, InferenceError):

@@ -255,7 +255,7 @@ def written_caption_pointing(encoder, set_dir: str) -> Dict:
     import torch.nn.functional as F
 
     from cmd_plugin.inference import load_image
-    from cmd_plugin.retrieval.explain import patch_grid
+    from cmd_plugin.retrieval.explain import patch_grid, patch_similarity
 
     meta = load_pointing_game(set_dir)
     cfg = encoder.model.cfg  # a custom tower's config was registered when the encoder's tower was built
@@ -263,14 +263,17 @@ def written_caption_pointing(encoder, set_dir: str) -> Dict:
     tokenizer = open_clip.get_tokenizer(cfg.image_model)
     tower = encoder.model.image_encoder
     peaks: Dict[str, List] = {"dense_similarity": [], "patch_similarity": []}
+    tokens_of: Dict[str, Dict] = {}  # the tower runs once per image (each has a caption per group)
     grid = None
     with torch.inference_mode():
         for trial in meta["trials"]:
+            if trial["image_path"] not in tokens_of:
+                pixels = load_image(trial["image_path"], encoder.transform)[None].to(encoder.device)
+                _, patches, dense = tower.value_path_patches(pixels)
+                tokens_of[trial["image_path"]] = {"dense_similarity": dense[0], "patch_similarity": patches[0]}
             text = F.normalize(clip.encode_text(tokenizer([trial["caption"]])).float(), dim=-1)[0]
-            pixels = load_image(trial["image_path"], encoder.transform)[None].to(encoder.device)
-            _, patches, dense = tower.value_path_patches(pixels)
-            for kind, tokens in (("dense_similarity", dense), ("patch_similarity", patches)):
-                sims = patch_grid(F.normalize(tokens[0].float(), dim=-1) @ text.to(tokens.device))
+            for kind, tokens in tokens_of[trial["image_path"]].items():
+                sims = patch_grid(patch_similarity(text.to(tokens.device), tokens))
                 grid = tuple(sims.shape)
                 peaks[kind].append(divmod(int(torch.argmax(sims)), grid[1]))
     return {"kinds": {kind: score_trials(meta["trials"], p, *grid) for kind, p in peaks.items()}}
